@@ -1,0 +1,25 @@
+"""The exceptions qlorakit raises; each message names the cause and the fix."""
+
+
+class QlorakitError(Exception):
+    """Base class of every error qlorakit raises on purpose."""
+
+
+class ConfigError(QlorakitError, ValueError):
+    """An invalid configuration value."""
+
+
+class QuantizationError(QlorakitError, ValueError):
+    """A tensor or option that cannot be quantized."""
+
+
+class StateDictError(QlorakitError, ValueError):
+    """A state dict whose keys, shapes or metadata do not match."""
+
+
+class DataError(QlorakitError, ValueError):
+    """A malformed dataset file, row or field."""
+
+
+class ModelLoadError(QlorakitError, RuntimeError):
+    """A model source that cannot be loaded."""
