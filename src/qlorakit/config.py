@@ -1,0 +1,170 @@
+"""Typed, validated configuration dataclasses: the single home of every default.
+
+Each config validates itself on construction and names the offending field; ``from_dict`` builds one
+from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. Defaults follow the QLoRA paper's
+released training script (see DESIGN.md, "Training defaults").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from qlorakit.errors import ConfigError
+from qlorakit.quant.codebooks import QUANT_TYPES
+from qlorakit.quant.tensor import BLOCKSIZES
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+LORA_INITS = ("default", "gaussian", "zeros")
+DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
+
+T = TypeVar("T")
+
+
+def _fail(cls_name: str, name: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{cls_name}.{name} = {value!r}: {why}")
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``values``; unknown keys fail listing the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    return cls(**dict(values))
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A plain-JSON dict of a config (tuples become lists)."""
+    return json_ready(dataclasses.asdict(config))
+
+
+def json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen base weights are stored (QLoRA: NF4, blocksize 64, double quantization)."""
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in QUANT_TYPES:
+            _fail("QuantConfig", "quant_type", self.quant_type, f"choose one of {QUANT_TYPES}")
+        if self.blocksize not in BLOCKSIZES:
+            _fail("QuantConfig", "blocksize", self.blocksize, f"use a power of two in 32..4096 {BLOCKSIZES}")
+        if not isinstance(self.double_quant, bool):
+            _fail("QuantConfig", "double_quant", self.double_quant, "must be true or false")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters: ``y = W x + (alpha / r) * B A dropout(x)`` on every target linear.
+
+    ``targets`` is ``"all-linear"`` (every linear inside the decoder blocks, never ``lm_head``), a list of
+    module-name suffixes (``["q_proj", "v_proj"]``), or a regular expression matched against full
+    module names (given as ``"re:<pattern>"``). ``rslora`` scales by ``alpha / sqrt(r)`` instead.
+    ``init``: ``default`` (A Kaiming-uniform, B zeros), ``gaussian`` (A ~ N(0, 1/r), B zeros),
+    ``zeros`` (both zero; for loading).
+    """
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str | tuple[str, ...] = "all-linear"
+    rslora: bool = False
+    init: str = "default"
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            _fail("LoraConfig", "r", self.r, "the rank must be a positive integer")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            _fail("LoraConfig", "alpha", self.alpha, "must be a positive number")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            _fail("LoraConfig", "dropout", self.dropout, "must be in [0, 1)")
+        if self.init not in LORA_INITS:
+            _fail("LoraConfig", "init", self.init, f"choose one of {LORA_INITS}")
+        if self.bias != "none":
+            _fail("LoraConfig", "bias", self.bias, "only 'none' is supported (biases stay frozen)")
+        if isinstance(self.targets, str):
+            if self.targets.startswith("re:"):
+                try:
+                    re.compile(self.targets[3:])
+                except re.error as exc:
+                    _fail("LoraConfig", "targets", self.targets, f"invalid regular expression ({exc})")
+            elif self.targets != "all-linear" and not self.targets:
+                _fail("LoraConfig", "targets", self.targets, "use 'all-linear', a list of names or 're:<regex>'")
+        elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            _fail("LoraConfig", "targets", self.targets, "a list of target names must be non-empty strings")
+
+    @property
+    def scale(self) -> float:
+        """The factor applied to ``B A x``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training data: files, format, prompt/answer lengths and batching.
+
+    ``source_max_len`` / ``target_max_len`` bound the prompt and the answer tokens (paper: 1024 / 256);
+    ``train_on_source`` also puts loss on prompt tokens; ``block_size`` is the length of packed blocks
+    for the ``text`` format; ``val_size`` is a fraction (< 1) or a count (>= 1) of examples held out.
+    """
+
+    paths: tuple[str, ...] = ()
+    format: str = "auto"
+    source_max_len: int = 1024
+    target_max_len: int = 256
+    train_on_source: bool = False
+    block_size: int = 512
+    group_by_length: bool = True
+    val_size: float = 0.0
+    seed: int = 42
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str):
+            object.__setattr__(self, "paths", (self.paths,))
+        elif isinstance(self.paths, list):
+            object.__setattr__(self, "paths", tuple(self.paths))
+        if self.format not in DATA_FORMATS:
+            _fail("DataConfig", "format", self.format, f"choose one of {DATA_FORMATS}")
+        for name in ("source_max_len", "target_max_len", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                _fail("DataConfig", name, value, "must be a positive integer")
+        if not isinstance(self.val_size, (int, float)) or self.val_size < 0:
+            _fail("DataConfig", "val_size", self.val_size, "a fraction in [0, 1) or a count >= 1")
+
+
+def parse_targets(text: str) -> str | tuple[str, ...]:
+    """CLI spelling of ``LoraConfig.targets``: ``all-linear``, ``re:<regex>`` or ``q_proj,v_proj``."""
+    if text == "all-linear" or text.startswith("re:"):
+        return text
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "DATA_FORMATS",
+    "DataConfig",
+    "LoraConfig",
+    "QuantConfig",
+    "as_dict",
+    "from_dict",
+    "parse_targets",
+]
