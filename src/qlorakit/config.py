@@ -151,6 +151,99 @@ class DataConfig:
             _fail("DataConfig", "val_size", self.val_size, "a fraction in [0, 1) or a count >= 1")
 
 
+SCHEDULERS = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw",)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop. Defaults are the paper's: AdamW lr 2e-4, constant schedule with 3% warmup,
+    weight decay 0, max grad-norm 0.3, an effective batch of 16 (1 x 16 accumulation), gradient
+    checkpointing on. ``max_steps`` > 0 overrides ``epochs``. ``save_steps`` / ``eval_steps`` 0 = only at
+    the end. ``compute_dtype`` "auto" picks bfloat16 where the hardware runs it well (a CUDA GPU with bf16
+    or a CPU with AVX512_BF16/AMX) and float32 otherwise.
+    """
+
+    output_dir: str = "runs/qlorakit"
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 16
+    lr: float = 2e-4
+    scheduler: str = "constant"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    optim: str = "adamw"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_steps: int = 0
+    eval_steps: int = 0
+    logging_steps: int = 1
+    save_total_limit: int = 2
+    compute_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "logging_steps")
+        non_negative = ("max_steps", "save_steps", "eval_steps", "save_total_limit")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            low = 1 if name in positive else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                _fail("TrainConfig", name, value, f"must be an integer >= {low}")
+        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
+            _fail("TrainConfig", "epochs", self.epochs, "must be > 0")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            _fail("TrainConfig", "lr", self.lr, "must be > 0")
+        if self.scheduler not in SCHEDULERS:
+            _fail("TrainConfig", "scheduler", self.scheduler, f"choose one of {SCHEDULERS}")
+        if self.optim not in OPTIMIZERS:
+            _fail("TrainConfig", "optim", self.optim, f"choose one of {OPTIMIZERS}")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("TrainConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            _fail("TrainConfig", "weight_decay/max_grad_norm", (self.weight_decay, self.max_grad_norm), "must be >= 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_eps <= 0:
+            _fail("TrainConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps), "betas in [0, 1), eps > 0")
+        if self.compute_dtype not in ("auto",) + COMPUTE_DTYPES:
+            _fail("TrainConfig", "compute_dtype", self.compute_dtype, f"choose auto or one of {COMPUTE_DTYPES}")
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; ``config.yaml`` in a run directory is this, as a mapping."""
+
+    model: str = DEFAULT_MODEL
+    quant: QuantConfig = QuantConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
+        """Build from nested mappings (a loaded YAML/JSON file); unknown keys fail with their path."""
+        sections = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = sorted(set(values) - set(sections) - {"model"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: model, {', '.join(sections)}")
+        parts: dict[str, Any] = {}
+        for key, section in sections.items():
+            sub = values.get(key) or {}
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{where}: section '{key}' must be a mapping, got {type(sub).__name__}")
+            parts[key] = from_dict(section, sub, f"{where}: {key}")
+        model = values.get("model", DEFAULT_MODEL)
+        if not isinstance(model, str) or not model:
+            raise ConfigError(f"{where}: 'model' must be a non-empty string, got {model!r}")
+        return cls(model=model, **parts)
+
+
 def parse_targets(text: str) -> str | tuple[str, ...]:
     """CLI spelling of ``LoraConfig.targets``: ``all-linear``, ``re:<regex>`` or ``q_proj,v_proj``."""
     if text == "all-linear" or text.startswith("re:"):
@@ -164,6 +257,8 @@ __all__ = [
     "DataConfig",
     "LoraConfig",
     "QuantConfig",
+    "RunConfig",
+    "TrainConfig",
     "as_dict",
     "from_dict",
     "parse_targets",
