@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from qlorakit.errors import ConfigError
@@ -22,6 +22,11 @@ LORA_INITS = ("default", "gaussian", "zeros")
 DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
 
 T = TypeVar("T")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with its documentation (shown by ``qlorakit train --help``)."""
+    return field(default=default, metadata={"help": help})
 
 
 def _fail(cls_name: str, name: str, value: Any, why: str) -> None:
@@ -54,9 +59,9 @@ def json_ready(value: Any) -> Any:
 class QuantConfig:
     """How the frozen base weights are stored (QLoRA: NF4, blocksize 64, double quantization)."""
 
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    double_quant: bool = True
+    quant_type: str = opt("nf4", "4-bit data type of the frozen base: nf4, fp4 or int4")
+    blocksize: int = opt(64, "values sharing one absmax scale (power of two, 32..4096)")
+    double_quant: bool = opt(True, "quantize the absmax scales again to 8 bit (saves 0.373 bits/param)")
 
     def __post_init__(self) -> None:
         if self.quant_type not in QUANT_TYPES:
@@ -78,13 +83,13 @@ class LoraConfig:
     ``zeros`` (both zero; for loading).
     """
 
-    r: int = 64
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: str | tuple[str, ...] = "all-linear"
-    rslora: bool = False
-    init: str = "default"
-    bias: str = "none"
+    r: int = opt(64, "LoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
+    dropout: float = opt(0.05, "dropout on the adapter input, in [0, 1)")
+    targets: str | tuple[str, ...] = opt("all-linear", "all-linear, comma-separated names, or re:<regex>")
+    rslora: bool = opt(False, "scale by alpha / sqrt(r) (rank-stabilized LoRA)")
+    init: str = opt("default", "adapter init: default (Kaiming A, zero B), gaussian, zeros")
+    bias: str = opt("none", "bias training: only 'none' (biases stay frozen)")
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
@@ -125,16 +130,17 @@ class DataConfig:
     for the ``text`` format; ``val_size`` is a fraction (< 1) or a count (>= 1) of examples held out.
     """
 
-    paths: tuple[str, ...] = ()
-    format: str = "auto"
-    source_max_len: int = 1024
-    target_max_len: int = 256
-    train_on_source: bool = False
-    block_size: int = 512
-    group_by_length: bool = True
-    val_size: float = 0.0
-    seed: int = 42
-    chat_template: bool = True
+    paths: tuple[str, ...] = opt((), "training data files (JSON, JSONL, CSV, Parquet, TXT); default: the bundled OASST1 sample")
+    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text")
+    source_max_len: int = opt(1024, "max prompt tokens (longer prompts are truncated and counted)")
+    target_max_len: int = opt(256, "max answer tokens per assistant turn (truncated and counted)")
+    max_seq_len: int = opt(0, "max tokens of a whole example, 0 = source + target max (truncated and counted)")
+    train_on_source: bool = opt(False, "also put loss on prompt tokens")
+    block_size: int = opt(512, "length of packed blocks for the text format")
+    group_by_length: bool = opt(True, "batch examples of similar length together")
+    val_size: float = opt(0.0, "held-out examples: a fraction < 1 or a count >= 1")
+    seed: int = opt(42, "seed of the validation split and the batch order")
+    chat_template: bool = opt(True, "render messages/oasst1 with the tokenizer's chat template when it has one")
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -143,12 +149,19 @@ class DataConfig:
             object.__setattr__(self, "paths", tuple(self.paths))
         if self.format not in DATA_FORMATS:
             _fail("DataConfig", "format", self.format, f"choose one of {DATA_FORMATS}")
+        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 0:
+            _fail("DataConfig", "max_seq_len", self.max_seq_len, "must be an integer >= 0")
         for name in ("source_max_len", "target_max_len", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 _fail("DataConfig", name, value, "must be a positive integer")
         if not isinstance(self.val_size, (int, float)) or self.val_size < 0:
             _fail("DataConfig", "val_size", self.val_size, "a fraction in [0, 1) or a count >= 1")
+
+    @property
+    def seq_limit(self) -> int:
+        """The effective whole-example token limit."""
+        return self.max_seq_len or self.source_max_len + self.target_max_len
 
 
 SCHEDULERS = ("constant", "cosine", "linear")
@@ -164,27 +177,27 @@ class TrainConfig:
     or a CPU with AVX512_BF16/AMX) and float32 otherwise.
     """
 
-    output_dir: str = "runs/qlorakit"
-    max_steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 1
-    grad_accum: int = 16
-    lr: float = 2e-4
-    scheduler: str = "constant"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 0.3
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    optim: str = "adamw"
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    save_steps: int = 0
-    eval_steps: int = 0
-    logging_steps: int = 1
-    save_total_limit: int = 2
-    compute_dtype: str = "auto"
+    output_dir: str = opt("runs/qlorakit", "run directory (config, metrics, checkpoints, adapter, plot)")
+    max_steps: int = opt(0, "optimizer steps; 0 = run for --epochs")
+    epochs: float = opt(1.0, "passes over the data when max_steps is 0")
+    batch_size: int = opt(1, "examples per micro-batch")
+    grad_accum: int = opt(16, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
+    lr: float = opt(2e-4, "peak learning rate")
+    scheduler: str = opt("constant", "learning-rate schedule after warmup: constant, cosine, linear")
+    warmup_ratio: float = opt(0.03, "fraction of steps spent warming up linearly from 0")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(0.3, "clip the global gradient norm to this (0 = no clipping)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    optim: str = opt("adamw", "optimizer: adamw")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
+    seed: int = opt(42, "seed of initialization and dropout")
+    save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    eval_steps: int = opt(0, "evaluate the held-out loss every N steps (0 = at start and end only)")
+    logging_steps: int = opt(1, "write a metrics row every N steps")
+    save_total_limit: int = opt(2, "checkpoints to keep (0 = all)")
+    compute_dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 where the hardware runs it well)")
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "logging_steps")
@@ -219,11 +232,11 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 class RunConfig:
     """Everything a training run needs; ``config.yaml`` in a run directory is this, as a mapping."""
 
-    model: str = DEFAULT_MODEL
-    quant: QuantConfig = QuantConfig()
-    lora: LoraConfig = LoraConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
+    model: str = opt(DEFAULT_MODEL, "base model: a local HF dir, a .gguf file, a 4-bit bnb dir, a built-in alias or a hub id")
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
