@@ -20,7 +20,7 @@ from torch import nn
 from qlorakit.errors import ConfigError
 from qlorakit.quant.linear import Linear4bit
 
-#: Module classes treated as linear layers (LoraLinear registers itself here on import).
+#: Module classes treated as linear layers; a LoRA wrapper is recognised by its ``is_lora_linear`` attribute.
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Linear4bit)
 
 

@@ -1,0 +1,188 @@
+"""``LoraLinear``: a LoRA adapter wrapped around a frozen linear layer (composition, not inheritance).
+
+For the active adapter with rank ``r`` (Hu et al., 2021, eq. 3; QLoRA, Dettmers et al., 2023, eq. 5):
+
+    y = base(x) + scale * B(A(dropout(x)))  =  x W^T + b + scale * dropout(x) A^T B^T
+
+with ``A: (r, in_features)``, ``B: (out_features, r)`` and ``scale = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``).
+Initialisation: ``default`` draws A Kaiming-uniform (a = sqrt 5, as ``nn.Linear``) and sets B = 0, so a
+fresh adapter leaves the output unchanged; ``gaussian`` draws A ~ N(0, std = 1/r) (PEFT's convention);
+``zeros`` sets both to 0 (used before loading saved weights).
+
+The base is an ``nn.Linear`` or a ``Linear4bit`` and stays frozen. Adapter weights are fp32 parameters by
+default: the input is cast to the adapter dtype and the adapter's result back to the base output's dtype.
+Several adapters live side by side under their names (``lora_A[name]``, ``lora_B[name]``); at most one is
+active, and ``enabled = False`` gives the base-only forward.
+
+``merge()`` writes ``W + scale * B @ A`` (computed in fp32, stored in W's dtype) into a 16/32-bit
+``nn.Linear`` base; ``unmerge()`` subtracts it again. A 4-bit base is never merged in place: re-quantizing
+would silently change the base, so that is ``merge_and_export``'s job.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qlorakit.config import LoraConfig
+from qlorakit.errors import ConfigError, QlorakitError
+from qlorakit.quant.linear import Linear4bit
+
+
+class MergeError(QlorakitError, ValueError):
+    """An adapter that cannot be merged into its base weight (4-bit base, or a non-finite result)."""
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear plus named LoRA adapters; see the module docstring for the math."""
+
+    is_lora_linear = True
+
+    def __init__(self, base_layer: nn.Linear | Linear4bit) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Linear4bit)):
+            raise ConfigError(f"LoraLinear wraps nn.Linear or Linear4bit, got {type(base_layer).__name__}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.in_features: int = base_layer.in_features
+        self.out_features: int = base_layer.out_features
+        self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
+        self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
+        self.lora_dropout = nn.ModuleDict()  # name -> Dropout(p) or Identity
+        self.configs: dict[str, LoraConfig] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.enabled = True
+        self.merged_adapter: str | None = None
+
+    # --- adapters by name ----------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (packed uint8 codes for a 4-bit base)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def _device(self) -> torch.device:
+        if isinstance(self.base_layer, Linear4bit):
+            return self.base_layer.qweight.device
+        return self.base_layer.weight.device
+
+    def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:
+        """Add adapter ``name`` (rank ``config.r``, initialised per ``config.init``); it does not become active."""
+        if name in self.lora_A:
+            raise ConfigError(f"adapter {name!r} already exists on this layer; delete it first or pick another name")
+        if not name or "." in name:
+            raise ConfigError(f"adapter name {name!r} must be non-empty and contain no '.'")
+        r, device = config.r, self._device()
+        lora_a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)  # weight (r, in)
+        lora_b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)  # weight (out, r)
+        with torch.no_grad():
+            if config.init == "default":
+                nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+            elif config.init == "gaussian":
+                nn.init.normal_(lora_a.weight, std=1.0 / r)
+            else:
+                lora_a.weight.zero_()
+            lora_b.weight.zero_()
+        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.configs[name], self.scaling[name] = config, config.scale
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise ConfigError(f"no adapter {name!r} on this layer; adapters: {self.adapter_names}")
+
+    def _check_unmerged(self, action: str) -> None:
+        if self.merged_adapter is not None:
+            raise MergeError(f"cannot {action} while adapter {self.merged_adapter!r} is merged; call unmerge() first")
+
+    def set_active(self, name: str | None) -> None:
+        """Make ``name`` the adapter used in forward (``None``: base only)."""
+        if name is not None:
+            self._check_name(name)
+        if name != self.active_adapter:
+            self._check_unmerged("switch adapters")
+        self.active_adapter = name
+
+    def set_enabled(self, enabled: bool) -> None:
+        """``False`` gives the base-only forward without forgetting the active adapter."""
+        if enabled != self.enabled:
+            self._check_unmerged("enable or disable adapters")
+        self.enabled = enabled
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_name(name)
+        if self.merged_adapter == name:
+            self._check_unmerged(f"delete adapter {name!r}")
+        for table in (self.lora_A, self.lora_B, self.lora_dropout):
+            del table[name]
+        del self.configs[name], self.scaling[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    # --- forward -------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
+        result = self.base_layer(x)  # (..., out_features)
+        name = self.active_adapter
+        if name is None or not self.enabled or self.merged_adapter is not None:
+            return result
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x.to(lora_a.weight.dtype))  # (..., in)
+        delta = lora_b(lora_a(h)) * self.scaling[name]  # (..., r) -> (..., out)
+        return result + delta.to(result.dtype)
+
+    # --- merge ---------------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scale * B @ A`` in fp32: (out_features, in_features)."""
+        self._check_name(name)
+        b = self.lora_B[name].weight.detach().float()  # (out, r)
+        a = self.lora_A[name].weight.detach().float()  # (r, in)
+        return self.scaling[name] * (b @ a)
+
+    def _write_base(self, sign: float, name: str) -> None:
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            raise MergeError(
+                "cannot merge a LoRA adapter into a 4-bit (Linear4bit) base in place: it would have to be "
+                "re-quantized, which silently changes the base; use merge_and_export to write a 16-bit merged model"
+            )
+        weight = base.weight  # (out, in)
+        new = (weight.detach().float() + sign * self.delta_weight(name)).to(weight.dtype)
+        if not torch.isfinite(new).all():
+            raise MergeError(
+                f"merging adapter {name!r} gives non-finite weights in {weight.dtype} (overflow or NaN in the "
+                "adapter); the base weight was left unchanged"
+            )
+        with torch.no_grad():
+            weight.copy_(new)
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base weight: ``W <- W + scale * B @ A``."""
+        if self.merged_adapter is not None:
+            raise MergeError(f"adapter {self.merged_adapter!r} is already merged")
+        if self.active_adapter is None:
+            raise MergeError(f"no active adapter to merge; adapters: {self.adapter_names}")
+        self._write_base(+1.0, self.active_adapter)
+        self.merged_adapter = self.active_adapter
+
+    def unmerge(self) -> None:
+        """Undo ``merge``: ``W <- W - scale * B @ A`` (exact in fp32 up to rounding)."""
+        if self.merged_adapter is None:
+            raise MergeError("no adapter is merged")
+        self._write_base(-1.0, self.merged_adapter)
+        self.merged_adapter = None
+
+    def extra_repr(self) -> str:
+        ranks = {name: cfg.r for name, cfg in self.configs.items()}
+        return f"adapters={ranks}, active={self.active_adapter!r}, enabled={self.enabled}"

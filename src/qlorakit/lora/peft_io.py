@@ -1,0 +1,268 @@
+"""Save and load adapters in PEFT's on-disk layout, so ``peft.PeftModel.from_pretrained`` reads ours unchanged.
+
+A directory holds two files:
+
+- ``adapter_config.json``: a PEFT ``LoraConfig`` (``peft_type`` "LORA", ``task_type`` "CAUSAL_LM", ``r``,
+  ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules``, ...). ``target_modules`` is written
+  so that PEFT selects exactly the layers that carry the adapter: the user's regex, else the sorted short
+  names (PEFT matches a name ``t`` to a module path equal to ``t`` or ending in ``".t"``), else a regex of
+  the escaped full paths (PEFT ``re.fullmatch``-es a string against each module path).
+- ``adapter_model.safetensors``: ``base_model.model.<module path>.lora_A.weight`` (r, in) and
+  ``.lora_B.weight`` (out, r). PEFT removes the adapter name from keys when saving; loading here also
+  accepts keys that still carry it (``lora_A.<name>.weight``) and keys without the ``base_model.model.``
+  prefix. Pickle files (``adapter_model.bin``) are never read.
+
+Saving writes into a temporary directory next to the target and renames it into place, so a crash never
+leaves a half-written adapter. Loading checks every layer and shape before it touches the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qlorakit.config import LoraConfig
+from qlorakit.errors import ConfigError, StateDictError
+from qlorakit.lora.layer import LoraLinear
+from qlorakit.lora.model import PEFT_PREFIX, add_lora_at, base_module_names, lora_layers, lora_state_dict
+from qlorakit.lora.targets import is_linear
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+#: PEFT options qlorakit cannot reproduce: each must be absent or equal to the value given here.
+_UNSUPPORTED_PEFT_OPTIONS: dict[str, Any] = {
+    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False, "bias": "none",
+    "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layer_replication": None,
+    "trainable_token_indices": None, "target_parameters": None, "layers_to_transform": None,
+}
+#: PEFT initialisations that rewrite the base weights (the adapter is tied to the rewritten base).
+_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
+
+
+# --- saving ----------------------------------------------------------------------------------------
+
+
+def _peft_selects(modules: list[str], target: str | list[str]) -> set[str]:
+    """The module paths PEFT's ``check_target_module_exists`` would pick for ``target_modules``."""
+    if isinstance(target, str):
+        return {m for m in modules if re.fullmatch(target, m)}
+    return {m for m in modules if m in target or any(m.endswith("." + t) for t in target)}
+
+
+def peft_target_modules(model: nn.Module, paths: list[str], config: LoraConfig) -> str | list[str]:
+    """A ``target_modules`` value under which PEFT adapts exactly ``paths`` of ``model``."""
+    modules = [m for m in base_module_names(model) if m]
+    candidates: list[str | list[str]] = []
+    if isinstance(config.targets, str) and config.targets.startswith("re:"):
+        candidates.append(config.targets[3:])
+    candidates.append(sorted({p.rsplit(".", 1)[-1] for p in paths}))
+    for candidate in candidates:
+        if _peft_selects(modules, candidate) == set(paths):
+            return candidate
+    return "|".join(re.escape(p) for p in paths)
+
+
+def peft_config_dict(config: LoraConfig, target_modules: str | list[str], base_model: str | None) -> dict[str, Any]:
+    """The ``adapter_config.json`` content for ``config`` (the fields PEFT 0.21's LoraConfig reads)."""
+    alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
+        "inference_mode": True, "r": config.r, "lora_alpha": alpha, "lora_dropout": config.dropout,
+        "use_rslora": config.rslora, "target_modules": target_modules, "exclude_modules": None,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+        "lora_bias": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
+        "loftq_config": {}, "layer_replication": None, "auto_mapping": None,
+    }
+
+
+def _default_adapter(model: nn.Module) -> str:
+    active = {m.active_adapter for m in lora_layers(model).values()} - {None}
+    every = {n for m in lora_layers(model).values() for n in m.adapter_names}
+    if len(active) == 1:
+        return active.pop()
+    if not active and len(every) == 1:
+        return every.pop()
+    raise ConfigError(f"pass name=...: the model has adapters {sorted(every)} and no single active one")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    if target.is_dir() and any(target.iterdir()):
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, target)  # rename(2) may replace an empty directory
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    name: str | None = None,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write adapter ``name`` (default: the active one) to ``directory`` in PEFT's layout; return the path.
+
+    An existing non-empty ``directory`` is refused unless ``overwrite=True``, which replaces it whole.
+    ``base_model_name_or_path`` defaults to ``model.config.name_or_path`` when the model has one.
+    """
+    target = Path(directory)
+    name = _default_adapter(model) if name is None else name
+    state = lora_state_dict(model, name)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{target} exists and is not a directory; choose another adapter directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"{target} is not empty; pass overwrite=True to replace it, or choose another directory")
+    layers = {p: m for p, m in lora_layers(model).items() if name in m.lora_A}
+    config = next(iter(layers.values())).configs[name]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    content = peft_config_dict(config, peft_target_modules(model, list(layers), config), base_model_name_or_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            _fsync(tmp / file)
+        _move_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def lora_config_from_peft(values: dict[str, Any], where: str = ADAPTER_CONFIG) -> LoraConfig:
+    """Our ``LoraConfig`` (init "zeros", for loading) from a PEFT ``adapter_config.json`` mapping."""
+    if values.get("peft_type") != "LORA":
+        raise ConfigError(f"{where}: peft_type {values.get('peft_type')!r} is not supported; only 'LORA' adapters load")
+    for key, allowed in _UNSUPPORTED_PEFT_OPTIONS.items():
+        if values.get(key, allowed) not in (allowed, None, {}, []):
+            raise ConfigError(f"{where}: {key} = {values[key]!r} is not supported by qlorakit (needs {allowed!r})")
+    init = values.get("init_lora_weights", True)
+    if isinstance(init, str) and init.split("_")[0] in _BASE_CHANGING_INITS:
+        raise ConfigError(
+            f"{where}: init_lora_weights = {init!r} changes the base weights, so this adapter only works on "
+            "that modified base; convert it to a plain LoRA adapter with peft first"
+        )
+    targets = values.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = "re:" + targets
+    elif targets is not None and not isinstance(targets, str):
+        targets = tuple(sorted(targets))
+    return LoraConfig(
+        r=values.get("r", 8), alpha=values.get("lora_alpha", 8), dropout=values.get("lora_dropout", 0.0),
+        targets=targets or "all-linear", rslora=bool(values.get("use_rslora", False)), init="zeros",
+    )
+
+
+def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not directory.is_dir():
+        raise ConfigError(f"adapter directory {directory} does not exist")
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (directory / file).is_file():
+            pickled = " (found adapter_model.bin: qlorakit never loads pickle; re-save with safetensors)"
+            hint = pickled if file == ADAPTER_WEIGHTS and (directory / "adapter_model.bin").exists() else ""
+            raise StateDictError(f"{directory}: missing {file}; not a PEFT adapter directory{hint}")
+    try:
+        values = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{directory / ADAPTER_CONFIG}: invalid JSON ({exc})") from exc
+    return values, load_file(str(directory / ADAPTER_WEIGHTS))
+
+
+def _group_by_layer(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module path: {"A": (r, in), "B": (out, r)}}`` from PEFT keys, with or without adapter names."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    names: set[str] = set()
+    for key, tensor in tensors.items():
+        match = _KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
+        if match is None:
+            raise StateDictError(f"{where}: key {key!r} is not a LoRA A/B weight; qlorakit loads plain LoRA only")
+        names.update({match["adapter"]} - {None})
+        layers.setdefault(match["path"], {})[match["which"]] = tensor
+    if len(names) > 1:
+        raise StateDictError(f"{where}: keys carry several adapter names {sorted(names)}; expected one adapter")
+    for path, pair in layers.items():
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise StateDictError(f"{where}: {path} has no lora_{missing} weight")
+    if not layers:
+        raise StateDictError(f"{where}: the file holds no LoRA weights")
+    return layers
+
+
+def _check_fits(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], r: int, where: str) -> list[str]:
+    """The adapted paths in model order, after checking each exists and each shape fits; nothing is changed."""
+    modules = base_module_names(model)
+    missing = [p for p in layers if p not in modules]
+    if missing:
+        raise StateDictError(
+            f"{where}: adapter layer {missing[0]!r} does not exist in this model ({len(missing)} of "
+            f"{len(layers)} adapter layers missing); the adapter was made for another base model"
+        )
+    for path in layers:
+        if not is_linear(modules[path]):
+            kind = type(modules[path]).__name__
+            raise StateDictError(f"{where}: adapter layer {path!r} is a {kind} in this model, not a linear layer")
+    ordered = [p for p in modules if p in layers]
+    for path in ordered:
+        module = modules[path]
+        expected = {"A": (r, module.in_features), "B": (module.out_features, r)}
+        for which in ("A", "B"):
+            got = tuple(layers[path][which].shape)
+            if got != expected[which]:
+                raise StateDictError(
+                    f"{where}: {path}.lora_{which}.weight has shape {list(got)} but this model expects "
+                    f"{list(expected[which])} (r={r}, in_features={module.in_features}, "
+                    f"out_features={module.out_features}); the adapter was made for another base model"
+                )
+    return ordered
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> list[str]:
+    """Load a PEFT-layout adapter as adapter ``name`` (made active); return the adapted module paths.
+
+    Every layer and shape is checked before the model is modified; the adapter's dtype is fp32.
+    """
+    directory = Path(directory)
+    values, tensors = _read_files(directory)
+    config = lora_config_from_peft(values, where=str(directory / ADAPTER_CONFIG))
+    layers = _group_by_layer(tensors, where=str(directory / ADAPTER_WEIGHTS))
+    paths = _check_fits(model, layers, config.r, where=str(directory))
+    taken = [p for p in paths if name in getattr(model.get_submodule(p), "lora_A", {})]
+    if taken:
+        raise ConfigError(f"adapter {name!r} already exists on {taken[0]}; delete it first or load under another name")
+    add_lora_at(model, paths, config, name)
+    with torch.no_grad():
+        for path in paths:
+            layer: LoraLinear = model.get_submodule(path)
+            layer.lora_A[name].weight.copy_(layers[path]["A"])
+            layer.lora_B[name].weight.copy_(layers[path]["B"])
+    return paths
