@@ -13,7 +13,16 @@ from lora_testing import LLAMA_PROJECTIONS, randomize_lora_b
 from safetensors.torch import load_file, save_file
 
 from qlorakit.config import LoraConfig
-from qlorakit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, adapter_names, load_adapter, save_adapter
+from qlorakit.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_names,
+    add_lora,
+    load_adapter,
+    lora_layers,
+    save_adapter,
+    trainable_parameters,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -120,3 +129,30 @@ def test_keys_with_adapter_name_or_without_prefix_load_under_any_name(tiny_llama
     load_adapter(fresh, tmp_path / "named", name="other")
     assert adapter_names(fresh) == ["other"]
     torch.testing.assert_close(_logits(fresh, input_ids), expected, **TOL)
+
+
+def test_load_with_replace_overwrites_the_same_parameters_in_place(tiny_llama, input_ids, tmp_path):
+    """Resuming needs this: the optimizer keeps references to the adapter's parameters."""
+    source = tiny_llama()
+    add_lora(source, LoraConfig(r=4, alpha=16.0, dropout=0.0))
+    randomize_lora_b(source)
+    save_adapter(source, tmp_path / "saved")
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0))
+    before = trainable_parameters(model)
+    load_adapter(model, tmp_path / "saved", replace=True)
+    after = trainable_parameters(model)
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    torch.testing.assert_close(_logits(model, input_ids), _logits(source, input_ids), **TOL)
+
+
+def test_load_with_replace_and_another_rank_adds_the_adapter_anew(tiny_llama, input_ids, tmp_path):
+    source = tiny_llama()
+    add_lora(source, LoraConfig(r=2, alpha=4.0, dropout=0.0, targets=("q_proj",)))
+    randomize_lora_b(source)
+    save_adapter(source, tmp_path / "saved")
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8.0, dropout=0.0))
+    load_adapter(model, tmp_path / "saved", replace=True)
+    assert len(lora_layers(model)) == 2
+    torch.testing.assert_close(_logits(model, input_ids), _logits(source, input_ids), **TOL)

@@ -94,8 +94,20 @@ class LoraLinear(nn.Module):
                 lora_a.weight.zero_()
             lora_b.weight.zero_()
         self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        self._set_config(name, config)
+
+    def _set_config(self, name: str, config: LoraConfig) -> None:
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.configs[name], self.scaling[name] = config, config.scale
+
+    def update_config(self, name: str, config: LoraConfig) -> None:
+        """Give adapter ``name`` a new alpha / dropout / rsLoRA setting; its rank, and so its weights, stay."""
+        self._check_name(name)
+        if config.r != self.configs[name].r:
+            raise ConfigError(f"adapter {name!r} has rank {self.configs[name].r}; a config with r={config.r} "
+                              "needs a new adapter (delete it and add it again)")
+        self._check_unmerged(f"change the config of adapter {name!r}")
+        self._set_config(name, config)
 
     def _check_name(self, name: str) -> None:
         if name not in self.lora_A:

@@ -33,8 +33,16 @@ from torch import nn
 
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, StateDictError
-from qlorakit.lora.layer import LoraLinear
-from qlorakit.lora.model import PEFT_PREFIX, add_lora_at, base_module_names, lora_layers, lora_state_dict
+from qlorakit.lora.layer import LoraLinear, MergeError
+from qlorakit.lora.model import (
+    PEFT_PREFIX,
+    add_lora_at,
+    base_module_names,
+    delete_adapter,
+    lora_layers,
+    lora_state_dict,
+    set_active_adapter,
+)
 from qlorakit.lora.targets import is_linear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -246,20 +254,39 @@ def _check_fits(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], r:
     return ordered
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "default") -> list[str]:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, name: str = "default", replace: bool = False
+) -> list[str]:
     """Load a PEFT-layout adapter as adapter ``name`` (made active); return the adapted module paths.
 
-    Every layer and shape is checked before the model is modified; the adapter's dtype is fp32.
+    Every layer and shape is checked before the model is modified; the adapter's dtype is fp32. An existing
+    adapter ``name`` is refused unless ``replace=True``: then, on the same layers with the same rank, its
+    parameters are overwritten in place (an optimizer holding them stays valid, as resuming needs);
+    otherwise it is deleted and added again.
     """
     directory = Path(directory)
     values, tensors = _read_files(directory)
     config = lora_config_from_peft(values, where=str(directory / ADAPTER_CONFIG))
     layers = _group_by_layer(tensors, where=str(directory / ADAPTER_WEIGHTS))
     paths = _check_fits(model, layers, config.r, where=str(directory))
-    taken = [p for p in paths if name in getattr(model.get_submodule(p), "lora_A", {})]
-    if taken:
-        raise ConfigError(f"adapter {name!r} already exists on {taken[0]}; delete it first or load under another name")
-    add_lora_at(model, paths, config, name)
+    existing = {p: m for p, m in lora_layers(model).items() if name in m.lora_A}
+    if existing and not replace:
+        raise ConfigError(
+            f"adapter {name!r} already exists on {next(iter(existing))}; delete it, pass replace=True, "
+            "or load it under another name"
+        )
+    merged = [p for p, m in existing.items() if m.merged_adapter == name]
+    if merged:
+        raise MergeError(f"adapter {name!r} is merged into {merged[0]}; unmerge it before replacing it")
+    in_place = list(existing) == paths and all(m.configs[name].r == config.r for m in existing.values())
+    if in_place:
+        for layer in existing.values():
+            layer.update_config(name, config)
+        set_active_adapter(model, name)
+    else:
+        if existing:
+            delete_adapter(model, name)
+        add_lora_at(model, paths, config, name)
     with torch.no_grad():
         for path in paths:
             layer: LoraLinear = model.get_submodule(path)
