@@ -1,0 +1,229 @@
+"""The training loop, top to bottom: micro-batches -> token-mean loss -> clipped AdamW step -> log/eval/save.
+
+Loss of one optimizer step over its ``grad_accum`` micro-batches (QLoRA trains on response tokens only):
+
+    L = sum_{micro m} sum_{target tokens t in m} CE(logits_t, label_t) / N,   N = all target tokens of the step
+
+i.e. the mean over the target tokens of the whole accumulated batch, not a mean of per-micro-batch
+means. Each micro-batch backpropagates its share ``sum_m CE / N``, so the summed gradient is exactly
+the gradient of ``L``.
+
+The data is one stream of micro-batches across epochs: epoch ``e`` is ``batch_order(..., epoch=e)``, and
+the trainer's only data position is ``micro_index`` (micro-batches consumed), so resuming from a
+checkpoint continues the same stream, even across an epoch boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qlorakit.config import RunConfig
+from qlorakit.data import batch_order
+from qlorakit.hardware import peak_rss_mb
+from qlorakit.optim import lr_at
+from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from qlorakit.train.metrics import MetricsLog
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    run_dir: Path
+    steps: int
+    tokens: int
+    train_seconds: float
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
+
+
+def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens, and their count."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="sum",
+    )
+    return loss, int((shift_labels != IGNORE_INDEX).sum())
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+class MicroBatchStream:
+    """Micro-batches of index lists, epoch after epoch, addressed by a global position."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool) -> None:
+        self.lengths, self.batch_size, self.seed, self.group = list(lengths), batch_size, seed, group_by_length
+        self._epoch, self._order = -1, []
+        self.per_epoch = len(self._epoch_order(0))
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group)
+        return self._order
+
+    def at(self, position: int) -> tuple[int, list[int]]:
+        """(epoch, indices) of the micro-batch at global ``position``."""
+        epoch, offset = divmod(position, self.per_epoch)
+        return epoch, self._epoch_order(epoch)[offset]
+
+
+def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int, device) -> tuple[float, int]:
+    """Token-weighted mean loss over ``dataset`` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            batch = _to(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
+            loss, n = token_loss_sum(model, batch)
+            total, count = total + float(loss), count + n
+    model.train(was_training)
+    return total / max(count, 1), count
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
+
+
+def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters; add a LoRA adapter first")
+    t = cfg.train
+    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+
+def train(
+    model,
+    train_set: Sequence[dict],
+    val_set: Sequence[dict],
+    collate: Callable,
+    cfg: RunConfig,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train ``model``'s trainable (LoRA) parameters; see the module docstring for the loss.
+
+    ``resume_from`` is a ``checkpoint-<step>`` directory; ``stop_after_steps`` ends this session early
+    (after that many updates, with a checkpoint) as an interruption would, for time-boxed jobs.
+    """
+    t = cfg.train
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    device = next(p for p in model.parameters()).device
+    stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], t.batch_size, cfg.data.seed, cfg.data.group_by_length)
+    optimizer = make_optimizer(model, cfg)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
+    if resume_from is None:
+        torch.manual_seed(t.seed)
+    state.total_steps = total_steps_for(cfg, stream.per_epoch)
+    log = MetricsLog(run_dir, resume_step=state.step if resume_from is not None else None)
+    result = TrainResult(run_dir=Path(run_dir), steps=state.step, tokens=state.tokens, train_seconds=state.elapsed_s)
+    if val_set and resume_from is None:
+        _eval_and_log(model, val_set, collate, t.batch_size, device, state.step, log, result)
+    model.train()
+    last_step = state.total_steps if stop_after_steps is None else min(state.total_steps, state.step + stop_after_steps)
+    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not progress)
+    while state.step < last_step:
+        started = time.perf_counter()
+        loss, step_tokens = _one_step(model, optimizer, train_set, collate, stream, state, cfg, device)
+        grad_norm = _clip(optimizer, t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + step_tokens, state.elapsed_s + seconds
+        result.losses.append(loss)
+        row = _train_row(state, loss, optimizer, grad_norm, step_tokens / seconds, stream.per_epoch)
+        if state.step % t.logging_steps == 0 or state.step == last_step:
+            log.write(row)
+            bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
+                      f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}")
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir)
+    bar.close()
+    result.steps, result.tokens, result.train_seconds = state.step, state.tokens, state.elapsed_s
+    result.peak_rss_mb = peak_rss_mb()
+    return result
+
+
+def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
+    row = {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+           "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
+           "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if torch.cuda.is_available():
+        row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+def _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir) -> None:
+    t = cfg.train
+    finished = state.step == state.total_steps
+    if val_set and ((t.eval_steps and state.step % t.eval_steps == 0) or finished):
+        _eval_and_log(model, val_set, collate, t.batch_size, device, state.step, log, result)
+    if (t.save_steps and state.step % t.save_steps == 0) or state.step == last_step:
+        save_checkpoint(Path(run_dir), model, optimizer, state, t.save_total_limit)
+
+
+def _one_step(model, optimizer, train_set, collate, stream, state, cfg, device) -> tuple[float, int]:
+    """Forward/backward over the step's micro-batches; returns (loss, input tokens)."""
+    t = cfg.train
+    batches = []
+    for _ in range(t.grad_accum):
+        _, indices = stream.at(state.micro_index)
+        batches.append(collate([train_set[i] for i in indices]))
+        state.micro_index += 1
+    n_target = max(sum(target_tokens(b) for b in batches), 1)
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(state.step, state.total_steps, t.lr, t.scheduler, t.warmup_ratio)
+    total, tokens = 0.0, 0
+    for batch in batches:
+        batch = _to(batch, device)
+        loss_sum, _ = token_loss_sum(model, batch)
+        (loss_sum / n_target).backward()
+        total += float(loss_sum) / n_target
+        tokens += int(batch["attention_mask"].sum())
+    return total, tokens
+
+
+def _clip(optimizer, max_norm: float) -> float:
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def _eval_and_log(model, val_set, collate, batch_size, device, step, log, result) -> None:
+    loss, count = evaluate(model, val_set, collate, batch_size, device)
+    result.eval_losses.append((step, loss))
+    log.write({"step": step, "eval_loss": loss, "eval_tokens": count})

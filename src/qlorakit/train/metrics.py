@@ -1,0 +1,74 @@
+"""The run's record: ``metrics.jsonl`` (one JSON object per logged step) and ``loss.png``.
+
+Training rows: ``step, loss, lr, grad_norm, tokens, elapsed_s, tokens_per_s, epoch, peak_rss_mb``
+(and ``cuda_max_allocated_mb`` on a GPU). Evaluation rows: ``step, eval_loss, eval_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    """Appends rows to ``metrics.jsonl``; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            _write_rows_atomic(self.path, kept)
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_rows_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_run(run_dir: str | Path) -> Path:
+    """Draw training loss (and eval loss when logged) against step into ``<run_dir>/loss.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir / METRICS_FILE)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over target tokens)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / PLOT_FILE
+    tmp = run_dir / (PLOT_FILE + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,37 @@
+"""The end of a run: the final adapter, the loss plot and a one-screen summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlorakit.lora import save_adapter
+from qlorakit.train.loop import TrainResult
+from qlorakit.train.metrics import plot_run
+
+ADAPTER_DIR = "adapter"
+
+
+def finish_run(model, tokenizer, result: TrainResult, data_summary=None) -> str:
+    """Save ``<run>/adapter`` (PEFT layout, with the tokenizer files), draw ``loss.png``, return the summary."""
+    adapter_dir = Path(result.run_dir) / ADAPTER_DIR
+    save_adapter(model, adapter_dir, overwrite=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(adapter_dir))
+    plot = plot_run(result.run_dir)
+    return format_summary(result, adapter_dir, plot)
+
+
+def format_summary(result: TrainResult, adapter_dir: Path, plot: Path) -> str:
+    lines = ["", "=== qlorakit run summary ==="]
+    lines.append(f"steps            {result.steps}")
+    if result.losses:
+        lines.append(f"train loss       first {result.losses[0]:.4f} -> last {result.losses[-1]:.4f}")
+    if result.eval_losses:
+        (s0, e0), (s1, e1) = result.eval_losses[0], result.eval_losses[-1]
+        lines.append(f"held-out loss    step {s0}: {e0:.4f} -> step {s1}: {e1:.4f}")
+    lines.append(f"tokens           {result.tokens:,} in {result.train_seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s)")
+    lines.append(f"peak RSS         {result.peak_rss_mb:.0f} MiB")
+    lines.append(f"adapter          {adapter_dir}")
+    lines.append(f"loss plot        {plot}")
+    lines.append(f"metrics          {Path(result.run_dir) / 'metrics.jsonl'}")
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""Helpers for trainer tests: a tiny 4-bit Llama with LoRA, and a small run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlorakit.config import DataConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
+from qlorakit.lora import add_lora, resolve_targets
+from qlorakit.quant import Linear4bit
+
+
+def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Module:
+    """A 2-layer random Llama whose block linears are NF4 Linear4bit with LoRA (the shape of a real run)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    for path in resolve_targets(model, "all-linear"):
+        parent, _, leaf = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, leaf, Linear4bit.from_linear(getattr(owner, leaf), name=path))
+    model.requires_grad_(False)
+    add_lora(model, lora)
+    return model
+
+
+def run_config(data_path: Path, out: Path, **train) -> RunConfig:
+    base = dict(output_dir=str(out), batch_size=2, grad_accum=2, lr=1e-2, max_steps=6, gradient_checkpointing=False,
+                compute_dtype="float32", warmup_ratio=0.2, scheduler="cosine")
+    base.update(train)
+    return RunConfig(
+        model="tiny",
+        quant=QuantConfig(),
+        lora=LoraConfig(r=4, alpha=8, dropout=0.1),
+        data=DataConfig(paths=(str(data_path),), source_max_len=64, target_max_len=32, val_size=4),
+        train=TrainConfig(**base),
+    )
