@@ -2,9 +2,11 @@
 
 Read files (``readers``), validate and convert rows to canonical conversations (``formats``,
 ``oasst``, ``schema``), render prompts (``templates``), tokenize with loss on the answers only
-(``tokenize``).
+(``tokenize``), and batch (``batching``); ``build_datasets`` wires them (``dataset``).
 """
 
+from qlorakit.data.batching import batch_order, collate, collate_fn, pad_id_of
+from qlorakit.data.dataset import DataSummary, TokenizedDataset, build_datasets, default_sample_path, split_indices
 from qlorakit.data.formats import FORMATS, convert_table, detect_format, load_examples
 from qlorakit.data.readers import Table, read_table
 from qlorakit.data.schema import Conversion, Example, Turn
@@ -12,7 +14,32 @@ from qlorakit.data.templates import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, alpac
 from qlorakit.data.tokenize import IGNORE_INDEX, TokenizedExample, TruncationStats, pack_documents, tokenize_conversations
 
 __all__ = [
-    "ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "FORMATS", "IGNORE_INDEX", "Conversion", "Example", "Table",
-    "TokenizedExample", "TruncationStats", "Turn", "alpaca_prompt", "convert_table", "detect_format",
-    "generation_prompt", "load_examples", "pack_documents", "read_table", "render", "tokenize_conversations",
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "FORMATS",
+    "IGNORE_INDEX",
+    "Conversion",
+    "DataSummary",
+    "Example",
+    "Table",
+    "TokenizedDataset",
+    "TokenizedExample",
+    "TruncationStats",
+    "Turn",
+    "alpaca_prompt",
+    "batch_order",
+    "build_datasets",
+    "collate",
+    "collate_fn",
+    "convert_table",
+    "default_sample_path",
+    "detect_format",
+    "generation_prompt",
+    "load_examples",
+    "pack_documents",
+    "pad_id_of",
+    "read_table",
+    "render",
+    "split_indices",
+    "tokenize_conversations",
 ]
