@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from qlorakit.errors import ConfigError
+from qlorakit.optim.adamw import OPTIMIZER_NAMES
 from qlorakit.quant.codebooks import QUANT_TYPES
 from qlorakit.quant.tensor import BLOCKSIZES
 
@@ -165,12 +166,11 @@ class DataConfig:
 
 
 SCHEDULERS = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adamw",)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop. Defaults are the paper's: AdamW lr 2e-4, constant schedule with 3% warmup,
+    """The training loop. Defaults are the paper's: paged AdamW lr 2e-4, constant schedule with 3% warmup,
     weight decay 0, max grad-norm 0.3, an effective batch of 16 (1 x 16 accumulation), gradient
     checkpointing on. ``max_steps`` > 0 overrides ``epochs``. ``save_steps`` / ``eval_steps`` 0 = only at
     the end. ``compute_dtype`` "auto" picks bfloat16 where the hardware runs it well (a CUDA GPU with bf16
@@ -190,7 +190,8 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
-    optim: str = opt("adamw", "optimizer: adamw")
+    optim: str = opt("paged_adamw", "optimizer: adamw, adamw8bit, paged_adamw (the paper's), paged_adamw8bit")
+    optim_budget: int = opt(0, "resident MiB for paged optimizer state (0 = twice the largest parameter's state)")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
     seed: int = opt(42, "seed of initialization and dropout")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
@@ -213,8 +214,12 @@ class TrainConfig:
             _fail("TrainConfig", "lr", self.lr, "must be > 0")
         if self.scheduler not in SCHEDULERS:
             _fail("TrainConfig", "scheduler", self.scheduler, f"choose one of {SCHEDULERS}")
-        if self.optim not in OPTIMIZERS:
-            _fail("TrainConfig", "optim", self.optim, f"choose one of {OPTIMIZERS}")
+        if self.optim not in OPTIMIZER_NAMES:
+            _fail("TrainConfig", "optim", self.optim, f"choose one of {OPTIMIZER_NAMES}")
+        if isinstance(self.optim_budget, bool) or not isinstance(self.optim_budget, int) or self.optim_budget < 0:
+            _fail("TrainConfig", "optim_budget", self.optim_budget, "MiB, an integer >= 0")
+        if self.optim_budget and not self.optim.startswith("paged_"):
+            _fail("TrainConfig", "optim_budget", self.optim_budget, f"applies to paged optimizers; optim is {self.optim!r}")
         if not 0 <= self.warmup_ratio < 1:
             _fail("TrainConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:

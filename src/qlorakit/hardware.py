@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 
 import torch
@@ -64,3 +66,19 @@ def current_rss_mb() -> float:
         return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return 0.0
+
+
+@contextmanager
+def flush_denormals() -> Iterator[None]:
+    """Flush fp32 denormals to zero inside the block (x86 FTZ/DAZ), then switch it off again.
+
+    Denormal arithmetic is microcoded on x86 and dozens of times slower; measured on SmolLM2 with NF4 +
+    LoRA in fp32 on CPU, a forward of 4 x 256 tokens took 27 s with denormals and 5 s flushed. Values
+    below 1.2e-38 carry no signal for training, and GPUs flush them in the same kernels.
+    """
+    enabled = torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_flush_denormal(False)

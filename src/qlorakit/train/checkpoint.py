@@ -50,7 +50,7 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
 
 
 def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore state written by ``optimizer_tensors``; shapes must match the optimizer's parameters."""
+    """Restore state written by ``optimizer_tensors``; the optimizer's own ``load_state_dict`` checks shapes."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -65,11 +65,6 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
     if len(groups) != len(optimizer.param_groups) or any(i >= len(params) for i in state):
         raise StateDictError(f"{path}: optimizer state is for {sum(len(g['params']) for g in groups)} parameters, "
                              f"this run trains {len(params)}")
-    for index, entry in state.items():
-        for name, value in entry.items():
-            if value.dim() > 0 and value.shape != params[index].shape:
-                raise StateDictError(f"{path}: state.{index}.{name} has shape {tuple(value.shape)}, "
-                                     f"parameter {index} has {tuple(params[index].shape)}")
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

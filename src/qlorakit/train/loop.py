@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from qlorakit.config import RunConfig
 from qlorakit.data import batch_order
-from qlorakit.hardware import peak_rss_mb
-from qlorakit.optim import lr_at
+from qlorakit.hardware import flush_denormals, peak_rss_mb
+from qlorakit.errors import ConfigError
+from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from qlorakit.train.metrics import MetricsLog
 
@@ -111,12 +112,15 @@ def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
 
 
-def make_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The configured AdamW variant over the trainable parameters, in model order."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters; add a LoRA adapter first")
+        raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
     t = cfg.train
-    return torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    budget = t.optim_budget * 2**20 if t.optim_budget else None
+    return make_optimizer(t.optim, params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                          weight_decay=t.weight_decay, budget_bytes=budget)
 
 
 def train(
@@ -135,11 +139,16 @@ def train(
     ``resume_from`` is a ``checkpoint-<step>`` directory; ``stop_after_steps`` ends this session early
     (after that many updates, with a checkpoint) as an interruption would, for time-boxed jobs.
     """
+    with flush_denormals():
+        return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps)
+
+
+def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progress, stop_after_steps) -> TrainResult:
     t = cfg.train
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     device = next(p for p in model.parameters()).device
     stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], t.batch_size, cfg.data.seed, cfg.data.group_by_length)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
