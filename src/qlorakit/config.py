@@ -13,10 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from qlorakit.constants import BLOCKSIZES, OPTIMIZER_NAMES, QUANT_TYPES
 from qlorakit.errors import ConfigError
-from qlorakit.optim.adamw import OPTIMIZER_NAMES
-from qlorakit.quant.codebooks import QUANT_TYPES
-from qlorakit.quant.tensor import BLOCKSIZES
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LORA_INITS = ("default", "gaussian", "zeros")

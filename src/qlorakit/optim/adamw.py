@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 
+from qlorakit.constants import OPTIMIZER_NAMES
 from qlorakit.errors import ConfigError
 from qlorakit.optim.paged import Layout, PagedStateStore
 from qlorakit.optim.state8bit import adamw_update_8bit, layout_8bit
 from qlorakit.optim.state_io import checked_state, describe
 
 #: Names accepted by ``make_optimizer``.
-OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 #: Parameters with fewer elements keep their state resident when paging (LoRA factors with r >= 4 at
 #: hidden size 4096 are above it; bitsandbytes pages from 1e5 elements, which would leave r = 16 adapters unpaged).

@@ -26,7 +26,7 @@ from functools import cache
 
 import torch
 
-QUANT_TYPES = ("nf4", "fp4", "int4")
+from qlorakit.constants import QUANT_TYPES
 
 #: The outermost quantile of the NF4 construction (bitsandbytes' ``create_normal_map`` default).
 NF4_OFFSET = 0.9677083

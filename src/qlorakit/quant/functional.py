@@ -30,7 +30,12 @@ import torch
 
 from qlorakit.errors import QuantizationError
 from qlorakit.quant.codebooks import code_table, dynamic_table, midpoints
-from qlorakit.quant.tensor import NESTED_BLOCKSIZE, NestedState, QuantizedTensor, check_format
+from qlorakit.quant.tensor import (
+    NESTED_BLOCKSIZE,
+    NestedState,
+    QuantizedTensor,
+    check_format,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

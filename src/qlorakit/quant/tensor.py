@@ -21,11 +21,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from qlorakit.constants import BLOCKSIZES, QUANT_TYPES
 from qlorakit.errors import QuantizationError, StateDictError
-from qlorakit.quant.codebooks import QUANT_TYPES
-
-#: Allowed block sizes of the 4-bit quantization (powers of two, as bitsandbytes allows).
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: Block size of the second (8-bit) quantization of the absmax values in double quantization.
 NESTED_BLOCKSIZE = 256

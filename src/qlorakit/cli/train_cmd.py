@@ -1,0 +1,126 @@
+"""``qlorakit train``: validate config and data, load the 4-bit model with LoRA, train, report.
+
+With no arguments it fine-tunes the built-in default model on the OASST1 sample bundled with the
+package. Everything that can fail on user input (config, output directory, data rows) is checked
+before the model is loaded or anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from qlorakit.cli.config_args import add_config_flags, dump_yaml, load_config_file, run_config_from_args
+from qlorakit.config import RunConfig
+from qlorakit.errors import ConfigError
+
+#: Overrides that turn the paper's defaults into a run of a few minutes on a laptop CPU; applied
+#: only when ``qlorakit train`` gets no data and no step/epoch limit of its own.
+QUICKSTART = {"train": {"max_steps": 20, "batch_size": 4, "grad_accum": 2, "eval_steps": 10},
+              "data": {"val_size": 32, "source_max_len": 256, "target_max_len": 256},
+              "lora": {"r": 16}}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a 4-bit model with LoRA adapters",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML or JSON file with sections model/quant/lora/data/train")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, do not train")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (per-step lines still print)")
+    add_config_flags(p)
+    p.set_defaults(func=run)
+
+
+def _is_quickstart(args: argparse.Namespace) -> bool:
+    given = {k for k in vars(args) if k.startswith("cfg__")}
+    decisive = {"cfg__data__paths", "cfg__train__max_steps", "cfg__train__epochs"}
+    return not args.config and not args.resume and not (given & decisive)
+
+
+def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
+    """The run's config and, when resuming, the checkpoint to resume from."""
+    if args.resume:
+        from qlorakit.train.checkpoint import list_checkpoints
+
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a qlorakit run directory?")
+        checkpoints = list_checkpoints(run_dir)
+        if not checkpoints:
+            raise ConfigError(f"--resume {run_dir}: no checkpoint-<step> directory to resume from")
+        base = load_config_file(run_dir / "config.yaml")
+        base.setdefault("train", {})["output_dir"] = str(run_dir)
+        return run_config_from_args(args, base), checkpoints[-1]
+    return run_config_from_args(args, QUICKSTART if _is_quickstart(args) else None), None
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Refuse a non-empty directory without --overwrite, and an unwritable location."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output directory {path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {path} is not empty; pass --overwrite to replace it or choose another --output-dir")
+    parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"output directory {path}: {parent} is not writable")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg, checkpoint = build_config(args)
+    from qlorakit.data import build_datasets, collate_fn, default_sample_path
+    from qlorakit.models import load_model, load_tokenizer
+
+    if not cfg.data.paths:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=(str(default_sample_path()),)))
+    run_dir = Path(cfg.train.output_dir)
+    if checkpoint is None:
+        check_output_dir(run_dir, args.overwrite)
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
+    print(summary.format())
+    print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+    if args.dry_run:
+        return 0
+    from qlorakit.hardware import resolve_dtype
+    from qlorakit.train import finish_run, train
+
+    model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
+    if checkpoint is None:
+        _prepare_run_dir(run_dir, args.overwrite)
+        _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+    result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint, progress=not args.no_progress)
+    print(finish_run(model, tokenizer, result, summary))
+    return 0
+
+
+def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> str:
+    t = cfg.train
+    steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
+    lines = [
+        f"model      {cfg.model}  ({cfg.quant.quant_type}, blocksize {cfg.quant.blocksize}, double quant {cfg.quant.double_quant})",
+        f"lora       r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, targets {cfg.lora.targets}",
+        f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
+        f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr} {t.scheduler}, "
+        f"warmup {t.warmup_ratio}, clip {t.max_grad_norm}, compute {t.compute_dtype}",
+        f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
+    ]
+    return "\n".join(lines)
+
+
+def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.is_dir() and any(run_dir.iterdir()) and overwrite:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

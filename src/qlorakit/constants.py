@@ -1,0 +1,13 @@
+"""Names and sizes shared by the configs and the modules that implement them (imports nothing).
+
+Kept free of torch so that ``qlorakit --help`` and config validation stay fast.
+"""
+
+#: The 4-bit data types (``qlorakit.quant.codebooks`` builds their tables).
+QUANT_TYPES = ("nf4", "fp4", "int4")
+
+#: Allowed block sizes of the 4-bit quantization (powers of two, as bitsandbytes allows).
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+#: Optimizer names accepted by ``qlorakit.optim.make_optimizer`` and ``--optim``.
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
