@@ -87,9 +87,12 @@ def run(args: argparse.Namespace) -> int:
     print(_plan(cfg, len(train_set), len(val_set), checkpoint))
     if args.dry_run:
         return 0
+    import torch
+
     from qlorakit.hardware import resolve_dtype
     from qlorakit.train import finish_run, train
 
+    torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
     model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
     if checkpoint is None:
         _prepare_run_dir(run_dir, args.overwrite)
