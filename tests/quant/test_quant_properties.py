@@ -66,3 +66,16 @@ def test_double_quant_changes_each_scale_by_little(values, blocksize):
     spread = float(plain.absmax.max() - plain.absmax.min())
     # 8-bit dynamic codes of (absmax - mean): error below 1% of the largest |absmax - mean| per 256-block
     assert float((block_absmax(dq) - plain.absmax).abs().max()) <= 0.01 * spread + 1e-6 * float(plain.absmax.max())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=3000), quant_types, blocksizes, st.booleans(),
+       st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_fast_dequantize_equals_the_reference_bit_for_bit(values, quant_type, blocksize, double_quant, dtype):
+    from qlorakit.quant.functional import dequantize_4bit_reference
+
+    x = torch.tensor(values).clamp(-6e4, 6e4).to(dtype)
+    q = quantize_4bit(x, quant_type, blocksize, double_quant)
+    for out_dtype in (None, torch.float32, torch.bfloat16):
+        fast, ref = dequantize_4bit(q, out_dtype), dequantize_4bit_reference(q, out_dtype)
+        assert fast.dtype == ref.dtype and torch.equal(fast, ref)

@@ -123,7 +123,9 @@ def quantize_4bit(
     scaled, absmax = _scale_blocks(flat, blocksize)
     if scaled.numel() % 2:  # an odd count: the spare low nibble holds the code of 0.0
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    codes = order[torch.bucketize(scaled, bounds)]  # (n or n+1,) int64 in 0..15
+    codes = torch.bucketize(scaled, bounds, out_int32=True)  # (n or n+1,) positions in the sorted table
+    if not torch.equal(order, torch.arange(16, device=order.device)):  # NF4's table is sorted already
+        codes = order[codes]
     nested = None
     if double_quant:
         offset = absmax.mean()
@@ -149,26 +151,40 @@ def block_absmax(q: QuantizedTensor) -> torch.Tensor:
     return dequantize_blockwise_8bit(q.absmax, q.nested.absmax, q.nested.code, q.nested.blocksize) + q.nested.offset
 
 
+def dequantize_4bit_reference(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The obviously-correct decode: unpack every code, look it up, scale it by its block's absmax."""
+    codes = unpack_nibbles(q.packed, q.numel).long()  # (n,)
+    scale = block_absmax(q).repeat_interleave(q.blocksize)[: q.numel]  # (n,)
+    return (q.code[codes] * scale).view(q.shape).to(dtype or q.dtype)
+
+
 @cache
 def _pair_index(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     byte = torch.arange(256, device=device)
     return byte >> 4, byte & 0x0F
 
 
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64 whose 8 bytes are the fp32 values ``(code[byte >> 4], code[byte & 15])`` of each byte."""
+    hi, lo = _pair_index(code.device)
+    return torch.stack([code[hi], code[lo]], dim=1).contiguous().view(torch.int64).view(256)
+
+
 def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``table[code] * absmax`` in fp32, reshaped to ``q.shape`` and cast to ``dtype`` (default ``q.dtype``).
 
-    Each packed byte is decoded through a 256-row table of value pairs; the packed stream is padded to
-    whole blocks (blocksize is even, so a byte never straddles two blocks) and sliced back afterwards.
+    The fast path of ``dequantize_4bit_reference`` (bit-identical; tests hold them equal): each packed
+    byte indexes a 256-entry table whose int64 entries hold the fp32 pair it decodes to, so one gather
+    yields two values; viewing the gathered int64 as fp32 puts the high nibble's value first (little-endian
+    byte order, as on x86 and ARM). The stream is padded to whole blocks (the block size is even, so a
+    byte never straddles two blocks) and sliced back afterwards.
     """
-    hi, lo = _pair_index(q.device)
-    pairs = torch.stack([q.code[hi], q.code[lo]], dim=1)  # (256, 2) fp32
     absmax = block_absmax(q)  # (blocks,)
     padded_bytes = q.num_blocks * q.blocksize // 2
     packed = q.packed.reshape(-1)
     if packed.numel() < padded_bytes:
         packed = torch.nn.functional.pad(packed, (0, padded_bytes - packed.numel()))
-    values = pairs[packed.long()].view(q.num_blocks, q.blocksize)  # (blocks, B)
+    values = pair_table(q.code)[packed.long()].view(torch.float32).view(q.num_blocks, q.blocksize)  # (blocks, B)
     out = (values * absmax.unsqueeze(1)).view(-1)[: q.numel]
     return out.view(q.shape).to(dtype or q.dtype)
 
