@@ -19,7 +19,7 @@ from tiny_models import dequantized_reference, input_ids, logits
 from qlorakit.config import QuantConfig
 from qlorakit.errors import ModelLoadError
 from qlorakit.lora.targets import resolve_targets
-from qlorakit.models import load_model, resolve_source
+from qlorakit.models import load_model, load_tokenizer, resolve_source
 from qlorakit.models.gguf import gguf_config_dict
 from qlorakit.models.gguf_reader import read_gguf_header
 from qlorakit.quant import Linear4bit
@@ -56,6 +56,11 @@ def test_tiny_gguf_nf4_equals_dequantized_reference(tiny_gguf):
 def test_directory_holding_one_gguf_resolves_to_it(tiny_gguf):
     source = resolve_source(tiny_gguf.parent)
     assert (source.kind, source.path) == ("gguf", tiny_gguf)
+
+
+def test_gguf_without_vocabulary_has_no_tokenizer(tiny_gguf):
+    with pytest.raises(ModelLoadError, match=r"tiny\.gguf: no usable tokenizer"):
+        load_tokenizer(tiny_gguf)
 
 
 def test_unsupported_gguf_tensor_type_fails_before_loading(tmp_path):

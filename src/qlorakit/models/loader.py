@@ -55,7 +55,8 @@ def load_model(
     ``compute_dtype``, for comparisons). A source saved by bitsandbytes in 4 bits keeps its own format
     (no re-quantization); ``quant=None`` dequantizes it. ``lora``: adapters added with
     ``qlorakit.lora.add_lora`` (they are the only trainable parameters). ``source``: see
-    ``qlorakit.models.source``.
+    ``qlorakit.models.source``. With a 16-bit ``compute_dtype`` the fp32 norms get a forward hook that
+    returns their input's dtype, so the residual stream stays 16-bit.
     """
     resolved = source if isinstance(source, ModelSource) else resolve_source(source)
     device = torch.device(device)
