@@ -20,7 +20,7 @@ from qlorakit.errors import ConfigError
 
 #: Overrides that turn the paper's defaults into a run of a few minutes on a laptop CPU; applied
 #: only when ``qlorakit train`` gets no data and no step/epoch limit of its own.
-QUICKSTART = {"train": {"max_steps": 20, "batch_size": 4, "grad_accum": 2, "eval_steps": 10},
+QUICKSTART = {"train": {"max_steps": 20, "batch_size": 4, "grad_accum": 1, "eval_steps": 10},
               "data": {"val_size": 32, "source_max_len": 256, "target_max_len": 256},
               "lora": {"r": 16}}
 
