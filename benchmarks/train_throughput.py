@@ -1,0 +1,399 @@
+"""QLoRA training throughput on CPU: qlorakit vs transformers + bitsandbytes + peft (a script).
+
+    python benchmarks/train_throughput.py [--steps 10 --warmup 2 --repeats 3 --seq-len 128 --batch-size 2 ...]
+
+Both stacks train LoRA (r 16, alpha 16, dropout 0, q/k/v/o/gate/up/down of every block) on SmolLM2-135M
+in NF4 + double quant (block 64), fp32 compute, gradient checkpointing ON (non-reentrant), AdamW (lr 2e-4
+constant, no warmup, weight decay 0, grad-norm clip 0.3), loss = summed next-token CE / target tokens:
+
+- ours: ``qlorakit.models.load_model(dir, QuantConfig(), LoraConfig(...), compute_dtype=float32)`` trained
+  by ``qlorakit.train.train`` itself (``optim="adamw"``: fp32 state, torch's single-tensor AdamW math);
+- theirs: ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(nf4, double
+  quant, compute fp32))``, ``peft.prepare_model_for_kbit_training`` + ``get_peft_model``,
+  ``torch.optim.AdamW`` and a plain loop written like qlorakit's ``_one_step`` (same collate and loss fn).
+
+Same inputs: the GGUF (``--model``) is converted once by transformers to fp32 safetensors that BOTH stacks
+load; the data is tokenized once (``build_datasets``, ``max_seq_len = --seq-len``) and the micro-batch
+order fixed once (``MicroBatchStream``, group-by-length, seed 42); qlorakit's seeded initial ``A`` is copied
+into peft's ``lora_A`` (``B`` = 0 in both); same ``torch.set_num_threads``; fp32 denormals flushed in both
+loops (qlorakit's trainer does it; the peer's loop calls ``torch.set_flush_denormal(True)``).
+
+Timed: each optimizer step from collating its micro-batches to ``zero_grad`` (forward, backward with
+recomputation, clip, AdamW) — qlorakit's own per-step clock (``metrics.jsonl``) and the same span in the
+peer's loop — without the first ``--warmup`` steps; tokens/s = non-padding input tokens / seconds. Each
+run is a fresh interpreter (ours, theirs, ours, ...): its ``ru_maxrss`` is the peak RSS, its RSS after
+imports the baseline (the driver imports no torch: a child inherits a parent's peak RSS). MFU = tokens/s *
+8N / peak, N = base parameters (tied embedding once, as the head matmul) + LoRA parameters: 2N forward,
+x3 with backward, +2N for the recompute; the frozen base has no weight gradient (~6N executed) and
+attention scores are ignored: a convention, the same for both. peak = best fp32 ``n x n`` matmul GFLOP/s,
+same threads, start and end. Reports medians of ``--repeats``, ours/theirs ratios, loss curves' max |diff|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_OUTPUT = REPO / "benchmarks/results/train_throughput.json"
+DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-train-throughput"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA, LR, CLIP, SEED = 16, 16.0, 2e-4, 0.3, 42
+INIT_A = "lora_init_A.safetensors"
+
+
+# --- children -----------------------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace) -> dict[str, Any]:
+    """Convert the GGUF to fp32 safetensors once; tokenize the data and fix the batch order; count params."""
+    import torch
+    import transformers
+
+    from qlorakit.config import DataConfig
+    from qlorakit.data import build_datasets, default_sample_path, pad_id_of
+    from qlorakit.models import load_tokenizer
+    from qlorakit.train.loop import MicroBatchStream
+
+    out = args.workdir / (Path(args.model).stem + "-fp32")
+    if not (out / "model.safetensors").is_file():
+        gguf = Path(args.model)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dense fp32 already (see the model's README)
+        del model.config.quantization_config
+        tmp = out.with_name(out.name + ".partial")
+        model.save_pretrained(tmp)
+        transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        os.replace(tmp, out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = sum(p.numel() for p in model.parameters())  # the tied embedding/head once
+    lora = sum(RANK * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS)  # fmt: skip
+    tokenizer = load_tokenizer(out)
+    data_path = args.data or str(default_sample_path())
+    data_cfg = DataConfig(paths=(data_path,), max_seq_len=args.seq_len, val_size=0, seed=SEED)
+    train_set, _, _ = build_datasets(data_cfg, tokenizer)
+    stream = MicroBatchStream(train_set.lengths, args.batch_size, SEED, group_by_length=True)
+    order = [stream.at(i)[1] for i in range(args.steps * args.grad_accum)]
+    data = {"pad_id": pad_id_of(tokenizer), "examples": list(train_set), "order": order}
+    (args.workdir / "data.json").write_text(json.dumps(data))
+    return {"model_dir": str(out), "data": data_path, "base_params": base, "lora_params": lora, "examples": len(train_set)}
+
+
+def matmul_peak(n: int, threads: int, tries: int = 10) -> float:
+    """Best fp32 ``n x n @ n x n`` GFLOP/s at ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best, _ = 0.0, a @ b  # the first call warms up
+    for _ in range(tries):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _share_initial_a(model: Any, workdir: Path) -> bool:
+    """Save qlorakit's initial ``A`` (first run) or check this run drew the same; True if identical."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qlorakit.lora.model import lora_layers
+
+    init = {p: m.lora_A["default"].weight.detach().clone().contiguous() for p, m in lora_layers(model).items()}
+    path = workdir / INIT_A
+    if not path.is_file():
+        save_file(init, path.with_suffix(".partial"))
+        os.replace(path.with_suffix(".partial"), path)
+        return True
+    saved = load_file(path)
+    return saved.keys() == init.keys() and all(torch.equal(saved[k], init[k]) for k in init)
+
+
+def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """qlorakit: load_model + LoRA, then ``qlorakit.train.train``; per-step times from its metrics.jsonl."""
+    from functools import partial
+
+    import torch
+
+    from qlorakit.config import DataConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
+    from qlorakit.data import collate
+    from qlorakit.hardware import current_rss_mb, peak_rss_mb
+    from qlorakit.models import load_model
+    from qlorakit.train import train
+
+    baseline = current_rss_mb()
+    torch.manual_seed(SEED)  # the adapter initialization, as `qlorakit train` seeds it
+    lora = LoraConfig(r=RANK, alpha=ALPHA, dropout=0.0, targets=TARGETS)
+    start = time.perf_counter()
+    model = load_model(model_dir, quant=QuantConfig(), lora=lora, compute_dtype=torch.float32)
+    load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
+    same_init = _share_initial_a(model, args.workdir)
+    cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=SEED, group_by_length=True), train=TrainConfig(
+        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=LR, scheduler="constant",
+        warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw", gradient_checkpointing=True, seed=SEED,
+        compute_dtype="float32", logging_steps=1))  # fmt: skip
+    with tempfile.TemporaryDirectory() as run_dir:
+        train(model, data["examples"], [], partial(collate, pad_id=data["pad_id"]), cfg, Path(run_dir), progress=False)
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]  # cumulative elapsed_s / tokens -> per step
+    steps = [{"loss": r["loss"], "seconds": r["elapsed_s"] - p["elapsed_s"], "tokens": r["tokens"] - p["tokens"],
+              "grad_norm": r["grad_norm"]} for r, p in zip(rows, [{"elapsed_s": 0.0, "tokens": 0}] + rows[:-1])]
+    return {"baseline_rss_mib": baseline, "load_s": load_s, "peak_after_load_mib": load_peak, "steps": steps,
+            "same_initial_a": same_init}
+
+
+def _peer_model(model_dir: str, workdir: Path) -> Any:
+    """transformers + bitsandbytes NF4 (DQ, compute fp32), prepare_model_for_kbit_training, peft LoRA, our A."""
+    import peft
+    import torch
+    import transformers
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"})
+    model = peft.prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
+                             task_type="CAUSAL_LM")  # fmt: skip
+    model = peft.get_peft_model(model, config)
+    init = load_file(workdir / INIT_A)  # qlorakit's initial A by module path
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    if layers.keys() != init.keys() or any(m.lora_B["default"].weight.any() for m in layers.values()):
+        raise RuntimeError("peft's LoRA layers differ from qlorakit's, or a B does not start at 0")
+    with torch.no_grad():
+        for path, layer in layers.items():
+            layer.lora_A["default"].weight.copy_(init[path])
+    model.config.use_cache = False
+    return model
+
+
+def run_theirs(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """The standard stack: same batches, same loss function, torch AdamW, a plain loop (timed as ours)."""
+    import bitsandbytes  # imported before the baseline, like qlorakit on the other side
+    import peft  # noqa: F401
+    import torch
+
+    from qlorakit.data import collate
+    from qlorakit.hardware import current_rss_mb, peak_rss_mb
+    from qlorakit.train.loop import target_tokens, token_loss_sum
+
+    baseline, start = current_rss_mb(), time.perf_counter()
+    model = _peer_model(model_dir, args.workdir)
+    load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    torch.set_flush_denormal(True)  # as qlorakit's trainer does
+    torch.manual_seed(SEED)
+    model.train()  # bitsandbytes' bf16 CPU inference repack only happens in eval mode without grad
+    steps, ga, examples = [], args.grad_accum, data["examples"]
+    for step in range(args.steps):
+        started = time.perf_counter()
+        micro = data["order"][step * ga : (step + 1) * ga]
+        batches = [collate([examples[i] for i in indices], data["pad_id"]) for indices in micro]
+        n_target = max(sum(target_tokens(b) for b in batches), 1)
+        total, tokens = 0.0, 0
+        for batch in batches:
+            loss_sum, _ = token_loss_sum(model, batch)
+            (loss_sum / n_target).backward()
+            total, tokens = total + float(loss_sum) / n_target, tokens + int(batch["attention_mask"].sum())
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        steps.append({"loss": total, "seconds": seconds, "tokens": tokens, "grad_norm": grad_norm})
+    states = [m.weight.quant_state for m in model.modules() if isinstance(m, bitsandbytes.nn.Linear4bit)]
+    return {"baseline_rss_mib": baseline, "load_s": load_s, "peak_after_load_mib": load_peak, "steps": steps,
+            "linear4bit_modules": len(states),
+            "repacked_for_cpu_inference": any(getattr(q, "packing_format_for_cpu", False) for q in states)}
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One training run of ``args.worker`` in this (fresh) interpreter, measured here."""
+    import torch
+    import transformers  # noqa: F401 — both stacks build transformers models: imported before either baseline
+
+    torch.set_num_threads(args.threads)
+    from qlorakit.hardware import peak_rss_mb
+
+    data = json.loads((args.workdir / "data.json").read_text())
+    run = (run_ours if args.worker == "ours" else run_theirs)(args, data, args.model_dir)
+    timed = run["steps"][args.warmup :]
+    seconds, tokens = sum(s["seconds"] for s in timed), sum(s["tokens"] for s in timed)
+    return {**run, "kind": args.worker, "tokens_per_s": tokens / seconds, "s_per_step": seconds / len(timed),
+            "peak_rss_mib": peak_rss_mb(), "threads": torch.get_num_threads()}
+
+
+# --- the driver: prepare, alternate runs, summarize ---------------------------------------------------
+
+
+def _child(args: argparse.Namespace, *extra: str) -> Any:
+    """Run this script in a fresh interpreter with the driver's flags + ``extra``; its last stdout line is JSON."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.argv, *extra],
+                          capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(extra)} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _loss_diff(a: list[dict], b: list[dict]) -> list[float]:
+    return [abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)]
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], prep: dict[str, Any], peak_gflops: float) -> dict[str, Any]:
+    """Medians per stack, MFU, ours/theirs ratios, loss curves and how far they (and the repeats) differ."""
+    flops_per_token = 8 * (prep["base_params"] + prep["lora_params"])
+    keys = ("tokens_per_s", "s_per_step", "peak_rss_mib", "baseline_rss_mib", "peak_after_load_mib", "load_s")
+    median = {k: {key: statistics.median(r[key] for r in rs) for key in keys} for k, rs in runs.items()}
+    for m in median.values():
+        m["peak_minus_baseline_mib"] = m["peak_rss_mib"] - m["baseline_rss_mib"]
+        m["mfu"] = m["tokens_per_s"] * flops_per_token / (peak_gflops * 1e9)
+    ratio = {key: median["ours"][key] / median["theirs"][key] for key in median["ours"]}
+    curves = {k: [s["loss"] for s in rs[0]["steps"]] for k, rs in runs.items()}
+    diff = _loss_diff(runs["ours"][0]["steps"], runs["theirs"][0]["steps"])
+    spread = {k: max([0.0] + [max(_loss_diff(rs[0]["steps"], r["steps"])) for r in rs[1:]]) for k, rs in runs.items()}
+    return {"median": median, "ratio_ours_over_theirs": ratio, "loss_curves": curves,
+            "final_loss": {k: c[-1] for k, c in curves.items()}, "loss_abs_diff_per_step": diff,
+            "loss_max_abs_diff": max(diff), "loss_max_abs_diff_between_repeats": spread,
+            "flops_per_token": flops_per_token, "peak_gflops": peak_gflops}  # fmt: skip
+
+
+COLUMNS = (("tok/s", "tokens_per_s", ".1f"), ("s/step", "s_per_step", ".2f"), ("MFU %", "mfu", ".1%"),
+           ("peak MiB", "peak_rss_mib", ".0f"), ("base MiB", "baseline_rss_mib", ".0f"),
+           ("peak-base", "peak_minus_baseline_mib", ".0f"), ("peak@load", "peak_after_load_mib", ".0f"),
+           ("load s", "load_s", ".1f"))  # fmt: skip
+
+
+def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
+    """The one table: medians per stack, then ours/theirs; loss columns first/last step."""
+    head = f"{'stack':<22}" + "".join(f"{t:>11}" for t, _, _ in COLUMNS) + f"{'loss 1':>9}{'loss N':>9}"
+    print(head + "\n" + "-" * len(head))
+    for kind, name in (("ours", "qlorakit"), ("theirs", "transformers+bnb+peft")):
+        med, curve = summary["median"][kind], summary["loss_curves"][kind]
+        cells = "".join(f"{format(med[key], fmt).replace('%', ''):>11}" for _, key, fmt in COLUMNS)
+        print(f"{name:<22}{cells}{curve[0]:>9.4f}{curve[-1]:>9.4f}")
+    ratio = summary["ratio_ours_over_theirs"]
+    cells = "".join(f"{ratio[key]:>11.2f}" for _, key, _ in COLUMNS)
+    print(f"{'ours / theirs':<22}{cells}")
+    print(f"median of {args.repeats} runs each; {args.steps} steps, first {args.warmup} untimed; batch "
+          f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; fp32 matmul peak "
+          f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically: a temporary file next to ``path``, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (tmp := path.with_suffix(path.suffix + ".tmp")).write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _environment(args: argparse.Namespace) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    from qlorakit.hardware import speed_flags  # imports torch: only in the end, after every child ran
+
+    with open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    versions = {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "qlorakit")}
+    return {"cpu": cpu, "cpu_flags": speed_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
+            "versions": versions | {"python": sys.version.split()[0]}}
+
+
+NOTES = (
+    "bitsandbytes 0.50 repacks Linear4bit into a bf16 AVX512 inference layout only in eval mode without grad; the "
+    "peer trains, so its fp32 dequantize + F.linear path is measured (repacked_for_cpu_inference: false). Loss "
+    "curves: bitsandbytes dequantizes with its C++ kernel and calls F.linear, qlorakit dequantizes in torch and "
+    "calls x @ W.T, peft adds the LoRA branch to a clone; max |diff| 0 means all this gave the same fp32 values."
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--model", default=str(GGUF), help="the GGUF to convert once to fp32 safetensors")
+    p.add_argument("--data", default=None, help="training data file (default: qlorakit's bundled OASST1 sample)")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
+    p.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
+    p.add_argument("--repeats", type=int, default=3, help="runs per stack, alternating ours/theirs (median)")
+    p.add_argument("--seq-len", type=int, default=128, help="max tokens per example (max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in both children")
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the fp32 peak")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of the converted model and data")
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
+    p.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # passed on to the children
+    if args.warmup >= args.steps:
+        p.error(f"--warmup {args.warmup} leaves no timed step of --steps {args.steps}")
+    return args
+
+
+def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list], list[float]]:
+    """Prepare, measure the matmul peak, run the stacks alternately, measure the peak again."""
+    (args.workdir / INIT_A).unlink(missing_ok=True)  # the first qlorakit run of this invocation writes it
+    prep = _child(args, "--prepare")
+    peaks = [_child(args, "--peak", "--matmul-n", str(args.matmul_n))]
+    print(f"prepared {prep['examples']} examples, model {prep['model_dir']}; fp32 matmul peak {peaks[0]:.1f} GFLOP/s",
+          flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
+    for repeat in range(args.repeats):
+        for kind in ("ours", "theirs"):
+            run = _child(args, "--worker", kind, "--model-dir", prep["model_dir"])
+            runs[kind].append(run)
+            print(f"  {repeat + 1}/{args.repeats} {kind:<6}: {run['tokens_per_s']:.1f} tok/s, "
+                  f"{run['s_per_step']:.2f} s/step, peak {run['peak_rss_mib']:.0f} MiB, "
+                  f"loss {run['steps'][-1]['loss']:.4f}", flush=True)  # fmt: skip
+    peaks.append(_child(args, "--peak", "--matmul-n", str(args.matmul_n)))
+    return prep, runs, peaks
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.worker or args.prepare or args.peak:
+        child = worker if args.worker else prepare if args.prepare else lambda a: matmul_peak(a.matmul_n, a.threads)
+        print(json.dumps(child(args)))
+        return 0
+    started, load_start = time.perf_counter(), os.getloadavg()
+    prep, runs, peaks = _run_all(args)
+    summary = summarize(runs, prep, max(peaks))
+    load_end = os.getloadavg()
+    print_table(summary, args)
+    write_json(args.output, {
+        "benchmark": "train_throughput", "description": __doc__.split("\n", 1)[0],
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(["python benchmarks/train_throughput.py", *args.argv]),
+        "environment": _environment(args), "loadavg_start": load_start, "loadavg_end": load_end,
+        "config": {"model": args.model, "data": prep["data"], "steps": args.steps, "warmup_steps": args.warmup,
+                   "repeats": args.repeats, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                   "grad_accum": args.grad_accum, "lora_r_alpha_dropout": [RANK, ALPHA, 0.0], "targets": TARGETS,
+                   "adamw_lr_clip_wd": [LR, CLIP, 0.0], "seed": SEED},
+        "prepared": prep, "matmul_peak_gflops": {"start": peaks[0], "end": peaks[1]},
+        "mfu_formula": "tokens/s * 8 * (base_params + lora_params) / peak fp32 matmul FLOP/s",
+        **summary, "note": NOTES, "runs": runs, "total_seconds": time.perf_counter() - started,
+    })  # fmt: skip
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
