@@ -11,12 +11,17 @@ import argparse
 import dataclasses
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from qlorakit.cli.config_args import add_config_flags, dump_yaml, load_config_file, run_config_from_args
+from qlorakit.cli.config_args import (
+    add_config_flags,
+    dump_yaml,
+    load_config_file,
+    run_config_from_args,
+)
 from qlorakit.config import RunConfig
 from qlorakit.errors import ConfigError
+from qlorakit.fileio import write_text_atomic
 
 #: Overrides that turn the paper's defaults into a run of a few minutes on a laptop CPU; applied
 #: only when ``qlorakit train`` gets no data and no step/epoch limit of its own.
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
     if checkpoint is None:
         _prepare_run_dir(run_dir, args.overwrite)
-        _write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint, progress=not args.no_progress)
     print(finish_run(model, tokenizer, result, summary))
     return 0
@@ -120,10 +125,3 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
     if run_dir.is_dir() and any(run_dir.iterdir()) and overwrite:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from qlorakit.errors import ConfigError, DataError
+from qlorakit.fileio import write_json_atomic  # noqa: F401  (callers use elo.write_json_atomic)
 
 INITIAL_RATING = 1000.0
 K_FACTOR = 32.0
@@ -361,11 +362,3 @@ def plot_ratings(result: EloResult, path: str | os.PathLike[str], labels: Mappin
     return out
 
 
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as indented JSON to ``path`` via ``<path>.tmp`` and ``os.replace`` (never half-written)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
-    return out

@@ -25,7 +25,6 @@ installed, runs in the same process on the same tensor; ``ratio = ours / bitsand
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import platform
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from qlorakit.errors import ConfigError, ModelLoadError
+from qlorakit.fileio import write_json_atomic
 from qlorakit.quant.codebooks import QUANT_TYPES
 from qlorakit.quant.functional import bits_per_param, dequantize_4bit, quantize_4bit
 
@@ -357,16 +357,6 @@ def format_report(report: dict[str, Any]) -> str:
             format_throughput(report["throughput"]),
         ]
     )
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` via ``<path>.tmp`` and ``os.replace`` (never half-written)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, target)
-    return target
 
 
 def main_from_args(args: Any) -> int:
