@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -303,15 +304,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
-    from importlib.metadata import version
-
     from qlorakit.hardware import speed_flags  # imports torch: only in the end, after every child ran
 
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     versions = {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "qlorakit")}
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     return {"cpu": cpu, "cpu_flags": speed_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
-            "versions": versions | {"python": sys.version.split()[0]}}
+            "versions": versions | {"python": sys.version.split()[0], "qlorakit_git_head": git.stdout.strip()}}
 
 
 NOTES = (
