@@ -220,7 +220,7 @@ def _one_step(model, optimizer, train_set, collate, stream, state, cfg, device) 
         batch = _to(batch, device)
         loss_sum, _ = token_loss_sum(model, batch)
         (loss_sum / n_target).backward()
-        total += float(loss_sum) / n_target
+        total += float(loss_sum.detach()) / n_target
         tokens += int(batch["attention_mask"].sum())
     return total, tokens
 
