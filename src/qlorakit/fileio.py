@@ -22,6 +22,16 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return out
 
 
+def save_figure_atomic(fig: Any, path: str | os.PathLike[str]) -> Path:
+    """Save a matplotlib figure to ``path`` via ``<stem>.tmp<suffix>`` (the format follows the suffix)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
+    os.replace(tmp, out)
+    return out
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
     """Write ``data`` as indented JSON to ``path`` via ``<path>.tmp``."""
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -15,7 +15,8 @@ import transformers
 
 from qlorakit.config import LoraConfig, QuantConfig
 from qlorakit.errors import ConfigError
-from qlorakit.lora import add_lora, lora_layers, resolve_targets
+from qlorakit.lora import add_lora, lora_layers
+from qlorakit.models import quantize_model
 from qlorakit.models.export import merge_and_export, merged_weight
 from qlorakit.quant import Linear4bit, dequantize_4bit
 
@@ -25,10 +26,7 @@ def _model(tie: bool = True):
     config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
     model = transformers.LlamaForCausalLM(config)
-    for path in resolve_targets(model, "all-linear"):
-        parent, _, leaf = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, leaf, Linear4bit.from_linear(getattr(owner, leaf), name=path))
+    quantize_model(model)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

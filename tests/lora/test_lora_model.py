@@ -22,8 +22,7 @@ from qlorakit.lora import (
     trainable_parameters,
     unmerge_adapters,
 )
-from qlorakit.lora.targets import resolve_targets
-from qlorakit.quant import Linear4bit
+from qlorakit.models import quantize_model
 
 CFG = LoraConfig(r=4, alpha=8.0, dropout=0.0)
 
@@ -34,10 +33,8 @@ def _logits(model, ids):
 
 
 def _quantize_targets(model):
-    """Replace every decoder-block nn.Linear by a Linear4bit (NF4, double quant), as models/ will."""
-    for path in resolve_targets(model, "all-linear"):
-        parent, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent), child, Linear4bit.from_linear(model.get_submodule(path)))
+    """Every decoder-block nn.Linear as a Linear4bit (NF4, double quant)."""
+    quantize_model(model)
     return model
 
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from qlorakit.config import DataConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
-from qlorakit.lora import add_lora, resolve_targets
-from qlorakit.quant import Linear4bit
+from qlorakit.lora import add_lora
+from qlorakit.models import quantize_model
 
 
 def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Module:
@@ -20,11 +20,7 @@ def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Mod
     config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(config)
-    for path in resolve_targets(model, "all-linear"):
-        parent, _, leaf = path.rpartition(".")
-        owner = model.get_submodule(parent)
-        setattr(owner, leaf, Linear4bit.from_linear(getattr(owner, leaf), name=path))
-    model.requires_grad_(False)
+    quantize_model(model)
     add_lora(model, lora)
     return model
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from qlorakit.errors import ConfigError, DataError
-from qlorakit.fileio import write_json_atomic  # noqa: F401  (callers use elo.write_json_atomic)
+from qlorakit.fileio import save_figure_atomic, write_json_atomic  # noqa: F401  (callers use elo.write_json_atomic)
 
 INITIAL_RATING = 1000.0
 K_FACTOR = 32.0
@@ -354,11 +354,6 @@ def plot_ratings(result: EloResult, path: str | os.PathLike[str], labels: Mappin
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-    return out
+    return save_figure_atomic(fig, path)
 
 

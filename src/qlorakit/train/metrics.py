@@ -7,10 +7,9 @@ Training rows: ``step, loss, lr, grad_norm, tokens, elapsed_s, tokens_per_s, epo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from qlorakit.fileio import write_text_atomic
+from qlorakit.fileio import save_figure_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -60,9 +59,6 @@ def plot_run(run_dir: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = run_dir / PLOT_FILE
-    tmp = run_dir / (PLOT_FILE + ".tmp.png")
-    fig.savefig(tmp)
+    out = save_figure_atomic(fig, run_dir / PLOT_FILE)
     plt.close(fig)
-    os.replace(tmp, out)
     return out
