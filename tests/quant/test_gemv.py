@@ -1,0 +1,89 @@
+"""``gemv_4bit`` (batch-1 fast path) against the dequantize-then-multiply reference, and its dispatch.
+
+Tolerance: both compute the same fp32 products in a different summation order, so their difference is
+fp32 rounding of an ``in``-term dot product: we allow ``1e-5 * sqrt(in) * max|x| * max|W|`` (the
+observed gap is ~10x smaller). bf16 inputs are held to the fp32 result of the same bf16 values, plus
+one bf16 rounding of the output (relative 2^-8).
+"""
+
+import math
+
+import pytest
+import torch
+
+from qlorakit.errors import QuantizationError
+from qlorakit.quant import dequantize_4bit, quantize_4bit
+from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
+from qlorakit.quant.linear import Linear4bit
+
+
+def _fp64_product(x: torch.Tensor, q) -> torch.Tensor:
+    return x.double().reshape(-1) @ dequantize_4bit(q, torch.float32).double().t()  # (out,)
+
+
+def _tolerance(x: torch.Tensor, q) -> float:
+    w = dequantize_4bit(q, torch.float32)
+    return 1e-5 * math.sqrt(x.shape[-1]) * x.abs().max().item() * w.abs().max().item()
+
+
+SHAPES = [(64, 128), (7, 9), (13, 577), (96, 320), (5, 1536), (33, 50)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gemv_matches_reference_fp32(quant_type, double_quant, blocksize, shape):
+    q = quantize_4bit(torch.randn(shape), quant_type, blocksize, double_quant)
+    x = torch.randn(shape[1])
+    exact = _fp64_product(x, q)
+    tol = _tolerance(x, q)
+    fast, ref = gemv_4bit(x, q), gemv_4bit_reference(x, q)
+    assert fast.shape == (shape[0],) and fast.dtype == torch.float32
+    assert (fast.double() - exact).abs().max().item() <= tol
+    assert (fast - ref).abs().max().item() <= 2 * tol
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (13, 577)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gemv_bf16_input_matches_fp32_product_of_the_same_values(shape):
+    q = quantize_4bit(torch.randn(shape), "nf4", 64, True)
+    x = torch.randn(1, shape[1]).bfloat16()
+    fast = gemv_4bit(x, q)
+    assert fast.shape == (1, shape[0]) and fast.dtype == torch.bfloat16
+    exact = _fp64_product(x.float(), q)
+    bound = _tolerance(x.float(), q) + 2.0**-8 * exact.abs()
+    assert ((fast.double().reshape(-1) - exact).abs() <= bound).all()
+
+
+def test_gemv_rejects_several_rows():
+    q = quantize_4bit(torch.randn(8, 16))
+    with pytest.raises(QuantizationError, match="one row of 16 features"):
+        gemv_4bit(torch.randn(2, 16), q)
+
+
+def test_linear4bit_uses_gemv_for_one_row_without_grad(monkeypatch):
+    layer = Linear4bit.from_linear(torch.nn.Linear(96, 40))
+    calls = []
+    import qlorakit.quant.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "gemv_4bit", lambda x, q: calls.append(x.shape) or gemv_4bit(x, q))
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        fast = layer(x)
+        layer.use_gemv = False
+        ref = layer(x)
+    assert calls == [torch.Size([1, 1, 96])]
+    assert fast.shape == ref.shape == (1, 1, 40)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=_tolerance(x, layer.qweight) * 2)
+
+
+def test_linear4bit_keeps_the_reference_path_for_grad_and_batches(monkeypatch):
+    layer = Linear4bit.from_linear(torch.nn.Linear(32, 8))
+    import qlorakit.quant.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "gemv_4bit", lambda x, q: pytest.fail("gemv used"))
+    x = torch.randn(1, 32, requires_grad=True)
+    layer(x).sum().backward()  # one row, but the input needs a gradient
+    with torch.no_grad():
+        layer(torch.randn(3, 32))  # several rows
+    assert x.grad is not None
