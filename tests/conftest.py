@@ -9,6 +9,11 @@ os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Without CUDA the Triton kernels run under Triton's interpreter, which must be switched on before triton
+# is first imported (bitsandbytes imports it); torch itself does not import triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

@@ -6,6 +6,8 @@ never builds the full weight; ``use_gemv = False`` on a layer forces the referen
 Backward: only the input gradient ``dL/dx = dL/dy @ dequant(W)`` is produced — the base weight is frozen —
 and the autograd function saves nothing but a reference to the packed ``QuantizedTensor``: the
 dequantized weight is rebuilt in backward instead of being kept alive between the passes.
+On CUDA with Triton installed both passes (and the one-row GEMV) go to ``qlorakit.quant.backends``,
+whose kernels decode ``W`` tile by tile and never write it out.
 
 The state dict uses bitsandbytes' keys exactly: ``<prefix>weight`` (packed uint8) plus
 ``<prefix>weight.absmax``, ``.quant_map``, ``.nested_absmax``, ``.nested_quant_map`` and
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from qlorakit.errors import QuantizationError, StateDictError
+from qlorakit.quant import backends
 from qlorakit.quant.functional import FLOAT_DTYPES, dequantize_4bit, quantize_4bit
 from qlorakit.quant.gemv import gemv_4bit
 from qlorakit.quant.tensor import QuantizedTensor
@@ -29,6 +32,9 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:  # x: (..., in)
         ctx.qweight = qweight
+        fast = backends.select(x.device)  # Triton kernels for CUDA tensors; None on CPU
+        if fast is not None and fast.is_supported(qweight):
+            return fast.matmul_4bit(x, qweight)  # (..., out), W decoded tile by tile, never stored
         weight = dequantize_4bit(qweight, dtype=x.dtype)  # (out, in)
         return x @ weight.t()  # (..., out)
 
@@ -36,6 +42,9 @@ class _Matmul4bit(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):  # grad_out: (..., out)
         if not ctx.needs_input_grad[0]:
             return None, None
+        fast = backends.select(grad_out.device)
+        if fast is not None and fast.is_supported(ctx.qweight):
+            return fast.grad_input_4bit(grad_out, ctx.qweight), None  # (..., in)
         weight = dequantize_4bit(ctx.qweight, dtype=grad_out.dtype)  # (out, in)
         return grad_out @ weight, None  # (..., in)
 
@@ -115,7 +124,7 @@ class Linear4bit(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         one_row = x.numel() == self.in_features and not (x.requires_grad and torch.is_grad_enabled())
-        if one_row and self.use_gemv and len(self.qweight.shape) == 2:
+        if one_row and self.use_gemv and len(self.qweight.shape) == 2 and backends.select(x.device) is None:
             out = gemv_4bit(x, self.qweight)  # (..., out), the weight never materialized
         else:
             out = matmul_4bit(x, self.qweight)  # (..., out)

@@ -1,0 +1,106 @@
+"""Triton kernels for 4-bit weights: dequantize, fused dequantize-matmul, batch-1 GEMV.
+
+``W`` is the ``(N, K)`` weight of a linear layer (``N`` outputs, ``K`` inputs) stored in the 4-bit format of
+``triton_decode``. Three kernels:
+
+- ``dequantize_kernel``: ``out[e] = table[code_e] * scale(e // B)`` for every element; one program decodes
+  ``BLOCK`` packed bytes (``2 BLOCK`` values), reading each byte and each block scale once. Memory bound:
+  ``n/2`` bytes of codes + ``n/B`` scales in, ``n`` values out.
+- ``matmul_kernel``: ``out (M, P) = a (M, R) @ Wv (R, P)`` where ``Wv`` is a view of ``W`` given by two
+  strides, ``Wv[r, p] = W.flat[p * W_STRIDE_P + r * W_STRIDE_R]``:
+  forward ``y = x W^T`` is ``(R, P) = (K, N)``, strides ``(K, 1)`` for ``(p, r)``;
+  input gradient ``dx = dy W`` is ``(R, P) = (N, K)``, strides ``(1, K)``.
+  Each ``(BLOCK_M, BLOCK_P)`` output tile accumulates ``tl.dot`` of an activation tile and a ``(BLOCK_R,
+  BLOCK_P)`` weight tile decoded in registers: the dequantized ``W`` is never written to memory.
+  The weight tile is cast to the activation dtype before the dot (as the reference casts the whole
+  dequantized weight), the accumulator is fp32, the output is cast to ``out``'s dtype. ``M_BUCKET``
+  (``M`` rounded up to a power of two) is unused by the body: it is the autotuner's key.
+- ``gemv_kernel``: ``y (N,) = W x`` for one input row; one program owns ``BLOCK_N`` rows and walks ``K``
+  ``2 BLOCK_B`` values at a time, reading packed bytes directly (needs even ``K``, so rows start on a byte):
+  ``y_n = sum_j table[hi_j] s x_{2j} + table[lo_j] s x_{2j+1}`` with the row's block scales ``s``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from qlorakit.quant.backends.triton_decode import block_scale, decode_elements
+
+
+@triton.jit
+def dequantize_kernel(
+    packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr, n_elements,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    byte_idx = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    byte_mask = byte_idx * 2 < n_elements
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4), mask=byte_mask, other=0.0)
+    lo = tl.load(code_ptr + (byte & 0x0F), mask=byte_mask, other=0.0)
+    # B is even, so both codes of a byte share the block of the even element 2 * byte_idx.
+    scale = block_scale(
+        (byte_idx * 2) // BLOCKSIZE, byte_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        NESTED_BLOCKSIZE, DOUBLE_QUANT,
+    )
+    values = tl.interleave(hi * scale, lo * scale)  # (2 BLOCK,) in flat order
+    out_idx = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_idx < n_elements)
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
+    M, P, R, stride_am, stride_ar, stride_om, stride_op, W_STRIDE_P, W_STRIDE_R, M_BUCKET,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        a_mask = (rm[:, None] < M) & (rr[None, :] < R)
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rr[None, :] * stride_ar, mask=a_mask, other=0.0)  # (BM, BR)
+        w_mask = (rr[:, None] < R) & (rp[None, :] < P)
+        e = rp[None, :] * W_STRIDE_P + rr[:, None] * W_STRIDE_R  # (BR, BP) flat indices into W
+        w = decode_elements(
+            e, w_mask, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        )
+        acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)  # (BM, BP) fp32
+    out_mask = (rm[:, None] < M) & (rp[None, :] < P)
+    out = out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr, N, K,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,) output rows
+    half_k = K // 2
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    for j0 in range(0, half_k, BLOCK_B):
+        rj = j0 + tl.arange(0, BLOCK_B)  # (BLOCK_B,) byte columns of a row
+        col_mask = rj < half_k
+        x_even = tl.load(x_ptr + 2 * rj, mask=col_mask, other=0.0)  # (BLOCK_B,)
+        x_odd = tl.load(x_ptr + 2 * rj + 1, mask=col_mask, other=0.0)
+        mask = (rn[:, None] < N) & col_mask[None, :]
+        byte_idx = rn[:, None] * half_k + rj[None, :]  # (BN, BB)
+        byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
+        scale = block_scale(
+            (byte_idx * 2) // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+            NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        )
+        hi = (tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale).to(x_ptr.dtype.element_ty)
+        lo = (tl.load(code_ptr + (byte & 0x0F), mask=mask, other=0.0) * scale).to(x_ptr.dtype.element_ty)
+        acc += hi.to(tl.float32) * x_even[None, :].to(tl.float32) + lo.to(tl.float32) * x_odd[None, :].to(tl.float32)
+    y = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=rn < N)

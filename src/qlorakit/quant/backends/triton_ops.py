@@ -1,0 +1,169 @@
+"""Python entry points of the Triton backend: argument checks, launch grids and block sizes.
+
+- ``dequantize_4bit(q, dtype)``: the whole weight, bit-identical to ``dequantize_4bit_reference``;
+- ``matmul_4bit(x, q)``: ``x (..., K) @ W^T -> (..., N)`` without materializing ``W`` (the GEMV for one row);
+- ``grad_input_4bit(dy, q)``: ``dy (..., N) @ W -> (..., K)``, the input gradient of the same layer;
+- ``gemv_4bit(x, q)``: the batch-1 path of ``matmul_4bit``.
+
+Kernels run compiled on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
+set before triton is first imported; Triton reads it when a function is decorated). The
+interpreter runs ``tl.dot`` with numpy, which takes fp32 inputs only. On the GPU the block sizes come from
+``triton.autotune`` over a few configurations per weight shape; under the interpreter they are fixed and
+small. Every launch disables floating-point contraction so the decoded weights equal the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+
+from qlorakit.errors import QuantizationError
+from qlorakit.quant.backends import triton_kernels as kernels
+from qlorakit.quant.tensor import QuantizedTensor
+
+#: Flat indices are int32 inside the kernels.
+MAX_ELEMENTS = 2**31 - 1
+
+#: True under Triton's interpreter: kernels take CPU tensors. It must be on before triton is first imported,
+#: because triton's own library (``tl.zeros``, ``tl.interleave``, ...) is decorated at that import.
+INTERPRETED = type(kernels.dequantize_kernel).__name__ == "InterpretedFunction"
+if INTERPRETED and type(tl.standard.cdiv).__name__ != "InterpretedFunction":
+    raise ImportError(
+        "TRITON_INTERPRET=1 was set after triton had been imported; set it before the first import of triton"
+    )
+
+_SMALL = {"dequant": {"BLOCK": 64}, "matmul": {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 32}, "gemv": {"BLOCK_N": 8, "BLOCK_B": 16}}
+
+
+def _gpu_configs(name: str) -> list:
+    c = triton.Config
+    if name == "dequant":
+        return [c({"BLOCK": b}, num_warps=w) for b in (512, 1024, 2048) for w in (4, 8)]
+    if name == "matmul":
+        shapes = [(128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 2), (16, 128, 64, 4, 3)]
+        return [c({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r}, num_warps=w, num_stages=s) for m, p, r, w, s in shapes]
+    return [c({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w) for n, b, w in [(4, 128, 2), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (32, 64, 8)]]
+
+
+@cache
+def _kernel(name: str):
+    """The kernel to launch and the meta-parameters to pass (none when autotuned)."""
+    fn = {"dequant": kernels.dequantize_kernel, "matmul": kernels.matmul_kernel, "gemv": kernels.gemv_kernel}[name]
+    if INTERPRETED:
+        return fn, _SMALL[name]
+    keys = {"dequant": ["n_elements"], "matmul": ["M_BUCKET", "P", "R"], "gemv": ["N", "K"]}[name]
+    return triton.autotune(_gpu_configs(name), key=keys)(fn), {}
+
+
+def _check_device(t: torch.Tensor, q: QuantizedTensor, what: str) -> None:
+    if t.device != q.device:
+        raise QuantizationError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}; move both to one device")
+    if not INTERPRETED and t.device.type != "cuda":
+        raise QuantizationError(
+            f"{what} is on {t.device}: the Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set "
+            "before qlorakit.quant.backends.triton_ops is imported)"
+        )
+    if q.numel > MAX_ELEMENTS:
+        raise QuantizationError(f"weight of {q.numel} elements exceeds the kernels' int32 indexing ({MAX_ELEMENTS})")
+
+
+def _weight_args(q: QuantizedTensor) -> tuple[list, dict]:
+    """Positional pointers/scalars and constexprs describing ``q`` to a kernel."""
+    nested = q.nested
+    nested_absmax = nested.absmax if nested is not None else q.absmax  # unused without double quant
+    nested_code = nested.code if nested is not None else q.code
+    offset = nested.offset if nested is not None else 0.0
+    args = [q.packed, q.absmax, q.code, nested_absmax, nested_code, offset]
+    meta = {
+        "BLOCKSIZE": q.blocksize,
+        "NESTED_BLOCKSIZE": nested.blocksize if nested is not None else 1,
+        "DOUBLE_QUANT": nested is not None,
+    }
+    return args, meta
+
+
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The full weight in ``dtype`` (default ``q.dtype``), bit-identical to ``dequantize_4bit_reference``."""
+    _check_device(q.packed, q, "the packed codes")
+    out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
+    args, meta = _weight_args(q)
+    kernel, fixed = _kernel("dequant")
+    n = q.numel
+    grid = lambda meta_: (triton.cdiv(n, 2 * meta_["BLOCK"]),)
+    kernel[grid](*args, out, n, **meta, **fixed, enable_fp_fusion=False)
+    return out
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products like torch's default CUDA matmul (TF32 off); 16-bit inputs ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, p: int, r: int, w_strides: tuple[int, int]) -> torch.Tensor:
+    """``a (M, r) @ Wv (r, p) -> (M, p)`` where ``Wv[r, p] = W.flat[p * s_p + r * s_r]``."""
+    m = a.shape[0]
+    out = torch.empty((m, p), dtype=a.dtype, device=a.device)
+    args, meta = _weight_args(q)
+    kernel, fixed = _kernel("matmul")
+    bucket = min(1 << max(m - 1, 0).bit_length(), 8192)  # autotune key: M rounded up to a power of two
+    grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
+    kernel[grid](
+        a, *args, out, m, p, r, a.stride(0), a.stride(1), out.stride(0), out.stride(1), *w_strides, bucket,
+        **meta, PRECISION=_precision(a.dtype), **fixed, enable_fp_fusion=False,
+    )
+    return out
+
+
+def _rows(t: torch.Tensor, features: int, what: str) -> torch.Tensor:
+    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise QuantizationError(f"{what} has dtype {t.dtype}; use float32, bfloat16 or float16")
+    if t.shape[-1] != features:
+        raise QuantizationError(f"{what} has {t.shape[-1]} features in its last dimension, the 4-bit weight needs {features}")
+    if t.numel() > MAX_ELEMENTS:
+        raise QuantizationError(f"{what} of {t.numel()} elements exceeds the kernels' int32 indexing ({MAX_ELEMENTS})")
+    return t.reshape(-1, features)  # (M, features); a view when possible, strides go to the kernel
+
+
+def matmul_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """``x (..., K) @ dequant(q).T -> (..., N)``; one row goes to the GEMV, more to the fused matmul."""
+    n_out, k_in = q.shape
+    _check_device(x, q, "the input")
+    a = _rows(x, k_in, "the input")
+    if a.shape[0] == 1 and k_in % 2 == 0:
+        return gemv_4bit(x, q)
+    out = _launch_matmul(a, q, n_out, k_in, (k_in, 1))  # (M, N)
+    return out.view(*x.shape[:-1], n_out)
+
+
+def grad_input_4bit(grad_out: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """``grad_out (..., N) @ dequant(q) -> (..., K)``: the input gradient of ``matmul_4bit``."""
+    n_out, k_in = q.shape
+    _check_device(grad_out, q, "the output gradient")
+    a = _rows(grad_out, n_out, "the output gradient")
+    out = _launch_matmul(a, q, k_in, n_out, (1, k_in))  # (M, K)
+    return out.view(*grad_out.shape[:-1], k_in)
+
+
+def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
+    """One input row: ``x (..., K)`` with ``prod(...) == 1`` -> ``(..., N)``. Needs an even ``K``."""
+    n_out, k_in = q.shape
+    _check_device(x, q, "the input")
+    a = _rows(x, k_in, "the input")
+    if a.shape[0] != 1 or k_in % 2:
+        raise QuantizationError(f"gemv_4bit takes one row with an even feature count, got {a.shape[0]} rows of {k_in}")
+    x_row = a.reshape(k_in).contiguous()  # (K,)
+    out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    args, meta = _weight_args(q)
+    kernel, fixed = _kernel("gemv")
+    grid = lambda meta_: (triton.cdiv(n_out, meta_["BLOCK_N"]),)
+    kernel[grid](x_row, *args, out, n_out, k_in, **meta, **fixed, enable_fp_fusion=False)
+    return out.view(*x.shape[:-1], n_out)
+
+
+def is_supported(q: QuantizedTensor) -> bool:
+    """Whether these kernels take ``q``: a 2-D weight with int32-addressable elements."""
+    return len(q.shape) == 2 and q.numel <= MAX_ELEMENTS and math.prod(q.shape) > 0
