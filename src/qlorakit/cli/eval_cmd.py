@@ -4,6 +4,7 @@
                       [--k-factor 32] [--plot FILE.png] [--models NAME...]
     qlorakit eval relative --data DIR_OR_FILES... --output FILE.json [--reference gpt-3.5]
                       [--reference-answers FILE...] [--models NAME...]
+    qlorakit eval ppl|mmlu ...   (``cli.eval_lm``: evaluations that run a model)
 
 To add an evaluation (``ppl``, ``mmlu``, ...), write one ``add_<name>(evaluations)`` function that calls
 ``evaluations.add_parser(...)`` and sets ``func`` to its handler ``(argparse.Namespace) -> int``, and list
@@ -110,15 +111,30 @@ def run_relative(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ppl(evaluations: Any) -> None:
+    """Register ``eval ppl`` (in ``cli.eval_lm``): sliding-window perplexity of a text file."""
+    from qlorakit.cli.eval_lm import add_ppl as add
+
+    add(evaluations)
+
+
+def add_mmlu(evaluations: Any) -> None:
+    """Register ``eval mmlu`` (in ``cli.eval_lm``): zero-/few-shot MMLU accuracy."""
+    from qlorakit.cli.eval_lm import add_mmlu as add
+
+    add(evaluations)
+
+
 #: Evaluations under ``qlorakit eval``, in the order ``--help`` lists them.
-EVALUATIONS: tuple[Callable[[Any], None], ...] = (add_elo, add_relative)
+EVALUATIONS: tuple[Callable[[Any], None], ...] = (add_elo, add_relative, add_ppl, add_mmlu)
 
 
 def add_parser(subparsers: Any) -> None:
     """Register ``eval`` and every evaluation in ``EVALUATIONS`` under it."""
     parser: argparse.ArgumentParser = subparsers.add_parser(
-        "eval", help="evaluate: Elo from pairwise judgements, %% of a reference system",
-        description="Evaluations of chat models from judge verdicts (QLoRA paper, section 5).")
+        "eval", help="evaluate: Elo from pairwise judgements, %% of a reference system, perplexity, MMLU",
+        description="Evaluations of chat models from judge verdicts (QLoRA paper, section 5) and of a model"
+                    " itself: perplexity of a text, MMLU accuracy.")
     evaluations = parser.add_subparsers(dest="evaluation", metavar="EVALUATION", title="evaluations", required=True)
     for add in EVALUATIONS:
         add(evaluations)
