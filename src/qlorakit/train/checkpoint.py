@@ -65,7 +65,11 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
     if len(groups) != len(optimizer.param_groups) or any(i >= len(params) for i in state):
         raise StateDictError(f"{path}: optimizer state is for {sum(len(g['params']) for g in groups)} parameters, "
                              f"this run trains {len(params)}")
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except StateDictError as exc:
+        raise StateDictError(f"{path}: {exc} (this checkpoint's optimizer state does not match the model being "
+                             "trained; resume with the run's own config.yaml settings, or start a new run)") from exc
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, keep: int) -> Path:
