@@ -13,7 +13,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from qlorakit.constants import BLOCKSIZES, OPTIMIZER_NAMES, QUANT_TYPES
+from qlorakit.constants import (
+    BLOCKSIZES,
+    LOSS_CHUNK_TOKENS,
+    OPTIMIZER_NAMES,
+    QUANT_TYPES,
+)
 from qlorakit.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -191,6 +196,10 @@ class TrainConfig:
     optim: str = opt("paged_adamw", "optimizer: adamw, adamw8bit, paged_adamw (the paper's), paged_adamw8bit")
     optim_budget: int = opt(0, "resident MiB for paged optimizer state (0 = twice the largest parameter's state)")
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
+    loss_chunk_tokens: int = opt(LOSS_CHUNK_TOKENS, "target tokens per chunk of the head + cross-entropy, which "
+                                 "never holds all logits at once (0 = full logits, the reference)")
+    malloc_mmap_threshold_kib: int = opt(128, "glibc: allocations of this many KiB or more are returned to the OS "
+                                         "when freed (lower peak RSS); 0 = glibc's dynamic threshold")
     seed: int = opt(42, "seed of initialization and dropout")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     eval_steps: int = opt(0, "evaluate the held-out loss every N steps (0 = at start and end only)")
@@ -200,7 +209,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "logging_steps")
-        non_negative = ("max_steps", "save_steps", "eval_steps", "save_total_limit")
+        non_negative = ("max_steps", "save_steps", "eval_steps", "save_total_limit", "loss_chunk_tokens",
+                        "malloc_mmap_threshold_kib")
         for name in positive + non_negative:
             value = getattr(self, name)
             low = 1 if name in positive else 0

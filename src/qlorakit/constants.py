@@ -11,3 +11,6 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: Optimizer names accepted by ``qlorakit.optim.make_optimizer`` and ``--optim``.
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+#: Target tokens per chunk of the chunked head + cross-entropy (``TrainConfig.loss_chunk_tokens``).
+LOSS_CHUNK_TOKENS = 256

@@ -22,18 +22,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from qlorakit.config import RunConfig
+from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
-from qlorakit.hardware import flush_denormals, peak_rss_mb
 from qlorakit.errors import ConfigError
+from qlorakit.hardware import flush_denormals, peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
+from qlorakit.train.allocator import fix_mmap_threshold
 from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -53,16 +53,17 @@ class TrainResult:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    return loss, int((shift_labels != IGNORE_INDEX).sum())
+def token_loss_sum(
+    model, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens, and their count (``train.loss``).
+
+    ``chunk_tokens`` > 0: the head and the loss run over target rows only, that many at a time
+    (``chunked_loss_sum``); 0: the full-logits reference (``reference_loss_sum``).
+    """
+    if chunk_tokens > 0:
+        return chunked_loss_sum(model, batch, chunk_tokens)
+    return reference_loss_sum(model, batch)
 
 
 def target_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -145,6 +146,7 @@ def train(
 
 def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progress, stop_after_steps) -> TrainResult:
     t = cfg.train
+    fix_mmap_threshold(t.malloc_mmap_threshold_kib)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     device = next(p for p in model.parameters()).device
     stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], t.batch_size, cfg.data.seed, cfg.data.group_by_length)
@@ -218,7 +220,7 @@ def _one_step(model, optimizer, train_set, collate, stream, state, cfg, device) 
     total, tokens = 0.0, 0
     for batch in batches:
         batch = _to(batch, device)
-        loss_sum, _ = token_loss_sum(model, batch)
+        loss_sum, _ = token_loss_sum(model, batch, t.loss_chunk_tokens)
         (loss_sum / n_target).backward()
         total += float(loss_sum.detach()) / n_target
         tokens += int(batch["attention_mask"].sum())
