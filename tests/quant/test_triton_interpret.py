@@ -105,6 +105,12 @@ def test_one_row_with_odd_features_uses_the_fused_matmul():
         ops.gemv_4bit(x, q)
 
 
+def test_empty_batch_gives_an_empty_result():
+    q = random_weight((16, 32), "nf4", 32, True, DEVICE)
+    assert ops.matmul_4bit(torch.randn(0, 32, device=DEVICE), q).shape == (0, 16)
+    assert ops.grad_input_4bit(torch.randn(2, 0, 16, device=DEVICE), q).shape == (2, 0, 32)
+
+
 def test_kernels_name_a_feature_mismatch():
     q = random_weight((16, 32), "nf4", 32, True, DEVICE)
     with pytest.raises(QuantizationError, match="31 features"):

@@ -46,7 +46,7 @@ def dequantize_kernel(
     )
     values = tl.interleave(hi * scale, lo * scale)  # (2 BLOCK,) in flat order
     out_idx = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=out_idx < n_elements)
+    tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty), mask=out_idx < n_elements)
 
 
 @triton.jit

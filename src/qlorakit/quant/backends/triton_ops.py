@@ -1,6 +1,6 @@
 """Python entry points of the Triton backend: argument checks, launch grids and block sizes.
 
-- ``dequantize_4bit(q, dtype)``: the whole weight, bit-identical to ``dequantize_4bit_reference``;
+- ``dequantize_4bit(q, dtype)``: the whole weight, the same fp32 operations as ``dequantize_4bit_reference``;
 - ``matmul_4bit(x, q)``: ``x (..., K) @ W^T -> (..., N)`` without materializing ``W`` (the GEMV for one row);
 - ``grad_input_4bit(dy, q)``: ``dy (..., N) @ W -> (..., K)``, the input gradient of the same layer;
 - ``gemv_4bit(x, q)``: the batch-1 path of ``matmul_4bit``.
@@ -14,6 +14,7 @@ small. Every launch disables floating-point contraction so the decoded weights e
 
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import cache
 
@@ -59,6 +60,11 @@ def _kernel(name: str):
     return triton.autotune(_gpu_configs(name), key=keys)(fn), {}
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' device (a no-op on CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _check_device(t: torch.Tensor, q: QuantizedTensor, what: str) -> None:
     if t.device != q.device:
         raise QuantizationError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}; move both to one device")
@@ -87,14 +93,15 @@ def _weight_args(q: QuantizedTensor) -> tuple[list, dict]:
 
 
 def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The full weight in ``dtype`` (default ``q.dtype``), bit-identical to ``dequantize_4bit_reference``."""
+    """The full weight in ``dtype`` (default ``q.dtype``), decoded as ``dequantize_4bit_reference`` decodes it."""
     _check_device(q.packed, q, "the packed codes")
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("dequant")
     n = q.numel
     grid = lambda meta_: (triton.cdiv(n, 2 * meta_["BLOCK"]),)
-    kernel[grid](*args, out, n, **meta, **fixed, enable_fp_fusion=False)
+    with _on(out.device):
+        kernel[grid](*args, out, n, **meta, **fixed, enable_fp_fusion=False)
     return out
 
 
@@ -107,14 +114,17 @@ def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, p: int, r: int, w_stride
     """``a (M, r) @ Wv (r, p) -> (M, p)`` where ``Wv[r, p] = W.flat[p * s_p + r * s_r]``."""
     m = a.shape[0]
     out = torch.empty((m, p), dtype=a.dtype, device=a.device)
+    if m == 0:
+        return out
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("matmul")
     bucket = min(1 << max(m - 1, 0).bit_length(), 8192)  # autotune key: M rounded up to a power of two
     grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
-    kernel[grid](
-        a, *args, out, m, p, r, a.stride(0), a.stride(1), out.stride(0), out.stride(1), *w_strides, bucket,
-        **meta, PRECISION=_precision(a.dtype), **fixed, enable_fp_fusion=False,
-    )
+    with _on(out.device):
+        kernel[grid](
+            a, *args, out, m, p, r, a.stride(0), a.stride(1), out.stride(0), out.stride(1), *w_strides, bucket,
+            **meta, PRECISION=_precision(a.dtype), **fixed, enable_fp_fusion=False,
+        )
     return out
 
 
@@ -160,7 +170,8 @@ def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("gemv")
     grid = lambda meta_: (triton.cdiv(n_out, meta_["BLOCK_N"]),)
-    kernel[grid](x_row, *args, out, n_out, k_in, **meta, **fixed, enable_fp_fusion=False)
+    with _on(out.device):
+        kernel[grid](x_row, *args, out, n_out, k_in, **meta, **fixed, enable_fp_fusion=False)
     return out.view(*x.shape[:-1], n_out)
 
 
