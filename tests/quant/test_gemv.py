@@ -1,4 +1,5 @@
-"""``gemv_4bit`` (batch-1 fast path) against the dequantize-then-multiply reference, and its dispatch.
+"""``gemv_4bit`` (batch-1 fast path: compiled kernel and pure-torch fallback) against the
+dequantize-then-multiply reference, and its dispatch from ``Linear4bit``.
 
 Tolerance: both compute the same fp32 products in a different summation order, so their difference is
 fp32 rounding of an ``in``-term dot product: we allow ``1e-5 * sqrt(in) * max|x| * max|W|`` (the
@@ -13,8 +14,11 @@ import torch
 
 from qlorakit.errors import QuantizationError
 from qlorakit.quant import dequantize_4bit, quantize_4bit
-from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
+from qlorakit.quant.gemv import FEW_ROWS, gemv_4bit, gemv_4bit_reference
 from qlorakit.quant.linear import Linear4bit
+from qlorakit.quant.native import gemv_native, load_kernel
+
+PATHS = ["native", "torch"]
 
 
 def _fp64_product(x: torch.Tensor, q) -> torch.Tensor:
@@ -29,39 +33,61 @@ def _tolerance(x: torch.Tensor, q) -> float:
 SHAPES = [(64, 128), (7, 9), (13, 577), (96, 320), (5, 1536), (33, 50)]
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_gemv_matches_reference_fp32(quant_type, double_quant, blocksize, shape):
+def test_gemv_matches_reference_fp32(path, quant_type, double_quant, blocksize, shape):
     q = quantize_4bit(torch.randn(shape), quant_type, blocksize, double_quant)
     x = torch.randn(shape[1])
     exact = _fp64_product(x, q)
     tol = _tolerance(x, q)
-    fast, ref = gemv_4bit(x, q), gemv_4bit_reference(x, q)
+    fast, ref = gemv_4bit(x, q, use_native=path == "native"), gemv_4bit_reference(x, q)
     assert fast.shape == (shape[0],) and fast.dtype == torch.float32
     assert (fast.double() - exact).abs().max().item() <= tol
     assert (fast - ref).abs().max().item() <= 2 * tol
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("shape", [(64, 128), (13, 577)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_gemv_bf16_input_matches_fp32_product_of_the_same_values(shape):
+def test_gemv_bf16_input_matches_fp32_product_of_the_same_values(path, shape):
     q = quantize_4bit(torch.randn(shape), "nf4", 64, True)
     x = torch.randn(1, shape[1]).bfloat16()
-    fast = gemv_4bit(x, q)
+    fast = gemv_4bit(x, q, use_native=path == "native")
     assert fast.shape == (1, shape[0]) and fast.dtype == torch.bfloat16
     exact = _fp64_product(x.float(), q)
     bound = _tolerance(x.float(), q) + 2.0**-8 * exact.abs()
     assert ((fast.double().reshape(-1) - exact).abs() <= bound).all()
 
 
-def test_gemv_rejects_several_rows():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape", [(96, 320), (40, 50)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_several_rows_match_the_reference(path, shape):
+    q = quantize_4bit(torch.randn(shape), "nf4", 64, True)
+    x = torch.randn(2, 3, shape[1])
+    fast = gemv_4bit(x, q, use_native=path == "native")
+    assert fast.shape == (2, 3, shape[0])
+    torch.testing.assert_close(fast, gemv_4bit_reference(x, q), rtol=0, atol=2 * _tolerance(x, q))
+
+
+def test_native_kernel_is_built_and_used_here():
+    """On this x86 machine with gcc the compiled kernel must exist (else the speed claims do not apply)."""
+    if load_kernel() is None:
+        pytest.skip("no compiled kernel on this machine (no C compiler, not x86, or QLORAKIT_NATIVE=0)")
+    q = quantize_4bit(torch.randn(24, 64))
+    y = gemv_native(torch.randn(1, 64), q, 64)
+    assert y is not None and y.shape == (1, 24)
+    assert gemv_native(torch.randn(1, 63), quantize_4bit(torch.randn(24, 63)), 1) is None  # odd in: torch path
+
+
+def test_gemv_rejects_a_wrong_feature_count():
     q = quantize_4bit(torch.randn(8, 16))
-    with pytest.raises(QuantizationError, match="one row of 16 features"):
-        gemv_4bit(torch.randn(2, 16), q)
+    with pytest.raises(QuantizationError, match="in_features = 16"):
+        gemv_4bit(torch.randn(2, 15), q)
 
 
-def test_linear4bit_uses_gemv_for_one_row_without_grad(monkeypatch):
+def test_linear4bit_uses_gemv_for_few_rows_without_grad(monkeypatch):
     layer = Linear4bit.from_linear(torch.nn.Linear(96, 40))
     calls = []
     import qlorakit.quant.linear as linear_module
@@ -77,7 +103,7 @@ def test_linear4bit_uses_gemv_for_one_row_without_grad(monkeypatch):
     torch.testing.assert_close(fast, ref, rtol=0, atol=_tolerance(x, layer.qweight) * 2)
 
 
-def test_linear4bit_keeps_the_reference_path_for_grad_and_batches(monkeypatch):
+def test_linear4bit_keeps_the_reference_path_for_grad_and_many_rows(monkeypatch):
     layer = Linear4bit.from_linear(torch.nn.Linear(32, 8))
     import qlorakit.quant.linear as linear_module
 
@@ -85,5 +111,5 @@ def test_linear4bit_keeps_the_reference_path_for_grad_and_batches(monkeypatch):
     x = torch.randn(1, 32, requires_grad=True)
     layer(x).sum().backward()  # one row, but the input needs a gradient
     with torch.no_grad():
-        layer(torch.randn(3, 32))  # several rows
+        layer(torch.randn(FEW_ROWS + 1, 32))  # more rows than the fast path takes
     assert x.grad is not None

@@ -19,6 +19,9 @@ block and one row), each segment sum is scaled by its block's ``s_b``, and the s
 added up. An odd ``in`` (a byte can straddle two rows) uses the same scheme per nibble with a
 ``in x 16`` table.
 
+On x86 CPUs with a C compiler a compiled kernel (``quant.native``) does these sums with AVX-512 table
+lookups; the torch code here is its portable fallback, and both are tested against the reference.
+
 The arithmetic is fp32 whatever the input dtype; the result is cast back to the input's dtype. The
 summation order differs from ``x @ dequantize(W).T`` (``gemv_4bit_reference``), so the two agree to
 fp32 rounding, not bit for bit: the tests hold them within ``1e-5 * sqrt(in) * max|x| * max|W|``.
@@ -33,7 +36,12 @@ import torch
 
 from qlorakit.errors import QuantizationError
 from qlorakit.quant.functional import block_absmax, dequantize_4bit
+from qlorakit.quant.native import gemv_native
 from qlorakit.quant.tensor import QuantizedTensor
+
+#: Most input rows ``Linear4bit`` sends here instead of dequantize + matmul (measured break-even, see
+#: docs/generate.md).
+FEW_ROWS = 16
 
 #: Bytes of int32 index (and of gathered fp32 values) per row tile (1 MiB: 256 KiB and 4 MiB measured no faster).
 TILE_BYTES = 1 << 20
@@ -54,23 +62,28 @@ def _check(x: torch.Tensor, qweight: QuantizedTensor) -> tuple[int, int]:
     if len(qweight.shape) != 2:
         raise QuantizationError(f"gemv_4bit needs a 2-D weight, got shape {list(qweight.shape)}")
     out_f, in_f = qweight.shape
-    if x.shape[-1] != in_f or x.numel() != in_f:
-        raise QuantizationError(
-            f"gemv_4bit takes one row of {in_f} features (shape (in,) or (1, in)), got shape {list(x.shape)}; "
-            "use matmul_4bit for several rows"
-        )
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise QuantizationError(f"gemv_4bit: input shape {list(x.shape)} does not end in in_features = {in_f}")
     return out_f, in_f
 
 
-def gemv_4bit(x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
-    """``x @ dequant(qweight).T`` for a single row: x (in,) -> (out,), x (1, in) -> (1, out)."""
+def gemv_4bit(x: torch.Tensor, qweight: QuantizedTensor, use_native: bool = True) -> torch.Tensor:
+    """``x @ dequant(qweight).T`` without building the weight: x (..., in) -> (..., out).
+
+    Meant for one row (batch-1 decoding) or a few (a short prefill; ``Linear4bit`` sends at most
+    ``FEW_ROWS``): every row costs a pass over the packed weight. The compiled kernel (``quant.native``)
+    runs when it is available and ``in`` is even; otherwise, or with ``use_native=False``, the pure-torch
+    lookup below does the same sums, row by row.
+    """
     out_f, in_f = _check(x, qweight)
-    xf = x.reshape(in_f).float()  # (in,)
-    scale = block_absmax(qweight)  # (blocks,) fp32
-    if in_f % 2 == 0:
-        y = _gemv_pairs(xf, qweight, scale, out_f, in_f)
-    else:
-        y = _gemv_nibbles(xf, qweight, scale, out_f, in_f)
+    xf = x.reshape(-1, in_f).float().contiguous()  # (rows, in)
+    y = None
+    if in_f % 2 == 0 and use_native:
+        y = gemv_native(xf, qweight, math.gcd(qweight.blocksize, in_f))  # (rows, out)
+    if y is None:
+        scale = block_absmax(qweight)  # (blocks,) fp32
+        one_row = _gemv_pairs if in_f % 2 == 0 else _gemv_nibbles
+        y = torch.stack([one_row(row, qweight, scale, out_f, in_f) for row in xf])  # (rows, out)
     return y.to(x.dtype).reshape(*x.shape[:-1], out_f)
 
 

@@ -1,8 +1,8 @@
 """``Linear4bit``: a frozen linear layer whose weight is a ``QuantizedTensor``.
 
 Forward (QLoRA eq. 5, without the adapter): ``y = x @ dequant(W).T + b`` in the compute dtype.
-A single input row that needs no gradient (batch-1 decoding) goes through ``gemv_4bit`` instead, which
-never builds the full weight; ``use_gemv = False`` on a layer forces the reference path.
+At most ``FEW_ROWS`` input rows that need no gradient (batch-1 decoding, a short prefill) go through
+``gemv_4bit`` instead, which never builds the full weight; ``use_gemv = False`` on a layer forces the reference path.
 Backward: only the input gradient ``dL/dx = dL/dy @ dequant(W)`` is produced — the base weight is frozen —
 and the autograd function saves nothing but a reference to the packed ``QuantizedTensor``: the
 dequantized weight is rebuilt in backward instead of being kept alive between the passes.
@@ -22,7 +22,7 @@ from torch import nn
 from qlorakit.errors import QuantizationError, StateDictError
 from qlorakit.quant import backends
 from qlorakit.quant.functional import FLOAT_DTYPES, dequantize_4bit, quantize_4bit
-from qlorakit.quant.gemv import gemv_4bit
+from qlorakit.quant.gemv import FEW_ROWS, gemv_4bit
 from qlorakit.quant.tensor import QuantizedTensor
 
 
@@ -57,7 +57,7 @@ def matmul_4bit(x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
 class Linear4bit(nn.Module):
     """A linear layer with a frozen 4-bit weight (and an optional bias, frozen by default)."""
 
-    #: Route one input row without grad through ``gemv_4bit`` (set ``False`` on a layer for the reference).
+    #: Route up to FEW_ROWS input rows without grad through ``gemv_4bit`` (set ``False`` on a layer for the reference).
     use_gemv: bool = True
 
     def __init__(
@@ -123,8 +123,8 @@ class Linear4bit(nn.Module):
         input_dtype = x.dtype
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
-        one_row = x.numel() == self.in_features and not (x.requires_grad and torch.is_grad_enabled())
-        if one_row and self.use_gemv and len(self.qweight.shape) == 2 and backends.select(x.device) is None:
+        few_rows = x.numel() <= FEW_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled())
+        if few_rows and self.use_gemv and len(self.qweight.shape) == 2 and backends.select(x.device) is None:
             out = gemv_4bit(x, self.qweight)  # (..., out), the weight never materialized
         else:
             out = matmul_4bit(x, self.qweight)  # (..., out)

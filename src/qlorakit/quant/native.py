@@ -1,0 +1,195 @@
+"""A compiled batch-1 4-bit GEMV for x86 CPUs: the C kernel behind ``gemv_4bit`` when a C compiler exists.
+
+Same math as ``quant.gemv`` (see its docstring): for each row ``o`` and each segment of ``G = gcd(B, in)``
+consecutive inputs (a segment lies in one block, so it has one scale ``s``),
+
+    y[o] += s * sum_{i in segment} T[q[o, i]] * x[i]
+
+With AVX-512 the 16-entry table ``T`` sits in one register and ``_mm512_permutexvar_ps`` looks up 16
+codes at once; the high and low nibbles of 16 packed bytes meet the even and odd inputs (de-interleaved
+once per call), so 32 weights cost two lookups and two fused multiply-adds and are never stored. Each
+segment's vector sum is scaled and added to the row's vector accumulator, which is reduced once per row.
+The double-quantized scale is decoded in the kernel exactly as ``block_absmax`` does it in fp32:
+``nested_code[a] * nested_absmax[b / 256] + offset``. Without AVX-512 (or when ``G`` is not a multiple
+of 32) a scalar loop does the same sums.
+
+The source is compiled once with ``cc -O3 -march=native -ffp-contract=off`` (the scale decode then rounds as torch does) into ``$XDG_CACHE_HOME/qlorakit/kernels``
+(named by the source hash and the machine), written atomically, and loaded with ``ctypes``. If no
+compiler is found or compiling fails, ``gemv_native`` returns ``None`` and the caller uses the pure-torch
+path. ``QLORAKIT_NATIVE=0`` turns the kernel off. One thread (batch-1 work per layer is small).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from qlorakit.quant.tensor import QuantizedTensor
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+static inline float block_scale(int64_t b, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                                const float* nested_code, float offset, int64_t nested_bs) {
+    if (absmax) return absmax[b];
+    return nested_code[qabsmax[b]] * nested_absmax[b / nested_bs] + offset;
+}
+
+/* y[rows][out] = x[rows][in] @ dequant(W)^T for an even `in`; seg = gcd(blocksize, in) elements.
+   Each weight is decoded once and used for every row of x. */
+void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+              const float* nested_absmax, const float* nested_code, float offset, int64_t nested_bs,
+              const float* code, float* y, int64_t out, int64_t in, int64_t blocksize, int64_t seg, int64_t rows) {
+    int64_t half = in / 2, seg_bytes = seg / 2, segs = in / seg;
+    float* xe = (float*)malloc(sizeof(float) * half * 2 * rows);  /* xe[r][j] = x[r][2j], xo[r][j] = x[r][2j+1] */
+    float* xo = xe + half * rows;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < half; j++) { xe[r * half + j] = x[r * in + 2 * j]; xo[r * half + j] = x[r * in + 2 * j + 1]; }
+#ifdef __AVX512F__
+    int vector = seg_bytes % 16 == 0;
+    __m512 table = _mm512_loadu_ps(code);
+    __m512i low4 = _mm512_set1_epi32(15);
+    __m512* acc = (__m512*)aligned_alloc(64, sizeof(__m512) * 2 * rows);
+    __m512* acc_row = acc + rows;
+#endif
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t* wrow = packed + o * half;
+        int64_t first = o * in;
+#ifdef __AVX512F__
+        if (vector && rows == 1) {  /* batch 1: the accumulators stay in registers */
+            __m512 total = _mm512_setzero_ps();
+            for (int64_t s = 0; s < segs; s++) {
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j += 16) {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + j)));
+                    sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table),
+                                          _mm512_loadu_ps(xe + j), sum);
+                    sum = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table),
+                                          _mm512_loadu_ps(xo + j), sum);
+                }
+                __m512 scale = _mm512_set1_ps(block_scale((first + s * seg) / blocksize, absmax, qabsmax,
+                                                          nested_absmax, nested_code, offset, nested_bs));
+                total = _mm512_fmadd_ps(sum, scale, total);
+            }
+            y[o] = _mm512_reduce_add_ps(total);
+            continue;
+        }
+        if (vector) {
+            for (int64_t r = 0; r < rows; r++) acc_row[r] = _mm512_setzero_ps();
+            for (int64_t s = 0; s < segs; s++) {
+                for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+                for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j += 16) {
+                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + j)));
+                    __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+                    __m512 w_lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table);
+                    for (int64_t r = 0; r < rows; r++) {
+                        acc[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xe + r * half + j), acc[r]);
+                        acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xo + r * half + j), acc[r]);
+                    }
+                }
+                __m512 scale = _mm512_set1_ps(block_scale((first + s * seg) / blocksize, absmax, qabsmax,
+                                                          nested_absmax, nested_code, offset, nested_bs));
+                for (int64_t r = 0; r < rows; r++) acc_row[r] = _mm512_fmadd_ps(acc[r], scale, acc_row[r]);
+            }
+            for (int64_t r = 0; r < rows; r++) y[r * out + o] = _mm512_reduce_add_ps(acc_row[r]);
+            continue;
+        }
+#endif
+        for (int64_t r = 0; r < rows; r++) {
+            const float* xer = xe + r * half;
+            const float* xor_ = xo + r * half;
+            float total = 0.0f;
+            for (int64_t s = 0; s < segs; s++) {
+                float sum = 0.0f;
+                for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j++) {
+                    uint8_t b = wrow[j];
+                    sum += code[b >> 4] * xer[j] + code[b & 15] * xor_[j];
+                }
+                total += sum * block_scale((first + s * seg) / blocksize, absmax, qabsmax, nested_absmax,
+                                           nested_code, offset, nested_bs);
+            }
+            y[r * out + o] = total;
+        }
+    }
+#ifdef __AVX512F__
+    free(acc);
+#endif
+    free(xe);
+}
+"""
+
+_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "qlorakit" / "kernels"
+
+
+def _compile(target: Path) -> None:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc/gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = Path(tmp) / "gemv4bit.c"
+        source.write_text(_SOURCE)
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, "-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(built), str(source)],
+                       check=True, capture_output=True, text=True)
+        os.replace(built, target)
+
+
+@cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel (building it on first use), or ``None`` when it is off or cannot be built."""
+    if os.environ.get("QLORAKIT_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    tag = hashlib.sha256((_SOURCE + platform.node() + platform.processor()).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"gemv4bit-{tag}.so"
+    try:
+        if not target.is_file():
+            _compile(target)
+        library = ctypes.CDLL(str(target))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        warnings.warn(f"qlorakit: native 4-bit GEMV unavailable ({detail}); using the pure-torch path", stacklevel=2)
+        return None
+    library.gemv4bit.argtypes = _ARGTYPES
+    library.gemv4bit.restype = None
+    return library
+
+
+def gemv_native(x: torch.Tensor, q: QuantizedTensor, segment: int) -> torch.Tensor | None:
+    """x fp32 (rows, in) contiguous on the CPU -> y fp32 (rows, out), or ``None`` if the kernel cannot take it."""
+    library = load_kernel()
+    if library is None or x.device.type != "cpu" or q.shape[1] % 2 or q.code.dtype != torch.float32:
+        return None
+    if not all(t.is_contiguous() for t in q.tensors()):
+        return None
+    rows, (out_f, in_f) = x.shape[0], q.shape
+    y = torch.empty(rows, out_f, dtype=torch.float32)
+    nested = q.nested
+    if nested is None:
+        absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs = q.absmax.data_ptr(), None, None, None, 0.0, 1
+    else:
+        absmax, qabsmax = None, q.absmax.data_ptr()
+        nested_absmax, nested_code = nested.absmax.data_ptr(), nested.code.data_ptr()
+        offset, nested_bs = nested.offset, nested.blocksize
+    library.gemv4bit(x.data_ptr(), q.packed.data_ptr(), absmax, qabsmax, nested_absmax, nested_code, offset,
+                     nested_bs, q.code.data_ptr(), y.data_ptr(), out_f, in_f, q.blocksize, segment, rows)
+    return y
