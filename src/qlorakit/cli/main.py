@@ -16,10 +16,11 @@ from qlorakit import __version__
 from qlorakit.cli import inspect_cmd, merge_cmd, plot_cmd, quant_report, train_cmd
 from qlorakit.cli import eval_cmd
 from qlorakit.cli import chat_cmd, generate_cmd
+from qlorakit.cli import plan_cmd
 from qlorakit.errors import QlorakitError
 
 #: Subcommand modules, in the order ``--help`` lists them.
-SUBCOMMANDS: tuple[ModuleType, ...] = (train_cmd, merge_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd)
+SUBCOMMANDS: tuple[ModuleType, ...] = (train_cmd, merge_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd, plan_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,75 @@
+"""``qlorakit plan``: how much memory QLoRA training of a model needs, part by part, and whether it fits.
+
+MODEL is ``7b`` / ``13b`` / ``33b`` / ``65b`` (the LLaMA-1 shapes of the QLoRA paper), a ``config.json``,
+a model directory, a ``.gguf`` file, an alias or a Hub id; only its config is read. The breakdown covers
+the 4-bit weights, their quantization constants, the unquantized embeddings/head and norms, the LoRA
+parameters, their gradients and optimizer state, activations, logits and the dequantization workspace
+(see ``qlorakit.planner.estimate`` for every formula). Exit code: 0 when it fits or no budget is given,
+1 when it does not fit, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from qlorakit.constants import OPTIMIZER_NAMES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``plan`` on ``subparsers``."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "plan", help="memory needed to train a model with QLoRA, part by part, and whether it fits",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--model", required=True, metavar="MODEL", help="7b|13b|33b|65b, config.json, directory, .gguf, alias")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default: %(default)s)")
+    p.add_argument("--r", type=int, default=64, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear, q_proj,v_proj or re:<regex>")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default: %(default)s)")
+    p.add_argument("--optim", default="paged_adamw", help=f"one of {', '.join(OPTIMIZER_NAMES)} (default: %(default)s)")
+    p.add_argument("--optim-budget", type=int, default=0, metavar="MIB",
+                   help="resident MiB of paged optimizer state (0 = twice the largest tensor's state)")
+    p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=True,
+                   help="gradient checkpointing (the default)")
+    p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="no gradient checkpointing")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for a GPU or the CPU (default: gpu)")
+    p.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
+                   help="auto = bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--lora-dtype", choices=DTYPES, default="float32", help="adapter dtype (qlorakit: float32)")
+    p.add_argument("--loss-chunk", type=int, default=0, help="tokens of logits at once (0 = the whole sequence)")
+    p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4")
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
+    p.add_argument("--gpu-mem", metavar="SIZE", help="memory budget to check against, e.g. 48GB, 24GiB, 16000MiB")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object with <part>_bytes and total_bytes")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything, read the shape, print the plan; exit 1 if it does not fit the budget."""
+    from qlorakit.config import QuantConfig, parse_targets
+    from qlorakit.planner import (
+        PlanSettings,
+        format_plan,
+        model_shape,
+        parse_size,
+        plan,
+    )
+
+    budget = parse_size(args.gpu_mem) if args.gpu_mem else None
+    settings = PlanSettings(
+        seq_len=args.seq, batch_size=args.batch, lora_r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
+        optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt, device=args.device,
+        compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
+        quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
+    )  # fmt: skip
+    shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
+    result = plan(shape, settings, budget)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
+    return 1 if result.fits is False else 0

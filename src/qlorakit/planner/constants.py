@@ -1,0 +1,29 @@
+"""Measured constants of the CPU memory model (the GPU model uses none: it is arithmetic only).
+
+Each value comes from one documented measurement on this project's reference machine (x86-64 Linux, glibc,
+torch 2.13 CPU, transformers 5.23, Python 3.11, 1 thread). They describe the software stack, not the
+model; re-measure them with the command given when the stack changes.
+"""
+
+#: Resident memory of a training process before any model-sized tensor exists: Python, torch,
+#: transformers and qlorakit imported, plus what loading a model adds besides its tensors (lazily imported
+#: transformers modules, the tokenizer libraries, mapped files). Measured as the RSS after
+#: ``load_model`` of a 2-layer, width-64 random Llama minus that model's own tensors:
+#: ``OMP_NUM_THREADS=1 python benchmarks/plan_accuracy.py --measure-framework`` -> 458 MiB.
+CPU_FRAMEWORK_BYTES = 458 * 2**20
+
+#: Simultaneous fp32 copies of the ``(batch, seq, vocab)`` logits at the start of backward: the
+#: log-softmax output saved by cross-entropy, the gradient of the NLL and the log-softmax gradient (the
+#: trainer's ``token_loss_sum``). The tiny model above trained at seq 128 and 512 grows by 3.4-3.9 copies
+#: (the remainder is its activations and adapters).
+LOGITS_FP32_COPIES = 3
+
+#: Heap memory glibc keeps resident after the dequantize transients of a training step, per quantized
+#: parameter. glibc raises its mmap threshold (up to 32 MiB) after freeing a large block, so the
+#: per-layer dequantize buffers come from the heap, which fragments between long-lived tensors and is not
+#: returned. Calibrated on ONE case, ``llama-350m`` of ``benchmarks/plan_accuracy.py`` (seq 256, r 16,
+#: paged AdamW, first round): measured peak 1,621 MiB minus every other predicted term (1,268 MiB) =
+#: 353 MiB over its 308,281,344 quantized parameters. The other cases of that benchmark are validation.
+#: With ``MALLOC_MMAP_THRESHOLD_=131072`` the retention disappears (a training loop on the same model at
+#: seq 128 peaked at 996 instead of 1,310 MiB).
+CPU_HEAP_RETENTION_PER_QPARAM = 1.20

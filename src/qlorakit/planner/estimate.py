@@ -1,0 +1,276 @@
+"""Training memory of QLoRA, part by part: pure arithmetic on a ``ModelShape`` and ``PlanSettings``.
+
+Notation: ``B`` batch, ``T`` sequence length, ``L`` layers, ``d`` hidden size, ``k`` key/value width
+(``kv_heads * head_dim``), ``f`` feed-forward width, ``V`` vocabulary, ``n_i`` elements of quantized weight
+``i``, ``b`` the quantization block size, ``r`` the LoRA rank, ``c`` / ``l`` bytes per value of the compute /
+adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on the CPU):
+
+- ``weights_4bit``      sum_i ceil(n_i / 2) — two 4-bit codes per byte (QLoRA section 3, NF4);
+- ``quant_constants``   without double quant ``sum_i 4 ceil(n_i / b)`` (fp32 absmax); with it
+  ``sum_i ceil(n_i / b) + 4 ceil(ceil(n_i / b) / 256) + 4`` (uint8 absmax, fp32 nested absmax, offset),
+  plus the code tables (16 and 256 fp32 values) of each weight;
+- ``embeddings``        input embeddings, an untied ``lm_head`` and other unquantized parameters at ``c``
+  (the loader keeps them in the compute dtype); ``norms`` at 4 bytes (kept fp32);
+- ``lora_params`` / ``lora_grads``  ``sum_adapted r (in + out) l`` each;
+- ``optimizer_state``   AdamW: two fp32 moments (8 bytes/value) or 8-bit (codes + fp32 absmax per 256);
+  paged: only the resident budget of the paged tensors (the rest is ``offloaded_bytes``, host memory);
+- ``activations``       tensors saved for backward. One Llama block saves per token
+  ``7d + 2k + 4f`` values at ``c`` (layer input, both norm outputs, q, k, v, attention output and its
+  re-laid copy, the residual, gate, SiLU(gate), up and their product), ``r`` at ``l`` per adapter, and, when
+  the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte mask with
+  dropout). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
+  block being recomputed (attention scores are not stored: SDPA);
+- ``logits``            ``LOGITS_FP32_COPIES * B T' V * 4`` with ``T' = T`` or the loss chunk length;
+- ``dequant_workspace`` one dequantize of the largest weight: int32 byte indices (2 bytes/value), the
+  gathered int64 pairs (4), the fp32 product (4) and its cast to ``c`` (when ``c`` is not fp32);
+- CPU only: ``checkpoint_save`` ``2 (optimizer state, paged part included) + 2 lora_params``: saving a
+  checkpoint reads the paged state back and safetensors serializes every tensor into a bytes buffer
+  (on a GPU both copies are in host memory); ``framework`` (``CPU_FRAMEWORK_BYTES``) and ``heap_retention``
+  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value), both measured, see ``planner.constants``.
+
+The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from qlorakit.config import COMPUTE_DTYPES, QuantConfig
+from qlorakit.constants import OPTIMIZER_NAMES
+from qlorakit.errors import ConfigError
+from qlorakit.planner.constants import (
+    CPU_FRAMEWORK_BYTES,
+    CPU_HEAP_RETENTION_PER_QPARAM,
+    LOGITS_FP32_COPIES,
+)
+from qlorakit.planner.shapes import LinearShape, ModelShape
+
+DEVICES = ("gpu", "cpu")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+NESTED_BLOCK = 256  # blocks of absmax per nested (double-quant) scale
+CODE_TABLE_BYTES = 16 * 4  # the 4-bit code table of each weight (fp32)
+NESTED_TABLE_BYTES = 256 * 4 + 4  # the 8-bit map of the absmax plus the fp32 offset
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """A training setup to plan for; invalid values fail naming the field."""
+
+    seq_len: int = 512
+    batch_size: int = 1
+    lora_r: int = 64
+    lora_dropout: float = 0.05
+    optim: str = "paged_adamw"
+    optim_budget_mib: int = 0  # resident MiB of paged state; 0 = twice the largest paged tensor's state
+    gradient_checkpointing: bool = True
+    device: str = "gpu"
+    compute_dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
+    lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
+    loss_chunk: int = 0  # tokens whose logits exist at once; 0 = the whole sequence
+    quant: QuantConfig = field(default_factory=QuantConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 1")
+        for name in ("optim_budget_mib", "loss_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 0")
+        if self.optim not in OPTIMIZER_NAMES:
+            raise ConfigError(f"unknown optimizer {self.optim!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+        if self.optim_budget_mib and not self.optim.startswith("paged_"):
+            raise ConfigError(f"an optimizer budget applies to paged optimizers; optim is {self.optim!r} "
+                              f"(use paged_{self.optim} or drop the budget)")
+        if self.device not in DEVICES:
+            raise ConfigError(f"PlanSettings.device = {self.device!r}: choose one of {DEVICES}")
+        if self.compute_dtype not in ("auto",) + COMPUTE_DTYPES or self.lora_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"PlanSettings compute_dtype/lora_dtype = {self.compute_dtype!r}/{self.lora_dtype!r}: "
+                              f"choose from {COMPUTE_DTYPES} (compute_dtype may also be auto)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"PlanSettings.lora_dropout = {self.lora_dropout!r}: must be in [0, 1)")
+
+    @property
+    def compute(self) -> str:
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        return "bfloat16" if self.device == "gpu" else "float32"
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    nbytes: int
+    note: str
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The breakdown: ``parts`` sum to ``total_bytes``; ``alternatives`` are the same parts with a switch flipped."""
+
+    model: str
+    settings: PlanSettings
+    parts: tuple[Part, ...]
+    offloaded_bytes: int  # paged optimizer state kept outside the device (host RAM on a GPU, a file on the CPU)
+    alternatives: dict[str, int]
+    budget_bytes: int | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.total_bytes <= self.budget_bytes
+
+    def part(self, name: str) -> int:
+        return next(p.nbytes for p in self.parts if p.name == name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """One JSON object: ``<part>_bytes`` per row and ``total_bytes`` (the only ``*_bytes`` keys), plus context."""
+        out: dict[str, Any] = {"model": self.model, "settings": asdict(self.settings)}
+        out.update({f"{p.name}_bytes": p.nbytes for p in self.parts})
+        out["total_bytes"] = self.total_bytes
+        out["fits"] = self.fits
+        out["budget"] = self.budget_bytes  # bytes, or null without --gpu-mem
+        out["paged_out"] = self.offloaded_bytes  # bytes of paged optimizer state outside the device
+        out["alternatives"] = dict(self.alternatives)  # bytes of parts with a switch flipped
+        return out
+
+
+def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = None) -> MemoryPlan:
+    """The memory plan of training ``shape`` with ``settings`` (see the module docstring for each part)."""
+    s, c, lb = settings, DTYPE_BYTES[settings.compute], DTYPE_BYTES[settings.lora_dtype]
+    quantized = [lin for lin in shape.linears if lin.quantized]
+    adapted = [lin for lin in shape.linears if lin.adapted]
+    lora_values = sum(s.lora_r * (lin.in_features + lin.out_features) for lin in adapted)
+    resident_optim, offloaded = optimizer_bytes(adapted, s)
+    act_ckpt, act_full = activation_bytes(shape, s, True), activation_bytes(shape, s, False)
+    n_max = max((lin.numel for lin in quantized), default=0)
+    parts = [
+        Part("weights_4bit", sum(-(-lin.numel // 2) for lin in quantized), "packed 4-bit codes, two per byte"),
+        Part("quant_constants", quant_constant_bytes(quantized, s.quant), _dq_note(s.quant)),
+        Part("embeddings", (shape.embedding_params + shape.other_params) * c,
+             f"embeddings, lm_head{' (tied)' if shape.tied_embeddings else ''}, biases in {s.compute}"),
+        Part("norms", shape.norm_params * 4, "normalization weights, fp32"),
+        Part("lora_params", lora_values * lb, f"{lora_values:,} adapter values (r {s.lora_r}) in {s.lora_dtype}"),
+        Part("lora_grads", lora_values * lb, "their gradients"),
+        Part("optimizer_state", resident_optim, _optim_note(s, offloaded)),
+        Part("activations", act_ckpt if s.gradient_checkpointing else act_full,
+             "saved for backward, " + ("checkpointing on" if s.gradient_checkpointing else "no checkpointing")),
+        Part("logits", logits_bytes(shape, s), f"{LOGITS_FP32_COPIES} fp32 copies of batch x tokens x vocab"),
+        Part("dequant_workspace", n_max * (2 + 4 + 4 + (0 if c == 4 else c)), "one dequantize of the largest weight"),
+    ]  # fmt: skip
+    if s.device == "cpu":
+        saved = 2 * (resident_optim + offloaded) + 2 * lora_values * lb
+        parts.append(Part("checkpoint_save", saved, "optimizer state and adapter read back and serialized"))
+        parts.append(Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)"))
+        retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
+        parts.append(Part("heap_retention", retention, "glibc heap kept after dequantize transients (calibrated)"))
+    alternatives = {
+        "quant_constants_with_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, True)),
+        "quant_constants_without_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, False)),
+        "activations_with_checkpointing": act_ckpt,
+        "activations_without_checkpointing": act_full,
+        "lora_inputs_without_checkpointing": shape.num_layers * lora_input_bytes_per_layer(shape, s),
+    }
+    return MemoryPlan(shape.name, s, tuple(parts), offloaded, alternatives, budget_bytes)
+
+
+def _with_dq(quant: QuantConfig, double_quant: bool) -> QuantConfig:
+    return QuantConfig(quant_type=quant.quant_type, blocksize=quant.blocksize, double_quant=double_quant)
+
+
+def _dq_note(quant: QuantConfig) -> str:
+    kind = "uint8 absmax + fp32 nested absmax (double quant)" if quant.double_quant else "fp32 absmax (no double quant)"
+    return f"{quant.quant_type.upper()} block {quant.blocksize}: {kind}"
+
+
+def _optim_note(s: PlanSettings, offloaded: int) -> str:
+    if s.optim.startswith("paged_"):
+        return f"{s.optim}: resident budget; {offloaded / 2**20:,.1f} MiB paged out to host"
+    return f"{s.optim}: all state resident"
+
+
+def quant_constant_bytes(quantized: list[LinearShape], quant: QuantConfig) -> int:
+    """Scales and code tables of every quantized weight (see the module docstring)."""
+    total = 0
+    for lin in quantized:
+        blocks = -(-lin.numel // quant.blocksize)
+        if quant.double_quant:
+            total += blocks + 4 * -(-blocks // NESTED_BLOCK) + NESTED_TABLE_BYTES
+        else:
+            total += 4 * blocks
+        total += CODE_TABLE_BYTES
+    return total
+
+
+def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, int]:
+    """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)`` and ``B (out, r)``."""
+    from qlorakit.optim.adamw import PAGE_MIN_SIZE, AdamW
+    from qlorakit.optim.paged import pack_block
+    from qlorakit.optim.state8bit import layout_8bit
+
+    min_8bit = inspect.signature(AdamW).parameters["min_8bit_size"].default
+    granularity = 4096 if s.device == "cpu" else 512  # FileBackend (a page) / PinnedBackend
+    resident, paged = 0, []
+    for lin in adapted:
+        for shape in ((s.lora_r, lin.in_features), (lin.out_features, s.lora_r)):
+            numel = shape[0] * shape[1]
+            if s.optim.endswith("8bit") and numel >= min_8bit:
+                layout = layout_8bit(torch.Size(shape))
+            else:
+                layout = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
+            if s.optim.startswith("paged_") and numel >= PAGE_MIN_SIZE:
+                paged.append((pack_block(layout, granularity).nbytes, f"{lin.path} {shape}"))
+            else:
+                resident += sum(torch.Size(sh).numel() * dt.itemsize for sh, dt in layout.values())
+    if not paged:
+        return resident, 0
+    largest, where = max(paged)
+    budget = s.optim_budget_mib * 2**20 if s.optim_budget_mib else 2 * largest
+    if budget < largest:
+        raise ConfigError(
+            f"optimizer budget {s.optim_budget_mib} MiB cannot hold the state of one adapter tensor "
+            f"({where}: {largest:,} bytes); raise the budget to at least {-(-largest // 2**20)} MiB or lower r"
+        )
+    total = sum(nbytes for nbytes, _ in paged)
+    held = min(total, budget)
+    return resident + held, total - held
+
+
+def lora_input_bytes_per_layer(shape: ModelShape, s: PlanSettings) -> int:
+    """Adapter inputs one block keeps for backward (each adapter's own copy) and the ``r``-wide middles."""
+    lb = DTYPE_BYTES[s.lora_dtype]
+    adapted = [lin for lin in shape.linears if lin.adapted and lin.quantized]
+    tokens = s.batch_size * s.seq_len
+    return tokens * sum((lin.in_features + s.lora_r) * lb for lin in adapted) // max(1, shape.num_layers)
+
+
+def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) -> int:
+    """Tensors saved for backward (see the module docstring), with or without gradient checkpointing."""
+    c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
+    tokens = s.batch_size * s.seq_len
+    d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
+    block = tokens * ((7 * d + 2 * k + 4 * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
+    own_copy = s.lora_dropout > 0 or lb != c
+    per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
+    adapters = sum(
+        s.lora_r * lb + (lin.in_features * lb if own_copy else 0) + (lin.in_features if s.lora_dropout > 0 else 0)
+        for lin in per_layer_adapters
+    )  # fmt: skip
+    block += tokens * adapters // max(1, shape.num_layers)
+    if checkpointing:
+        return shape.num_layers * tokens * d * c + block
+    return shape.num_layers * block
+
+
+def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
+    """fp32 logits, their log-softmax and gradients for the tokens materialized at once."""
+    tokens = s.seq_len if s.loss_chunk == 0 else min(s.loss_chunk, s.seq_len)
+    return LOGITS_FP32_COPIES * s.batch_size * tokens * shape.vocab_size * 4

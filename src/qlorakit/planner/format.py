@@ -1,0 +1,71 @@
+"""The plan as a table, and memory sizes as people write them (``48GB``, ``24GiB``, ``512MB``).
+
+Units are strict: ``GB``/``MB``/``KB`` are powers of ten, ``GiB``/``MiB``/``KiB`` powers of two (a
+"24 GB" GPU holds 24 GiB, so ``24GB`` is the conservative reading). The table prints MiB, as the QLoRA
+paper's "MB".
+"""
+
+from __future__ import annotations
+
+import re
+
+from qlorakit.errors import ConfigError
+from qlorakit.planner.estimate import MemoryPlan
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``"48GB"`` -> 48,000,000,000 bytes; ``"24GiB"`` -> 24 * 2**30; a bare number is bytes."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in UNITS:
+        raise ConfigError(f"memory size {text!r} is not understood; write a number and a unit, e.g. 48GB, 24GiB, 512MiB")
+    value = float(match.group(1)) * UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:,.1f}"
+
+
+def format_plan(p: MemoryPlan) -> str:
+    """The human-readable breakdown ``qlorakit plan`` prints, ending with the verdict."""
+    s = p.settings
+    lines = [
+        f"model     {p.model}",
+        (f"settings  {s.device}, compute {s.compute}, batch {s.batch_size} x seq {s.seq_len}, LoRA r {s.lora_r} "
+        f"({s.lora_dtype}), {s.optim}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
+        "",
+        f"{'part':<20}{'MiB':>12}  note",
+    ]
+    lines += [f"{part.name:<20}{mib(part.nbytes):>12}  {part.note}" for part in p.parts]
+    lines.append(f"{'total':<20}{mib(p.total_bytes):>12}  ({p.total_bytes / 1e9:,.2f} GB)")
+    alt = p.alternatives
+    lines += [
+        "",
+        (f"quant constants with / without double quant: {mib(alt['quant_constants_with_double_quant'])} / "
+        f"{mib(alt['quant_constants_without_double_quant'])} MiB"),
+        (f"activations with / without checkpointing:    {mib(alt['activations_with_checkpointing'])} / "
+        f"{mib(alt['activations_without_checkpointing'])} MiB"),
+    ]
+    if p.offloaded_bytes:
+        lines.append(f"paged optimizer state outside the device:     {mib(p.offloaded_bytes)} MiB (host memory)")
+    if s.device == "gpu":
+        lines.append("not counted: the CUDA context and allocator fragmentation (keep some headroom)")
+    lines.append("")
+    lines.append(verdict(p))
+    return "\n".join(lines)
+
+
+def verdict(p: MemoryPlan) -> str:
+    if p.budget_bytes is None:
+        return "verdict: no memory budget given (--gpu-mem)"
+    spare = p.budget_bytes - p.total_bytes
+    word = "FITS" if spare >= 0 else "DOES NOT FIT"
+    return (f"verdict: {word} in {mib(p.budget_bytes)} MiB ({p.budget_bytes / 1e9:,.2f} GB): "
+            f"{mib(abs(spare))} MiB {'spare' if spare >= 0 else 'short'}")

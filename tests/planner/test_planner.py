@@ -1,0 +1,150 @@
+"""The memory planner: counts held to a real model, the paper's claims, the JSON/plan invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorakit.config import LoraConfig, QuantConfig
+from qlorakit.errors import ConfigError
+from qlorakit.planner import PlanSettings, model_shape, parse_size, plan
+from qlorakit.quant.functional import bits_per_param
+
+#: The paper's setting (QLoRA appendix, memory footprint: batch 1, sequence 512, gradient checkpointing,
+#: LoRA r 64 on all linears; its script trains bf16 adapters in bf16 compute).
+PAPER = PlanSettings(seq_len=512, batch_size=1, lora_r=64, lora_dtype="bfloat16", device="gpu")
+
+
+@pytest.fixture(scope="module")
+def llama() -> dict:
+    return {name: model_shape(name) for name in ("7b", "33b", "65b")}
+
+
+def test_llama1_shapes_have_the_published_parameter_counts(llama):
+    # LLaMA-1 checkpoints: 6,738,415,616 / 32,528,943,616 / 65,285,660,672 parameters
+    assert llama["7b"].total_params == 6_738_415_616
+    assert llama["33b"].total_params == 32_528_943_616
+    assert llama["65b"].total_params == 65_285_660_672
+    assert len([lin for lin in llama["7b"].linears if lin.quantized]) == 32 * 7
+
+
+def test_4bit_storage_matches_bits_per_param(llama):
+    shape = llama["65b"]
+    qparams = sum(lin.numel for lin in shape.linears if lin.quantized)
+    for dq in (True, False):
+        p = plan(shape, PlanSettings(quant=QuantConfig(double_quant=dq)))
+        bits = 8 * (p.part("weights_4bit") + p.part("quant_constants")) / qparams
+        assert bits == pytest.approx(bits_per_param("nf4", 64, dq), abs=1e-3)  # + per-tensor code tables only
+    alt = p.alternatives
+    saved_bits = 8 * (alt["quant_constants_without_double_quant"] - alt["quant_constants_with_double_quant"]) / qparams
+    assert saved_bits == pytest.approx(0.373, abs=0.001)  # the paper's 0.373 bits/param
+
+
+def test_paper_7b_base_and_lora_input_share(llama):
+    p = plan(llama["7b"], PAPER)
+    base = sum(p.part(n) for n in ("weights_4bit", "quant_constants", "embeddings", "norms"))
+    # Arithmetic for NF4 + DQ targets and bf16 embeddings/head; the paper reports 5,048 MB measured
+    # (docs/memory.md explains why the two differ; the planner does not fit its number).
+    assert base / 2**20 == pytest.approx(3_687.2, abs=0.5)
+    # The paper: LoRA input gradients 567 MB without checkpointing, "18 MB per sequence" with it. 567 / 18 = 31.5
+    # is the 32 blocks of 7B: with checkpointing one block's activations exist at a time, which is how the
+    # planner's checkpointed activations are built (layer inputs + one recomputed block).
+    assert llama["7b"].num_layers == pytest.approx(567 / 18, rel=0.02)
+    ckpt, full = p.alternatives["activations_with_checkpointing"], p.alternatives["activations_without_checkpointing"]
+    layer_inputs = 32 * 512 * 4096 * 2
+    assert ckpt - layer_inputs == pytest.approx(full / 32)
+
+
+def test_paper_65b_fits_48gb_and_33b_needs_paged_optimizer_for_24gb(llama):
+    assert plan(llama["65b"], PAPER, parse_size("48GB")).fits is True
+    unpaged = PlanSettings(**{**PAPER.__dict__, "optim": "adamw"})
+    assert plan(llama["33b"], unpaged, parse_size("24GB")).fits is False
+    assert plan(llama["33b"], PAPER, parse_size("24GB")).fits is True
+
+
+def test_json_has_one_bytes_field_per_part_and_they_sum_to_the_total(llama):
+    d = plan(llama["7b"], PAPER, parse_size("24GB")).as_dict()
+    parts = {k: v for k, v in d.items() if k.endswith("_bytes") and k != "total_bytes"}
+    assert set(parts) == {f"{n}_bytes" for n in ("weights_4bit", "quant_constants", "embeddings", "norms",
+                                                  "lora_params", "lora_grads", "optimizer_state", "activations",
+                                                  "logits", "dequant_workspace")}  # fmt: skip
+    assert sum(parts.values()) == d["total_bytes"] and d["fits"] is True and d["budget"] == 24 * 10**9
+
+
+def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_llama_dir):
+    """Slow reference: build the model, quantize it, add adapters, take an AdamW step, count the bytes."""
+    import transformers
+
+    from qlorakit.lora import add_lora
+    from qlorakit.models import quantize_model
+    from qlorakit.optim import make_optimizer
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    quantize_model(model, QuantConfig())
+    add_lora(model, LoraConfig(r=4))
+    layers = [m for m in model.modules() if hasattr(m, "qweight")]
+    packed = sum(m.qweight.packed.numel() for m in layers)
+    constants = sum(t.numel() * t.element_size() for m in layers for t in m.qweight.tensors()) - packed
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer("adamw", trainable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    p = plan(model_shape(tiny_llama_dir, "all-linear"), PlanSettings(lora_r=4, optim="adamw", device="cpu"))
+    assert p.part("weights_4bit") == packed
+    assert p.part("quant_constants") == pytest.approx(constants, abs=4 * len(layers))  # offset scalar per weight
+    assert p.part("lora_params") == sum(t.numel() * 4 for t in trainable)
+    assert p.part("optimizer_state") == optimizer.state_nbytes()["unpaged"]
+
+
+def test_activations_without_checkpointing_match_the_tensors_autograd_saves(tiny_llama_dir):
+    """Reference: sum the distinct storages autograd saves for backward in one forward (parameters excluded)."""
+    import transformers
+
+    from qlorakit.lora import add_lora
+    from qlorakit.models import quantize_model
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    quantize_model(model, QuantConfig())
+    add_lora(model, LoraConfig(r=4, dropout=0.05))
+    model.train()
+    fixed = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in fixed and t.numel() > 1:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    seq = 64
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=torch.randint(0, 256, (1, seq)))
+    settings = PlanSettings(seq_len=seq, lora_r=4, lora_dropout=0.05, device="cpu", gradient_checkpointing=False)
+    predicted = plan(model_shape(tiny_llama_dir), settings).part("activations")
+    # The formula ignores the final norm and lm_head input (one d-vector per token): within 5%.
+    assert predicted == pytest.approx(sum(saved.values()), rel=0.05)
+
+
+def test_paged_budget_too_small_names_the_tensor_and_the_minimum(llama):
+    with pytest.raises(ConfigError, match=r"optimizer budget 1 MiB cannot hold .*raise the budget to at least"):
+        plan(llama["7b"], PlanSettings(lora_r=1024, optim_budget_mib=1))
+    with pytest.raises(ConfigError, match="applies to paged optimizers"):
+        PlanSettings(optim="adamw", optim_budget_mib=64)
+
+
+@pytest.mark.parametrize("field,value", [("optim", "sgd"), ("seq_len", 0), ("device", "tpu"), ("lora_dtype", "int8")])
+def test_invalid_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field if field != "optim" else "unknown optimizer 'sgd'"):
+        PlanSettings(**{field: value})
+
+
+@pytest.mark.parametrize("text,expected", [("48GB", 48 * 10**9), ("24GiB", 24 * 2**30), ("512 MiB", 512 * 2**20),
+                                           ("1.5GB", 1_500_000_000), ("1000", 1000)])  # fmt: skip
+def test_parse_size_units(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["48XB", "GB", "-3GB", "0GB"])
+def test_parse_size_rejects_unclear_sizes(text):
+    with pytest.raises(ConfigError, match="memory size"):
+        parse_size(text)
