@@ -49,28 +49,29 @@ static inline float block_scale(int64_t b, const float* absmax, const uint8_t* q
     return nested_code[qabsmax[b]] * nested_absmax[b / nested_bs] + offset;
 }
 
-/* y[rows][out] = x[rows][in] @ dequant(W)^T for an even `in`; seg = gcd(blocksize, in) elements.
-   Each weight is decoded once and used for every row of x. */
+#define GROUP 8 /* rows of x that share each decoded weight vector, accumulators kept in registers */
+
+/* y[rows][out] = x[rows][in] @ dequant(W)^T for an even `in`; seg = gcd(blocksize, in) elements. */
 void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
               const float* nested_absmax, const float* nested_code, float offset, int64_t nested_bs,
               const float* code, float* y, int64_t out, int64_t in, int64_t blocksize, int64_t seg, int64_t rows) {
     int64_t half = in / 2, seg_bytes = seg / 2, segs = in / seg;
-    float* xe = (float*)malloc(sizeof(float) * half * 2 * rows);  /* xe[r][j] = x[r][2j], xo[r][j] = x[r][2j+1] */
-    float* xo = xe + half * rows;
+    int64_t padded = rows == 1 ? 1 : (rows + GROUP - 1) / GROUP * GROUP;
+    /* xe[r][j] = x[r][2j], xo[r][j] = x[r][2j+1]; rows past `rows` are zero */
+    float* xe = (float*)calloc((size_t)(half * 2 * padded), sizeof(float));
+    float* xo = xe + half * padded;
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < half; j++) { xe[r * half + j] = x[r * in + 2 * j]; xo[r * half + j] = x[r * in + 2 * j + 1]; }
 #ifdef __AVX512F__
     int vector = seg_bytes % 16 == 0;
     __m512 table = _mm512_loadu_ps(code);
     __m512i low4 = _mm512_set1_epi32(15);
-    __m512* acc = (__m512*)aligned_alloc(64, sizeof(__m512) * 2 * rows);
-    __m512* acc_row = acc + rows;
 #endif
     for (int64_t o = 0; o < out; o++) {
         const uint8_t* wrow = packed + o * half;
         int64_t first = o * in;
 #ifdef __AVX512F__
-        if (vector && rows == 1) {  /* batch 1: the accumulators stay in registers */
+        if (vector && rows == 1) {  /* batch 1 */
             __m512 total = _mm512_setzero_ps();
             for (int64_t s = 0; s < segs; s++) {
                 __m512 sum = _mm512_setzero_ps();
@@ -88,24 +89,27 @@ void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const 
             y[o] = _mm512_reduce_add_ps(total);
             continue;
         }
-        if (vector) {
-            for (int64_t r = 0; r < rows; r++) acc_row[r] = _mm512_setzero_ps();
-            for (int64_t s = 0; s < segs; s++) {
-                for (int64_t r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-                for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j += 16) {
-                    __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + j)));
-                    __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-                    __m512 w_lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table);
-                    for (int64_t r = 0; r < rows; r++) {
-                        acc[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xe + r * half + j), acc[r]);
-                        acc[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xo + r * half + j), acc[r]);
+        if (vector) {  /* GROUP rows at a time, each decoded weight vector used GROUP times */
+            for (int64_t g = 0; g < padded; g += GROUP) {
+                __m512 total[GROUP], sum[GROUP];
+                for (int r = 0; r < GROUP; r++) total[r] = _mm512_setzero_ps();
+                for (int64_t s = 0; s < segs; s++) {
+                    for (int r = 0; r < GROUP; r++) sum[r] = _mm512_setzero_ps();
+                    for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j += 16) {
+                        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + j)));
+                        __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+                        __m512 w_lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table);
+                        for (int r = 0; r < GROUP; r++) {
+                            sum[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xe + (g + r) * half + j), sum[r]);
+                            sum[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xo + (g + r) * half + j), sum[r]);
+                        }
                     }
+                    __m512 scale = _mm512_set1_ps(block_scale((first + s * seg) / blocksize, absmax, qabsmax,
+                                                              nested_absmax, nested_code, offset, nested_bs));
+                    for (int r = 0; r < GROUP; r++) total[r] = _mm512_fmadd_ps(sum[r], scale, total[r]);
                 }
-                __m512 scale = _mm512_set1_ps(block_scale((first + s * seg) / blocksize, absmax, qabsmax,
-                                                          nested_absmax, nested_code, offset, nested_bs));
-                for (int64_t r = 0; r < rows; r++) acc_row[r] = _mm512_fmadd_ps(acc[r], scale, acc_row[r]);
+                for (int r = 0; r < GROUP && g + r < rows; r++) y[(g + r) * out + o] = _mm512_reduce_add_ps(total[r]);
             }
-            for (int64_t r = 0; r < rows; r++) y[r * out + o] = _mm512_reduce_add_ps(acc_row[r]);
             continue;
         }
 #endif
@@ -125,9 +129,6 @@ void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const 
             y[r * out + o] = total;
         }
     }
-#ifdef __AVX512F__
-    free(acc);
-#endif
     free(xe);
 }
 """
