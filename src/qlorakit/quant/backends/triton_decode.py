@@ -38,16 +38,9 @@ def block_scale(
 
 
 @triton.jit
-def decode_elements(
-    e, mask, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-):
-    """Flat element indices ``e`` (int32, any shape) -> fp32 weight values of the same shape (0 off mask)."""
+def code_values(e, mask, packed_ptr, code_ptr):
+    """Flat element indices ``e`` (int32, any shape) -> fp32 ``table[code]`` of the same shape (0 off mask)."""
     byte = tl.load(packed_ptr + (e >> 1), mask=mask, other=0).to(tl.int32)
     shift = ((e & 1) ^ 1) * 4  # even index: high nibble
     code = (byte >> shift) & 0x0F
-    value = tl.load(code_ptr + code, mask=mask, other=0.0)
-    scale = block_scale(
-        e // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT
-    )
-    return value * scale
+    return tl.load(code_ptr + code, mask=mask, other=0.0)

@@ -6,12 +6,12 @@
 - ``dequantize_kernel``: ``out[e] = table[code_e] * scale(e // B)`` for every element; one program decodes
   ``BLOCK`` packed bytes (``2 BLOCK`` values), reading each byte and each block scale once. Memory bound:
   ``n/2`` bytes of codes + ``n/B`` scales in, ``n`` values out.
-- ``matmul_kernel``: ``out (M, P) = a (M, R) @ Wv (R, P)`` where ``Wv`` is a view of ``W`` given by two
-  strides, ``Wv[r, p] = W.flat[p * W_STRIDE_P + r * W_STRIDE_R]``:
-  forward ``y = x W^T`` is ``(R, P) = (K, N)``, strides ``(K, 1)`` for ``(p, r)``;
-  input gradient ``dx = dy W`` is ``(R, P) = (N, K)``, strides ``(1, K)``.
+- ``matmul_kernel``: ``out (M, P) = a (M, R) @ Wv (R, P)`` with ``Wv = W^T`` (``FORWARD``: ``y = x W^T``,
+  ``(R, P) = (K, N)``) or ``Wv = W`` (input gradient ``dx = dy W``, ``(R, P) = (N, K)``).
   Each ``(BLOCK_M, BLOCK_P)`` output tile accumulates ``tl.dot`` of an activation tile and a ``(BLOCK_R,
   BLOCK_P)`` weight tile decoded in registers: the dequantized ``W`` is never written to memory.
+  When ``K % B == 0`` (``K_ALIGNED``, every real model) and the tile's extent along ``K`` divides ``B``,
+  each W row of the tile lies in one block, so the block scale is gathered once per row, not per element.
   The weight tile is cast to the activation dtype before the dot (as the reference casts the whole
   dequantized weight), the accumulator is fp32, the output is cast to ``out``'s dtype. ``M_BUCKET``
   (``M`` rounded up to a power of two) is unused by the body: it is the autotuner's key.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from qlorakit.quant.backends.triton_decode import block_scale, decode_elements
+from qlorakit.quant.backends.triton_decode import block_scale, code_values
 
 
 @triton.jit
@@ -52,9 +52,10 @@ def dequantize_kernel(
 @triton.jit
 def matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr,
-    M, P, R, stride_am, stride_ar, stride_om, stride_op, W_STRIDE_P, W_STRIDE_R, M_BUCKET,
+    M, P, R, K, stride_am, stride_ar, stride_om, stride_op, M_BUCKET,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    FORWARD: tl.constexpr, K_ALIGNED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -66,11 +67,27 @@ def matmul_kernel(
         a_mask = (rm[:, None] < M) & (rr[None, :] < R)
         a = tl.load(a_ptr + rm[:, None] * stride_am + rr[None, :] * stride_ar, mask=a_mask, other=0.0)  # (BM, BR)
         w_mask = (rr[:, None] < R) & (rp[None, :] < P)
-        e = rp[None, :] * W_STRIDE_P + rr[:, None] * W_STRIDE_R  # (BR, BP) flat indices into W
-        w = decode_elements(
-            e, w_mask, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
-        )
+        if FORWARD:
+            e = rp[None, :] * K + rr[:, None]  # (BR, BP) flat index of W[p, r]
+        else:
+            e = rr[:, None] * K + rp[None, :]  # (BR, BP) flat index of W[r, p]
+        value = code_values(e, w_mask, packed_ptr, code_ptr)  # (BR, BP) table[code]
+        if FORWARD and K_ALIGNED and BLOCKSIZE % BLOCK_R == 0:  # the tile's column of each W row is one block
+            blocks = rp * (K // BLOCKSIZE) + r0 // BLOCKSIZE  # (BP,)
+            scale = block_scale(
+                blocks, rp < P, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT
+            )[None, :]
+        elif not FORWARD and K_ALIGNED and BLOCKSIZE % BLOCK_P == 0:  # the tile's part of each W row is one block
+            blocks = rr * (K // BLOCKSIZE) + (pid_p * BLOCK_P) // BLOCKSIZE  # (BR,)
+            scale = block_scale(
+                blocks, rr < R, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT
+            )[:, None]
+        else:
+            scale = block_scale(
+                e // BLOCKSIZE, w_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, NESTED_BLOCKSIZE,
+                DOUBLE_QUANT,
+            )  # (BR, BP)
+        w = value * scale
         acc = tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION)  # (BM, BP) fp32
     out_mask = (rm[:, None] < M) & (rp[None, :] < P)
     out = out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op

@@ -45,7 +45,10 @@ def _gpu_configs(name: str) -> list:
     if name == "dequant":
         return [c({"BLOCK": b}, num_warps=w) for b in (512, 1024, 2048) for w in (4, 8)]
     if name == "matmul":
-        shapes = [(128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 2), (16, 128, 64, 4, 3)]
+        # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages). ptxas (sm_90a, Triton 3.9) reports no register spills for
+        # these in the orientations they suit: BLOCK_P <= 64 keeps the input-gradient scale per row.
+        shapes = [(128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3),
+                  (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3), (16, 128, 64, 4, 3), (16, 64, 64, 4, 3)]
         return [c({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r}, num_warps=w, num_stages=s) for m, p, r, w, s in shapes]
     return [c({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w) for n, b, w in [(4, 128, 2), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (32, 64, 8)]]
 
@@ -56,7 +59,7 @@ def _kernel(name: str):
     fn = {"dequant": kernels.dequantize_kernel, "matmul": kernels.matmul_kernel, "gemv": kernels.gemv_kernel}[name]
     if INTERPRETED:
         return fn, _SMALL[name]
-    keys = {"dequant": ["n_elements"], "matmul": ["M_BUCKET", "P", "R"], "gemv": ["N", "K"]}[name]
+    keys = {"dequant": ["n_elements"], "matmul": ["M_BUCKET", "P", "R", "FORWARD"], "gemv": ["N", "K"]}[name]
     return triton.autotune(_gpu_configs(name), key=keys)(fn), {}
 
 
@@ -110,8 +113,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, p: int, r: int, w_strides: tuple[int, int]) -> torch.Tensor:
-    """``a (M, r) @ Wv (r, p) -> (M, p)`` where ``Wv[r, p] = W.flat[p * s_p + r * s_r]``."""
+def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, forward: bool) -> torch.Tensor:
+    """``a (M, R) @ W^T -> (M, N)`` (``forward``) or ``a (M, R) @ W -> (M, K)``, for ``W`` of shape ``(N, K)``."""
+    n_out, k_in = q.shape
+    p, r = (n_out, k_in) if forward else (k_in, n_out)
     m = a.shape[0]
     out = torch.empty((m, p), dtype=a.dtype, device=a.device)
     if m == 0:
@@ -122,8 +127,9 @@ def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, p: int, r: int, w_stride
     grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
     with _on(out.device):
         kernel[grid](
-            a, *args, out, m, p, r, a.stride(0), a.stride(1), out.stride(0), out.stride(1), *w_strides, bucket,
-            **meta, PRECISION=_precision(a.dtype), **fixed, enable_fp_fusion=False,
+            a, *args, out, m, p, r, k_in, a.stride(0), a.stride(1), out.stride(0), out.stride(1), bucket, **meta,
+            FORWARD=forward, K_ALIGNED=k_in % q.blocksize == 0, PRECISION=_precision(a.dtype), **fixed,
+            enable_fp_fusion=False,
         )
     return out
 
@@ -145,7 +151,7 @@ def matmul_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     a = _rows(x, k_in, "the input")
     if a.shape[0] == 1 and k_in % 2 == 0:
         return gemv_4bit(x, q)
-    out = _launch_matmul(a, q, n_out, k_in, (k_in, 1))  # (M, N)
+    out = _launch_matmul(a, q, forward=True)  # (M, N)
     return out.view(*x.shape[:-1], n_out)
 
 
@@ -154,7 +160,7 @@ def grad_input_4bit(grad_out: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     n_out, k_in = q.shape
     _check_device(grad_out, q, "the output gradient")
     a = _rows(grad_out, n_out, "the output gradient")
-    out = _launch_matmul(a, q, k_in, n_out, (1, k_in))  # (M, K)
+    out = _launch_matmul(a, q, forward=False)  # (M, K)
     return out.view(*grad_out.shape[:-1], k_in)
 
 
