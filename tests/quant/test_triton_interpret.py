@@ -117,6 +117,12 @@ def test_empty_batch_gives_an_empty_result():
     assert ops.grad_input_4bit(torch.randn(2, 0, 16, device=DEVICE), q).shape == (2, 0, 32)
 
 
+def test_float64_activations_stay_on_the_reference_path():
+    q = random_weight((16, 32), "nf4", 32, True, DEVICE)
+    assert ops.is_supported(q, torch.zeros(2, 32, device=DEVICE))
+    assert not ops.is_supported(q, torch.zeros(2, 32, dtype=torch.float64, device=DEVICE))
+
+
 def test_kernels_name_a_feature_mismatch():
     q = random_weight((16, 32), "nf4", 32, True, DEVICE)
     with pytest.raises(QuantizationError, match="31 features"):
@@ -131,8 +137,8 @@ class _CountingBackend:
     def __init__(self):
         self.calls = []
 
-    def is_supported(self, q):
-        return ops.is_supported(q)
+    def is_supported(self, q, t):
+        return ops.is_supported(q, t)
 
     def matmul_4bit(self, x, q):
         self.calls.append("forward")

@@ -33,7 +33,7 @@ class _Matmul4bit(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:  # x: (..., in)
         ctx.qweight = qweight
         fast = backends.select(x.device)  # Triton kernels for CUDA tensors; None on CPU
-        if fast is not None and fast.is_supported(qweight):
+        if fast is not None and fast.is_supported(qweight, x):
             return fast.matmul_4bit(x, qweight)  # (..., out), W decoded tile by tile, never stored
         weight = dequantize_4bit(qweight, dtype=x.dtype)  # (out, in)
         return x @ weight.t()  # (..., out)
@@ -43,7 +43,7 @@ class _Matmul4bit(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None
         fast = backends.select(grad_out.device)
-        if fast is not None and fast.is_supported(ctx.qweight):
+        if fast is not None and fast.is_supported(ctx.qweight, grad_out):
             return fast.grad_input_4bit(grad_out, ctx.qweight), None  # (..., in)
         weight = dequantize_4bit(ctx.qweight, dtype=grad_out.dtype)  # (out, in)
         return grad_out @ weight, None  # (..., in)

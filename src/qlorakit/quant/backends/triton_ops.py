@@ -134,8 +134,11 @@ def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, forward: bool) -> torch.
     return out
 
 
+_ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _rows(t: torch.Tensor, features: int, what: str) -> torch.Tensor:
-    if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if t.dtype not in _ACTIVATION_DTYPES:
         raise QuantizationError(f"{what} has dtype {t.dtype}; use float32, bfloat16 or float16")
     if t.shape[-1] != features:
         raise QuantizationError(f"{what} has {t.shape[-1]} features in its last dimension, the 4-bit weight needs {features}")
@@ -181,6 +184,8 @@ def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], n_out)
 
 
-def is_supported(q: QuantizedTensor) -> bool:
-    """Whether these kernels take ``q``: a 2-D weight with int32-addressable elements."""
-    return len(q.shape) == 2 and q.numel <= MAX_ELEMENTS and math.prod(q.shape) > 0
+def is_supported(q: QuantizedTensor, t: torch.Tensor | None = None) -> bool:
+    """Whether these kernels take ``q`` (a non-empty 2-D weight with int32-addressable elements) and the
+    activation ``t`` (fp32/bf16/fp16, int32-addressable); otherwise callers keep the pure-torch path."""
+    weight_ok = len(q.shape) == 2 and 0 < math.prod(q.shape) <= MAX_ELEMENTS
+    return weight_ok and (t is None or (t.dtype in _ACTIVATION_DTYPES and t.numel() <= MAX_ELEMENTS))
