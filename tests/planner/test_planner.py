@@ -148,3 +148,17 @@ def test_parse_size_units(text, expected):
 def test_parse_size_rejects_unclear_sizes(text):
     with pytest.raises(ConfigError, match="memory size"):
         parse_size(text)
+
+
+def test_cpu_rows_follow_the_trainer_allocator_and_loss_settings(tiny_llama_dir):
+    shape = model_shape(tiny_llama_dir)
+    default = plan(shape, PlanSettings(device="cpu", lora_r=4))
+    dynamic = plan(shape, PlanSettings(device="cpu", lora_r=4, mmap_threshold_kib=0))
+    names = {p.name for p in default.parts}
+    assert {"framework", "checkpoint_save"} <= names and "heap_retention" not in names  # trainer fixes the threshold
+    assert dynamic.part("heap_retention") > 0
+    full = plan(shape, PlanSettings(device="cpu", lora_r=4, loss_chunk=0, seq_len=1024))
+    assert full.part("logits") == 3 * 1024 * 256 * 4  # three fp32 copies of (tokens, vocab)
+    chunked = plan(shape, PlanSettings(device="cpu", lora_r=4, loss_chunk=128, seq_len=1024))
+    assert chunked.part("logits") == 2 * 128 * 256 * 4 + 2 * 1024 * 64 * 4  # two chunks + rows and their grad
+    assert "heap_retention" not in {p.name for p in plan(shape, PlanSettings(device="gpu", mmap_threshold_kib=0)).parts}

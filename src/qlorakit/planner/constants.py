@@ -12,11 +12,16 @@ model; re-measure them with the command given when the stack changes.
 #: ``OMP_NUM_THREADS=1 python benchmarks/plan_accuracy.py --measure-framework`` -> 458 MiB.
 CPU_FRAMEWORK_BYTES = 458 * 2**20
 
-#: Simultaneous fp32 copies of the ``(batch, seq, vocab)`` logits at the start of backward: the
-#: log-softmax output saved by cross-entropy, the gradient of the NLL and the log-softmax gradient (the
-#: trainer's ``token_loss_sum``). The tiny model above trained at seq 128 and 512 grows by 3.4-3.9 copies
-#: (the remainder is its activations and adapters).
+#: Simultaneous fp32 copies of the ``(batch, seq, vocab)`` logits at the start of backward with the
+#: full-logits loss (``train.loss.reference_loss_sum``): the log-softmax output saved by cross-entropy, the
+#: gradient of the NLL and the log-softmax gradient. A training loop on the tiny model above at seq 128 and
+#: 512 grew by 3.4-3.9 copies (the remainder is its activations and adapters).
 LOGITS_FP32_COPIES = 3
+
+#: fp32 ``(chunk, vocab)`` blocks alive at once in the chunked head + cross-entropy
+#: (``train.loss.chunked_loss_sum``): the chunk's logits (turned into its softmax in place) and the
+#: temporary of ``logsumexp``; read from the code, not fitted.
+CHUNK_FP32_COPIES = 2
 
 #: Heap memory glibc keeps resident after the dequantize transients of a training step, per quantized
 #: parameter. glibc raises its mmap threshold (up to 32 MiB) after freeing a large block, so the

@@ -20,13 +20,17 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte mask with
   dropout). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
   block being recomputed (attention scores are not stored: SDPA);
-- ``logits``            ``LOGITS_FP32_COPIES * B T' V * 4`` with ``T' = T`` or the loss chunk length;
+- ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
+  ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
+  temporary, the target rows and their gradient); with ``loss_chunk = 0`` the full-logits reference,
+  ``LOGITS_FP32_COPIES * B T V * 4``. Every token is assumed to be a target (the worst case);
 - ``dequant_workspace`` one dequantize of the largest weight: int32 byte indices (2 bytes/value), the
   gathered int64 pairs (4), the fp32 product (4) and its cast to ``c`` (when ``c`` is not fp32);
 - CPU only: ``checkpoint_save`` ``2 (optimizer state, paged part included) + 2 lora_params``: saving a
   checkpoint reads the paged state back and safetensors serializes every tensor into a bytes buffer
-  (on a GPU both copies are in host memory); ``framework`` (``CPU_FRAMEWORK_BYTES``) and ``heap_retention``
-  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value), both measured, see ``planner.constants``.
+  (on a GPU both copies are in host memory); ``framework`` (``CPU_FRAMEWORK_BYTES``, measured) and, only
+  when the trainer leaves glibc's mmap threshold dynamic (``mmap_threshold_kib = 0``), ``heap_retention``
+  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated); see ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 """
@@ -39,10 +43,11 @@ from typing import Any
 
 import torch
 
-from qlorakit.config import COMPUTE_DTYPES, QuantConfig
-from qlorakit.constants import OPTIMIZER_NAMES
+from qlorakit.config import COMPUTE_DTYPES, QuantConfig, TrainConfig
+from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
 from qlorakit.errors import ConfigError
 from qlorakit.planner.constants import (
+    CHUNK_FP32_COPIES,
     CPU_FRAMEWORK_BYTES,
     CPU_HEAP_RETENTION_PER_QPARAM,
     LOGITS_FP32_COPIES,
@@ -70,7 +75,8 @@ class PlanSettings:
     device: str = "gpu"
     compute_dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
-    loss_chunk: int = 0  # tokens whose logits exist at once; 0 = the whole sequence
+    loss_chunk: int = LOSS_CHUNK_TOKENS  # rows of logits at once (the trainer's default); 0 = full logits
+    mmap_threshold_kib: int = TrainConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
@@ -78,7 +84,7 @@ class PlanSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 1")
-        for name in ("optim_budget_mib", "loss_chunk"):
+        for name in ("optim_budget_mib", "loss_chunk", "mmap_threshold_kib"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 0")
@@ -163,15 +169,16 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("optimizer_state", resident_optim, _optim_note(s, offloaded)),
         Part("activations", act_ckpt if s.gradient_checkpointing else act_full,
              "saved for backward, " + ("checkpointing on" if s.gradient_checkpointing else "no checkpointing")),
-        Part("logits", logits_bytes(shape, s), f"{LOGITS_FP32_COPIES} fp32 copies of batch x tokens x vocab"),
+        Part("logits", logits_bytes(shape, s), _logits_note(s)),
         Part("dequant_workspace", n_max * (2 + 4 + 4 + (0 if c == 4 else c)), "one dequantize of the largest weight"),
     ]  # fmt: skip
     if s.device == "cpu":
         saved = 2 * (resident_optim + offloaded) + 2 * lora_values * lb
         parts.append(Part("checkpoint_save", saved, "optimizer state and adapter read back and serialized"))
         parts.append(Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)"))
-        retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
-        parts.append(Part("heap_retention", retention, "glibc heap kept after dequantize transients (calibrated)"))
+        if s.mmap_threshold_kib == 0:
+            retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
+            parts.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
     alternatives = {
         "quant_constants_with_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, True)),
         "quant_constants_without_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, False)),
@@ -189,6 +196,12 @@ def _with_dq(quant: QuantConfig, double_quant: bool) -> QuantConfig:
 def _dq_note(quant: QuantConfig) -> str:
     kind = "uint8 absmax + fp32 nested absmax (double quant)" if quant.double_quant else "fp32 absmax (no double quant)"
     return f"{quant.quant_type.upper()} block {quant.blocksize}: {kind}"
+
+
+def _logits_note(s: PlanSettings) -> str:
+    if s.loss_chunk:
+        return f"chunked head + cross-entropy, {s.loss_chunk} rows at a time"
+    return f"full logits: {LOGITS_FP32_COPIES} fp32 copies of batch x tokens x vocab"
 
 
 def _optim_note(s: PlanSettings, offloaded: int) -> str:
@@ -271,6 +284,9 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
 
 
 def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
-    """fp32 logits, their log-softmax and gradients for the tokens materialized at once."""
-    tokens = s.seq_len if s.loss_chunk == 0 else min(s.loss_chunk, s.seq_len)
-    return LOGITS_FP32_COPIES * s.batch_size * tokens * shape.vocab_size * 4
+    """The loss: one chunk of fp32 logits (+ temporary) and the target rows with their gradient, or full logits."""
+    tokens = s.batch_size * s.seq_len
+    if s.loss_chunk == 0:
+        return LOGITS_FP32_COPIES * tokens * shape.vocab_size * 4
+    rows = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.compute]
+    return CHUNK_FP32_COPIES * min(s.loss_chunk, tokens) * shape.vocab_size * 4 + rows
