@@ -7,8 +7,10 @@ consecutive inputs (a segment lies in one block, so it has one scale ``s``),
 
 With AVX-512 the 16-entry table ``T`` sits in one register and ``_mm512_permutexvar_ps`` looks up 16
 codes at once; the high and low nibbles of 16 packed bytes meet the even and odd inputs (de-interleaved
-once per call), so 32 weights cost two lookups and two fused multiply-adds and are never stored. Each
-segment's vector sum is scaled and added to the row's vector accumulator, which is reduced once per row.
+once per call), so 32 weights cost two lookups and two fused multiply-adds and are never stored. For one
+input row each segment's vector sum is scaled and added to the row's accumulator, reduced once per row;
+for several rows (a short prefill) two weight rows are decoded and scaled at a time and used for 8 input
+rows, with the 16 accumulators in registers.
 The double-quantized scale is decoded in the kernel exactly as ``block_absmax`` does it in fp32:
 ``nested_code[a] * nested_absmax[b / 256] + offset``. Without AVX-512 (or when ``G`` is not a multiple
 of 32) a scalar loop does the same sums.
@@ -89,27 +91,39 @@ void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const 
             y[o] = _mm512_reduce_add_ps(total);
             continue;
         }
-        if (vector) {  /* GROUP rows at a time, each decoded weight vector used GROUP times */
+        if (vector) {  /* weight rows o, o+1 against GROUP rows of x: 16 accumulators in registers */
+            int64_t o1 = o + 1 < out ? o + 1 : o;  /* an odd last row is paired with itself */
+            const uint8_t* wrow1 = packed + o1 * half;
             for (int64_t g = 0; g < padded; g += GROUP) {
-                __m512 total[GROUP], sum[GROUP];
-                for (int r = 0; r < GROUP; r++) total[r] = _mm512_setzero_ps();
+                __m512 acc0[GROUP], acc1[GROUP];
+                for (int r = 0; r < GROUP; r++) { acc0[r] = _mm512_setzero_ps(); acc1[r] = _mm512_setzero_ps(); }
                 for (int64_t s = 0; s < segs; s++) {
-                    for (int r = 0; r < GROUP; r++) sum[r] = _mm512_setzero_ps();
+                    __m512 sc0 = _mm512_set1_ps(block_scale((first + s * seg) / blocksize, absmax, qabsmax,
+                                                            nested_absmax, nested_code, offset, nested_bs));
+                    __m512 sc1 = _mm512_set1_ps(block_scale((o1 * in + s * seg) / blocksize, absmax, qabsmax,
+                                                            nested_absmax, nested_code, offset, nested_bs));
                     for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j += 16) {
-                        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + j)));
-                        __m512 w_hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-                        __m512 w_lo = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table);
+                        __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow + j)));
+                        __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(wrow1 + j)));
+                        /* dequantized weights T[c] * scale, as the reference computes them */
+                        __m512 w0h = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table), sc0);
+                        __m512 w0l = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b0, low4), table), sc0);
+                        __m512 w1h = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table), sc1);
+                        __m512 w1l = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b1, low4), table), sc1);
                         for (int r = 0; r < GROUP; r++) {
-                            sum[r] = _mm512_fmadd_ps(w_hi, _mm512_loadu_ps(xe + (g + r) * half + j), sum[r]);
-                            sum[r] = _mm512_fmadd_ps(w_lo, _mm512_loadu_ps(xo + (g + r) * half + j), sum[r]);
+                            __m512 ve = _mm512_loadu_ps(xe + (g + r) * half + j);
+                            __m512 vo = _mm512_loadu_ps(xo + (g + r) * half + j);
+                            acc0[r] = _mm512_fmadd_ps(w0l, vo, _mm512_fmadd_ps(w0h, ve, acc0[r]));
+                            acc1[r] = _mm512_fmadd_ps(w1l, vo, _mm512_fmadd_ps(w1h, ve, acc1[r]));
                         }
                     }
-                    __m512 scale = _mm512_set1_ps(block_scale((first + s * seg) / blocksize, absmax, qabsmax,
-                                                              nested_absmax, nested_code, offset, nested_bs));
-                    for (int r = 0; r < GROUP; r++) total[r] = _mm512_fmadd_ps(sum[r], scale, total[r]);
                 }
-                for (int r = 0; r < GROUP && g + r < rows; r++) y[(g + r) * out + o] = _mm512_reduce_add_ps(total[r]);
+                for (int r = 0; r < GROUP && g + r < rows; r++) {
+                    y[(g + r) * out + o] = _mm512_reduce_add_ps(acc0[r]);
+                    y[(g + r) * out + o1] = _mm512_reduce_add_ps(acc1[r]);
+                }
             }
+            o = o1;  /* the loop's o++ moves past the pair */
             continue;
         }
 #endif
