@@ -14,7 +14,8 @@ import argparse
 import json
 from typing import Any
 
-from qlorakit.constants import OPTIMIZER_NAMES
+from qlorakit.config import TrainConfig
+from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -41,7 +42,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
                    help="auto = bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--lora-dtype", choices=DTYPES, default="float32", help="adapter dtype (qlorakit: float32)")
-    p.add_argument("--loss-chunk", type=int, default=0, help="tokens of logits at once (0 = the whole sequence)")
+    p.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK_TOKENS,
+                   help="rows of logits at once, as the trainer (default: %(default)s; 0 = full logits)")
+    p.add_argument("--malloc-mmap-threshold-kib", type=int, default=TrainConfig().malloc_mmap_threshold_kib,
+                   help="CPU: the trainer's glibc mmap threshold (default: %(default)s; 0 = dynamic, more RSS)")
     p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
@@ -67,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq, batch_size=args.batch, lora_r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
         optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt, device=args.device,
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
+        mmap_threshold_kib=args.malloc_mmap_threshold_kib,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
