@@ -45,6 +45,12 @@ def test_dequantize_equals_reference_bit_for_bit(quant_type, blocksize, double_q
     assert torch.equal(ops.dequantize_4bit(q, dtype), reference_weight(q, dtype))
 
 
+@pytest.mark.parametrize("blocksize", [256, 4096])
+def test_dequantize_large_and_partial_blocks(blocksize):
+    q = random_weight((3, 3001), "nf4", blocksize, True, DEVICE)  # odd count, a partial last block
+    assert torch.equal(ops.dequantize_4bit(q, torch.float32), reference_weight(q, torch.float32))
+
+
 def test_dequantize_spans_several_nested_blocks():
     q = random_weight((160, 128), "nf4", 64, True, DEVICE)  # 320 blocks: two nested (256-block) scales
     assert q.nested.absmax.numel() == 2

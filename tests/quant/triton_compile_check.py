@@ -33,7 +33,7 @@ def _matmul(dtype: str, forward: bool, aligned: bool) -> tuple:
 
 CASES = {
     "dequantize bf16": (kernels.dequantize_kernel, WEIGHT | {"out_ptr": "*bf16", "n_elements": "i32"},
-                        FORMAT | {"BLOCK": 1024}),
+                        FORMAT | {"ROWS": 64}),
     "gemv fp16": (kernels.gemv_kernel, {"x_ptr": "*fp16"} | WEIGHT | {"out_ptr": "*fp16", "N": "i32", "K": "i32"},
                   FORMAT | {"BLOCK_N": 8, "BLOCK_B": 128}),
     "matmul forward bf16 aligned": _matmul("bf16", True, True),

@@ -4,8 +4,8 @@
 ``triton_decode``. Three kernels:
 
 - ``dequantize_kernel``: ``out[e] = table[code_e] * scale(e // B)`` for every element; one program decodes
-  ``BLOCK`` packed bytes (``2 BLOCK`` values), reading each byte and each block scale once. Memory bound:
-  ``n/2`` bytes of codes + ``n/B`` scales in, ``n`` values out.
+  ``ROWS`` whole quantization blocks as a ``(ROWS, B/2)`` tile of packed bytes, reading each byte once and
+  computing each block's scale once. Memory bound: ``n/2`` bytes of codes + ``n/B`` scales in, ``n`` values out.
 - ``matmul_kernel``: ``out (M, P) = a (M, R) @ Wv (R, P)`` with ``Wv = W^T`` (``FORWARD``: ``y = x W^T``,
   ``(R, P) = (K, N)``) or ``Wv = W`` (input gradient ``dx = dy W``, ``(R, P) = (N, K)``).
   Each ``(BLOCK_M, BLOCK_P)`` output tile accumulates ``tl.dot`` of an activation tile and a ``(BLOCK_R,
@@ -31,21 +31,20 @@ from qlorakit.quant.backends.triton_decode import block_scale, code_values
 @triton.jit
 def dequantize_kernel(
     packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr, n_elements,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ROWS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    byte_idx = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
+    block = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) the quantization blocks of this program
+    byte_idx = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]  # (ROWS, B/2)
     byte_mask = byte_idx * 2 < n_elements
     byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
-    hi = tl.load(code_ptr + (byte >> 4), mask=byte_mask, other=0.0)
-    lo = tl.load(code_ptr + (byte & 0x0F), mask=byte_mask, other=0.0)
-    # B is even, so both codes of a byte share the block of the even element 2 * byte_idx.
+    hi = tl.load(code_ptr + (byte >> 4), mask=byte_mask, other=0.0)  # even elements
+    lo = tl.load(code_ptr + (byte & 0x0F), mask=byte_mask, other=0.0)  # odd elements
     scale = block_scale(
-        (byte_idx * 2) // BLOCKSIZE, byte_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+        block, block * BLOCKSIZE < n_elements, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
         NESTED_BLOCKSIZE, DOUBLE_QUANT,
-    )
-    values = tl.interleave(hi * scale, lo * scale)  # (2 BLOCK,) in flat order
-    out_idx = pid * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    )[:, None]  # (ROWS, 1): one gather chain per block
+    values = tl.interleave(hi * scale, lo * scale)  # (ROWS, B) in flat order
+    out_idx = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + out_idx, values.to(out_ptr.dtype.element_ty), mask=out_idx < n_elements)
 
 

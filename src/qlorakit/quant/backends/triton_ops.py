@@ -6,10 +6,11 @@
 - ``gemv_4bit(x, q)``: the batch-1 path of ``matmul_4bit``.
 
 Kernels run compiled on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``
-set before triton is first imported; Triton reads it when a function is decorated). The
-interpreter runs ``tl.dot`` with numpy, which takes fp32 inputs only. On the GPU the block sizes come from
-``triton.autotune`` over a few configurations per weight shape; under the interpreter they are fixed and
-small. Every launch disables floating-point contraction so the decoded weights equal the reference's.
+set before triton is first imported; Triton reads it when a function is decorated). The interpreter runs
+``tl.dot`` with numpy, which takes fp32 inputs only. On the GPU the matmul and GEMV block sizes come from
+``triton.autotune`` over a few configurations per weight shape, and dequantization reads whole
+quantization blocks, 2 KiB of codes per program; under the interpreter all sizes are fixed and small.
+Every launch disables floating-point contraction so the decoded weights equal the reference's.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ if INTERPRETED and type(tl.standard.cdiv).__name__ != "InterpretedFunction":
         "TRITON_INTERPRET=1 was set after triton had been imported; set it before the first import of triton"
     )
 
-_SMALL = {"dequant": {"BLOCK": 64}, "matmul": {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 32}, "gemv": {"BLOCK_N": 8, "BLOCK_B": 16}}
+_SMALL = {"matmul": {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 32}, "gemv": {"BLOCK_N": 8, "BLOCK_B": 16}}
+
+#: Packed bytes one dequantize program reads (whole blocks; a single block when it is larger).
+DEQUANT_BYTES = 64 if INTERPRETED else 2048
 
 
 def _gpu_configs(name: str) -> list:
     c = triton.Config
-    if name == "dequant":
-        return [c({"BLOCK": b}, num_warps=w) for b in (512, 1024, 2048) for w in (4, 8)]
     if name == "matmul":
         # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages). ptxas (sm_90a, Triton 3.9) reports no register spills for
         # these in the orientations they suit: BLOCK_P <= 64 keeps the input-gradient scale per row.
@@ -56,10 +58,10 @@ def _gpu_configs(name: str) -> list:
 @cache
 def _kernel(name: str):
     """The kernel to launch and the meta-parameters to pass (none when autotuned)."""
-    fn = {"dequant": kernels.dequantize_kernel, "matmul": kernels.matmul_kernel, "gemv": kernels.gemv_kernel}[name]
+    fn = {"matmul": kernels.matmul_kernel, "gemv": kernels.gemv_kernel}[name]
     if INTERPRETED:
         return fn, _SMALL[name]
-    keys = {"dequant": ["n_elements"], "matmul": ["M_BUCKET", "P", "R", "FORWARD"], "gemv": ["N", "K"]}[name]
+    keys = {"matmul": ["M_BUCKET", "P", "R", "FORWARD"], "gemv": ["N", "K"]}[name]
     return triton.autotune(_gpu_configs(name), key=keys)(fn), {}
 
 
@@ -100,11 +102,11 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> tor
     _check_device(q.packed, q, "the packed codes")
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.device)
     args, meta = _weight_args(q)
-    kernel, fixed = _kernel("dequant")
-    n = q.numel
-    grid = lambda meta_: (triton.cdiv(n, 2 * meta_["BLOCK"]),)
+    rows = max(1, DEQUANT_BYTES // (q.blocksize // 2))  # blocks per program (powers of two)
+    launch = {} if INTERPRETED else {"num_warps": 4 if rows * q.blocksize <= 4096 else 8}
+    grid = (triton.cdiv(q.num_blocks, rows),)
     with _on(out.device):
-        kernel[grid](*args, out, n, **meta, **fixed, enable_fp_fusion=False)
+        kernels.dequantize_kernel[grid](*args, out, q.numel, **meta, ROWS=rows, enable_fp_fusion=False, **launch)
     return out
 
 
