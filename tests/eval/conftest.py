@@ -1,0 +1,31 @@
+"""Fixtures for the model evaluations (perplexity, MMLU): SmolLM2's tokenizer and a tiny model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(shared_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_dir / "models" / "smollm2-135m-instruct"), gguf_file=GGUF)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smol_tokenizer, tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 32, 2 layers) saved with SmolLM2's tokenizer, loadable by ``--model DIR``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return path
