@@ -198,6 +198,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
     loss_chunk_tokens: int = opt(LOSS_CHUNK_TOKENS, "target tokens per chunk of the head + cross-entropy, which "
                                  "never holds all logits at once (0 = full logits, the reference)")
+    fuse_lora: bool = opt(True, "one LoRA down-projection for projections that share an input (q/k/v, gate/up); "
+                          "same adapters and files, fewer matmuls")
     malloc_mmap_threshold_kib: int = opt(128, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS); 0 = glibc's dynamic threshold")
     seed: int = opt(42, "seed of initialization and dropout")
@@ -236,6 +238,8 @@ class TrainConfig:
             _fail("TrainConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps), "betas in [0, 1), eps > 0")
         if self.compute_dtype not in ("auto",) + COMPUTE_DTYPES:
             _fail("TrainConfig", "compute_dtype", self.compute_dtype, f"choose auto or one of {COMPUTE_DTYPES}")
+        if not isinstance(self.fuse_lora, bool):
+            _fail("TrainConfig", "fuse_lora", self.fuse_lora, "must be true or false")
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

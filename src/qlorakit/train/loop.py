@@ -29,6 +29,7 @@ from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.errors import ConfigError
 from qlorakit.hardware import flush_denormals, peak_rss_mb
+from qlorakit.lora.fused import shared_input_fusion
 from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.train.allocator import fix_mmap_threshold
 from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -140,7 +141,7 @@ def train(
     ``resume_from`` is a ``checkpoint-<step>`` directory; ``stop_after_steps`` ends this session early
     (after that many updates, with a checkpoint) as an interruption would, for time-boxed jobs.
     """
-    with flush_denormals():
+    with flush_denormals(), shared_input_fusion(model, cfg.train.fuse_lora):
         return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps)
 
 

@@ -1,0 +1,139 @@
+"""One LoRA down-projection for sibling projections that read the same input (q/k/v, gate/up).
+
+In a decoder block ``q_proj``, ``k_proj`` and ``v_proj`` all read the normed hidden state ``h``, and so do
+``gate_proj`` and ``up_proj``. Unfused, each LoRA layer computes its own ``h A_i^T``; fused, the group
+computes once
+
+    [u_1 | ... | u_k] = h @ [A_1; ...; A_k]^T        h: (..., in), A_i: (r_i, in), u_i: (..., r_i)
+
+and hands each layer its slice ``u_i`` (one matmul with ``sum r_i`` outputs instead of ``k`` with ``r_i``,
+and in backward one ``dL/dh`` matmul and one ``dL/dA`` matmul instead of ``k`` each). The adapters stay
+separate parameters: ``fuse_shared_inputs`` replaces each ``lora_A[name]`` ``nn.Linear`` by a
+``SharedInputA`` holding the *same* weight ``Parameter``, so state dicts, PEFT files, optimizers and merges
+see exactly what they saw before (``unfuse`` restores plain ``nn.Linear`` modules around the same weights).
+
+The group reuses its product only for the very tensor object it computed it from (``x is cached_input``)
+and only until every member has taken its slice; any other input (dropout > 0 gives each layer its own
+masked copy; a 16-bit model with fp32 adapters casts ``h`` per layer) is computed unfused, so fusing never
+changes what is computed, only how: tests hold fused to unfused outputs and gradients within fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qlorakit.lora.layer import LoraLinear
+from qlorakit.lora.model import lora_layers
+
+#: Sibling module names that read the same input in Llama-style blocks (attention, MLP).
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class SharedInputA(nn.Module):
+    """``lora_A`` of one member of a ``_Group``: same ``weight`` (r, in) as the ``nn.Linear`` it replaces."""
+
+    def __init__(self, linear: nn.Linear, group: _Group) -> None:
+        super().__init__()
+        self.weight = linear.weight  # the same Parameter: (r, in)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._group = group  # a plain object, not a submodule
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: (..., in) -> (..., r)
+        return self._group.down(self, h)
+
+    def as_linear(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = self.weight
+        return linear
+
+
+class _Group:
+    """The members of one shared-input group and the last fused product, until each member took its slice."""
+
+    def __init__(self) -> None:
+        self.members: list[SharedInputA] = []
+        self._input: torch.Tensor | None = None
+        self._slices: dict[int, torch.Tensor] = {}
+        self.products = 0  # fused matmuls computed (tests read it)
+
+    def down(self, member: SharedInputA, h: torch.Tensor) -> torch.Tensor:
+        if h is not self._input:  # a new input: one matmul for every member
+            weights = [m.weight for m in self.members]
+            fused = h @ torch.cat(weights).t()  # (..., sum r)
+            parts = fused.split([w.shape[0] for w in weights], dim=-1)  # (..., r_i) each
+            self.products += 1
+            self._input, self._slices = h, {id(m): p for m, p in zip(self.members, parts, strict=True)}
+        elif id(member) not in self._slices:  # the same input again for a member that took its slice
+            return h @ member.weight.t()
+        out = self._slices.pop(id(member))
+        if not self._slices:
+            self._input = None
+        return out
+
+
+def _base_dtype(layer: LoraLinear) -> torch.dtype | None:
+    base = layer.base_layer
+    return base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
+
+
+def _fusable(layers: list[LoraLinear], name: str) -> bool:
+    """Siblings that carry ``name`` unmerged as plain ``nn.Linear`` A's of one dtype, which is also the dtype
+    their input arrives in (else each layer casts the input to its own new tensor and nothing is shared)."""
+    if len(layers) < 2 or any(name not in m.lora_A or m.merged_adapter is not None for m in layers):
+        return False
+    weights = [m.lora_A[name].weight for m in layers]
+    kinds = {(w.dtype, w.device) for w in weights} | {(_base_dtype(m), w.device) for m, w in zip(layers, weights)}
+    return all(type(m.lora_A[name]) is nn.Linear for m in layers) and len(kinds) == 1
+
+
+def fuse_shared_inputs(model: nn.Module, name: str | None = None) -> list[tuple[str, ...]]:
+    """Fuse adapter ``name``'s (default: each layer's active) ``A`` across shared-input siblings; return the groups.
+
+    Groups are siblings under one parent named as in ``SHARED_INPUT_GROUPS``, all carrying the adapter,
+    unmerged, with plain ``nn.Linear`` ``lora_A`` of one dtype. Calling it again fuses nothing twice.
+    """
+    layers = lora_layers(model)
+    fused: list[tuple[str, ...]] = []
+    for path, layer in layers.items():
+        parent, _, child = path.rpartition(".")
+        for names in SHARED_INPUT_GROUPS:
+            if child != names[0]:
+                continue
+            paths = tuple(f"{parent}.{n}" if parent else n for n in names if (f"{parent}.{n}" if parent else n) in layers)
+            adapter = name or layer.active_adapter
+            members = [layers[p] for p in paths]
+            if adapter is None or not _fusable(members, adapter):
+                continue
+            group = _Group()
+            for member in members:
+                proxy = SharedInputA(member.lora_A[adapter], group)
+                group.members.append(proxy)
+                member.lora_A[adapter] = proxy
+            fused.append(paths)
+    return fused
+
+
+def unfuse(model: nn.Module) -> int:
+    """Put plain ``nn.Linear`` ``lora_A`` modules (same weights) back everywhere; return how many were replaced."""
+    count = 0
+    for layer in lora_layers(model).values():
+        for adapter, module in list(layer.lora_A.items()):
+            if isinstance(module, SharedInputA):
+                layer.lora_A[adapter] = module.as_linear()
+                count += 1
+    return count
+
+
+@contextmanager
+def shared_input_fusion(model: nn.Module, enabled: bool = True) -> Iterator[list[tuple[str, ...]]]:
+    """``with shared_input_fusion(model): ...`` fuses (when ``enabled``) and unfuses again on the way out."""
+    groups = fuse_shared_inputs(model) if enabled else []
+    try:
+        yield groups
+    finally:
+        if groups:
+            unfuse(model)

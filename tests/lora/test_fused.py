@@ -1,0 +1,113 @@
+"""Fused shared-input LoRA (q/k/v, gate/up) computes what the unfused layers compute, and saves the same adapter.
+
+Tolerance: fp32 ``rtol 1e-5, atol 1e-6`` — one matmul with ``3r`` outputs instead of three with ``r``, and one
+``dL/dh`` matmul summing over ``3r`` instead of three summed by autograd, reorder fp32 additions only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_testing import randomize_lora_b
+from safetensors.torch import load_file
+
+from qlorakit.config import LoraConfig
+from qlorakit.lora import (
+    add_lora,
+    load_adapter,
+    lora_layers,
+    lora_state_dict,
+    save_adapter,
+)
+from qlorakit.lora.fused import SharedInputA, fuse_shared_inputs, unfuse
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _adapted(tiny_llama, dropout: float = 0.0):
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets="all-linear"))
+    randomize_lora_b(model)
+    return model
+
+
+def _loss_and_grads(model, input_ids, checkpointing: bool = False):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out = model(input_ids=input_ids).logits  # (B, T, V)
+    loss = out.float().pow(2).mean()
+    loss.backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fuse_groups_qkv_and_gate_up_of_every_block(tiny_llama):
+    model = _adapted(tiny_llama)
+    groups = fuse_shared_inputs(model)
+    assert [g[0].rsplit(".", 1)[-1] for g in groups] == ["q_proj", "gate_proj"] * 2
+    assert all(len(g) == {"q_proj": 3, "gate_proj": 2}[g[0].rsplit(".", 1)[-1]] for g in groups)
+    assert fuse_shared_inputs(model) == []  # already fused: nothing twice
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_outputs_and_gradients_equal_unfused(tiny_llama, input_ids, checkpointing):
+    model = _adapted(tiny_llama)
+    ref_out, ref_grads = _loss_and_grads(model, input_ids, checkpointing)
+    fuse_shared_inputs(model)
+    got_out, got_grads = _loss_and_grads(model, input_ids, checkpointing)
+    groups = {id(m._group): m._group for m in model.modules() if isinstance(m, SharedInputA)}.values()
+    assert len(groups) == 4 and all(g.products == (2 if checkpointing else 1) for g in groups)  # + recompute
+    torch.testing.assert_close(got_out, ref_out, rtol=RTOL, atol=ATOL)
+    assert got_grads.keys() == ref_grads.keys() and len(got_grads) == 2 * 7 * 2
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_dropout_inputs_are_not_shared_so_fusing_changes_nothing(tiny_llama, input_ids):
+    model = _adapted(tiny_llama, dropout=0.3)
+    torch.manual_seed(5)
+    ref_out, _ = _loss_and_grads(model, input_ids)
+    fuse_shared_inputs(model)
+    torch.manual_seed(5)
+    got_out, _ = _loss_and_grads(model, input_ids)
+    torch.testing.assert_close(got_out, ref_out, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_model_saves_the_same_peft_adapter_and_loads_back(tiny_llama, input_ids, tmp_path):
+    model = _adapted(tiny_llama)
+    unfused_state = lora_state_dict(model, "default")
+    save_adapter(model, tmp_path / "unfused")
+    fuse_shared_inputs(model)
+    assert lora_state_dict(model, "default").keys() == unfused_state.keys()
+    save_adapter(model, tmp_path / "fused")
+    assert (tmp_path / "fused/adapter_config.json").read_text() == (tmp_path / "unfused/adapter_config.json").read_text()
+    saved, ref = load_file(tmp_path / "fused/adapter_model.safetensors"), load_file(tmp_path / "unfused/adapter_model.safetensors")
+    assert saved.keys() == ref.keys() and all(torch.equal(saved[k], ref[k]) for k in ref)
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "fused")
+    fuse_shared_inputs(fresh)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+    load_adapter(fresh, tmp_path / "unfused", replace=True)  # copies into the fused layers' own parameters
+    assert all(torch.equal(lora_state_dict(fresh, "default")[k], ref[k]) for k in ref)
+
+
+def test_16bit_base_with_fp32_adapters_is_not_fused(tiny_llama):
+    model = tiny_llama().to(torch.bfloat16)
+    add_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"), dtype=torch.float32)
+    assert fuse_shared_inputs(model) == []
+
+
+def test_unfuse_restores_plain_linears_around_the_same_parameters(tiny_llama):
+    model = _adapted(tiny_llama)
+    before = {n: p for n, p in model.named_parameters()}
+    fuse_shared_inputs(model)
+    assert sum(isinstance(m, SharedInputA) for m in model.modules()) == 2 * 5
+    assert {n: p for n, p in model.named_parameters()}.keys() == before.keys()
+    assert unfuse(model) == 2 * 5
+    assert not any(isinstance(m, SharedInputA) for m in model.modules())
+    after = dict(model.named_parameters())
+    assert all(after[n] is p for n, p in before.items())
+    assert all(type(layer.lora_A["default"]) is torch.nn.Linear for layer in lora_layers(model).values())
