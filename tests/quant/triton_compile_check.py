@@ -35,7 +35,7 @@ CASES = {
     "dequantize bf16": (kernels.dequantize_kernel, WEIGHT | {"out_ptr": "*bf16", "n_elements": "i32"},
                         FORMAT | {"ROWS": 64}),
     "gemv fp16": (kernels.gemv_kernel, {"x_ptr": "*fp16"} | WEIGHT | {"out_ptr": "*fp16", "N": "i32", "K": "i32"},
-                  FORMAT | {"BLOCK_N": 8, "BLOCK_B": 128}),
+                  FORMAT | {"K_ALIGNED": True, "BLOCK_N": 8, "BLOCK_B": 128}),
     "matmul forward bf16 aligned": _matmul("bf16", True, True),
     "matmul grad_input fp32 straddling": _matmul("fp32", False, False),
 }  # fmt: skip

@@ -17,7 +17,8 @@
   (``M`` rounded up to a power of two) is unused by the body: it is the autotuner's key.
 - ``gemv_kernel``: ``y (N,) = W x`` for one input row; one program owns ``BLOCK_N`` rows and walks ``K``
   ``2 BLOCK_B`` values at a time, reading packed bytes directly (needs even ``K``, so rows start on a byte):
-  ``y_n = sum_j table[hi_j] s x_{2j} + table[lo_j] s x_{2j+1}`` with the row's block scales ``s``.
+  ``y_n = sum_j table[hi_j] s x_{2j} + table[lo_j] s x_{2j+1}`` with the row's block scales ``s``
+  (``gemv_scales``: one gather chain per row and block when ``K % B == 0``).
 """
 
 from __future__ import annotations
@@ -94,9 +95,44 @@ def matmul_kernel(
 
 
 @triton.jit
+def gemv_scales(
+    rn, j0, byte_idx, mask, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """(BLOCK_N, BLOCK_B) fp32 scales of the packed bytes ``byte_idx`` of rows ``rn``, bytes ``j0 + [0, BLOCK_B)``.
+
+    With ``K % B == 0`` a row starts on a block, so the step covers whole blocks (one gather chain per row
+    and block) or lies inside one block (one per row); otherwise every byte gathers its own.
+    """
+    HALF: tl.constexpr = BLOCKSIZE // 2  # packed bytes per quantization block
+    if K_ALIGNED and BLOCK_B % HALF == 0:
+        nb = tl.arange(0, BLOCK_B // HALF)  # (NB,) blocks per row in this step
+        blocks = rn[:, None] * (K // BLOCKSIZE) + (2 * j0) // BLOCKSIZE + nb[None, :]  # (BN, NB)
+        block_mask = (rn[:, None] < N) & (j0 + nb * HALF < K // 2)[None, :]
+        per_block = block_scale(
+            blocks, block_mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT
+        )
+        spread = tl.broadcast_to(per_block[:, :, None], (BLOCK_N, BLOCK_B // HALF, HALF))
+        scale = tl.reshape(spread, (BLOCK_N, BLOCK_B))
+    elif K_ALIGNED and HALF % BLOCK_B == 0:
+        blocks = rn * (K // BLOCKSIZE) + (2 * j0) // BLOCKSIZE  # (BN,)
+        per_row = block_scale(
+            blocks, rn < N, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, NESTED_BLOCKSIZE, DOUBLE_QUANT
+        )
+        scale = tl.broadcast_to(per_row[:, None], (BLOCK_N, BLOCK_B))
+    else:
+        scale = block_scale(
+            (byte_idx * 2) // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+            NESTED_BLOCKSIZE, DOUBLE_QUANT,
+        )
+    return scale
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr, packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, offset, out_ptr, N, K,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, K_ALIGNED: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -111,10 +147,10 @@ def gemv_kernel(
         mask = (rn[:, None] < N) & col_mask[None, :]
         byte_idx = rn[:, None] * half_k + rj[None, :]  # (BN, BB)
         byte = tl.load(packed_ptr + byte_idx, mask=mask, other=0).to(tl.int32)
-        scale = block_scale(
-            (byte_idx * 2) // BLOCKSIZE, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
-            NESTED_BLOCKSIZE, DOUBLE_QUANT,
-        )
+        scale = gemv_scales(
+            rn, j0, byte_idx, mask, N, K, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset,
+            BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, K_ALIGNED, BLOCK_N, BLOCK_B,
+        )  # (BN, BB)
         hi = (tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale).to(x_ptr.dtype.element_ty)
         lo = (tl.load(code_ptr + (byte & 0x0F), mask=mask, other=0.0) * scale).to(x_ptr.dtype.element_ty)
         acc += hi.to(tl.float32) * x_even[None, :].to(tl.float32) + lo.to(tl.float32) * x_odd[None, :].to(tl.float32)

@@ -38,7 +38,7 @@ if INTERPRETED and type(tl.standard.cdiv).__name__ != "InterpretedFunction":
         "TRITON_INTERPRET=1 was set after triton had been imported; set it before the first import of triton"
     )
 
-_SMALL = {"matmul": {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 32}, "gemv": {"BLOCK_N": 8, "BLOCK_B": 16}}
+_SMALL = {"matmul": {"BLOCK_M": 16, "BLOCK_P": 16, "BLOCK_R": 32}, "gemv": {"BLOCK_N": 8, "BLOCK_B": 32}}
 
 #: Packed bytes one dequantize program reads (whole blocks; a single block when it is larger).
 DEQUANT_BYTES = 64 if INTERPRETED else 2048
@@ -182,7 +182,9 @@ def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     kernel, fixed = _kernel("gemv")
     grid = lambda meta_: (triton.cdiv(n_out, meta_["BLOCK_N"]),)
     with _on(out.device):
-        kernel[grid](x_row, *args, out, n_out, k_in, **meta, **fixed, enable_fp_fusion=False)
+        kernel[grid](
+            x_row, *args, out, n_out, k_in, **meta, K_ALIGNED=k_in % q.blocksize == 0, **fixed, enable_fp_fusion=False
+        )
     return out.view(*x.shape[:-1], n_out)
 
 
