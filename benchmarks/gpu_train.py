@@ -24,7 +24,9 @@ over the run (weights included). MFU = tokens/s * 8 N / peak bf16 FLOP/s, N = de
 weight gradients the frozen base does not have; attention scores are ignored (the convention of
 ``train_throughput.py``), against the datasheet peak and a plain bf16 matmul measured in the same run.
 Longest sequence in ``--fit-gib``: torch's allocator capped with ``set_per_process_memory_fraction``, one
-full step per length of ``--fit-lengths`` in increasing order until the first out-of-memory error.
+full step per length of ``--fit-lengths`` in increasing order until the first out-of-memory error (the
+CUDA context is outside the cap; qlorakit's first step at a new length also runs Triton's autotuner,
+whose benchmark allocates a 256 MiB scratch buffer inside the cap).
 Without CUDA it measures nothing: it prints why and exits with status 2.
 """
 
