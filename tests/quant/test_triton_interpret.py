@@ -125,10 +125,13 @@ def test_empty_batch_gives_an_empty_result():
     assert ops.grad_input_4bit(torch.randn(2, 0, 16, device=DEVICE), q).shape == (2, 0, 32)
 
 
-def test_float64_activations_stay_on_the_reference_path():
+def test_float64_or_oversized_activations_stay_on_the_reference_path():
     q = random_weight((16, 32), "nf4", 32, True, DEVICE)
     assert ops.is_supported(q, torch.zeros(2, 32, device=DEVICE))
     assert not ops.is_supported(q, torch.zeros(2, 32, dtype=torch.float64, device=DEVICE))
+    wide = random_weight((128, 32), "nf4", 32, True, DEVICE)
+    rows = torch.empty(2**25, 32, device="meta")  # 2**30 inputs fit int32 offsets, 2**25 x 128 outputs do not
+    assert not ops.is_supported(wide, rows) and ops.is_supported(q, rows)
 
 
 def test_kernels_name_a_feature_mismatch():

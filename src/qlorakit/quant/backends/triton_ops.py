@@ -190,6 +190,9 @@ def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
 
 def is_supported(q: QuantizedTensor, t: torch.Tensor | None = None) -> bool:
     """Whether these kernels take ``q`` (a non-empty 2-D weight with int32-addressable elements) and the
-    activation ``t`` (fp32/bf16/fp16, int32-addressable); otherwise callers keep the pure-torch path."""
+    activation ``t`` (fp32/bf16/fp16; it and the result int32-addressable); else callers use pure torch."""
     weight_ok = len(q.shape) == 2 and 0 < math.prod(q.shape) <= MAX_ELEMENTS
-    return weight_ok and (t is None or (t.dtype in _ACTIVATION_DTYPES and t.numel() <= MAX_ELEMENTS))
+    if not weight_ok or t is None:
+        return weight_ok
+    rows = t.numel() // max(t.shape[-1], 1) if t.dim() else 1
+    return t.dtype in _ACTIVATION_DTYPES and t.numel() <= MAX_ELEMENTS and rows * max(q.shape) <= MAX_ELEMENTS
