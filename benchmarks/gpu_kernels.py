@@ -49,7 +49,9 @@ from gpu_common import (
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks/results/gpu_kernels.json"
 BLOCKSIZE, NESTED = 64, 256
-DTYPES = ("bfloat16", "float16")
+DTYPES = ("bfloat16", "float16", "float32")
+#: Where the tensors live; tests run the measuring code on "cpu" under the Triton interpreter.
+DEVICE = "cuda"
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -133,13 +135,13 @@ def _contenders(shape: tuple[int, int], args: argparse.Namespace) -> list[tuple[
 
     dtype = getattr(torch, args.dtype)
     n_out, k_in = shape
-    w = torch.randn(n_out, k_in, device="cuda", dtype=dtype)
+    w = torch.randn(n_out, k_in, device=DEVICE, dtype=dtype)
     packed, state = bnb_f.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
     del w
     q = QuantizedTensor.from_bnb_dict(packed, state.as_dict(packed=True), f"W{n_out}x{k_in}")
-    x = torch.randn(args.tokens, k_in, device="cuda", dtype=dtype)
-    dy = torch.randn(args.tokens, n_out, device="cuda", dtype=dtype)
-    x1 = torch.randn(1, 1, k_in, device="cuda", dtype=dtype)
+    x = torch.randn(args.tokens, k_in, device=DEVICE, dtype=dtype)
+    dy = torch.randn(args.tokens, n_out, device=DEVICE, dtype=dtype)
+    x1 = torch.randn(1, 1, k_in, device=DEVICE, dtype=dtype)
     size = torch.finfo(dtype).bits // 8
     flops = 2.0 * args.tokens * n_out * k_in
     return [

@@ -52,6 +52,25 @@ def test_kernel_rows_medians_rates_ratio_and_fractions(bench):
     assert "4096x4096" in table and "1000.0" in table and "0.50" in table
 
 
+def test_kernel_measurement_code_runs_on_cpu_under_the_interpreter(bench, monkeypatch):
+    """The GPU-side code path (bitsandbytes quantizes, qlorakit reads its state, both sides run, rows are
+    summarized) on tiny CPU tensors; CUDA-event timing and memory peaks are replaced by stubs."""
+    kernels, _ = bench
+    pytest.importorskip("bitsandbytes")
+    from qlorakit.quant.backends import triton_ops
+
+    if not triton_ops.INTERPRETED:
+        pytest.skip("needs the Triton interpreter (tests/conftest.py sets it without CUDA)")
+    monkeypatch.setattr(kernels, "DEVICE", "cpu")
+    monkeypatch.setattr(kernels, "peak_extra_mib", lambda fn: 0.0)
+    monkeypatch.setattr(kernels, "alternate", lambda fns, repeats, iters: {name: [1.0] * repeats for name in fns})
+    args = kernels.parse_args(["--shapes", "48x128", "--tokens", "16", "--dtype", "float32", "--repeats", "3"])
+    rows = kernels._measure((48, 128), args)
+    assert [r["op"] for r in rows] == ["dequantize", "forward", "grad_input", "gemv"]
+    assert rows[0]["max_rel_diff"] == 0.0  # the same codes decoded the same way
+    assert all(r["max_rel_diff"] < 1e-5 for r in rows)  # fp32 sums in another order
+
+
 def test_llama_7b_shape_counts_match_the_published_model(bench):
     _, train = bench
     shape = train.LlamaShape()
