@@ -53,6 +53,8 @@ DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-gpu-train"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALPHA, DROPOUT, LR, CLIP, SEED = 16.0, 0.05, 2e-4, 0.3, 42
 SHAPE_FILE = "benchmark_shape.json"
+#: Where the children train; tests run one speed child on "cpu" with a tiny model.
+DEVICE = "cuda"
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def _ours(model_dir: str, rank: int) -> tuple[Any, list, Any]:
     from qlorakit.train.loop import token_loss_sum
 
     lora = LoraConfig(r=rank, alpha=ALPHA, dropout=DROPOUT, targets=TARGETS)
-    model = load_model(model_dir, quant=QuantConfig(), lora=lora, device="cuda", compute_dtype=torch.bfloat16)
+    model = load_model(model_dir, quant=QuantConfig(), lora=lora, device=DEVICE, compute_dtype=torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
@@ -175,7 +177,7 @@ def _theirs(model_dir: str, rank: int) -> tuple[Any, list, Any]:
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0})
+        model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": DEVICE})
     model = peft.prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     config = peft.LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGETS),
@@ -191,7 +193,7 @@ def _batch(seq_len: int, vocab: int, step: int) -> dict[str, Any]:
     import torch
 
     gen = torch.Generator().manual_seed(SEED + step)
-    ids = torch.randint(0, vocab, (1, seq_len), generator=gen).cuda()  # (1, seq)
+    ids = torch.randint(0, vocab, (1, seq_len), generator=gen).to(DEVICE)  # (1, seq)
     return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
 
 
@@ -203,30 +205,38 @@ def _step(loss_fn, params, optimizer, batch) -> float:
     torch.nn.utils.clip_grad_norm_(params, CLIP)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
+
+
+def _cuda_stat(name: str) -> float:
+    """``torch.cuda.<name>()`` in MiB after a synchronize (0 when the children run on CPU in tests)."""
+    import torch
+
+    if DEVICE != "cuda":
+        return 0.0
+    torch.cuda.synchronize()
+    return getattr(torch.cuda, name)() / 2**20
 
 
 def run_speed(args: argparse.Namespace) -> dict[str, Any]:
     """Load one stack, train ``--steps`` steps; per-step seconds, losses, peak memory."""
-    import torch
-
     started = time.perf_counter()
     loss_fn, params, optimizer = (_ours if args.worker == "ours" else _theirs)(args.model_dir, args.rank)
-    torch.cuda.synchronize()
-    load_s, after_load = time.perf_counter() - started, torch.cuda.memory_allocated()
+    after_load = _cuda_stat("memory_allocated")
+    load_s = time.perf_counter() - started
     steps = []
     for step in range(args.steps):
         batch = _batch(args.seq_len, args.vocab, step)
-        torch.cuda.synchronize()
+        _cuda_stat("memory_allocated")  # synchronize before the clock starts
         t0 = time.perf_counter()
-        loss = _step(loss_fn, params, optimizer, batch)
-        torch.cuda.synchronize()
+        loss = _step(loss_fn, params, optimizer, batch)  # float(loss) waits for the step
+        _cuda_stat("memory_allocated")
         steps.append({"loss": loss, "seconds": time.perf_counter() - t0, "tokens": args.seq_len})
     timed = steps[args.warmup :]
-    return {"load_s": load_s, "allocated_after_load_mib": after_load / 2**20, "steps": steps,
+    return {"load_s": load_s, "allocated_after_load_mib": after_load, "steps": steps,
             "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed),
-            "peak_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
-            "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
+            "peak_allocated_mib": _cuda_stat("max_memory_allocated"),
+            "peak_reserved_mib": _cuda_stat("max_memory_reserved"),
             "trainable_params": sum(p.numel() for p in params)}  # fmt: skip
 
 
