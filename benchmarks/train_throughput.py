@@ -1,16 +1,20 @@
 """QLoRA training throughput on CPU: qlorakit vs transformers + bitsandbytes + peft (a script).
 
-    python benchmarks/train_throughput.py [--steps 10 --warmup 2 --repeats 3 --seq-len 128 --batch-size 2 ...]
+    python benchmarks/train_throughput.py [--steps 10 --warmup 2 --repeats 3 --seq-len 128 --batch-size 2
+                                           --dtype float32 --ours-checkpointing on ...]
 
 Both stacks train LoRA (r 16, alpha 16, dropout 0, q/k/v/o/gate/up/down of every block) on SmolLM2-135M
-in NF4 + double quant (block 64), fp32 compute, gradient checkpointing ON (non-reentrant), AdamW (lr 2e-4
-constant, no warmup, weight decay 0, grad-norm clip 0.3), loss = summed next-token CE / target tokens:
+in NF4 + double quant (block 64), the same compute dtype (``--dtype``), AdamW (lr 2e-4 constant, no warmup,
+weight decay 0, grad-norm clip 0.3), loss = summed next-token CE / target tokens:
 
-- ours: ``qlorakit.models.load_model(dir, QuantConfig(), LoraConfig(...), compute_dtype=float32)`` trained
-  by ``qlorakit.train.train`` itself (``optim="adamw"``: fp32 state, torch's single-tensor AdamW math);
+- ours: ``qlorakit.models.load_model(dir, QuantConfig(), LoraConfig(...), compute_dtype)`` trained by
+  ``qlorakit.train.train`` itself (``optim="adamw"``: fp32 state, torch's single-tensor AdamW math) with its
+  defaults (chunked head + loss over target rows, fixed glibc mmap threshold) unless ``--ours-*`` says
+  otherwise; gradient checkpointing per ``--ours-checkpointing``;
 - theirs: ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(nf4, double
-  quant, compute fp32))``, ``peft.prepare_model_for_kbit_training`` + ``get_peft_model``,
-  ``torch.optim.AdamW`` and a plain loop written like qlorakit's ``_one_step`` (same collate and loss fn).
+  quant, compute dtype))``, ``peft.prepare_model_for_kbit_training`` (gradient checkpointing ON,
+  non-reentrant) + ``get_peft_model``, ``torch.optim.AdamW`` and a plain loop written like qlorakit's
+  ``_one_step`` with the standard full-logits loss (``qlorakit.train.loss.reference_loss_sum``).
 
 Same inputs: the GGUF (``--model``) is converted once by transformers to fp32 safetensors that BOTH stacks
 load; the data is tokenized once (``build_datasets``, ``max_seq_len = --seq-len``) and the micro-batch
@@ -22,11 +26,9 @@ Timed: each optimizer step from collating its micro-batches to ``zero_grad`` (fo
 recomputation, clip, AdamW) — qlorakit's own per-step clock (``metrics.jsonl``) and the same span in the
 peer's loop — without the first ``--warmup`` steps; tokens/s = non-padding input tokens / seconds. Each
 run is a fresh interpreter (ours, theirs, ours, ...): its ``ru_maxrss`` is the peak RSS, its RSS after
-imports the baseline (the driver imports no torch: a child inherits a parent's peak RSS). MFU = tokens/s *
-8N / peak, N = base parameters (tied embedding once, as the head matmul) + LoRA parameters: 2N forward,
-x3 with backward, +2N for the recompute; the frozen base has no weight gradient (~6N executed) and
-attention scores are ignored: a convention, the same for both. peak = best fp32 ``n x n`` matmul GFLOP/s,
-same threads, start and end. Reports medians of ``--repeats``, ours/theirs ratios, loss curves' max |diff|.
+imports the baseline (the driver imports no torch: a child inherits a parent's peak RSS). MFU: see
+``MFU_FORMULA``; peak = best ``n x n`` matmul GFLOP/s in ``--dtype``, same threads, at start and end.
+Reports medians of ``--repeats``, ours/theirs ratios, loss curves' max |diff|.
 """
 
 from __future__ import annotations
@@ -51,9 +53,31 @@ DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-train-throughput"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA, LR, CLIP, SEED = 16, 16.0, 2e-4, 0.3, 42
 INIT_A = "lora_init_A.safetensors"
+#: Attention FLOPs per layer, per (query, key) pair of a causal sequence, per unit of attention width:
+#: QK^T and AV are 2 multiply-adds each forward (4), and backward is twice the forward (x3 in all).
+ATTN_FLOPS = 12
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
 # --- children -----------------------------------------------------------------------------------------
+
+
+def convert_once(gguf_path: str, workdir: Path) -> Path:
+    """The GGUF ``gguf_path`` as a dense fp32 safetensors directory under ``workdir`` (converted on first use)."""
+    import torch
+    import transformers
+
+    out = workdir / (Path(gguf_path).stem + "-fp32")
+    if not (out / "model.safetensors").is_file():
+        gguf = Path(gguf_path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are dense fp32 already (see the model's README)
+        del model.config.quantization_config
+        tmp = out.with_name(out.name + ".partial")
+        model.save_pretrained(tmp)
+        transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+        os.replace(tmp, out)
+    return out
 
 
 def prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -66,16 +90,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.models import load_tokenizer
     from qlorakit.train.loop import MicroBatchStream
 
-    out = args.workdir / (Path(args.model).stem + "-fp32")
-    if not (out / "model.safetensors").is_file():
-        gguf = Path(args.model)
-        model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # the weights are dense fp32 already (see the model's README)
-        del model.config.quantization_config
-        tmp = out.with_name(out.name + ".partial")
-        model.save_pretrained(tmp)
-        transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        os.replace(tmp, out)
+    out = convert_once(args.model, args.workdir)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     base = sum(p.numel() for p in model.parameters())  # the tied embedding/head once
     lora = sum(RANK * (m.in_features + m.out_features) for n, m in model.named_modules()
@@ -88,15 +103,23 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     order = [stream.at(i)[1] for i in range(args.steps * args.grad_accum)]
     data = {"pad_id": pad_id_of(tokenizer), "examples": list(train_set), "order": order}
     (args.workdir / "data.json").write_text(json.dumps(data))
-    return {"model_dir": str(out), "data": data_path, "base_params": base, "lora_params": lora, "examples": len(train_set)}
+    cfg = model.config
+    attn_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    lengths = [len(x["input_ids"]) for x in data["examples"]]
+    ga = args.grad_accum
+    attention = [ATTN_FLOPS * cfg.num_hidden_layers * attn_width * sum(
+        lengths[i] * (lengths[i] + 1) // 2 for micro in order[s * ga : (s + 1) * ga] for i in micro)
+        for s in range(args.steps)]  # fmt: skip
+    return {"model_dir": str(out), "data": data_path, "base_params": base, "lora_params": lora, "examples": len(train_set),
+            "attention_flops_per_step": attention}  # fmt: skip
 
 
-def matmul_peak(n: int, threads: int, tries: int = 10) -> float:
-    """Best fp32 ``n x n @ n x n`` GFLOP/s at ``threads`` threads."""
+def matmul_peak(n: int, threads: int, dtype: str = "float32", tries: int = 10) -> float:
+    """Best ``n x n @ n x n`` GFLOP/s in ``dtype`` at ``threads`` threads."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     best, _ = 0.0, a @ b  # the first call warms up
     for _ in range(tries):
         start = time.perf_counter()
@@ -128,7 +151,13 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
 
     import torch
 
-    from qlorakit.config import DataConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig
+    from qlorakit.config import (
+        DataConfig,
+        LoraConfig,
+        QuantConfig,
+        RunConfig,
+        TrainConfig,
+    )
     from qlorakit.data import collate
     from qlorakit.hardware import current_rss_mb, peak_rss_mb
     from qlorakit.models import load_model
@@ -138,13 +167,15 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
     torch.manual_seed(SEED)  # the adapter initialization, as `qlorakit train` seeds it
     lora = LoraConfig(r=RANK, alpha=ALPHA, dropout=0.0, targets=TARGETS)
     start = time.perf_counter()
-    model = load_model(model_dir, quant=QuantConfig(), lora=lora, compute_dtype=torch.float32)
+    model = load_model(model_dir, quant=QuantConfig(), lora=lora, compute_dtype=getattr(torch, args.dtype))
     load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
     same_init = _share_initial_a(model, args.workdir)
+    tuning = {"loss_chunk_tokens": args.ours_loss_chunk, "malloc_mmap_threshold_kib": args.ours_mmap_kib}
+    tuning = {k: v for k, v in tuning.items() if v is not None} | {"gradient_checkpointing": args.ours_checkpointing == "on"}
     cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=SEED, group_by_length=True), train=TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=LR, scheduler="constant",
-        warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw", gradient_checkpointing=True, seed=SEED,
-        compute_dtype="float32", logging_steps=1))  # fmt: skip
+        warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw", seed=SEED, compute_dtype=args.dtype, logging_steps=1,
+        **tuning))  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, data["examples"], [], partial(collate, pad_id=data["pad_id"]), cfg, Path(run_dir), progress=False)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -155,8 +186,11 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
             "same_initial_a": same_init}
 
 
-def _peer_model(model_dir: str, workdir: Path) -> Any:
-    """transformers + bitsandbytes NF4 (DQ, compute fp32), prepare_model_for_kbit_training, peft LoRA, our A."""
+def _peer_model(model_dir: str, workdir: Path | None, dtype: str) -> Any:
+    """transformers + bitsandbytes NF4 (DQ, compute dtype), prepare_model_for_kbit_training, peft LoRA, our A.
+
+    ``workdir`` None keeps peft's own initial A (for memory probes, where the values do not matter).
+    """
     import peft
     import torch
     import transformers
@@ -164,14 +198,17 @@ def _peer_model(model_dir: str, workdir: Path) -> Any:
     from safetensors.torch import load_file
 
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                          bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+                                          bnb_4bit_compute_dtype=getattr(torch, dtype))  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"})
+        model_dir, quantization_config=bnb, dtype=getattr(torch, dtype), device_map={"": "cpu"})
     model = peft.prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
                              task_type="CAUSAL_LM")  # fmt: skip
     model = peft.get_peft_model(model, config)
+    if workdir is None:
+        model.config.use_cache = False
+        return model
     init = load_file(workdir / INIT_A)  # qlorakit's initial A by module path
     layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     if layers.keys() != init.keys() or any(m.lora_B["default"].weight.any() for m in layers.values()):
@@ -191,10 +228,13 @@ def run_theirs(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -
 
     from qlorakit.data import collate
     from qlorakit.hardware import current_rss_mb, peak_rss_mb
-    from qlorakit.train.loop import target_tokens, token_loss_sum
+    from qlorakit.train.loop import target_tokens
+    from qlorakit.train.loss import (
+        reference_loss_sum,  # the standard full-logits loss, as transformers computes it
+    )
 
     baseline, start = current_rss_mb(), time.perf_counter()
-    model = _peer_model(model_dir, args.workdir)
+    model = _peer_model(model_dir, args.workdir, args.dtype)
     load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -209,7 +249,7 @@ def run_theirs(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -
         n_target = max(sum(target_tokens(b) for b in batches), 1)
         total, tokens = 0.0, 0
         for batch in batches:
-            loss_sum, _ = token_loss_sum(model, batch)
+            loss_sum, _ = reference_loss_sum(model, batch)
             (loss_sum / n_target).backward()
             total, tokens = total + float(loss_sum) / n_target, tokens + int(batch["attention_mask"].sum())
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, CLIP))
@@ -256,14 +296,23 @@ def _loss_diff(a: list[dict], b: list[dict]) -> list[float]:
     return [abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)]
 
 
-def summarize(runs: dict[str, list[dict[str, Any]]], prep: dict[str, Any], peak_gflops: float) -> dict[str, Any]:
+def model_flops_per_s(run: dict[str, Any], prep: dict[str, Any], warmup: int) -> float:
+    """Model FLOPs of the timed steps / their seconds: ``(4 N_base + 6 N_lora) tokens + attention`` (MFU_FORMULA)."""
+    dense = 4 * prep["base_params"] + 6 * prep["lora_params"]
+    steps = run["steps"][warmup:]
+    flops = sum(dense * s["tokens"] for s in steps) + sum(prep["attention_flops_per_step"][warmup:])
+    return flops / sum(s["seconds"] for s in steps)
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], prep: dict[str, Any], peak_gflops: float, warmup: int) -> dict:
     """Medians per stack, MFU, ours/theirs ratios, loss curves and how far they (and the repeats) differ."""
-    flops_per_token = 8 * (prep["base_params"] + prep["lora_params"])
-    keys = ("tokens_per_s", "s_per_step", "peak_rss_mib", "baseline_rss_mib", "peak_after_load_mib", "load_s")
+    for rs in runs.values():
+        for r in rs:
+            r["mfu"] = model_flops_per_s(r, prep, warmup) / (peak_gflops * 1e9)
+    keys = ("tokens_per_s", "s_per_step", "mfu", "peak_rss_mib", "baseline_rss_mib", "peak_after_load_mib", "load_s")
     median = {k: {key: statistics.median(r[key] for r in rs) for key in keys} for k, rs in runs.items()}
     for m in median.values():
         m["peak_minus_baseline_mib"] = m["peak_rss_mib"] - m["baseline_rss_mib"]
-        m["mfu"] = m["tokens_per_s"] * flops_per_token / (peak_gflops * 1e9)
     ratio = {key: median["ours"][key] / median["theirs"][key] for key in median["ours"]}
     curves = {k: [s["loss"] for s in rs[0]["steps"]] for k, rs in runs.items()}
     diff = _loss_diff(runs["ours"][0]["steps"], runs["theirs"][0]["steps"])
@@ -271,7 +320,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], prep: dict[str, Any], peak_
     return {"median": median, "ratio_ours_over_theirs": ratio, "loss_curves": curves,
             "final_loss": {k: c[-1] for k, c in curves.items()}, "loss_abs_diff_per_step": diff,
             "loss_max_abs_diff": max(diff), "loss_max_abs_diff_between_repeats": spread,
-            "flops_per_token": flops_per_token, "peak_gflops": peak_gflops}  # fmt: skip
+            "peak_gflops": peak_gflops}  # fmt: skip
 
 
 COLUMNS = (("tok/s", "tokens_per_s", ".1f"), ("s/step", "s_per_step", ".2f"), ("MFU %", "mfu", ".1%"),
@@ -292,7 +341,9 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     cells = "".join(f"{ratio[key]:>11.2f}" for _, key, _ in COLUMNS)
     print(f"{'ours / theirs':<22}{cells}")
     print(f"median of {args.repeats} runs each; {args.steps} steps, first {args.warmup} untimed; batch "
-          f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; fp32 matmul peak "
+          f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; {args.dtype} "
+          f"(ours: checkpointing {args.ours_checkpointing}, loss chunk {args.ours_loss_chunk}, mmap threshold "
+          f"{args.ours_mmap_kib} KiB); matmul peak "
           f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
 
 
@@ -304,7 +355,9 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
-    from qlorakit.hardware import speed_flags  # imports torch: only in the end, after every child ran
+    from qlorakit.hardware import (
+        speed_flags,  # imports torch: only in the end, after every child ran
+    )
 
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
@@ -313,6 +366,15 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
     return {"cpu": cpu, "cpu_flags": speed_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
             "versions": versions | {"python": sys.version.split()[0], "qlorakit_git_head": git.stdout.strip()}}
 
+
+MFU_FORMULA = (
+    "model FLOPs per second / peak matmul FLOP/s (same dtype, same threads), model FLOPs of a step = "
+    "(2 N_base + 2 N_base + 2 N_lora + 4 N_lora) * tokens + 12 * layers * heads * head_dim * sum over sequences of "
+    "n(n+1)/2: forward 2N; backward of the frozen 4-bit base only the input gradient 2N_base; LoRA input + weight "
+    "gradients 4N_lora; causal attention QK^T and AV (forward 4 per query-key pair and unit width, backward 8). "
+    "N_base counts the tied embedding once, as the head. Recomputation (gradient checkpointing) and the head rows "
+    "the chunked loss skips are not counted: it is the same model work for both stacks."
+)
 
 NOTES = (
     "bitsandbytes 0.50 repacks Linear4bit into a bf16 AVX512 inference layout only in eval mode without grad; the "
@@ -333,7 +395,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in both children")
-    p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the fp32 peak")
+    p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the peak")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype of BOTH stacks")
+    p.add_argument("--ours-checkpointing", choices=("on", "off"), default="on",
+                   help="qlorakit's gradient checkpointing (the peer's is always on, the standard QLoRA recipe)")
+    p.add_argument("--ours-loss-chunk", type=int, default=None,
+                   help="qlorakit's TrainConfig.loss_chunk_tokens (0 = full logits, as the peer; default: TrainConfig's)")
+    p.add_argument("--ours-mmap-kib", type=int, default=None,
+                   help="qlorakit's TrainConfig.malloc_mmap_threshold_kib (0 = glibc's default, as the peer; default: TrainConfig's)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of the converted model and data")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
@@ -352,7 +421,7 @@ def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list],
     (args.workdir / INIT_A).unlink(missing_ok=True)  # the first qlorakit run of this invocation writes it
     prep = _child(args, "--prepare")
     peaks = [_child(args, "--peak", "--matmul-n", str(args.matmul_n))]
-    print(f"prepared {prep['examples']} examples, model {prep['model_dir']}; fp32 matmul peak {peaks[0]:.1f} GFLOP/s",
+    print(f"prepared {prep['examples']} examples, model {prep['model_dir']}; {args.dtype} matmul peak {peaks[0]:.1f} GFLOP/s",
           flush=True)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
     for repeat in range(args.repeats):
@@ -370,12 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.worker or args.prepare or args.peak:
-        child = worker if args.worker else prepare if args.prepare else lambda a: matmul_peak(a.matmul_n, a.threads)
+        child = worker if args.worker else prepare if args.prepare else lambda a: matmul_peak(a.matmul_n, a.threads, a.dtype)
         print(json.dumps(child(args)))
         return 0
     started, load_start = time.perf_counter(), os.getloadavg()
     prep, runs, peaks = _run_all(args)
-    summary = summarize(runs, prep, max(peaks))
+    summary = summarize(runs, prep, max(peaks), args.warmup)
     load_end = os.getloadavg()
     print_table(summary, args)
     write_json(args.output, {
@@ -386,9 +455,11 @@ def main(argv: list[str] | None = None) -> int:
         "config": {"model": args.model, "data": prep["data"], "steps": args.steps, "warmup_steps": args.warmup,
                    "repeats": args.repeats, "seq_len": args.seq_len, "batch_size": args.batch_size,
                    "grad_accum": args.grad_accum, "lora_r_alpha_dropout": [RANK, ALPHA, 0.0], "targets": TARGETS,
-                   "adamw_lr_clip_wd": [LR, CLIP, 0.0], "seed": SEED},
+                   "adamw_lr_clip_wd": [LR, CLIP, 0.0], "seed": SEED, "dtype": args.dtype,
+                   "ours_checkpointing": args.ours_checkpointing, "ours_loss_chunk_tokens": args.ours_loss_chunk,
+                   "ours_malloc_mmap_threshold_kib": args.ours_mmap_kib},
         "prepared": prep, "matmul_peak_gflops": {"start": peaks[0], "end": peaks[1]},
-        "mfu_formula": "tokens/s * 8 * (base_params + lora_params) / peak fp32 matmul FLOP/s",
+        "mfu_formula": MFU_FORMULA,
         **summary, "note": NOTES, "runs": runs, "total_seconds": time.perf_counter() - started,
     })  # fmt: skip
     print(f"wrote {args.output}")
