@@ -205,12 +205,33 @@ class TrainConfig:
     seed: int = opt(42, "seed of initialization and dropout")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     eval_steps: int = opt(0, "evaluate the held-out loss every N steps (0 = at start and end only)")
+    eval_ppl_file: str = opt("", "at each evaluation after a step also log the perplexity of this text file "
+                             "(.txt, or .jsonl with 'text'); '' = off")
+    eval_ppl_max_seq_len: int = opt(1024, "window of that perplexity, in tokens")
+    eval_ppl_stride: int = opt(512, "stride of that perplexity's sliding window (<= eval_ppl_max_seq_len)")
+    eval_mmlu_dir: str = opt("", "at each evaluation after a step also log MMLU accuracy from this folder "
+                             "(dev/ and test/ CSV files); '' = off")
+    eval_mmlu_shots: int = opt(5, "few-shot examples of that MMLU evaluation")
+    eval_mmlu_limit: int = opt(10, "test questions per MMLU subject at each evaluation (0 = all)")
     logging_steps: int = opt(1, "write a metrics row every N steps")
     save_total_limit: int = opt(2, "checkpoints to keep (0 = all)")
     compute_dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 where the hardware runs it well)")
 
+    def _check_evaluations(self) -> None:
+        for name, low in (("eval_ppl_max_seq_len", 2), ("eval_ppl_stride", 1), ("eval_mmlu_shots", 0), ("eval_mmlu_limit", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                _fail("TrainConfig", name, value, f"must be an integer >= {low}")
+        if self.eval_ppl_stride > self.eval_ppl_max_seq_len:
+            _fail("TrainConfig", "eval_ppl_stride", self.eval_ppl_stride,
+                  f"must be <= eval_ppl_max_seq_len ({self.eval_ppl_max_seq_len}), or tokens are never scored")
+        for name in ("eval_ppl_file", "eval_mmlu_dir"):
+            if not isinstance(getattr(self, name), str):
+                _fail("TrainConfig", name, getattr(self, name), "must be a path or ''")
+
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "logging_steps")
+        self._check_evaluations()
         non_negative = ("max_steps", "save_steps", "eval_steps", "save_total_limit", "loss_chunk_tokens",
                         "malloc_mmap_threshold_kib")
         for name in positive + non_negative:

@@ -79,6 +79,7 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
     from qlorakit.data import build_datasets, collate_fn, default_sample_path
+    from qlorakit.eval.during_training import build_training_evaluator
     from qlorakit.models import load_model, load_tokenizer
 
     if not cfg.data.paths:
@@ -88,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(run_dir, args.overwrite)
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
+    evaluator = build_training_evaluator(cfg.train, tokenizer)  # perplexity / MMLU inputs checked now
     print(summary.format())
     print(_plan(cfg, len(train_set), len(val_set), checkpoint))
     if args.dry_run:
@@ -102,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint is None:
         _prepare_run_dir(run_dir, args.overwrite)
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint, progress=not args.no_progress)
+    result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint, progress=not args.no_progress,
+                   evaluator=evaluator)
     print(finish_run(model, tokenizer, result, summary))
     return 0
 

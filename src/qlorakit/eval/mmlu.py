@@ -204,7 +204,8 @@ def load_subjects(directory: str | os.PathLike, shots: int, limit: int | None = 
     for subject, path in subject_files(directory, subjects).items():
         dev = read_questions(dev_file(directory, subject)) if shots > 0 else []
         if len(dev) < shots:
-            raise DataError(f"{dev_file(directory, subject)}: {len(dev)} examples, fewer than --shots {shots}")
+            raise DataError(f"{dev_file(directory, subject)}: {len(dev)} examples, fewer than the {shots} "
+                            "few-shot examples asked for; ask for fewer shots or add examples")
         tests = read_questions(path)
         loaded[subject] = (dev[:shots], tests[:limit] if limit else tests)
     return loaded

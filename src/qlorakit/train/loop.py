@@ -135,17 +135,20 @@ def train(
     resume_from: Path | None = None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    evaluator: Callable[[torch.nn.Module], dict] | None = None,
 ) -> TrainResult:
     """Train ``model``'s trainable (LoRA) parameters; see the module docstring for the loss.
 
     ``resume_from`` is a ``checkpoint-<step>`` directory; ``stop_after_steps`` ends this session early
     (after that many updates, with a checkpoint) as an interruption would, for time-boxed jobs.
+    ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
+    logged with the step at each evaluation after a step.
     """
     with flush_denormals(), shared_input_fusion(model, cfg.train.fuse_lora):
-        return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps)
+        return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps, evaluator)
 
 
-def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progress, stop_after_steps) -> TrainResult:
+def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progress, stop_after_steps, evaluator) -> TrainResult:
     t = cfg.train
     fix_mmap_threshold(t.malloc_mmap_threshold_kib)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -182,7 +185,8 @@ def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progre
                       f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}")
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
-        _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir)
+        _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir,
+                             evaluator)
     bar.close()
     result.steps, result.tokens, result.train_seconds = state.step, state.tokens, state.elapsed_s
     result.peak_rss_mb = peak_rss_mb()
@@ -198,11 +202,14 @@ def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, to
     return row
 
 
-def _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir) -> None:
+def _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir,
+                         evaluator=None) -> None:
     t = cfg.train
     finished = state.step == state.total_steps
     if val_set and ((t.eval_steps and state.step % t.eval_steps == 0) or finished):
         _eval_and_log(model, val_set, collate, t.batch_size, device, state.step, log, result)
+    if evaluator is not None and ((t.eval_steps and state.step % t.eval_steps == 0) or finished):
+        log.write({"step": state.step, **evaluator(model)})
     if (t.save_steps and state.step % t.save_steps == 0) or state.step == last_step:
         save_checkpoint(Path(run_dir), model, optimizer, state, t.save_total_limit)
 
