@@ -41,7 +41,7 @@ from qlorakit.quant.tensor import QuantizedTensor
 
 #: Most input rows ``Linear4bit`` sends here instead of dequantize + matmul (the compiled kernel breaks
 #: even at 32-64 rows on SmolLM2's shapes; see docs/generate.md).
-FEW_ROWS = 16
+FEW_ROWS = 32
 
 #: Bytes of int32 index (and of gathered fp32 values) per row tile (1 MiB: 256 KiB and 4 MiB measured no faster).
 TILE_BYTES = 1 << 20
