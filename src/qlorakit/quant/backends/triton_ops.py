@@ -47,8 +47,9 @@ DEQUANT_BYTES = 64 if INTERPRETED else 2048
 def _gpu_configs(name: str) -> list:
     c = triton.Config
     if name == "matmul":
-        # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages). ptxas (sm_90a, Triton 3.9) reports no register spills for
-        # these in the orientations they suit: BLOCK_P <= 64 keeps the input-gradient scale per row.
+        # (BLOCK_M, BLOCK_P, BLOCK_R, warps, stages). On sm_90 ptxas reports no spills for any of these in the
+        # forward; in the input gradient those with BLOCK_P = 128 spill (their scales are per element), the
+        # others do not (benchmarks/gpu_kernel_resources.py). The autotuner times them all.
         shapes = [(128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3),
                   (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3), (16, 128, 64, 4, 3), (16, 64, 64, 4, 3)]
         return [c({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r}, num_warps=w, num_stages=s) for m, p, r, w, s in shapes]
