@@ -68,6 +68,8 @@ def compile_kernel(kernel: str, dtype: str, constexprs: dict[str, Any], arch: in
     from qlorakit.quant.backends import triton_kernels
 
     fn = getattr(triton_kernels, f"{kernel}_kernel")
+    if type(fn).__name__ == "InterpretedFunction":
+        raise SystemExit("TRITON_INTERPRET=1 is set: the interpreter's kernels cannot be compiled; unset it")
     sig = signature(kernel, dtype) | dict.fromkeys(constexprs, "constexpr")
     options = {"enable_fp_fusion": False, "num_warps": warps, "num_stages": stages}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
