@@ -4,6 +4,7 @@ scorer against the one-prompt-at-a-time reference, aggregation, and input errors
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -115,7 +116,9 @@ def test_long_prompts_drop_examples_from_the_end(tokenizer, tmp_path):
 def test_prefix_cached_batches_equal_the_full_prompt_reference(tiny_model, tokenizer, tmp_path, side, batch):
     data = mmlu.load_subjects(_folder(tmp_path), shots=3)
     dev, tests = data["college_physics"]
-    plans = mmlu.plan_prompts(tokenizer, "college_physics", dev, tests * 2, 3, 2048)
+    varied = tests + [dataclasses.replace(q, question=q.question + " and more" * (3 * i + 1)) for i, q in enumerate(tests)]
+    plans = mmlu.plan_prompts(tokenizer, "college_physics", dev, varied, 3, 2048)
+    assert len({len(p.ids) for p in plans}) == len(plans)  # every batch of 2+ rows is padded
     letters = mmlu.letter_token_ids(tokenizer)
     fast = mmlu.score_subject(tiny_model, plans, letters, batch, pad_id=0, side=side)
     slow = torch.stack([mmlu.score_reference(tiny_model, p.ids, letters) for p in plans])
