@@ -178,8 +178,8 @@ def _child(mode: str, model: str, args: argparse.Namespace, threshold_kib: int =
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def cases(workdir: Path) -> dict[str, str]:
-    out = {"smollm2-135m": str(GGUF)}
+def cases(workdir: Path, gguf: Path) -> dict[str, str]:
+    out = {"smollm2-135m": str(gguf)}
     out.update({name: str(write_random_llama(name, workdir)) for name in RANDOM_SHAPES})
     return out
 
@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--gguf", type=Path, default=GGUF, help="the SmolLM2 GGUF (default: ../shared/models/...)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--predict-only", action="store_true",
                         help="reuse the measured runs in --output and recompute only the predictions")
@@ -242,7 +243,7 @@ def main() -> None:
 
 def run_driver(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    paths = cases(args.workdir)
+    paths = cases(args.workdir, args.gguf)
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {c: [] for c in CONDITIONS} for name in paths}
     if args.predict_only:
         old = json.loads(args.output.read_text())
