@@ -200,8 +200,8 @@ class TrainConfig:
                                  "never holds all logits at once (0 = full logits, the reference)")
     fuse_lora: bool = opt(True, "one LoRA down-projection for projections that share an input (q/k/v, gate/up); "
                           "same adapters and files, fewer matmuls")
-    malloc_mmap_threshold_kib: int = opt(128, "glibc: allocations of this many KiB or more are returned to the OS "
-                                         "when freed (lower peak RSS); 0 = glibc's dynamic threshold")
+    malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
+                                         "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
     seed: int = opt(42, "seed of initialization and dropout")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
     eval_steps: int = opt(0, "evaluate the held-out loss every N steps (0 = at start and end only)")
