@@ -342,8 +342,8 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{'ours / theirs':<22}{cells}")
     print(f"median of {args.repeats} runs each; {args.steps} steps, first {args.warmup} untimed; batch "
           f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; {args.dtype} "
-          f"(ours: checkpointing {args.ours_checkpointing}, loss chunk {args.ours_loss_chunk}, mmap threshold "
-          f"{args.ours_mmap_kib} KiB); matmul peak "
+          f"(ours: checkpointing {args.ours_checkpointing}, loss chunk {'default' if args.ours_loss_chunk is None else args.ours_loss_chunk}, mmap "
+          f"threshold {'default' if args.ours_mmap_kib is None else args.ours_mmap_kib} KiB); matmul peak "
           f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
 
 
