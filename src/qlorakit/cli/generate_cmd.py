@@ -48,7 +48,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--prompts", metavar="FILE.jsonl", help="JSON Lines of {\"prompt\": ...} or {\"turns\": [...]} "
                    "rows, each optionally with \"adapter\": NAME")
     p.add_argument("--chat-template", choices=("on", "off"), default="on",
-                   help="wrap each prompt as a user turn in the tokenizer's chat template (default: %(default)s)")
+                   help="wrap each prompt as a user turn in the tokenizer's chat template (default: %(default)s; "
+                   "a tokenizer without one gets the raw prompt)")
     p.add_argument("--output", metavar="FILE.jsonl", help="also write one JSON object per prompt here")
     p.set_defaults(func=run)
 
