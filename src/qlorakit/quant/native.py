@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from qlorakit.hardware import cpu_flags
 from qlorakit.quant.tensor import QuantizedTensor
 
 _SOURCE = r"""
@@ -174,7 +175,9 @@ def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel (building it on first use), or ``None`` when it is off or cannot be built."""
     if os.environ.get("QLORAKIT_NATIVE", "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None
-    tag = hashlib.sha256((_SOURCE + platform.node() + platform.processor()).encode()).hexdigest()[:16]
+    # -march=native code only runs where the CPU has the same instruction sets: the flags are in the key.
+    machine = " ".join(sorted(cpu_flags())) or platform.node()
+    tag = hashlib.sha256((_SOURCE + platform.machine() + machine).encode()).hexdigest()[:16]
     target = _cache_dir() / f"gemv4bit-{tag}.so"
     try:
         if not target.is_file():
