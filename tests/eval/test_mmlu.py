@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from qlorakit.errors import DataError
+from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval import mmlu
 from qlorakit.eval.mmlu_categories import CATEGORIES, SUBJECT_CATEGORY
 from qlorakit.eval.mmlu_data import (
@@ -99,6 +99,14 @@ def test_letter_tokens_are_the_spaced_letters_smollm2_writes_after_answer(tokeni
     ids = mmlu.letter_token_ids(tokenizer)
     assert [tokenizer.decode([i]) for i in ids] == [" A", " B", " C", " D"]
     assert tokenizer("Answer: C", add_special_tokens=False)["input_ids"][-1] == ids[2]
+
+
+def test_a_tokenizer_that_splits_the_answer_letter_is_refused():
+    def by_characters(text, add_special_tokens=True):  # "Answer: A" -> one token per character
+        return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(ConfigError, match="needs the answer letter to be a single token after 'Answer:'"):
+        mmlu.letter_token_ids(by_characters)
 
 
 def test_long_prompts_drop_examples_from_the_end(tokenizer, tmp_path):

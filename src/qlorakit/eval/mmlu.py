@@ -5,9 +5,9 @@ question ending in ``Answer:`` (``mmlu_data``). The model's prediction is
 
     argmax over X in {A, B, C, D} of logit(next token = t_X | prompt)
 
-where ``t_X`` is the single token the tokenizer gives the text `` X`` (the letter with its leading space:
-after ``Answer:`` the letter of a few-shot example is written `` X``, and e.g. SmolLM2's tokenizer splits
-``"Answer: A"`` into ``Answer``, ``:``, `` A``; ``letter_token_ids`` checks this for the tokenizer at hand).
+where ``t_X`` is the token the tokenizer appends for `` X`` after ``Answer:`` (the letter with its leading
+space, as the few-shot answers are written; SmolLM2's tokenizer splits ``"Answer: A"`` into ``Answer``,
+``:``, `` A``). ``letter_token_ids`` derives and checks these tokens for the tokenizer at hand.
 
 Reported: accuracy per subject, per category (correct / questions over the category's subjects, as the
 original ``evaluate.py`` pools them; categories in ``mmlu_categories``), ``mean`` = the mean of the
@@ -112,15 +112,22 @@ class MmluResult:
 
 
 def letter_token_ids(tokenizer: Any) -> list[int]:
-    """The token ids of `` A``..`` D`` as the tokenizer writes them after ``Answer:``; ConfigError if not single tokens."""
+    """The token the tokenizer appends for `` X`` after ``Answer:``, for X = A..D.
+
+    ``tokenizer("Answer: X")`` must be ``tokenizer("Answer:")`` plus exactly one token (SmolLM2: `` A`` =
+    330, `` B`` = 389, `` C`` = 340, `` D`` = 422); otherwise letter scoring is undefined and ConfigError
+    is raised. Sentencepiece tokenizers that split `` A`` alone into two pieces still pass this rule.
+    """
+    base = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
     ids = []
     for letter in LETTERS:
-        alone = tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
-        in_context = tokenizer("Answer: " + letter, add_special_tokens=False)["input_ids"]
-        if len(alone) != 1 or in_context[-1] != alone[0]:
-            raise ConfigError(f"tokenizer: ' {letter}' is {alone} alone and ends {in_context[-1:]} after 'Answer:';"
-                              " MMLU letter scoring needs it to be one token in both places")
-        ids.append(alone[0])
+        full = tokenizer("Answer: " + letter, add_special_tokens=False)["input_ids"]
+        if len(full) != len(base) + 1 or full[: len(base)] != base:
+            raise ConfigError(f"tokenizer: 'Answer: {letter}' is {full}, not 'Answer:' {base} plus one token; "
+                              "MMLU letter scoring needs the answer letter to be a single token after 'Answer:'")
+        ids.append(full[-1])
+    if len(set(ids)) != len(LETTERS):
+        raise ConfigError(f"tokenizer: the answer letters map to the tokens {ids}, not four distinct ones")
     return ids
 
 
