@@ -23,12 +23,12 @@ LOGITS_FP32_COPIES = 3
 #: temporary of ``logsumexp``; read from the code, not fitted.
 CHUNK_FP32_COPIES = 2
 
-#: Heap memory glibc keeps resident after the dequantize transients of a training step, per quantized
-#: parameter. glibc raises its mmap threshold (up to 32 MiB) after freeing a large block, so the
-#: per-layer dequantize buffers come from the heap, which fragments between long-lived tensors and is not
-#: returned. Calibrated on ONE case, ``llama-350m`` of ``benchmarks/plan_accuracy.py`` (seq 256, r 16,
-#: paged AdamW, first round): measured peak 1,621 MiB minus every other predicted term (1,268 MiB) =
-#: 353 MiB over its 308,281,344 quantized parameters. The other cases of that benchmark are validation.
-#: With ``MALLOC_MMAP_THRESHOLD_=131072`` the retention disappears (a training loop on the same model at
-#: seq 128 peaked at 996 instead of 1,310 MiB).
-CPU_HEAP_RETENTION_PER_QPARAM = 1.20
+#: Heap memory glibc keeps resident per quantized parameter when the trainer leaves glibc's mmap threshold
+#: dynamic (``TrainConfig.malloc_mmap_threshold_kib = 0``; the default fixes it and this term is not used).
+#: glibc raises the threshold (up to 32 MiB) after freeing a large block, so the per-layer dequantize and
+#: loss buffers come from the heap, which fragments between long-lived tensors and is not returned.
+#: Calibrated on ONE case, ``llama-350m`` of ``benchmarks/plan_accuracy.py`` (seq 256, r 16, paged AdamW,
+#: chunked loss, commit ebfdedf): measured median 2,516 MiB minus every other predicted term (1,239 MiB),
+#: over its 308,281,344 quantized parameters. It is not proportional in truth: the same benchmark implies
+#: 5.8 bytes for SmolLM2 and 3.2 for ``llama-700m`` (see docs/memory.md).
+CPU_HEAP_RETENTION_PER_QPARAM = 4.34
