@@ -37,13 +37,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlorakit.config import TrainConfig
+
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUTPUT = REPO / "benchmarks/results/plan_accuracy.json"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-plan-accuracy"
 SEED = 42
-#: Measurement conditions: name -> ``TrainConfig.malloc_mmap_threshold_kib`` of the measured run.
-CONDITIONS = {"default": 128, "dynamic_threshold": 0}
+#: Measurement conditions: name -> ``TrainConfig.malloc_mmap_threshold_kib`` of the measured run (the
+#: default is the trainer's own; ``qlorakit.config`` imports no torch, so the driver stays torch-free).
+CONDITIONS = {"default": TrainConfig().malloc_mmap_threshold_kib, "dynamic_threshold": 0}
 #: name -> LlamaConfig fields of the random-weight shapes.
 RANDOM_SHAPES = {
     "llama-350m": {"hidden_size": 1024, "num_hidden_layers": 24, "intermediate_size": 2816,
