@@ -13,9 +13,10 @@ separate parameters: ``fuse_shared_inputs`` replaces each ``lora_A[name]`` ``nn.
 see exactly what they saw before (``unfuse`` restores plain ``nn.Linear`` modules around the same weights).
 
 The group reuses its product only for the very tensor object it computed it from (``x is cached_input``)
-and only until every member has taken its slice; any other input (dropout > 0 gives each layer its own
-masked copy; a 16-bit model with fp32 adapters casts ``h`` per layer) is computed unfused, so fusing never
-changes what is computed, only how: tests hold fused to unfused outputs and gradients within fp32 rounding.
+and only until every member has taken its slice; any other input is computed unfused. Groups whose
+adapters have dropout > 0 are not fused at all (each layer draws its own mask, so no input is shared and
+a fused product would be computed once per member), nor are 16-bit bases with fp32 adapters (each layer
+casts ``h`` to a new tensor), so fusing never changes what is computed, only how: tests hold fused to unfused outputs and gradients within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -81,10 +82,12 @@ def _base_dtype(layer: LoraLinear) -> torch.dtype | None:
 
 
 def _fusable(layers: list[LoraLinear], name: str) -> bool:
-    """Siblings that carry ``name`` unmerged as plain ``nn.Linear`` A's of one dtype, which is also the dtype
-    their input arrives in (else each layer casts the input to its own new tensor and nothing is shared)."""
+    """Siblings that carry ``name`` unmerged, without dropout, as plain ``nn.Linear`` A's of one dtype, which is
+    also the dtype their input arrives in (else each layer casts the input to its own new tensor)."""
     if len(layers) < 2 or any(name not in m.lora_A or m.merged_adapter is not None for m in layers):
         return False
+    if any(not isinstance(m.lora_dropout[name], nn.Identity) for m in layers):
+        return False  # each layer draws its own dropout mask: no input is shared, fusing would only add work
     weights = [m.lora_A[name].weight for m in layers]
     kinds = {(w.dtype, w.device) for w in weights} | {(_base_dtype(m), w.device) for m, w in zip(layers, weights)}
     return all(type(m.lora_A[name]) is nn.Linear for m in layers) and len(kinds) == 1
