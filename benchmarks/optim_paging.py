@@ -147,7 +147,7 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.page_dir:
             cmd += ["--page-dir", args.page_dir]
         env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}
-        done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(cmd, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{variant} failed (exit {done.returncode}):\n{done.stderr}")
         return json.loads(Path(out.name).read_text())
@@ -155,8 +155,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     peer = next(r for r in results if r["variant"] == PEER)
-    lines = [f"{'optimizer':<22}{'step s':>9}{'vs torch':>10}{'state MB':>10}{'budget MB':>11}"
-             f"{'paged peak MB':>15}{'opt. RSS MB':>13}{'peak RSS MB':>13}"]
+    lines = [(f"{'optimizer':<22}{'step s':>9}{'vs torch':>10}{'state MB':>10}{'budget MB':>11}"
+             f"{'paged peak MB':>15}{'opt. RSS MB':>13}{'peak RSS MB':>13}")]
     for r in results:
         budget = f"{r['budget_mb']:.0f}" if r["budget_mb"] is not None else "-"
         resident = f"{r['paged_peak_resident_mb']:.1f}" if r["paged_peak_resident_mb"] is not None else "-"

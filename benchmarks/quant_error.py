@@ -180,8 +180,8 @@ def orderings(errors: list[dict[str, Any]], ppl_rows: list[dict[str, Any]]) -> d
 def format_perplexity(result: dict[str, Any]) -> str:
     p = result["perplexity"]
     lines = [
-        f"perplexity, fp32 compute: {p['text']}, first {p['tokens']} tokens, {p['windows']} non-overlapping "
-        f"windows of {p['window']} ({p['rows'][0]['predictions']} predictions)",
+        (f"perplexity, fp32 compute: {p['text']}, first {p['tokens']} tokens, {p['windows']} non-overlapping "
+        f"windows of {p['window']} ({p['rows'][0]['predictions']} predictions)"),
         f"{'weights':<26}{'ppl':>9}{'NLL':>9}{'vs fp32':>9}{'weight rel rms':>16}{'paper Pile-CC':>15}",
     ]
     base = p["rows"][0]["ppl"]

@@ -6,8 +6,8 @@ from pathlib import Path
 # bitsandbytes wraps some CPU fallbacks in torch.compile; compiling per test shape only costs time.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Without CUDA the Triton kernels run under Triton's interpreter, which must be switched on before triton
 # is first imported (bitsandbytes imports it); torch itself does not import triton.

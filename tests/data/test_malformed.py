@@ -96,7 +96,7 @@ def test_malformed_oasst_tree_names_file_row_and_field(tmp_path, rows, line, fie
 
 def test_row_number_is_the_jsonl_line_with_blank_lines(tmp_path):
     path = tmp_path / "gaps.jsonl"
-    path.write_text("\n".join(['{"instruction": "a", "output": "b"}', "", "", '{"instruction": "a", "output": ""}']) + "\n")
+    path.write_text('{"instruction": "a", "output": "b"}\n\n\n{"instruction": "a", "output": ""}' + "\n")
     with pytest.raises(DataError, match=re.escape(f"{path}:4: field 'output': empty")):
         convert_table(read_table(path))
 

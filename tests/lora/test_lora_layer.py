@@ -15,7 +15,7 @@ from qlorakit.errors import ConfigError
 from qlorakit.lora import LoraLinear, MergeError
 from qlorakit.quant import Linear4bit, dequantize_4bit
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 IN, OUT = 48, 40
 
 

@@ -26,7 +26,7 @@ from qlorakit.lora import (
 
 peft = pytest.importorskip("peft")
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 TARGETS = {
     "all-linear": ("all-linear", LLAMA_PROJECTIONS),
     "subset": (("q_proj", "v_proj"), ["q_proj", "v_proj"]),

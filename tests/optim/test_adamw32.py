@@ -2,7 +2,15 @@
 
 import torch
 from optim_testing import (
-    HYPER, SHAPES, clone_params, gradients, load_state, make_params, run_steps, save_state, ulp_distance,
+    HYPER,
+    SHAPES,
+    clone_params,
+    gradients,
+    load_state,
+    make_params,
+    run_steps,
+    save_state,
+    ulp_distance,
 )
 
 from qlorakit.optim import AdamW

@@ -10,7 +10,16 @@ Tolerances (measured over 5 seeds x 3 learning rates, 50 steps):
 
 import pytest
 import torch
-from optim_testing import HYPER, SHAPES, clone_params, gradients, load_state, make_params, run_steps, save_state
+from optim_testing import (
+    HYPER,
+    SHAPES,
+    clone_params,
+    gradients,
+    load_state,
+    make_params,
+    run_steps,
+    save_state,
+)
 
 from qlorakit.optim import AdamW
 from qlorakit.optim.state8bit import num_blocks

@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from optim_testing import HYPER, SHAPES, clone_params, gradients, load_state, make_params, run_steps, save_state
+from optim_testing import (
+    HYPER,
+    SHAPES,
+    clone_params,
+    gradients,
+    load_state,
+    make_params,
+    run_steps,
+    save_state,
+)
 
 from qlorakit.optim import AdamW, PagedStateStore
 

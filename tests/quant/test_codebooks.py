@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from qlorakit.quant.codebooks import NF4_PUBLISHED, code_table, dynamic_map_8bit, midpoints
+from qlorakit.quant.codebooks import (
+    NF4_PUBLISHED,
+    code_table,
+    dynamic_map_8bit,
+    midpoints,
+)
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 

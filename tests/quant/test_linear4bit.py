@@ -13,7 +13,7 @@ from qlorakit.quant import Linear4bit, dequantize_4bit, quantize_4bit
 
 bnb = pytest.importorskip("bitsandbytes")
 
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def _linear(in_f=128, out_f=96, bias=True):

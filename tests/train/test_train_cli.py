@@ -50,7 +50,7 @@ def test_train_writes_the_run_directory_and_resumes_to_the_same_result(tiny_mode
     assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
     assert read_metrics(cut / "metrics.jsonl") == [
         {k: v for k, v in r.items()} for r in read_metrics(cut / "metrics.jsonl")]
-    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]  # noqa: E731
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
     assert losses(cut) == losses(full)
 
 

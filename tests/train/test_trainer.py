@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_testing import run_config, tiny_qlora_model
 
 from qlorakit.data import build_datasets, collate_fn
 from qlorakit.train import list_checkpoints, read_metrics, train
 from qlorakit.train.loop import token_loss_sum
-
-from train_testing import run_config, tiny_qlora_model
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "elapsed_s", "tokens_per_s"}
 
@@ -36,7 +36,7 @@ def test_run_writes_metrics_checkpoints_and_learns(smol_tokenizer, small_oasst, 
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 9))
     assert all(REQUIRED <= set(r) for r in train_rows)
-    assert all(b["tokens"] > a["tokens"] for a, b in zip(train_rows, train_rows[1:]))
+    assert all(b["tokens"] > a["tokens"] for a, b in itertools.pairwise(train_rows))
     assert train_rows[0]["lr"] == 0.0  # warmup starts at 0 as in the transformers schedules
     evals = [r for r in rows if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 8]
@@ -54,7 +54,7 @@ def test_run_writes_metrics_checkpoints_and_learns(smol_tokenizer, small_oasst, 
 
 def test_loss_is_the_token_mean_of_the_whole_accumulated_batch(smol_tokenizer, small_oasst, tmp_path):
     cfg = run_config(small_oasst, tmp_path / "run", max_steps=1, lr=1e-12, warmup_ratio=0.0, scheduler="constant")
-    model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
+    model, train_set, _val_set, collate = _setup(cfg, smol_tokenizer)
     model.eval()  # no dropout, so the reference below sees the same function
     from qlorakit.train.loop import MicroBatchStream
 

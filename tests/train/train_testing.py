@@ -26,8 +26,8 @@ def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Mod
 
 
 def run_config(data_path: Path, out: Path, **train) -> RunConfig:
-    base = dict(output_dir=str(out), batch_size=2, grad_accum=2, lr=1e-2, max_steps=6, gradient_checkpointing=False,
-                compute_dtype="float32", warmup_ratio=0.2, scheduler="cosine")
+    base = {"output_dir": str(out), "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "max_steps": 6, "gradient_checkpointing": False,
+                "compute_dtype": "float32", "warmup_ratio": 0.2, "scheduler": "cosine"}
     base.update(train)
     return RunConfig(
         model="tiny",

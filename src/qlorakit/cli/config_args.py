@@ -12,7 +12,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlorakit.config import DataConfig, LoraConfig, QuantConfig, RunConfig, TrainConfig, parse_targets
+from qlorakit.config import (
+    DataConfig,
+    LoraConfig,
+    QuantConfig,
+    RunConfig,
+    TrainConfig,
+    parse_targets,
+)
 from qlorakit.errors import ConfigError
 
 SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}

@@ -13,10 +13,17 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from qlorakit import __version__
-from qlorakit.cli import inspect_cmd, merge_cmd, plot_cmd, quant_report, train_cmd
-from qlorakit.cli import eval_cmd
-from qlorakit.cli import chat_cmd, generate_cmd
-from qlorakit.cli import plan_cmd
+from qlorakit.cli import (
+    chat_cmd,
+    eval_cmd,
+    generate_cmd,
+    inspect_cmd,
+    merge_cmd,
+    plan_cmd,
+    plot_cmd,
+    quant_report,
+    train_cmd,
+)
 from qlorakit.errors import QlorakitError
 
 #: Subcommand modules, in the order ``--help`` lists them.

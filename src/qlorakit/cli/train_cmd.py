@@ -117,8 +117,8 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         f"model      {cfg.model}  ({cfg.quant.quant_type}, blocksize {cfg.quant.blocksize}, double quant {cfg.quant.double_quant})",
         f"lora       r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, targets {cfg.lora.targets}",
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
-        f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr} {t.scheduler}, "
-        f"warmup {t.warmup_ratio}, clip {t.max_grad_norm}, compute {t.compute_dtype}",
+        (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr} {t.scheduler}, "
+        f"warmup {t.warmup_ratio}, clip {t.max_grad_norm}, compute {t.compute_dtype}"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
     ]
     return "\n".join(lines)

@@ -6,12 +6,30 @@ Read files (``readers``), validate and convert rows to canonical conversations (
 """
 
 from qlorakit.data.batching import batch_order, collate, collate_fn, pad_id_of
-from qlorakit.data.dataset import DataSummary, TokenizedDataset, build_datasets, default_sample_path, split_indices
+from qlorakit.data.dataset import (
+    DataSummary,
+    TokenizedDataset,
+    build_datasets,
+    default_sample_path,
+    split_indices,
+)
 from qlorakit.data.formats import FORMATS, convert_table, detect_format, load_examples
 from qlorakit.data.readers import Table, read_table
 from qlorakit.data.schema import Conversion, Example, Turn
-from qlorakit.data.templates import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt, generation_prompt, render
-from qlorakit.data.tokenize import IGNORE_INDEX, TokenizedExample, TruncationStats, pack_documents, tokenize_conversations
+from qlorakit.data.templates import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_NO_INPUT,
+    alpaca_prompt,
+    generation_prompt,
+    render,
+)
+from qlorakit.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    TruncationStats,
+    pack_documents,
+    tokenize_conversations,
+)
 
 __all__ = [
     "ALPACA_PROMPT",

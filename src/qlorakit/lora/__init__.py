@@ -7,8 +7,8 @@ targets, ``save_adapter`` / ``load_adapter`` read and write ``adapter_config.jso
 
 from qlorakit.lora.layer import LoraLinear, MergeError
 from qlorakit.lora.model import (
-    add_lora,
     adapter_names,
+    add_lora,
     count_parameters,
     delete_adapter,
     disable_adapters,
@@ -20,7 +20,12 @@ from qlorakit.lora.model import (
     trainable_parameters,
     unmerge_adapters,
 )
-from qlorakit.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
+from qlorakit.lora.peft_io import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    save_adapter,
+)
 from qlorakit.lora.targets import linear_names, resolve_targets
 
 __all__ = [

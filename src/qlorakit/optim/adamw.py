@@ -28,6 +28,7 @@ safetensors; loading it back continues bit-for-bit.
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -215,7 +216,7 @@ class AdamW(torch.optim.Optimizer):
             if not self.state[p]:
                 self._init_state(index, p)
         paged = [index for _, index, p in work if self._is_paged(p)]
-        following = dict(zip(paged, paged[1:]))
+        following = dict(itertools.pairwise(paged))
         for group, index, p in work:
             state = self.state[p]
             state["step"] += 1

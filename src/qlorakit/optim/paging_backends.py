@@ -37,6 +37,7 @@ import tempfile
 
 import torch
 
+
 def _libc_madvise():
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise

@@ -325,8 +325,8 @@ def format_errors(rows: list[dict[str, Any]]) -> str:
 def format_throughput(tp: dict[str, Any]) -> str:
     """Plain-text throughput table with the byte basis and the bitsandbytes status."""
     lines = [
-        f"throughput: {tp['quant_type']} + double quant, blocksize {tp['blocksize']}, fp32 tensor "
-        f"{tp['shape'][0]}x{tp['shape'][1]}, median of {tp['repeats']} after a warm-up",
+        (f"throughput: {tp['quant_type']} + double quant, blocksize {tp['blocksize']}, fp32 tensor "
+        f"{tp['shape'][0]}x{tp['shape'][1]}, median of {tp['repeats']} after a warm-up"),
         f"GB/s basis: {tp['bytes_basis']}; bitsandbytes: {tp['bitsandbytes']}",
         f"{'op':<18}{'ours GB/s':>11}{'bnb GB/s':>11}{'ours/bnb':>10}",
     ]
