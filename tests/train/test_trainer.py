@@ -91,3 +91,17 @@ def test_resume_continues_the_exact_loss_sequence_across_an_epoch_boundary(smol_
     evals_full = [r["eval_loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "eval_loss" in r]
     evals_cut = [r["eval_loss"] for r in read_metrics(tmp_path / "cut" / "metrics.jsonl") if "eval_loss" in r]
     assert evals_cut == evals_full
+
+
+def test_gradient_checkpointing_recomputes_the_same_losses(smol_tokenizer, small_oasst, tmp_path):
+    # Recomputation in backward replays the saved RNG state, so even the LoRA dropout masks (p = 0.1) repeat:
+    # checkpointing must not change any step's loss beyond fp32 rounding.
+    runs = {}
+    for ckpt in (False, True):
+        cfg = run_config(small_oasst, tmp_path / str(ckpt), max_steps=3, gradient_checkpointing=ckpt)
+        model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
+        train(model, train_set, val_set, collate, cfg, tmp_path / str(ckpt), progress=False)
+        assert model.is_activation_checkpointing == ckpt
+        runs[ckpt] = _losses(tmp_path / str(ckpt))
+    assert len(runs[True]) == 3
+    assert runs[True] == pytest.approx(runs[False], rel=1e-6, abs=0)

@@ -156,7 +156,7 @@ def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progre
     stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], t.batch_size, cfg.data.seed, cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
     if resume_from is None:
