@@ -47,4 +47,4 @@ def test_merge_cli_writes_a_checkpoint_with_the_adapted_logits(base_dir, tmp_pat
 
 def test_merge_cli_rejects_a_directory_without_an_adapter(base_dir, tmp_path, capsys):
     assert main(["merge", "--model", str(base_dir), "--adapter", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
-    assert "no adapter_config.json" in capsys.readouterr().err
+    assert "missing adapter_config.json; not a PEFT adapter directory" in capsys.readouterr().err

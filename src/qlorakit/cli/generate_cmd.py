@@ -65,11 +65,11 @@ def sampling_from_args(args: argparse.Namespace):
 def parse_adapters(args: argparse.Namespace, requested: list[str | None]) -> tuple[list, str | None]:
     """The adapter specs and the default adapter name, after checking every requested name exists."""
     from qlorakit.generate import BASE_ONLY, AdapterSpec
+    from qlorakit.lora import check_adapter_dir
 
     specs = [AdapterSpec.parse(text) for text in args.adapter]
     for spec in specs:
-        if not spec.path.is_dir():
-            raise ConfigError(f"--adapter {spec.name}={spec.path}: no such directory")
+        check_adapter_dir(spec.path)
     known = [s.name for s in specs] + [BASE_ONLY]
     for name in [args.use, *requested]:
         if name is not None and name not in known:

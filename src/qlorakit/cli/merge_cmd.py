@@ -34,15 +34,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from qlorakit.config import QuantConfig
-    from qlorakit.lora import load_adapter
+    from qlorakit.lora import check_adapter_dir, load_adapter
     from qlorakit.models import load_model, load_tokenizer
     from qlorakit.models.export import merge_and_export
 
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    if not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter {args.adapter}: no adapter_config.json there")
+    check_adapter_dir(args.adapter)  # before the minutes of loading the base
     model = load_model(args.model, quant=None if args.no_quant else QuantConfig(), lora=None, compute_dtype=torch.float32)
     load_adapter(model, args.adapter)
     quantize = QuantConfig(quant_type=args.quantize) if args.quantize else None

@@ -8,25 +8,16 @@ changes the model, and a mismatch raises ``StateDictError`` naming the layer and
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from qlorakit.config import QuantConfig
-from qlorakit.errors import ConfigError
-from qlorakit.lora.peft_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from qlorakit.lora.peft_io import check_adapter_dir as lora_check_adapter_dir
 
 
 def check_adapter_dir(directory: str | os.PathLike | None) -> None:
-    """ConfigError unless ``directory`` is None or holds a PEFT adapter's two files."""
-    if directory is None:
-        return
-    path = Path(directory)
-    if not path.is_dir():
-        raise ConfigError(f"--adapter {path}: no such directory")
-    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (path / f).is_file()]
-    if missing:
-        raise ConfigError(f"--adapter {path}: missing {', '.join(missing)}; expected a PEFT adapter directory "
-                          "(as qlorakit train or peft save it)")
+    """Nothing when ``directory`` is None, else ``lora.check_adapter_dir`` (a PEFT adapter's two files)."""
+    if directory is not None:
+        lora_check_adapter_dir(directory)
 
 
 #: The trainer's storage format (NF4, block 64, double quantization).

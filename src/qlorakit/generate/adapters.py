@@ -22,6 +22,7 @@ from typing import Any
 from qlorakit.errors import ConfigError, StateDictError
 from qlorakit.lora import (
     ADAPTER_CONFIG,
+    check_adapter_dir,
     load_adapter,
     set_active_adapter,
     set_adapters_enabled,
@@ -65,9 +66,7 @@ def model_key(name: str) -> str:
 
 def check_base_name(spec: AdapterSpec, base_names: list[str]) -> None:
     """Refuse an adapter whose ``base_model_name_or_path`` names none of ``base_names`` (when both are known)."""
-    config_file = spec.path / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise ConfigError(f"--adapter {spec.name}={spec.path}: no {ADAPTER_CONFIG} there; not a PEFT adapter directory")
+    config_file = check_adapter_dir(spec.path) / ADAPTER_CONFIG
     try:
         declared = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except json.JSONDecodeError as exc:

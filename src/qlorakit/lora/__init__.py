@@ -23,6 +23,7 @@ from qlorakit.lora.model import (
 from qlorakit.lora.peft_io import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    check_adapter_dir,
     load_adapter,
     save_adapter,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "MergeError",
     "adapter_names",
     "add_lora",
+    "check_adapter_dir",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",

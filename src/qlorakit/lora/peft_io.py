@@ -190,7 +190,9 @@ def lora_config_from_peft(values: dict[str, Any], where: str = ADAPTER_CONFIG) -
     )
 
 
-def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def check_adapter_dir(directory: str | os.PathLike[str]) -> Path:
+    """``directory`` as a Path if it holds a PEFT adapter's two files (cheap: run it before loading a model)."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"adapter directory {directory} does not exist")
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -198,6 +200,11 @@ def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
             pickled = " (found adapter_model.bin: qlorakit never loads pickle; re-save with safetensors)"
             hint = pickled if file == ADAPTER_WEIGHTS and (directory / "adapter_model.bin").exists() else ""
             raise StateDictError(f"{directory}: missing {file}; not a PEFT adapter directory{hint}")
+    return directory
+
+
+def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    check_adapter_dir(directory)
     try:
         values = json.loads((directory / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as exc:
