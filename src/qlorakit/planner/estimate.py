@@ -53,10 +53,10 @@ from qlorakit.planner.constants import (
     LOGITS_FP32_COPIES,
 )
 from qlorakit.planner.shapes import LinearShape, ModelShape
+from qlorakit.quant.tensor import NESTED_BLOCKSIZE
 
 DEVICES = ("gpu", "cpu")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-NESTED_BLOCK = 256  # blocks of absmax per nested (double-quant) scale
 CODE_TABLE_BYTES = 16 * 4  # the 4-bit code table of each weight (fp32)
 NESTED_TABLE_BYTES = 256 * 4 + 4  # the 8-bit map of the absmax plus the fp32 offset
 
@@ -216,7 +216,7 @@ def quant_constant_bytes(quantized: list[LinearShape], quant: QuantConfig) -> in
     for lin in quantized:
         blocks = -(-lin.numel // quant.blocksize)
         if quant.double_quant:
-            total += blocks + 4 * -(-blocks // NESTED_BLOCK) + NESTED_TABLE_BYTES
+            total += blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + NESTED_TABLE_BYTES
         else:
             total += 4 * blocks
         total += CODE_TABLE_BYTES
@@ -227,10 +227,11 @@ def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, i
     """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)`` and ``B (out, r)``."""
     from qlorakit.optim.adamw import PAGE_MIN_SIZE, AdamW
     from qlorakit.optim.paged import pack_block
+    from qlorakit.optim.paging_backends import FileBackend, PinnedBackend
     from qlorakit.optim.state8bit import layout_8bit
 
     min_8bit = inspect.signature(AdamW).parameters["min_8bit_size"].default
-    granularity = 4096 if s.device == "cpu" else 512  # FileBackend (a page) / PinnedBackend
+    granularity = (FileBackend if s.device == "cpu" else PinnedBackend).granularity
     resident, paged = 0, []
     for lin in adapted:
         for shape in ((s.lora_r, lin.in_features), (lin.out_features, s.lora_r)):
