@@ -107,3 +107,24 @@ def test_help_documents_every_flag_with_its_default(capsys):
                  "--val-size", "--resume", "--overwrite", "--config", "--compute-dtype", "--optim", "--optim-budget"]:
         assert flag in text, flag
     assert "(default: 0.0002)" in text and "(default: 64)" in text and "(default: paged_adamw)" in text
+
+
+def test_allocator_threshold_is_set_before_the_model_loads(tiny_model_dir, small_oasst, tmp_path, monkeypatch):
+    """``qlorakit train`` fixes glibc's mmap threshold (the config's value) before ``load_model`` runs."""
+    import qlorakit.models
+    import qlorakit.train.allocator
+
+    calls: list[tuple[str, object]] = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load_model(*args, **kwargs):
+        calls.append(("load_model", None))
+        raise Stop
+
+    monkeypatch.setattr(qlorakit.train.allocator, "fix_mmap_threshold", lambda kib: calls.append(("threshold", kib)))
+    monkeypatch.setattr(qlorakit.models, "load_model", fake_load_model)
+    with pytest.raises(Stop):
+        main(_args(tiny_model_dir, small_oasst, tmp_path / "out", "--max-steps", "1", "--malloc-mmap-threshold-kib", "512"))
+    assert calls == [("threshold", 512), ("load_model", None)]

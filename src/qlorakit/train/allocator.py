@@ -17,6 +17,8 @@ whole process; every buffer above it then costs an ``mmap``/``munmap`` and fresh
 faults: at 128 KiB a profiled step took 56 s against 40 s with the dynamic threshold (elementwise ops
 4x slower) on this 2-core VM under load; 1 MiB keeps most of the saving for fewer faults. The trainer's
 default is 1 MiB (``TrainConfig.malloc_mmap_threshold_kib``; 0 leaves glibc alone). No-op outside glibc.
+``qlorakit train`` sets it before the model loads and ``train()`` again (a repeat changes nothing): set only
+after loading, the same threshold left the training peak bimodal across identical runs (docs/memory.md).
 """
 
 from __future__ import annotations
