@@ -18,9 +18,11 @@ child inherits no peak). The prediction is ``qlorakit.planner.plan`` for the sam
 target is within +-15%. The CPU constants of the planner were calibrated on one case only (see
 ``qlorakit.planner.constants``); the others are validation.
 
-Two conditions per case: ``default`` (the trainer fixes glibc's mmap threshold at 128 KiB; no planner
-term is fitted to it: every case validates) and ``dynamic_threshold`` (``malloc_mmap_threshold_kib=0``:
-glibc keeps freed heap memory; the planner adds ``heap_retention``, fitted on ``llama-350m`` only).
+Two conditions per case (``--conditions`` picks): ``default`` (the trainer's ``malloc_mmap_threshold_kib``,
+1 MiB, fixed in the child before torch is imported and the model loads, as ``qlorakit train`` does; no
+planner term is fitted to it: every case validates) and ``dynamic_threshold`` (``malloc_mmap_threshold_kib=0``:
+glibc keeps freed heap memory; the planner adds ``heap_retention``, fitted on ``llama-350m`` only, in the run
+of commit ebfdedf kept in ``benchmarks/results/plan_accuracy_ebfdedf.json``).
 """
 
 from __future__ import annotations
@@ -92,6 +94,9 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     """Load ``args.model`` in 4 bits with LoRA, train ``args.steps`` steps; peak RSS and where it was reached."""
     from functools import partial
 
+    from qlorakit.train.allocator import fix_mmap_threshold
+
+    fix_mmap_threshold(args.mmap_threshold_kib)  # before torch and the model, as ``qlorakit train`` does
     import torch
 
     from qlorakit.config import LoraConfig, QuantConfig, RunConfig, TrainConfig
@@ -168,7 +173,7 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             "quantized_params": quantized, "total_params": shape.total_params}
 
 
-def _child(mode: str, model: str, args: argparse.Namespace, threshold_kib: int = 128) -> dict[str, Any]:
+def _child(mode: str, model: str, args: argparse.Namespace, threshold_kib: int = CONDITIONS["default"]) -> dict[str, Any]:
     """Run this script in a fresh interpreter in ``mode`` and return its RESULT line."""
     cmd = [sys.executable, __file__, f"--{mode}", "--model", model, "--steps", str(args.steps), "--seq", str(args.seq),
            "--batch", str(args.batch), "--r", str(args.r), "--optim", args.optim, "--threads", str(args.threads),
@@ -223,6 +228,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--gguf", type=Path, default=GGUF, help="the SmolLM2 GGUF (default: ../shared/models/...)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--conditions", nargs="+", choices=list(CONDITIONS), default=list(CONDITIONS),
+                        help="measurement conditions to run (default: all)")
     parser.add_argument("--predict-only", action="store_true",
                         help="reuse the measured runs in --output and recompute only the predictions")
     parser.add_argument("--measure-framework", action="store_true", help="print CPU_FRAMEWORK_BYTES' measurement")
@@ -230,7 +237,7 @@ def main() -> None:
     parser.add_argument("--predict", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--mmap-threshold-kib", type=int, default=128, help=argparse.SUPPRESS)
+    parser.add_argument("--mmap-threshold-kib", type=int, default=CONDITIONS["default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     for flag, fn in (("child", run_case), ("predict", predict), ("framework_child", measure_framework)):
         if getattr(args, flag):
@@ -247,19 +254,21 @@ def main() -> None:
 def run_driver(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     paths = cases(args.workdir, args.gguf)
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {c: [] for c in CONDITIONS} for name in paths}
+    conditions = {c: CONDITIONS[c] for c in args.conditions}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {c: [] for c in conditions} for name in paths}
     if args.predict_only:
         old = json.loads(args.output.read_text())
         for row in old["results"]:
-            runs[row["case"]][row["condition"]] = row["runs"]
+            if row["condition"] in conditions:
+                runs[row["case"]][row["condition"]] = row["runs"]
     else:
         for _ in range(args.repeats):  # cases and conditions alternate within each round
             for name, path in paths.items():
-                for condition, kib in CONDITIONS.items():
+                for condition, kib in conditions.items():
                     runs[name][condition].append(_child("child", path, args, kib))
                     print(f"{name} ({condition}): peak {runs[name][condition][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
     rows = [summarize(name, condition, runs[name][condition], _child("predict", path, args, kib))
-            for name, path in paths.items() for condition, kib in CONDITIONS.items()]  # fmt: skip
+            for name, path in paths.items() for condition, kib in conditions.items()]  # fmt: skip
     print_table(rows)
     from qlorakit.fileio import write_json_atomic
 
@@ -270,7 +279,7 @@ def run_driver(args: argparse.Namespace) -> None:
         "git_head": os.environ.get("QLORAKIT_GIT_HEAD") or subprocess.run(
             ["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, cwd=REPO).stdout.strip(),
         "settings": {k: getattr(args, k) for k in ("steps", "seq", "batch", "r", "optim", "repeats", "threads")},
-        "calibrated_on": "llama-350m", "conditions": CONDITIONS, "total_seconds": time.perf_counter() - started, "results": rows,
+        "calibrated_on": "llama-350m", "conditions": conditions, "total_seconds": time.perf_counter() - started, "results": rows,
     })  # fmt: skip
 
 
