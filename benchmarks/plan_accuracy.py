@@ -12,7 +12,7 @@ d 1536, 24 layers, ffn 4096; vocab 32000, untied head). Each measurement is a fr
 alternate, ``--repeats`` rounds) that loads the model with ``load_model`` (NF4 + double quant, block 64,
 fp32 compute, LoRA on all linears, dropout 0.05), then runs ``--steps`` optimizer steps of
 ``qlorakit.train.train`` (paged AdamW, gradient checkpointing, the chunked loss, batch ``--batch`` x 1
-accumulation, a checkpoint at the end) on fixed-length random token sequences of ``--seq`` tokens. Its ``ru_maxrss`` is the measured peak (the driver imports no torch, so a
+accumulation, a checkpoint at the end) on fixed-length random token sequences of ``--seq`` tokens. Its ``ru_maxrss`` is the measured peak (the driver imports no torch and writes the random models in a child, so a
 child inherits no peak). The prediction is ``qlorakit.planner.plan`` for the same model and settings on
 ``device="cpu"``. Reports the median measured peak, the prediction, and prediction / measurement; the
 target is within +-15%. The CPU constants of the planner were calibrated on one case only (see
@@ -188,8 +188,16 @@ def _child(mode: str, model: str, args: argparse.Namespace, threshold_kib: int =
 
 def cases(workdir: Path, gguf: Path) -> dict[str, str]:
     out = {"smollm2-135m": str(gguf)}
-    out.update({name: str(write_random_llama(name, workdir)) for name in RANDOM_SHAPES})
+    out.update({name: str(_write_in_child(name, workdir)) for name in RANDOM_SHAPES})
     return out
+
+
+def _write_in_child(name: str, workdir: Path) -> Path:
+    """``write_random_llama`` in a fresh interpreter: a child forked by a driver that held the weights would
+    start with the driver's resident set as its ``ru_maxrss`` (Linux keeps it across fork and exec)."""
+    cmd = [sys.executable, __file__, "--write-model", name, "--workdir", str(workdir)]
+    subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return workdir / name
 
 
 def summarize(name: str, condition: str, runs: list[dict[str, Any]], prediction: dict[str, Any]) -> dict[str, Any]:
@@ -237,6 +245,7 @@ def main() -> None:
     parser.add_argument("--predict", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--write-model", help=argparse.SUPPRESS)
     parser.add_argument("--mmap-threshold-kib", type=int, default=CONDITIONS["default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     for flag, fn in (("child", run_case), ("predict", predict), ("framework_child", measure_framework)):
@@ -244,8 +253,11 @@ def main() -> None:
             print("RESULT " + json.dumps(fn(args)))
             return
     args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.write_model:
+        write_random_llama(args.write_model, args.workdir)
+        return
     if args.measure_framework:
-        tiny = write_random_llama("llama-tiny", args.workdir)
+        tiny = _write_in_child("llama-tiny", args.workdir)
         print(json.dumps(_child("framework-child", str(tiny), args), indent=2))
         return
     run_driver(args)
