@@ -50,25 +50,51 @@ def generate_ids(
     max_new_tokens: int,
     sampling: SamplingConfig = GREEDY,
     stop_ids: set[int] | frozenset[int] = frozenset(),
+    lean: bool = True,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` new token ids for ``prompt_ids``; a stop id is yielded, then it ends."""
-    from transformers import DynamicCache
+    """Yield up to ``max_new_tokens`` new token ids for ``prompt_ids``; a stop id is yielded, then it ends.
 
+    ``lean=True`` runs supported architectures through ``generate.lean.LeanDecoder`` (same logits, less
+    Python per step); ``lean=False``, or a model it does not cover, runs transformers' forward.
+    """
     if not prompt_ids:
         raise ConfigError("the prompt is empty: give at least one token (an empty string tokenizes to nothing)")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens = {max_new_tokens}: must be at least 1")
     device = getattr(model, "device", torch.device("cpu"))
     generator = None if sampling.greedy else sampling.generator()
-    cache = DynamicCache(config=model.config)
+    forward = _lean_forward(model, len(prompt_ids) + max_new_tokens) if lean else None
+    if forward is None:
+        forward = _reference_forward(model)
     ids = torch.tensor([prompt_ids], device=device)  # (1, prompt_len)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits  # (1, 1, vocab)
-        token = next_token(logits[0, -1], sampling, generator)
+        token = next_token(forward(ids), sampling, generator)
         yield token
         if token in stop_ids:
             return
         ids = torch.tensor([[token]], device=device)  # (1, 1)
+
+
+def _reference_forward(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """transformers' forward with a ``DynamicCache``: ids (1, t) -> the last position's logits (vocab,)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    return forward
+
+
+def _lean_forward(model: Any, max_len: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``LeanDecoder(model, max_len).step`` where it applies (CPU, a supported architecture), else ``None``."""
+    from qlorakit.generate.lean import LeanDecoder, unsupported_reason
+
+    device = getattr(model, "device", torch.device("cpu"))
+    if torch.device(device).type != "cpu" or unsupported_reason(model, max_len) is not None:
+        return None
+    return LeanDecoder(model, max_len).step
 
 
 class TextStream:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -33,6 +34,7 @@ import tempfile
 import warnings
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,11 +72,38 @@ void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const 
     __m512 table = _mm512_loadu_ps(code);
     __m512i low4 = _mm512_set1_epi32(15);
 #endif
-    for (int64_t o = 0; o < out; o++) {
+    int64_t o = 0;
+#ifdef __AVX512F__
+    if (vector && rows == 1) {  /* batch 1, four weight rows at a time: four independent FMA chains */
+        for (; o + 4 <= out; o += 4) {
+            __m512 total[4];
+            for (int r = 0; r < 4; r++) total[r] = _mm512_setzero_ps();
+            for (int64_t s = 0; s < segs; s++) {
+                __m512 sum[4];
+                for (int r = 0; r < 4; r++) sum[r] = _mm512_setzero_ps();
+                for (int64_t j = s * seg_bytes; j < (s + 1) * seg_bytes; j += 16) {
+                    __m512 ve = _mm512_loadu_ps(xe + j), vo = _mm512_loadu_ps(xo + j);
+                    for (int r = 0; r < 4; r++) {
+                        __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(packed + (o + r) * half + j)));
+                        sum[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), ve, sum[r]);
+                        sum[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table), vo, sum[r]);
+                    }
+                }
+                for (int r = 0; r < 4; r++) {
+                    __m512 scale = _mm512_set1_ps(block_scale(((o + r) * in + s * seg) / blocksize, absmax, qabsmax,
+                                                              nested_absmax, nested_code, offset, nested_bs));
+                    total[r] = _mm512_fmadd_ps(sum[r], scale, total[r]);
+                }
+            }
+            for (int r = 0; r < 4; r++) y[o + r] = _mm512_reduce_add_ps(total[r]);
+        }
+    }
+#endif
+    for (; o < out; o++) {
         const uint8_t* wrow = packed + o * half;
         int64_t first = o * in;
 #ifdef __AVX512F__
-        if (vector && rows == 1) {  /* batch 1 */
+        if (vector && rows == 1) {  /* batch 1, the rows left over from the groups of four */
             __m512 total = _mm512_setzero_ps();
             for (int64_t s = 0; s < segs; s++) {
                 __m512 sum = _mm512_setzero_ps();
@@ -146,9 +175,86 @@ void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const 
     }
     free(xe);
 }
+
+/* out[0..n) = code[c_i] * scale(block of i), c_i the high (even i) or low (odd i) nibble of packed[i / 2]:
+   the decode of dequantize_4bit_reference, one multiply per value (bit-identical). */
+void dequant4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                 const float* nested_code, float offset, int64_t nested_bs, const float* code,
+                 float* out, int64_t n, int64_t blocksize) {
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+#ifdef __AVX512F__
+    __m512 table = _mm512_loadu_ps(code);
+    __m512i low4 = _mm512_set1_epi32(15);
+    /* hi[j] -> out[2j], lo[j] -> out[2j+1]: first 16 outputs from j = 0..7, next 16 from j = 8..15 */
+    __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#endif
+    for (int64_t b = 0; b < blocks; b++) {
+        float s = block_scale(b, absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs);
+        int64_t start = b * blocksize, end = start + blocksize < n ? start + blocksize : n;
+        int64_t i = start;
+#ifdef __AVX512F__
+        __m512 scale = _mm512_set1_ps(s);
+        for (; i + 32 <= end; i += 32) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(packed + i / 2)));
+            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
+            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table), scale);
+            _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(hi, first, lo));
+            _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(hi, second, lo));
+        }
+#endif
+        for (; i < end; i++) {
+            uint8_t byte = packed[i / 2];
+            out[i] = code[i % 2 ? byte & 15 : byte >> 4] * s;
+        }
+    }
+}
+
+/* y[o] = sum_i w[o][i] x[i] for a dense fp32 (out, in) row-major weight: one input row (a decoding step's
+   head). Four weight rows stream at a time against x held in cache. */
+void gemv_f32(const float* x, const float* w, float* y, int64_t out, int64_t in) {
+    int64_t o = 0;
+#ifdef __AVX512F__
+    int64_t full = in / 16 * 16;
+    __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
+    for (; o + 4 <= out; o += 4) {
+        const float* w0 = w + o * in; const float* w1 = w0 + in; const float* w2 = w1 + in; const float* w3 = w2 + in;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i < full; i += 16) {
+            __m512 xv = _mm512_loadu_ps(x + i);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, a3);
+        }
+        if (tail) {
+            __m512 xv = _mm512_maskz_loadu_ps(tail, x + i);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + i), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + i), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + i), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + i), xv, a3);
+        }
+        y[o] = _mm512_reduce_add_ps(a0); y[o + 1] = _mm512_reduce_add_ps(a1);
+        y[o + 2] = _mm512_reduce_add_ps(a2); y[o + 3] = _mm512_reduce_add_ps(a3);
+    }
+#endif
+    for (; o < out; o++) {
+        float total = 0.0f;
+        for (int64_t i = 0; i < in; i++) total += w[o * in + i] * x[i];
+        y[o] = total;
+    }
+}
 """
 
-_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
+#: ctypes signatures: pointers are passed as ints (``data_ptr()``), NULL as ``None``.
+_SIGNATURES = {
+    "gemv4bit": [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    + [ctypes.c_int64] * 5,
+    "dequant4bit": [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    + [ctypes.c_int64] * 2,
+    "gemv_f32": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2,
+}
 
 
 def _cache_dir() -> Path:
@@ -187,27 +293,80 @@ def load_kernel() -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"qlorakit: native 4-bit GEMV unavailable ({detail}); using the pure-torch path", stacklevel=2)
         return None
-    library.gemv4bit.argtypes = _ARGTYPES
-    library.gemv4bit.restype = None
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
     return library
+
+
+def _usable(q: QuantizedTensor) -> bool:
+    return q.device.type == "cpu" and q.code.dtype == torch.float32 and all(t.is_contiguous() for t in q.tensors())
+
+
+def _scale_args(q: QuantizedTensor) -> tuple:
+    """(absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs): the kernels' block-scale arguments."""
+    nested = q.nested
+    if nested is None:
+        return q.absmax.data_ptr(), None, None, None, 0.0, 1
+    return None, q.absmax.data_ptr(), nested.absmax.data_ptr(), nested.code.data_ptr(), nested.offset, nested.blocksize
+
+
+class BoundGemv:
+    """``x @ dequant(q).T`` by the compiled kernel for one weight, its arguments marshalled once.
+
+    Holds ``q`` (so the pointers stay valid); call with fp32 ``x (rows, in)`` contiguous on the CPU.
+    """
+
+    __slots__ = ("_function", "_head", "_tail", "out_features", "q")
+
+    def __init__(self, function: Any, q: QuantizedTensor) -> None:
+        out_f, in_f = q.shape
+        absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs = _scale_args(q)
+        self._function, self.q, self.out_features = function, q, out_f
+        self._head = (q.packed.data_ptr(), absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs,
+                      q.code.data_ptr())
+        self._tail = (out_f, in_f, q.blocksize, math.gcd(q.blocksize, in_f))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in) fp32 -> (rows, out) fp32
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.float32)
+        self._function(x.data_ptr(), *self._head, y.data_ptr(), *self._tail, x.shape[0])
+        return y
+
+
+def bind_gemv(q: QuantizedTensor) -> BoundGemv | None:
+    """A ``BoundGemv`` for a 2-D CPU weight with an even ``in``, or ``None`` when the kernel cannot take it."""
+    library = load_kernel()
+    if library is None or len(q.shape) != 2 or q.shape[1] % 2 or not _usable(q):
+        return None
+    return BoundGemv(library.gemv4bit, q)
 
 
 def gemv_native(x: torch.Tensor, q: QuantizedTensor, segment: int) -> torch.Tensor | None:
     """x fp32 (rows, in) contiguous on the CPU -> y fp32 (rows, out), or ``None`` if the kernel cannot take it."""
+    bound = bind_gemv(q) if x.device.type == "cpu" else None
+    if bound is None:
+        return None
+    assert segment == bound._tail[3], "the segment is gcd(blocksize, in)"
+    return bound(x)
+
+
+def dequantize_native(q: QuantizedTensor) -> torch.Tensor | None:
+    """The fp32 decode of ``q`` (flat, ``q.numel`` values) by the compiled kernel, or ``None`` without it."""
     library = load_kernel()
-    if library is None or x.device.type != "cpu" or q.shape[1] % 2 or q.code.dtype != torch.float32:
+    if library is None or not _usable(q):
         return None
-    if not all(t.is_contiguous() for t in q.tensors()):
+    out = torch.empty(q.numel, dtype=torch.float32)
+    library.dequant4bit(q.packed.data_ptr(), *_scale_args(q), q.code.data_ptr(), out.data_ptr(), q.numel, q.blocksize)
+    return out
+
+
+def dense_gemv_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+    """``x (in,) @ weight (out, in).T -> (out,)`` in fp32 for one CPU row, or ``None`` without the kernel."""
+    library = load_kernel()
+    usable = x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+    if library is None or not usable or not (x.is_contiguous() and weight.is_contiguous()):
         return None
-    rows, (out_f, in_f) = x.shape[0], q.shape
-    y = torch.empty(rows, out_f, dtype=torch.float32)
-    nested = q.nested
-    if nested is None:
-        absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs = q.absmax.data_ptr(), None, None, None, 0.0, 1
-    else:
-        absmax, qabsmax = None, q.absmax.data_ptr()
-        nested_absmax, nested_code = nested.absmax.data_ptr(), nested.code.data_ptr()
-        offset, nested_bs = nested.offset, nested.blocksize
-    library.gemv4bit(x.data_ptr(), q.packed.data_ptr(), absmax, qabsmax, nested_absmax, nested_code, offset,
-                     nested_bs, q.code.data_ptr(), y.data_ptr(), out_f, in_f, q.blocksize, segment, rows)
+    out_f, in_f = weight.shape
+    y = torch.empty(out_f, dtype=torch.float32)
+    library.gemv_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), out_f, in_f)
     return y

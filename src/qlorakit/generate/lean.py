@@ -1,0 +1,200 @@
+"""A lean forward for decoding Llama-family models (llama, mistral, qwen2): same math, less Python.
+
+``model(input_ids, past_key_values=DynamicCache(...))`` walks a few dozen Python-level modules, helpers
+and cache objects per decoder layer (mask building, attention-interface lookup, ``torch.cat`` cache
+growth, output dataclasses). For a 135M model on one CPU core that bookkeeping costs about as much as
+the arithmetic of a decoding step. ``LeanDecoder`` computes the same function from the same modules'
+weights with only the tensor operations. For layer ``l``, new tokens at positions ``p .. p+t-1``,
+hidden state ``h (1, t, d)``:
+
+    a = RMSNorm_l(h)                                              (the layer's own norm module)
+    q = rope(a Wq^T), k = rope(a Wk^T), v = a Wv^T                (heads split; cos/sin of p..p+t-1)
+    K_l[:, :, p:p+t] = k,  V_l[:, :, p:p+t] = v                    (caches preallocated to max_len)
+    o = softmax(q K_l[:p+t]^T * head_dim^-1/2 + causal) V_l[:p+t]  (SDPA; grouped heads share K/V)
+    h = h + o Wo^T
+    m = RMSNorm'_l(h)
+    h = h + (act(m Wgate^T) * (m Wup^T)) Wdown^T
+    logits = RMSNorm_f(h[:, -1]) W_head^T
+
+with ``rope(x) = x cos + rotate_half(x) sin`` (cos/sin from the model's own rotary module, so every
+RoPE scaling variant it implements carries over). Each projection is bound once (``_bind``): a
+``Linear4bit`` with the compiled kernel (``quant.native``) calls it with pre-marshalled arguments for
+up to ``FEW_ROWS`` rows, an fp32 ``nn.Linear`` head of one row takes the compiled dense GEMV, anything
+else (more rows, no kernel, 16-bit bases) calls the module; a ``LoraLinear`` adds its active adapter's
+``scale * B A x`` exactly as its forward does (the active adapter is read at every call, so switching
+adapters between requests works). Inference only: no dropout, no gradient.
+
+The reference is transformers' own forward with a ``DynamicCache`` (``decode.generate_ids`` with
+``lean=False``); tests hold the logits of every step to it. Models it does not cover (another
+architecture, a sliding window shorter than the request, tensor-parallel layouts) use the reference:
+``unsupported_reason`` says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlorakit.lora.layer import LoraLinear
+from qlorakit.quant.gemv import FEW_ROWS
+from qlorakit.quant.linear import Linear4bit
+from qlorakit.quant.native import bind_gemv, dense_gemv_native
+
+#: ``config.model_type`` values whose decoder layers have exactly the structure above.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+Projection = Callable[[torch.Tensor], torch.Tensor]  # (rows, in) -> (rows, out)
+
+
+def unsupported_reason(model: Any, max_len: int) -> str | None:
+    """Why ``LeanDecoder`` cannot run ``model`` for ``max_len`` positions, or ``None`` if it can."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    if (getattr(config, "pretraining_tp", 1) or 1) != 1:
+        return "pretraining_tp > 1"
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", True) and window is not None
+    if uses_window and max_len > window:
+        return f"{max_len} positions exceed the sliding window of {window}"
+    inner = getattr(model, "model", None)
+    if inner is None or not all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return "no model.model.{embed_tokens, layers, norm, rotary_emb}"
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attn is None or mlp is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return "a decoder layer without self_attn.{q,k,v,o}_proj"
+        if not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return "a decoder layer without mlp.{gate,up,down}_proj"
+    return None
+
+
+def _bind_base(module: nn.Module) -> Projection:
+    """The fastest exact call of a base linear (``Linear4bit`` or ``nn.Linear``) on ``(rows, in)``."""
+    if isinstance(module, Linear4bit) and module.use_gemv and module.compute_dtype in (None, torch.float32):
+        kernel = bind_gemv(module.qweight)
+        if kernel is not None:
+            bias = module.bias
+
+            def four_bit(x: torch.Tensor) -> torch.Tensor:
+                if x.shape[0] > FEW_ROWS or x.dtype != torch.float32:
+                    return module(x)
+                y = kernel(x.contiguous())  # (rows, out) fp32
+                return y if bias is None else y + bias.to(y.dtype)
+
+            return four_bit
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+
+        def dense(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] == 1 and bias is None:
+                y = dense_gemv_native(x[0].contiguous(), weight)  # (out,) or None
+                if y is not None:
+                    return y.unsqueeze(0)
+            return F.linear(x, weight, bias)
+
+        return dense
+    return module
+
+
+def _bind(module: nn.Module) -> Projection:
+    """``_bind_base`` plus, for a ``LoraLinear``, its active adapter's update (as in ``LoraLinear.forward``)."""
+    if not isinstance(module, LoraLinear):
+        return _bind_base(module)
+    base = _bind_base(module.base_layer)
+
+    def adapted(x: torch.Tensor) -> torch.Tensor:
+        result = base(x)  # (rows, out)
+        name = module.active_adapter
+        if name is None or not module.enabled or module.merged_adapter is not None:
+            return result
+        a, b = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
+        delta = F.linear(F.linear(x.to(a.dtype), a), b) * module.scaling[name]  # (rows, out)
+        return result + delta.to(result.dtype)
+
+    return adapted
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Layer:
+    """One decoder layer's bound projections, norms and KV cache."""
+
+    def __init__(self, layer: nn.Module, config: Any, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.q, self.k, self.v, self.o = (_bind(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.gate, self.up, self.down = (_bind(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.act = mlp.act_fn
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
+        shape = (1, self.kv_heads, max_len, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (1, kv_heads, max_len, head_dim)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        t = h.shape[1]  # h: (1, t, d)
+        a = self.norm1(h)[0]  # (t, d)
+        q = self.q(a).view(t, self.heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, H, t, hd)
+        k = self.k(a).view(t, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, t, hd)
+        v = self.v(a).view(t, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, t, hd)
+        q = q * cos + _rotate_half(q) * sin  # cos/sin: (1, 1, t, hd)
+        k = k * cos + _rotate_half(k) * sin
+        end = start + t
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]  # (1, KV, end, hd)
+        mask, causal = None, False
+        if t > 1 and start == 0:
+            causal = True
+        elif t > 1:  # new rows i see cached positions j <= start + i
+            mask = torch.ones(t, end, dtype=torch.bool, device=h.device).tril(diagonal=start)  # (t, end)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                           enable_gqa=self.kv_heads != self.heads)  # (1, H, t, hd)
+        h = h + self.o(o[0].transpose(0, 1).reshape(t, -1)).unsqueeze(0)  # (1, t, d)
+        m = self.norm2(h)[0]  # (t, d)
+        return h + self.down(self.act(self.gate(m)) * self.up(m)).unsqueeze(0)
+
+
+class LeanDecoder:
+    """Prefill and per-token steps of a supported model with a preallocated KV cache of ``max_len``."""
+
+    def __init__(self, model: Any, max_len: int) -> None:
+        reason = unsupported_reason(model, max_len)
+        if reason is not None:
+            raise ValueError(f"LeanDecoder cannot run this model: {reason}")
+        inner = model.model
+        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.head = _bind(model.get_output_embeddings())
+        self.max_len = max_len
+        weight = self.embed.weight
+        self.layers = [_Layer(layer, model.config, max_len, weight.dtype, weight.device)
+                       for layer in inner.layers[: model.config.num_hidden_layers]]
+        self.length = 0  # positions already in the cache
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``ids (1, t)`` at the next ``t`` positions; return the logits of the last one, ``(vocab,)``."""
+        t = ids.shape[1]
+        start = self.length
+        if start + t > self.max_len:
+            raise ValueError(f"{start + t} positions exceed the decoder's max_len of {self.max_len}")
+        h = self.embed(ids)  # (1, t, d)
+        positions = torch.arange(start, start + t, device=ids.device).unsqueeze(0)  # (1, t)
+        cos, sin = self.rotary(h, positions)  # (1, t, hd) each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, t, hd)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start)
+        self.length = start + t
+        last = self.norm(h[:, -1:])[0]  # (1, d)
+        return self.head(last)[0]  # (vocab,)
