@@ -114,3 +114,29 @@ def test_linear4bit_keeps_the_reference_path_for_grad_and_many_rows(monkeypatch)
     with torch.no_grad():
         layer(torch.randn(FEW_ROWS + 1, 32))  # more rows than the fast path takes
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(49152 // 64, 576), (37, 577), (5, 15), (4, 1)])
+def test_dense_gemv_kernel_matches_linear(shape):
+    from qlorakit.quant.native import dense_gemv_native
+
+    if load_kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    torch.manual_seed(0)
+    weight, x = torch.randn(*shape), torch.randn(shape[1])
+    got = dense_gemv_native(x, weight)
+    want = (weight.double() @ x.double()).float()
+    bound = 1e-6 * shape[1] ** 0.5 * float(x.abs().max() * weight.abs().max())  # fp32 summation, any order
+    assert got.shape == (shape[0],) and float((got - want).abs().max()) <= bound
+    assert dense_gemv_native(x.double(), weight.double()) is None  # fp32 only
+
+
+def test_dequantize_kernel_is_used_and_bit_identical():
+    from qlorakit.quant.functional import dequantize_4bit_reference
+    from qlorakit.quant.native import dequantize_native
+
+    if load_kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    for shape, blocksize in [((96, 576), 64), ((777,), 32), ((3, 5, 7), 128), ((4096 + 33,), 4096)]:
+        q = quantize_4bit(torch.randn(*shape) * 3, "nf4", blocksize, True)
+        assert torch.equal(dequantize_native(q).view(shape), dequantize_4bit_reference(q))

@@ -77,5 +77,7 @@ def test_fast_dequantize_equals_the_reference_bit_for_bit(values, quant_type, bl
     x = torch.tensor(values).clamp(-6e4, 6e4).to(dtype)
     q = quantize_4bit(x, quant_type, blocksize, double_quant)
     for out_dtype in (None, torch.float32, torch.bfloat16):
-        fast, ref = dequantize_4bit(q, out_dtype), dequantize_4bit_reference(q, out_dtype)
-        assert fast.dtype == ref.dtype and torch.equal(fast, ref)
+        ref = dequantize_4bit_reference(q, out_dtype)
+        for use_native in (True, False):  # the compiled kernel (where it builds) and the torch gather
+            fast = dequantize_4bit(q, out_dtype, use_native=use_native)
+            assert fast.dtype == ref.dtype and torch.equal(fast, ref)

@@ -171,7 +171,7 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[hi], code[lo]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, use_native: bool = True) -> torch.Tensor:
     """``table[code] * absmax`` in fp32, reshaped to ``q.shape`` and cast to ``dtype`` (default ``q.dtype``).
 
     The fast path of ``dequantize_4bit_reference`` (bit-identical; tests hold them equal): each packed
@@ -180,9 +180,9 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None) -> tor
     byte order, as on x86 and ARM). The stream is padded to whole blocks (the block size is even, so a
     byte never straddles two blocks) and sliced back afterwards. On a CPU where ``quant.native``'s
     compiled kernel is available it does the same lookups and multiplies in AVX-512 registers instead
-    (also bit-identical; ``QLORAKIT_NATIVE=0`` turns it off).
+    (also bit-identical; ``use_native=False`` or ``QLORAKIT_NATIVE=0`` keeps the torch gather).
     """
-    native = dequantize_native(q)  # (n,) fp32, or None
+    native = dequantize_native(q) if use_native else None  # (n,) fp32, or None
     if native is not None:
         return native.view(q.shape).to(dtype or q.dtype)
     absmax = block_absmax(q)  # (blocks,)
