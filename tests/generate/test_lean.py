@@ -141,3 +141,20 @@ def test_lean_chunked_prefill_masks_the_new_rows_causally():
     with torch.inference_mode():
         for chunk in (ids[:, :5], ids[:, 5:]):  # the second chunk sees 5 cached positions
             torch.testing.assert_close(lean(chunk), reference(chunk), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_with_a_bf16_compute_model_from_load_model(arch, tmp_path):
+    from qlorakit.models import load_model
+
+    _model(arch, quantized=False).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), compute_dtype=torch.bfloat16)
+    torch.manual_seed(3)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    lean, reference = LeanDecoder(model, 14).step, _reference_forward(model)
+    with torch.inference_mode():
+        for _ in range(4):
+            got, want = lean(ids), reference(ids)
+            assert got.dtype == want.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3 * float(want.abs().max()))  # observed: equal
+            ids = want.argmax().view(1, 1)

@@ -76,16 +76,19 @@ def unsupported_reason(model: Any, max_len: int) -> str | None:
 
 def _bind_base(module: nn.Module) -> Projection:
     """The fastest exact call of a base linear (``Linear4bit`` or ``nn.Linear``) on ``(rows, in)``."""
-    if isinstance(module, Linear4bit) and module.use_gemv and module.compute_dtype in (None, torch.float32):
+    if isinstance(module, Linear4bit) and module.use_gemv:
         kernel = bind_gemv(module.qweight)
         if kernel is not None:
-            bias = module.bias
+            bias, compute = module.bias, module.compute_dtype
 
-            def four_bit(x: torch.Tensor) -> torch.Tensor:
-                if x.shape[0] > FEW_ROWS or x.dtype != torch.float32:
+            def four_bit(x: torch.Tensor) -> torch.Tensor:  # the steps of Linear4bit.forward's GEMV branch
+                if x.shape[0] > FEW_ROWS:
                     return module(x)
-                y = kernel(x.contiguous())  # (rows, out) fp32
-                return y if bias is None else y + bias.to(y.dtype)
+                xc = x if compute is None else x.to(compute)
+                y = kernel(xc.float().contiguous()).to(xc.dtype)  # (rows, out); the kernel sums in fp32
+                if bias is not None:
+                    y = y + bias.to(y.dtype)
+                return y.to(x.dtype)
 
             return four_bit
     if type(module) is nn.Linear:
