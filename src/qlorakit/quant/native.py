@@ -211,32 +211,24 @@ void dequant4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabs
 }
 
 /* y[o] = sum_i w[o][i] x[i] for a dense fp32 (out, in) row-major weight: one input row (a decoding step's
-   head). Four weight rows stream at a time against x held in cache. */
+   head). Rows are read in order, one sequential stream (measured faster here than interleaving several
+   rows' streams), with two independent accumulators per row. */
 void gemv_f32(const float* x, const float* w, float* y, int64_t out, int64_t in) {
     int64_t o = 0;
 #ifdef __AVX512F__
-    int64_t full = in / 16 * 16;
+    int64_t pairs = in / 32 * 32, full = in / 16 * 16;
     __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
-    for (; o + 4 <= out; o += 4) {
-        const float* w0 = w + o * in; const float* w1 = w0 + in; const float* w2 = w1 + in; const float* w3 = w2 + in;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (; o < out; o++) {
+        const float* row = w + o * in;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
         int64_t i = 0;
-        for (; i < full; i += 16) {
-            __m512 xv = _mm512_loadu_ps(x + i);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + i), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + i), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + i), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + i), xv, a3);
+        for (; i < pairs; i += 32) {
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(x + i), a);
+            b = _mm512_fmadd_ps(_mm512_loadu_ps(row + i + 16), _mm512_loadu_ps(x + i + 16), b);
         }
-        if (tail) {
-            __m512 xv = _mm512_maskz_loadu_ps(tail, x + i);
-            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + i), xv, a0);
-            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + i), xv, a1);
-            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + i), xv, a2);
-            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + i), xv, a3);
-        }
-        y[o] = _mm512_reduce_add_ps(a0); y[o + 1] = _mm512_reduce_add_ps(a1);
-        y[o + 2] = _mm512_reduce_add_ps(a2); y[o + 3] = _mm512_reduce_add_ps(a3);
+        if (i < full) { a = _mm512_fmadd_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(x + i), a); i += 16; }
+        if (tail) b = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, row + i), _mm512_maskz_loadu_ps(tail, x + i), b);
+        y[o] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
     }
 #endif
     for (; o < out; o++) {
