@@ -140,3 +140,21 @@ def test_dequantize_kernel_is_used_and_bit_identical():
     for shape, blocksize in [((96, 576), 64), ((777,), 32), ((3, 5, 7), 128), ((4096 + 33,), 4096)]:
         q = quantize_4bit(torch.randn(*shape) * 3, "nf4", blocksize, True)
         assert torch.equal(dequantize_native(q).view(shape), dequantize_4bit_reference(q))
+
+
+def test_bf16_kernels_round_like_torch():
+    from qlorakit.quant.native import bind_gemv, dense_gemv_native
+
+    if load_kernel() is None:
+        pytest.skip("no compiled kernel on this machine")
+    torch.manual_seed(1)
+    q = quantize_4bit(torch.randn(100, 192), "nf4", 64, True)
+    x = torch.randn(3, 192).bfloat16()
+    bound = bind_gemv(q)
+    assert torch.equal(bound.bf16(x), bound(x.float()).to(torch.bfloat16))  # same sums, same rounding
+    weight, row = torch.randn(203, 577).bfloat16(), torch.randn(577).bfloat16()
+    got, want = dense_gemv_native(row, weight), torch.nn.functional.linear(row, weight)
+    assert got.dtype == torch.bfloat16
+    exact = (weight.double() @ row.double()).float()
+    ulp = exact.abs() * 2.0**-7 + 1e-6  # within one bf16 rounding step of the exact product (as F.linear is)
+    assert bool(((got.float() - exact).abs() <= ulp).all()) and bool(((want.float() - exact).abs() <= ulp).all())

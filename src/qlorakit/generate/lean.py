@@ -84,8 +84,11 @@ def _bind_base(module: nn.Module) -> Projection:
             def four_bit(x: torch.Tensor) -> torch.Tensor:  # the steps of Linear4bit.forward's GEMV branch
                 if x.shape[0] > FEW_ROWS:
                     return module(x)
-                xc = x if compute is None else x.to(compute)
-                y = kernel(xc.float().contiguous()).to(xc.dtype)  # (rows, out); the kernel sums in fp32
+                xc = (x if compute is None else x.to(compute)).contiguous()
+                if xc.dtype == torch.bfloat16:
+                    y = kernel.bf16(xc)  # (rows, out): = kernel(xc.float()).to(bf16), casts done in C
+                else:
+                    y = kernel(xc.float()).to(xc.dtype)  # (rows, out); the kernel sums in fp32
                 if bias is not None:
                     y = y + bias.to(y.dtype)
                 return y.to(x.dtype)
@@ -94,7 +97,7 @@ def _bind_base(module: nn.Module) -> Projection:
     if type(module) is nn.Linear:
         weight, bias = module.weight, module.bias
 
-        def dense(x: torch.Tensor) -> torch.Tensor:
+        def dense(x: torch.Tensor) -> torch.Tensor:  # one fp32/bf16 row: the compiled dense GEMV
             if x.shape[0] == 1 and bias is None:
                 y = dense_gemv_native(x[0].contiguous(), weight)  # (out,) or None
                 if y is not None:

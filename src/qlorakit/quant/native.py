@@ -237,6 +237,62 @@ void gemv_f32(const float* x, const float* w, float* y, int64_t out, int64_t in)
         y[o] = total;
     }
 }
+
+/* bf16 <-> fp32 as torch converts them: bf16 is the top half of an fp32; fp32 -> bf16 rounds to nearest
+   even (NaN -> 0x7FC0). */
+static inline float from_bf16(uint16_t h) { union { uint32_t u; float f; } v; v.u = (uint32_t)h << 16; return v.f; }
+static inline uint16_t to_bf16(float f) {
+    union { uint32_t u; float f; } v; v.f = f;
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* gemv4bit for bf16 x and y: x is widened to fp32 (exact), the sums are the fp32 kernel's, y is rounded
+   once, exactly what x.float() -> gemv4bit -> .to(bfloat16) gives. */
+void gemv4bit_bf16(const uint16_t* x, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                   const float* nested_absmax, const float* nested_code, float offset, int64_t nested_bs,
+                   const float* code, uint16_t* y, int64_t out, int64_t in, int64_t blocksize, int64_t seg,
+                   int64_t rows) {
+    float* xf = (float*)malloc((size_t)(rows * in + rows * out) * sizeof(float));
+    float* yf = xf + rows * in;
+    for (int64_t i = 0; i < rows * in; i++) xf[i] = from_bf16(x[i]);
+    gemv4bit(xf, packed, absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs, code, yf, out, in,
+             blocksize, seg, rows);
+    for (int64_t i = 0; i < rows * out; i++) y[i] = to_bf16(yf[i]);
+    free(xf);
+}
+
+/* gemv_f32 for a bf16 weight and x: products of bf16 values are exact in fp32, sums in fp32, y rounded
+   once to bf16 (F.linear in bf16 also sums in fp32; the order differs). */
+void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t out, int64_t in) {
+    float* xf = (float*)malloc((size_t)in * sizeof(float));
+    for (int64_t i = 0; i < in; i++) xf[i] = from_bf16(x[i]);
+    int64_t o = 0;
+#ifdef __AVX512F__
+    int64_t pairs = in / 32 * 32, full = in / 16 * 16;
+    __mmask16 tail = (__mmask16)((1u << (in - full)) - 1u);
+    for (; o < out; o++) {
+        const uint16_t* row = w + o * in;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        int64_t i = 0;
+#define WIDEN(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(p), 16))
+        for (; i < pairs; i += 32) {
+            a = _mm512_fmadd_ps(WIDEN(_mm256_loadu_si256((const __m256i*)(row + i))), _mm512_loadu_ps(xf + i), a);
+            b = _mm512_fmadd_ps(WIDEN(_mm256_loadu_si256((const __m256i*)(row + i + 16))), _mm512_loadu_ps(xf + i + 16), b);
+        }
+        if (i < full) { a = _mm512_fmadd_ps(WIDEN(_mm256_loadu_si256((const __m256i*)(row + i))), _mm512_loadu_ps(xf + i), a); i += 16; }
+        if (tail) b = _mm512_fmadd_ps(WIDEN(_mm256_maskz_loadu_epi16(tail, row + i)), _mm512_maskz_loadu_ps(tail, xf + i), b);
+#undef WIDEN
+        y[o] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(a, b)));
+    }
+#endif
+    for (; o < out; o++) {
+        float total = 0.0f;
+        for (int64_t i = 0; i < in; i++) total += from_bf16(w[o * in + i]) * xf[i];
+        y[o] = to_bf16(total);
+    }
+    free(xf);
+}
 """
 
 #: ctypes signatures: pointers are passed as ints (``data_ptr()``), NULL as ``None``.
@@ -246,7 +302,9 @@ _SIGNATURES = {
     "dequant4bit": [ctypes.c_void_p] * 5 + [ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     + [ctypes.c_int64] * 2,
     "gemv_f32": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2,
+    "gemv_bf16": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2,
 }
+_SIGNATURES["gemv4bit_bf16"] = _SIGNATURES["gemv4bit"]
 
 
 def _cache_dir() -> Path:
@@ -309,12 +367,13 @@ class BoundGemv:
     Holds ``q`` (so the pointers stay valid); call with fp32 ``x (rows, in)`` contiguous on the CPU.
     """
 
-    __slots__ = ("_function", "_head", "_tail", "out_features", "q")
+    __slots__ = ("_bf16", "_function", "_head", "_tail", "out_features", "q")
 
-    def __init__(self, function: Any, q: QuantizedTensor) -> None:
+    def __init__(self, library: Any, q: QuantizedTensor) -> None:
         out_f, in_f = q.shape
         absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs = _scale_args(q)
-        self._function, self.q, self.out_features = function, q, out_f
+        self._function, self._bf16 = library.gemv4bit, library.gemv4bit_bf16
+        self.q, self.out_features = q, out_f
         self._head = (q.packed.data_ptr(), absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs,
                       q.code.data_ptr())
         self._tail = (out_f, in_f, q.blocksize, math.gcd(q.blocksize, in_f))
@@ -324,13 +383,19 @@ class BoundGemv:
         self._function(x.data_ptr(), *self._head, y.data_ptr(), *self._tail, x.shape[0])
         return y
 
+    def bf16(self, x: torch.Tensor) -> torch.Tensor:  # x: (rows, in) bf16 -> (rows, out) bf16
+        """``self(x.float()).to(torch.bfloat16)`` in one call (the casts done in C, bit-identical)."""
+        y = torch.empty(x.shape[0], self.out_features, dtype=torch.bfloat16)
+        self._bf16(x.data_ptr(), *self._head, y.data_ptr(), *self._tail, x.shape[0])
+        return y
+
 
 def bind_gemv(q: QuantizedTensor) -> BoundGemv | None:
     """A ``BoundGemv`` for a 2-D CPU weight with an even ``in``, or ``None`` when the kernel cannot take it."""
     library = load_kernel()
     if library is None or len(q.shape) != 2 or q.shape[1] % 2 or not _usable(q):
         return None
-    return BoundGemv(library.gemv4bit, q)
+    return BoundGemv(library, q)
 
 
 def gemv_native(x: torch.Tensor, q: QuantizedTensor, segment: int) -> torch.Tensor | None:
@@ -353,12 +418,14 @@ def dequantize_native(q: QuantizedTensor) -> torch.Tensor | None:
 
 
 def dense_gemv_native(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-    """``x (in,) @ weight (out, in).T -> (out,)`` in fp32 for one CPU row, or ``None`` without the kernel."""
+    """``x (in,) @ weight (out, in).T -> (out,)`` for one CPU row in fp32 or bf16 (summed in fp32), or ``None``."""
     library = load_kernel()
-    usable = x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-    if library is None or not usable or not (x.is_contiguous() and weight.is_contiguous()):
+    usable = x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    usable = usable and x.device.type == weight.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous()
+    if library is None or not usable:
         return None
     out_f, in_f = weight.shape
-    y = torch.empty(out_f, dtype=torch.float32)
-    library.gemv_f32(x.data_ptr(), weight.data_ptr(), y.data_ptr(), out_f, in_f)
+    y = torch.empty(out_f, dtype=x.dtype)
+    function = library.gemv_f32 if x.dtype == torch.float32 else library.gemv_bf16
+    function(x.data_ptr(), weight.data_ptr(), y.data_ptr(), out_f, in_f)
     return y
