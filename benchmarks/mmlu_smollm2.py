@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     subjects = list(subject_files(args.data, args.subjects))
     tokenizer = load_tokenizer(str(GGUF))
-    models = {"nf4": load_model(str(GGUF)), "fp32": load_model(str(GGUF), quant=None)}
+    loaders = {"nf4": lambda: load_model(str(GGUF)), "fp32": lambda: load_model(str(GGUF), quant=None)}
+    models = {mode: loaders[mode]() for mode in args.modes.split(",")}
     result: dict[str, Any] = {
         "model": GGUF.name, "data": str(args.data), "shots": args.shots, "limit_per_subject": args.limit,
         "max_seq_len": args.max_seq_len, "batch_size": args.batch_size, "threads": args.threads,
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     predictions: dict[str, dict[str, str]] = {m: {} for m in models}
     for index, subject in enumerate(subjects):
-        for mode in (("nf4", "fp32") if index % 2 == 0 else ("fp32", "nf4")):
+        for mode in (list(models) if index % 2 == 0 else list(models)[::-1]):
             started = time.perf_counter()
             r = evaluate_mmlu(models[mode], tokenizer, args.data, shots=args.shots, max_seq_len=args.max_seq_len,
                               batch_size=args.batch_size, limit=args.limit, subjects=[subject], progress=False)
@@ -128,15 +129,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             predictions[mode][subject] = s.predictions
             result["per_subject"][mode][subject] = {"accuracy": s.accuracy, "correct": s.correct, "total": s.total,
                                                     "fewer_shots": s.fewer_shots, "seconds": round(seconds, 2)}
-        same = sum(a == b for a, b in zip(predictions["nf4"][subject], predictions["fp32"][subject]))
-        result["prediction_agreement_nf4_fp32"][subject] = same / len(predictions["fp32"][subject])
+        if len(models) == 2:
+            same = sum(a == b for a, b in zip(predictions["nf4"][subject], predictions["fp32"][subject]))
+            result["prediction_agreement_nf4_fp32"][subject] = same / len(predictions["fp32"][subject])
         result["summary"] = _summary(result["per_subject"])
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json_atomic(args.output, result)
         print(f"{index + 1}/{len(subjects)} {subject}: " + ", ".join(
             f"{m} {result['per_subject'][m][subject]['accuracy']:.3f} ({result['per_subject'][m][subject]['seconds']:.0f}s)"
             for m in models), flush=True)
-    result["plain_transformers_check"] = _check(args, subjects[: args.check_subjects], predictions["fp32"])
+    if "fp32" in models:
+        result["plain_transformers_check"] = _check(args, subjects[: args.check_subjects], predictions["fp32"])
     result["complete"] = True
     write_json_atomic(args.output, result)
     return result
@@ -163,7 +166,8 @@ def format_table(result: dict[str, Any]) -> str:
     for subject in result["per_subject"][modes[0]]:
         cells = "".join(f"{result['per_subject'][m][subject]['accuracy']:>10.3f}{result['per_subject'][m][subject]['seconds']:>8.0f}"
                         for m in modes)
-        lines.append(f"{subject:<38}{cells}{result['prediction_agreement_nf4_fp32'][subject]:>7.2f}")
+        agree = result["prediction_agreement_nf4_fp32"].get(subject)
+        lines.append(f"{subject:<38}{cells}" + (f"{agree:>7.2f}" if agree is not None else f"{'-':>7}"))
     for m, s in result["summary"].items():
         lines.append(f"{m}: mean over {s['subjects']} subjects {s['mean']:.4f}, all {s['questions']} questions "
                      f"{s['accuracy_all']:.4f}, {s['seconds']:.0f} s")
@@ -181,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", default="nf4,fp32", choices=["nf4,fp32", "nf4", "fp32"],
+                        help="which qlorakit models score (the plain check needs fp32)")
     parser.add_argument("--check-subjects", type=int, default=3)
     parser.add_argument("--check-limit", type=int, default=10)
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
