@@ -140,6 +140,9 @@ def test_dequantize_kernel_is_used_and_bit_identical():
     for shape, blocksize in [((96, 576), 64), ((777,), 32), ((3, 5, 7), 128), ((4096 + 33,), 4096)]:
         q = quantize_4bit(torch.randn(*shape) * 3, "nf4", blocksize, True)
         assert torch.equal(dequantize_native(q).view(shape), dequantize_4bit_reference(q))
+        bf16 = dequantize_native(q, torch.bfloat16).view(shape)  # rounded in the kernel
+        assert torch.equal(bf16, dequantize_4bit_reference(q, torch.bfloat16))
+    assert dequantize_native(q, torch.float16) is None  # the caller casts the fp32 decode
 
 
 def test_bf16_kernels_round_like_torch():

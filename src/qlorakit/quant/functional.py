@@ -182,9 +182,11 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, use_na
     compiled kernel is available it does the same lookups and multiplies in AVX-512 registers instead
     (also bit-identical; ``use_native=False`` or ``QLORAKIT_NATIVE=0`` keeps the torch gather).
     """
-    native = dequantize_native(q) if use_native else None  # (n,) fp32, or None
-    if native is not None:
-        return native.view(q.shape).to(dtype or q.dtype)
+    target = dtype or q.dtype
+    if use_native:
+        native = dequantize_native(q, target if target == torch.bfloat16 else torch.float32)  # (n,) or None
+        if native is not None:
+            return native.view(q.shape).to(target)
     absmax = block_absmax(q)  # (blocks,)
     padded_bytes = q.num_blocks * q.blocksize // 2
     packed = q.packed.reshape(-1)

@@ -262,6 +262,43 @@ void gemv4bit_bf16(const uint16_t* x, const uint8_t* packed, const float* absmax
     free(xf);
 }
 
+/* dequant4bit with bf16 output: each fp32 value code[c] * scale rounded to nearest even, exactly what
+   dequantize_4bit(...).to(torch.bfloat16) gives (the values are finite). */
+void dequant4bit_bf16(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                      const float* nested_code, float offset, int64_t nested_bs, const float* code,
+                      uint16_t* out, int64_t n, int64_t blocksize) {
+    int64_t blocks = (n + blocksize - 1) / blocksize;
+#ifdef __AVX512F__
+    __m512 table = _mm512_loadu_ps(code);
+    __m512i low4 = _mm512_set1_epi32(15), one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+    __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+#define RNE16(v) _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), \
+    _mm512_add_epi32(half, _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), one))), 16))
+#endif
+    for (int64_t b = 0; b < blocks; b++) {
+        float s = block_scale(b, absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs);
+        int64_t start = b * blocksize, end = start + blocksize < n ? start + blocksize : n;
+        int64_t i = start;
+#ifdef __AVX512F__
+        __m512 scale = _mm512_set1_ps(s);
+        for (; i + 32 <= end; i += 32) {
+            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(packed + i / 2)));
+            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
+            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table), scale);
+            __m512 v0 = _mm512_permutex2var_ps(hi, first, lo), v1 = _mm512_permutex2var_ps(hi, second, lo);
+            _mm256_storeu_si256((__m256i*)(out + i), RNE16(v0));
+            _mm256_storeu_si256((__m256i*)(out + i + 16), RNE16(v1));
+        }
+#undef RNE16
+#endif
+        for (; i < end; i++) {
+            uint8_t byte = packed[i / 2];
+            out[i] = to_bf16(code[i % 2 ? byte & 15 : byte >> 4] * s);
+        }
+    }
+}
+
 /* gemv_f32 for a bf16 weight and x: products of bf16 values are exact in fp32, sums in fp32, y rounded
    once to bf16 (F.linear in bf16 also sums in fp32; the order differs). */
 void gemv_bf16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t out, int64_t in) {
@@ -305,6 +342,7 @@ _SIGNATURES = {
     "gemv_bf16": [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2,
 }
 _SIGNATURES["gemv4bit_bf16"] = _SIGNATURES["gemv4bit"]
+_SIGNATURES["dequant4bit_bf16"] = _SIGNATURES["dequant4bit"]
 
 
 def _cache_dir() -> Path:
@@ -407,13 +445,17 @@ def gemv_native(x: torch.Tensor, q: QuantizedTensor, segment: int) -> torch.Tens
     return bound(x)
 
 
-def dequantize_native(q: QuantizedTensor) -> torch.Tensor | None:
-    """The fp32 decode of ``q`` (flat, ``q.numel`` values) by the compiled kernel, or ``None`` without it."""
+def dequantize_native(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+    """The decode of ``q`` (flat, ``q.numel`` values) in fp32, or rounded once to bf16, by the compiled kernel.
+
+    ``None`` without the kernel or for another ``dtype`` (the caller then casts the fp32 decode).
+    """
     library = load_kernel()
-    if library is None or not _usable(q):
+    if library is None or not _usable(q) or dtype not in (torch.float32, torch.bfloat16):
         return None
-    out = torch.empty(q.numel, dtype=torch.float32)
-    library.dequant4bit(q.packed.data_ptr(), *_scale_args(q), q.code.data_ptr(), out.data_ptr(), q.numel, q.blocksize)
+    out = torch.empty(q.numel, dtype=dtype)
+    function = library.dequant4bit if dtype == torch.float32 else library.dequant4bit_bf16
+    function(q.packed.data_ptr(), *_scale_args(q), q.code.data_ptr(), out.data_ptr(), q.numel, q.blocksize)
     return out
 
 
