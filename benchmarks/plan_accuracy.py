@@ -15,8 +15,10 @@ fp32 compute, LoRA on all linears, dropout 0.05), then runs ``--steps`` optimize
 accumulation, a checkpoint at the end) on fixed-length random token sequences of ``--seq`` tokens. Its ``ru_maxrss`` is the measured peak (the driver imports no torch and writes the random models in a child, so a
 child inherits no peak). The prediction is ``qlorakit.planner.plan`` for the same model and settings on
 ``device="cpu"``. Reports the median measured peak, the prediction, and prediction / measurement; the
-target is within +-15%. The CPU constants of the planner were calibrated on one case only (see
-``qlorakit.planner.constants``); the others are validation.
+target is within +-15%. The planner's measured CPU constants come from shapes that are not benchmark
+cases (``--measure-framework``: a 2-layer width-64 Llama; ``--measure-heap``: ``llama-heap``, width 512,
+8 layers), except ``heap_retention``, fitted on ``llama-350m``'s ``dynamic_threshold`` run (see
+``qlorakit.planner.constants``).
 
 Two conditions per case (``--conditions`` picks): ``default`` (the trainer's ``malloc_mmap_threshold_kib``,
 1 MiB, fixed in the child before torch is imported and the model loads, as ``qlorakit train`` does; no
@@ -59,6 +61,10 @@ RANDOM_SHAPES = {
 #: The shape whose load measures ``CPU_FRAMEWORK_BYTES`` (``--measure-framework``).
 TINY_SHAPE = {"llama-tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
                              "num_attention_heads": 4, "num_key_value_heads": 4}}
+#: The shape whose first training step measures ``CPU_SMALL_BLOCK_HEAP_ROWS`` (``--measure-heap``): width 512,
+#: so at 256 tokens a ``(T, d)`` fp32 row block is 512 KiB, under the trainer's 1 MiB mmap threshold.
+HEAP_SHAPE = {"llama-heap": {"hidden_size": 512, "num_hidden_layers": 8, "intermediate_size": 1408,
+                             "num_attention_heads": 8, "num_key_value_heads": 8}}
 
 
 def write_random_llama(name: str, workdir: Path) -> Path:
@@ -71,7 +77,7 @@ def write_random_llama(name: str, workdir: Path) -> Path:
     from safetensors.torch import save_file
 
     config = transformers.LlamaConfig(vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
-                                      **{**RANDOM_SHAPES, **TINY_SHAPE}[name])  # fmt: skip
+                                      **{**RANDOM_SHAPES, **TINY_SHAPE, **HEAP_SHAPE}[name])  # fmt: skip
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
     gen = torch.Generator().manual_seed(SEED)
@@ -90,7 +96,7 @@ def write_random_llama(name: str, workdir: Path) -> Path:
 # --- child: one measured training run ------------------------------------------------------------------
 
 
-def run_case(args: argparse.Namespace) -> dict[str, Any]:
+def run_case(args: argparse.Namespace, on_loaded: Any = None) -> dict[str, Any]:
     """Load ``args.model`` in 4 bits with LoRA, train ``args.steps`` steps; peak RSS and where it was reached."""
     from functools import partial
 
@@ -113,6 +119,8 @@ def run_case(args: argparse.Namespace) -> dict[str, Any]:
     after_load = peak_rss_mb()
     rss_after_load = current_rss_mb()
     reset_hwm = _reset_peak()
+    if on_loaded is not None:
+        on_loaded()
     vocab = model.get_input_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(SEED)
     n = args.batch * args.steps
@@ -158,6 +166,34 @@ def measure_framework(args: argparse.Namespace) -> dict[str, Any]:
                    for t in m.qweight.tensors())  # fmt: skip
     rss = current_rss_mb()
     return {"rss_after_load_mib": rss, "tensors_mib": tensors / 2**20, "framework_mib": rss - tensors / 2**20}
+
+
+def measure_heap(args: argparse.Namespace) -> dict[str, Any]:
+    """glibc heap growth over the first training steps, in ``(B, T, d)`` row blocks per layer: ``CPU_SMALL_BLOCK_HEAP_ROWS``.
+
+    ``mallinfo2().arena`` (the main heap, which glibc does not shrink here: the freed blocks stay resident)
+    after ``train`` minus before it, over ``layers * batch * seq * d * 4`` bytes.
+    """
+    import ctypes
+
+    from qlorakit.train.allocator import fix_mmap_threshold
+
+    fix_mmap_threshold(args.mmap_threshold_kib)
+    import transformers
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    before = {}
+    config = transformers.AutoConfig.from_pretrained(args.model)
+    row_bytes = args.batch * args.seq * config.hidden_size * 4
+    result = run_case(args, on_loaded=lambda: before.update(arena=libc.mallinfo2().arena))
+    grown = libc.mallinfo2().arena - before["arena"]
+    return {**result, "heap_growth_mib": grown / 2**20, "row_block_kib": row_bytes / 1024,
+            "rows_per_layer": grown / (config.num_hidden_layers * row_bytes)}
 
 
 def predict(args: argparse.Namespace) -> dict[str, Any]:
@@ -244,11 +280,14 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--predict", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--framework-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-heap", action="store_true", help="print CPU_SMALL_BLOCK_HEAP_ROWS' measurement")
+    parser.add_argument("--heap-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--write-model", help=argparse.SUPPRESS)
     parser.add_argument("--mmap-threshold-kib", type=int, default=CONDITIONS["default"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    for flag, fn in (("child", run_case), ("predict", predict), ("framework_child", measure_framework)):
+    for flag, fn in (("child", run_case), ("predict", predict), ("framework_child", measure_framework),
+                     ("heap_child", measure_heap)):
         if getattr(args, flag):
             print("RESULT " + json.dumps(fn(args)))
             return
@@ -260,6 +299,10 @@ def main() -> None:
         tiny = _write_in_child("llama-tiny", args.workdir)
         print(json.dumps(_child("framework-child", str(tiny), args), indent=2))
         return
+    if args.measure_heap:
+        heap_model = _write_in_child("llama-heap", args.workdir)
+        print(json.dumps(_child("heap-child", str(heap_model), args), indent=2))
+        return
     run_driver(args)
 
 
@@ -268,8 +311,10 @@ def run_driver(args: argparse.Namespace) -> None:
     paths = cases(args.workdir, args.gguf)
     conditions = {c: CONDITIONS[c] for c in args.conditions}
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {c: [] for c in conditions} for name in paths}
+    measured: dict[str, Any] = {}  # where the runs were measured, when only the predictions are recomputed
     if args.predict_only:
         old = json.loads(args.output.read_text())
+        measured = old.get("measured") or {k: old[k] for k in ("command", "date", "git_head", "total_seconds")}
         for row in old["results"]:
             if row["condition"] in conditions:
                 runs[row["case"]][row["condition"]] = row["runs"]
@@ -291,7 +336,8 @@ def run_driver(args: argparse.Namespace) -> None:
         "git_head": os.environ.get("QLORAKIT_GIT_HEAD") or subprocess.run(
             ["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, cwd=REPO).stdout.strip(),
         "settings": {k: getattr(args, k) for k in ("steps", "seq", "batch", "r", "optim", "repeats", "threads")},
-        "calibrated_on": "llama-350m", "conditions": conditions, "total_seconds": time.perf_counter() - started, "results": rows,
+        "calibrated_on": "llama-350m", "conditions": conditions, "total_seconds": time.perf_counter() - started,
+        **({"measured": measured} if measured else {}), "results": rows,
     })  # fmt: skip
 
 

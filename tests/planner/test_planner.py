@@ -162,3 +162,27 @@ def test_cpu_rows_follow_the_trainer_allocator_and_loss_settings(tiny_llama_dir)
     chunked = plan(shape, PlanSettings(device="cpu", lora_r=4, loss_chunk=128, seq_len=1024))
     assert chunked.part("logits") == 2 * 128 * 256 * 4 + 2 * 1024 * 64 * 4  # two chunks + rows and their grad
     assert "heap_retention" not in {p.name for p in plan(shape, PlanSettings(device="gpu", mmap_threshold_kib=0)).parts}
+
+
+@pytest.mark.parametrize("seq,optim", [(16, "adamw"), (2048, "paged_adamw")])
+def test_cpu_peak_is_the_larger_of_the_step_and_the_checkpoint_save(tiny_llama_dir, seq, optim):
+    """The trainer saves after the step's transients are freed: peak = persistent + max(step, save)."""
+    p = plan(model_shape(tiny_llama_dir), PlanSettings(device="cpu", lora_r=64, seq_len=seq, optim=optim))
+    step = sum(p.part(n) for n in ("lora_grads", "activations", "logits", "dequant_workspace"))
+    save = 2 * (p.part("optimizer_state") + p.offloaded_bytes) + 2 * p.part("lora_params")
+    persistent = p.total_bytes - step - p.part("checkpoint_save")
+    assert p.total_bytes == persistent + max(step, save)
+    assert (p.part("checkpoint_save") > 0) == (save > step)
+
+
+def test_small_block_heap_only_when_a_hidden_block_is_under_the_mmap_threshold(tiny_llama_dir):
+    """d 64, fp32: 256 tokens are a 64 KiB block (heap), 4096 tokens 1 MiB (mmapped at the 1 MiB default)."""
+    from qlorakit.planner.constants import CPU_SMALL_BLOCK_HEAP_ROWS
+
+    shape = model_shape(tiny_llama_dir)
+    small = plan(shape, PlanSettings(device="cpu", lora_r=4, seq_len=256, mmap_threshold_kib=1024))
+    assert small.part("small_block_heap") == int(CPU_SMALL_BLOCK_HEAP_ROWS * 2 * 256 * 64 * 4)
+    for settings in (PlanSettings(device="cpu", lora_r=4, seq_len=4096, mmap_threshold_kib=1024),
+                     PlanSettings(device="cpu", lora_r=4, seq_len=256, mmap_threshold_kib=0),
+                     PlanSettings(device="gpu", lora_r=4, seq_len=256)):  # fmt: skip
+        assert "small_block_heap" not in {part.name for part in plan(shape, settings).parts}

@@ -28,7 +28,20 @@ CHUNK_FP32_COPIES = 2
 #: glibc raises the threshold (up to 32 MiB) after freeing a large block, so the per-layer dequantize and
 #: loss buffers come from the heap, which fragments between long-lived tensors and is not returned.
 #: Calibrated on ONE case, ``llama-350m`` of ``benchmarks/plan_accuracy.py`` (seq 256, r 16, paged AdamW,
-#: chunked loss, commit ebfdedf): measured median 2,516 MiB minus every other predicted term (1,239 MiB),
-#: over its 308,281,344 quantized parameters. It is not proportional in truth: the same benchmark implies
-#: 5.8 bytes for SmolLM2 and 3.2 for ``llama-700m`` (see docs/memory.md).
-CPU_HEAP_RETENTION_PER_QPARAM = 4.34
+#: chunked loss; the run of commit ebfdedf, ``benchmarks/results/plan_accuracy_ebfdedf.json``): measured
+#: median 2,516 MiB minus every other predicted term (1,065.5 MiB since the checkpoint save counts only
+#: beyond the step's transients; it was 4.34 with the old 1,239), over its 308,281,344 quantized parameters.
+#: It is not proportional in truth: the same runs imply 6.9 bytes for SmolLM2 and 3.5 for ``llama-700m``.
+CPU_HEAP_RETENTION_PER_QPARAM = 4.93
+
+#: ``(B, T, d)`` blocks per decoder layer by which glibc's main heap grows during the first training steps
+#: when such a block is smaller than the trainer's fixed mmap threshold (1 MiB by default): the block's
+#: activations and temporaries then come from the heap instead of their own ``mmap``, and the freed ones stay
+#: resident (``mallinfo2`` shows the heap grown and mostly free after step 1; it does not grow in later steps).
+#: Measured on a shape that is not a benchmark case, ``llama-heap`` of ``benchmarks/plan_accuracy.py``
+#: (random Llama, d 512, 8 layers, ffn 1408, 8 heads; 256 tokens, r 16, paged AdamW, 3 steps, 1 MiB threshold
+#: set before loading): ``OMP_NUM_THREADS=1 python benchmarks/plan_accuracy.py --measure-heap`` -> heap growth
+#: over ``train`` / (layers x 512 KiB) = 18.7, 26.1, 23.9, 22.7, 27.3 in five runs (median 23.9; commit
+#: 8e0ee33 + the flag). Not a law: at 128 tokens the same shape gave 31 blocks, and at 512 tokens (1 MiB
+#: blocks, mmapped) 2.5. In SmolLM2 (d 576, 30 layers, 256 tokens) a traced run grew 21 blocks per layer.
+CPU_SMALL_BLOCK_HEAP_ROWS = 24

@@ -26,10 +26,17 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   ``LOGITS_FP32_COPIES * B T V * 4``. Every token is assumed to be a target (the worst case);
 - ``dequant_workspace`` one dequantize of the largest weight: int32 byte indices (2 bytes/value), the
   gathered int64 pairs (4), the fp32 product (4) and its cast to ``c`` (when ``c`` is not fp32);
-- CPU only: ``checkpoint_save`` ``2 (optimizer state, paged part included) + 2 lora_params``: saving a
-  checkpoint reads the paged state back and safetensors serializes every tensor into a bytes buffer
-  (on a GPU both copies are in host memory); ``framework`` (``CPU_FRAMEWORK_BYTES``, measured) and, only
-  when the trainer leaves glibc's mmap threshold dynamic (``mmap_threshold_kib = 0``), ``heap_retention``
+- CPU only: ``checkpoint_save``: saving a checkpoint reads the paged state back and safetensors serializes
+  every tensor into a bytes buffer, ``S = 2 (optimizer state, paged part included) + 2 lora_params`` (on a
+  GPU both copies are in host memory). The trainer saves after ``optimizer.step`` and
+  ``zero_grad(set_to_none=True)``, when the step's transients (``lora_grads``, ``activations``, ``logits``,
+  ``dequant_workspace``) are freed, so the peak is ``max(step, save)`` and the row is only the excess
+  ``max(0, S - those four)``; the parts still sum to the peak. ``framework`` (``CPU_FRAMEWORK_BYTES``,
+  measured). Then the glibc heap: with a fixed mmap threshold (the trainer's default), ``small_block_heap``
+  when one ``(B, T, d)`` block at ``c`` is smaller than the threshold, so the block's activations come from
+  the heap, which grows during the first step and keeps the freed blocks resident:
+  ``CPU_SMALL_BLOCK_HEAP_ROWS * L * B T d c`` (measured on a shape that is not a benchmark case); with
+  glibc's dynamic threshold (``mmap_threshold_kib = 0``) ``heap_retention`` instead
   (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated); see ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
@@ -50,6 +57,7 @@ from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
     CPU_FRAMEWORK_BYTES,
     CPU_HEAP_RETENTION_PER_QPARAM,
+    CPU_SMALL_BLOCK_HEAP_ROWS,
     LOGITS_FP32_COPIES,
 )
 from qlorakit.planner.shapes import LinearShape, ModelShape
@@ -173,12 +181,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("dequant_workspace", n_max * (2 + 4 + 4 + (0 if c == 4 else c)), "one dequantize of the largest weight"),
     ]  # fmt: skip
     if s.device == "cpu":
-        saved = 2 * (resident_optim + offloaded) + 2 * lora_values * lb
-        parts.append(Part("checkpoint_save", saved, "optimizer state and adapter read back and serialized"))
-        parts.append(Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)"))
-        if s.mmap_threshold_kib == 0:
-            retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
-            parts.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
+        parts += cpu_parts(shape, s, parts, resident_optim + offloaded, lora_values * lb, quantized)
     alternatives = {
         "quant_constants_with_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, True)),
         "quant_constants_without_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, False)),
@@ -187,6 +190,31 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         "lora_inputs_without_checkpointing": shape.num_layers * lora_input_bytes_per_layer(shape, s),
     }
     return MemoryPlan(shape.name, s, tuple(parts), offloaded, alternatives, budget_bytes)
+
+
+#: Parts the trainer frees before it saves a checkpoint (after the optimizer step, gradients set to None).
+STEP_TRANSIENTS = ("lora_grads", "activations", "logits", "dequant_workspace")
+
+
+def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total: int, lora_bytes: int,
+              quantized: list[LinearShape]) -> list[Part]:
+    """The CPU rows: checkpoint save beyond the step's transients, framework, glibc heap (module docstring)."""
+    saved = 2 * optim_total + 2 * lora_bytes
+    transients = sum(p.nbytes for p in parts if p.name in STEP_TRANSIENTS)
+    out = [Part("checkpoint_save", max(0, saved - transients),
+                f"saving reads back and serializes {saved / 2**20:,.1f} MiB after the step's transients are freed "
+                "(only the excess counts)"),
+           Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
+    if s.mmap_threshold_kib == 0:
+        retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
+        out.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
+        return out
+    row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
+    if row < s.mmap_threshold_kib * 1024:
+        out.append(Part("small_block_heap", int(CPU_SMALL_BLOCK_HEAP_ROWS * shape.num_layers * row),
+                        f"glibc heap kept after step 1: (B, T, d) blocks of {row / 1024:,.0f} KiB are under the "
+                        f"{s.mmap_threshold_kib} KiB mmap threshold (measured)"))
+    return out
 
 
 def _with_dq(quant: QuantConfig, double_quant: bool) -> QuantConfig:
