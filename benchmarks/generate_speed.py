@@ -15,7 +15,9 @@ request generates exactly ``--new-tokens`` tokens (EOS does not stop either stac
 theirs, no stop ids for ours), so both do the same work. Timed: each ``generate`` call, prefill included,
 after one untimed warm-up request; end-to-end tokens/s = generated tokens / summed seconds; the time to
 the first token (prefill + one token; median over prompts) and the decode rate (the other ``n - 1``
-tokens / their seconds) are reported apart, from a timestamp per token (a ``streamer`` for theirs). Each run is a fresh
+tokens / their seconds) are reported apart, from a timestamp per token (a ``streamer`` for theirs); tokens per
+CPU-second (``time.process_time`` around each request) too: with ``--threads 1`` on a shared machine it is what
+the wall rate would be on an idle core (shared caches and memory bandwidth still count). Each run is a fresh
 interpreter (ours, theirs, theirs, ours, ...); its ``ru_maxrss`` is the peak RSS. The table gives the
 median over ``--repeats`` runs and the ours/theirs ratio; the greedy tokens of the two stacks are
 compared prompt by prompt (first position where they differ).
@@ -136,11 +138,12 @@ def child(args: argparse.Namespace) -> None:
     generate = load_stack(args.stack, model_dir, dtype)
     load_s = time.perf_counter() - start
     generate(prompts[0], 4)  # warm-up
-    seconds, first_token_s, decode_s, tokens = [], [], [], []
+    seconds, cpu_seconds, first_token_s, decode_s, tokens = [], [], [], [], []
     for ids in prompts:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         new, times = generate(ids, args.new_tokens)
         seconds.append(time.perf_counter() - t0)
+        cpu_seconds.append(time.process_time() - c0)
         first_token_s.append(times[0] - t0)  # prefill + the first token
         decode_s.append(times[-1] - times[0])  # the other n - 1 tokens
         tokens.append(new)
@@ -148,7 +151,8 @@ def child(args: argparse.Namespace) -> None:
     n = sum(map(len, tokens))
     result = {"stack": args.stack, "dtype": args.dtype, "threads": args.threads, "load_s": load_s,
               "seconds": seconds, "first_token_s": first_token_s, "tokens": tokens,
-              "tokens_per_s": n / sum(seconds), "decode_tokens_per_s": (n - len(tokens)) / sum(decode_s),
+              "tokens_per_s": n / sum(seconds), "cpu_tokens_per_s": n / sum(cpu_seconds),
+              "decode_tokens_per_s": (n - len(tokens)) / sum(decode_s),
               "first_token_ms": 1000 * statistics.median(first_token_s), "peak_rss_mb": peak_mb}
     Path(args.result).write_text(json.dumps(result))
 
@@ -173,6 +177,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     tps = [r["tokens_per_s"] for r in runs]
     return {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
+            "cpu_tokens_per_s": statistics.median(r["cpu_tokens_per_s"] for r in runs),
             "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
             "first_token_ms": statistics.median(r["first_token_ms"] for r in runs),
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
@@ -189,6 +194,7 @@ def compare(args: argparse.Namespace, dtype: str, threads: int, model_dir: Path)
     diffs = [first_difference(a, b) for a, b in zip(runs["qlorakit"][0]["tokens"], runs["transformers+bnb"][0]["tokens"])]
     return {"dtype": dtype, "threads": threads, "qlorakit": ours, "transformers+bnb": theirs,
             "ratio_tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
+            "ratio_cpu_tokens_per_s": ours["cpu_tokens_per_s"] / theirs["cpu_tokens_per_s"],
             "ratio_decode_tokens_per_s": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
             "ratio_first_token_ms": ours["first_token_ms"] / theirs["first_token_ms"],
             "ratio_peak_rss": ours["peak_rss_mb"] / theirs["peak_rss_mb"],
@@ -208,6 +214,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['ratio_decode_tokens_per_s']:>5.2f} | {o['first_token_ms']:>7.0f} {t['first_token_ms']:>7.0f} "
               f"{r['ratio_first_token_ms']:>5.2f} | {o['peak_rss_mb']:>5.0f} {t['peak_rss_mb']:>5.0f} "
               f"{r['ratio_peak_rss']:>5.2f} | {r['greedy_first_difference_per_prompt']}")
+    print("tokens per CPU-second (process time; with 1 thread it is what wall time would be on an idle core):")
+    for r in rows:
+        o, t = r["qlorakit"], r["transformers+bnb"]
+        print(f"  {r['dtype']:9} {r['threads']:>3} | ours {o['cpu_tokens_per_s']:.2f} bnb {t['cpu_tokens_per_s']:.2f} "
+              f"ratio {r['ratio_cpu_tokens_per_s']:.2f}")
 
 
 def main() -> None:
