@@ -31,6 +31,26 @@ from qlorakit.errors import ConfigError, QlorakitError
 from qlorakit.quant.linear import Linear4bit
 
 
+def _addmm_fusable(result: torch.Tensor, u: torch.Tensor, lora_b: nn.Module) -> bool:
+    """The adapter output can be added by ``addmm``: a plain bias-free ``B`` in the dtype of ``u`` and ``result``."""
+    weight = getattr(lora_b, "weight", None)
+    return (type(lora_b) is nn.Linear and lora_b.bias is None and result.dim() >= 2
+            and result.dtype == u.dtype == weight.dtype)  # fmt: skip
+
+
+def _add_up_projection(result: torch.Tensor, u: torch.Tensor, weight_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``result + scale * u @ B^T`` as one ``addmm``: result (..., out), u (..., r), B (out, r) -> (..., out).
+
+    The reference ``result + B(u) * scale`` writes three (..., out) tensors in forward (``u B^T``, its
+    scaled copy, the sum) and one in backward (the gradient times ``scale``); ``addmm`` writes one in
+    forward and none of that size in backward (``dL/du = scale * g B`` and ``dL/dB = scale * g^T u`` are
+    (..., r) and (out, r)). It rounds once where the reference rounds the product, the scaling and the
+    sum separately, so the two agree to fp32 rounding, not bit for bit.
+    """
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), weight_b.t(), alpha=scale)
+    return flat.view(result.shape)
+
+
 class MergeError(QlorakitError, ValueError):
     """An adapter that cannot be merged into its base weight (4-bit base, or a non-finite result)."""
 
@@ -39,6 +59,9 @@ class LoraLinear(nn.Module):
     """A frozen base linear plus named LoRA adapters; see the module docstring for the math."""
 
     is_lora_linear = True
+    #: Fold ``scale * u B^T`` into the base output with one ``addmm`` (``_add_up_projection``) when the dtypes
+    #: allow; ``False`` on a layer (or the class) keeps the reference ``result + B(u) * scale``.
+    fuse_up_projection: bool = True
 
     def __init__(self, base_layer: nn.Linear | Linear4bit) -> None:
         super().__init__()
@@ -150,8 +173,10 @@ class LoraLinear(nn.Module):
             return result
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         h = self.lora_dropout[name](x.to(lora_a.weight.dtype))  # (..., in)
-        delta = lora_b(lora_a(h)) * self.scaling[name]  # (..., r) -> (..., out)
-        return result + delta.to(result.dtype)
+        u = lora_a(h)  # (..., r)
+        if self.fuse_up_projection and _addmm_fusable(result, u, lora_b):
+            return _add_up_projection(result, u, lora_b.weight, self.scaling[name])
+        return result + (lora_b(u) * self.scaling[name]).to(result.dtype)  # (..., out): the reference
 
     # --- merge ---------------------------------------------------------------------------------------
 
