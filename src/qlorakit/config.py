@@ -200,6 +200,10 @@ class TrainConfig:
                                  "never holds all logits at once (0 = full logits, the reference)")
     fuse_lora: bool = opt(True, "one LoRA down-projection for projections that share an input (q/k/v, gate/up); "
                           "same adapters and files, fewer matmuls")
+    recompute_swiglu: bool = opt(True, "SwiGLU MLPs keep gate and up for backward and recompute silu(gate) there "
+                                 "(less activation memory, bit-identical values)")
+    fuse_rmsnorm: bool = opt(True, "fp32 RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
+                             "rounding)")
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
     seed: int = opt(42, "seed of initialization and dropout")
@@ -259,8 +263,9 @@ class TrainConfig:
             _fail("TrainConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps), "betas in [0, 1), eps > 0")
         if self.compute_dtype not in ("auto",) + COMPUTE_DTYPES:
             _fail("TrainConfig", "compute_dtype", self.compute_dtype, f"choose auto or one of {COMPUTE_DTYPES}")
-        if not isinstance(self.fuse_lora, bool):
-            _fail("TrainConfig", "fuse_lora", self.fuse_lora, "must be true or false")
+        for name in ("fuse_lora", "recompute_swiglu", "fuse_rmsnorm"):
+            if not isinstance(getattr(self, name), bool):
+                _fail("TrainConfig", name, getattr(self, name), "must be true or false")
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"

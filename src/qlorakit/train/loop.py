@@ -35,6 +35,8 @@ from qlorakit.train.allocator import fix_mmap_threshold
 from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog
+from qlorakit.train.recompute import swiglu_recompute
+from qlorakit.train.rmsnorm import fused_rmsnorm
 
 
 @dataclass
@@ -144,7 +146,9 @@ def train(
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
     logged with the step at each evaluation after a step.
     """
-    with flush_denormals(), shared_input_fusion(model, cfg.train.fuse_lora):
+    t = cfg.train
+    with (flush_denormals(), shared_input_fusion(model, t.fuse_lora), swiglu_recompute(model, t.recompute_swiglu),
+          fused_rmsnorm(model, t.fuse_rmsnorm)):
         return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps, evaluator)
 
 
