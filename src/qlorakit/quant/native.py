@@ -176,40 +176,6 @@ void gemv4bit(const float* x, const uint8_t* packed, const float* absmax, const 
     free(xe);
 }
 
-/* out[0..n) = code[c_i] * scale(block of i), c_i the high (even i) or low (odd i) nibble of packed[i / 2]:
-   the decode of dequantize_4bit_reference, one multiply per value (bit-identical). */
-void dequant4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
-                 const float* nested_code, float offset, int64_t nested_bs, const float* code,
-                 float* out, int64_t n, int64_t blocksize) {
-    int64_t blocks = (n + blocksize - 1) / blocksize;
-#ifdef __AVX512F__
-    __m512 table = _mm512_loadu_ps(code);
-    __m512i low4 = _mm512_set1_epi32(15);
-    /* hi[j] -> out[2j], lo[j] -> out[2j+1]: first 16 outputs from j = 0..7, next 16 from j = 8..15 */
-    __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-#endif
-    for (int64_t b = 0; b < blocks; b++) {
-        float s = block_scale(b, absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs);
-        int64_t start = b * blocksize, end = start + blocksize < n ? start + blocksize : n;
-        int64_t i = start;
-#ifdef __AVX512F__
-        __m512 scale = _mm512_set1_ps(s);
-        for (; i + 32 <= end; i += 32) {
-            __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(packed + i / 2)));
-            __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
-            __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table), scale);
-            _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(hi, first, lo));
-            _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(hi, second, lo));
-        }
-#endif
-        for (; i < end; i++) {
-            uint8_t byte = packed[i / 2];
-            out[i] = code[i % 2 ? byte & 15 : byte >> 4] * s;
-        }
-    }
-}
-
 /* y[o] = sum_i w[o][i] x[i] for a dense fp32 (out, in) row-major weight: one input row (a decoding step's
    head). Rows are read in order, one sequential stream (measured faster here than interleaving several
    rows' streams), with two independent accumulators per row. */
@@ -262,15 +228,20 @@ void gemv4bit_bf16(const uint16_t* x, const uint8_t* packed, const float* absmax
     free(xf);
 }
 
-/* dequant4bit with bf16 output: each fp32 value code[c] * scale rounded to nearest even, exactly what
-   dequantize_4bit(...).to(torch.bfloat16) gives (the values are finite). */
-void dequant4bit_bf16(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
-                      const float* nested_code, float offset, int64_t nested_bs, const float* code,
-                      uint16_t* out, int64_t n, int64_t blocksize) {
+/* out[0..n) = code[c_i] * scale(block of i), c_i the high (even i) or low (odd i) nibble of packed[i / 2]:
+   the decode of dequantize_4bit_reference, one multiply per value (bit-identical). `bf16` != 0 writes each
+   value rounded to nearest even as uint16 bf16 bits, exactly what .to(torch.bfloat16) of the fp32 value
+   gives (the values are finite); otherwise fp32. */
+static void dequant_any(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                        const float* nested_absmax, const float* nested_code, float offset, int64_t nested_bs,
+                        const float* code, void* out, int64_t n, int64_t blocksize, int bf16) {
+    float* out32 = (float*)out;
+    uint16_t* out16 = (uint16_t*)out;
     int64_t blocks = (n + blocksize - 1) / blocksize;
 #ifdef __AVX512F__
     __m512 table = _mm512_loadu_ps(code);
     __m512i low4 = _mm512_set1_epi32(15), one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+    /* hi[j] -> out[2j], lo[j] -> out[2j+1]: first 16 outputs from j = 0..7, next 16 from j = 8..15 */
     __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
 #define RNE16(v) _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(_mm512_castps_si512(v), \
@@ -287,16 +258,34 @@ void dequant4bit_bf16(const uint8_t* packed, const float* absmax, const uint8_t*
             __m512 hi = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table), scale);
             __m512 lo = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), table), scale);
             __m512 v0 = _mm512_permutex2var_ps(hi, first, lo), v1 = _mm512_permutex2var_ps(hi, second, lo);
-            _mm256_storeu_si256((__m256i*)(out + i), RNE16(v0));
-            _mm256_storeu_si256((__m256i*)(out + i + 16), RNE16(v1));
+            if (bf16) {
+                _mm256_storeu_si256((__m256i*)(out16 + i), RNE16(v0));
+                _mm256_storeu_si256((__m256i*)(out16 + i + 16), RNE16(v1));
+            } else {
+                _mm512_storeu_ps(out32 + i, v0);
+                _mm512_storeu_ps(out32 + i + 16, v1);
+            }
         }
 #undef RNE16
 #endif
         for (; i < end; i++) {
             uint8_t byte = packed[i / 2];
-            out[i] = to_bf16(code[i % 2 ? byte & 15 : byte >> 4] * s);
+            float v = code[i % 2 ? byte & 15 : byte >> 4] * s;
+            if (bf16) out16[i] = to_bf16(v); else out32[i] = v;
         }
     }
+}
+
+void dequant4bit(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                 const float* nested_code, float offset, int64_t nested_bs, const float* code,
+                 float* out, int64_t n, int64_t blocksize) {
+    dequant_any(packed, absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs, code, out, n, blocksize, 0);
+}
+
+void dequant4bit_bf16(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* nested_absmax,
+                      const float* nested_code, float offset, int64_t nested_bs, const float* code,
+                      uint16_t* out, int64_t n, int64_t blocksize) {
+    dequant_any(packed, absmax, qabsmax, nested_absmax, nested_code, offset, nested_bs, code, out, n, blocksize, 1);
 }
 
 /* gemv_f32 for a bf16 weight and x: products of bf16 values are exact in fp32, sums in fp32, y rounded
@@ -445,15 +434,23 @@ def gemv_native(x: torch.Tensor, q: QuantizedTensor, segment: int) -> torch.Tens
     return bound(x)
 
 
-def dequantize_native(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+def dequantize_native(
+    q: QuantizedTensor, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor | None:
     """The decode of ``q`` (flat, ``q.numel`` values) in fp32, or rounded once to bf16, by the compiled kernel.
 
-    ``None`` without the kernel or for another ``dtype`` (the caller then casts the fp32 decode).
+    ``None`` without the kernel or for another ``dtype`` (the caller then casts the fp32 decode). ``out``: a
+    contiguous CPU tensor of ``q.numel`` elements in ``dtype`` to write into (returned flat) instead of a new one.
     """
     library = load_kernel()
     if library is None or not _usable(q) or dtype not in (torch.float32, torch.bfloat16):
         return None
-    out = torch.empty(q.numel, dtype=dtype)
+    if out is None:
+        out = torch.empty(q.numel, dtype=dtype)
+    elif out.dtype != dtype or out.numel() != q.numel or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU {dtype} tensor of {q.numel} elements, got {out.dtype} "
+                         f"{tuple(out.shape)} on {out.device}")
+    out = out.view(-1)
     function = library.dequant4bit if dtype == torch.float32 else library.dequant4bit_bf16
     function(q.packed.data_ptr(), *_scale_args(q), q.code.data_ptr(), out.data_ptr(), q.numel, q.blocksize)
     return out
