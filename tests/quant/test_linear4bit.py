@@ -10,6 +10,7 @@ from torch import nn
 
 from qlorakit.errors import StateDictError
 from qlorakit.quant import Linear4bit, dequantize_4bit, quantize_4bit
+from qlorakit.quant.linear import dequantize_scratch
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -52,6 +53,34 @@ def test_only_the_input_gets_a_gradient_and_no_weight_sized_tensor_is_saved():
     assert all(t.numel() < 192 * 256 for t in saved), [tuple(t.shape) for t in saved]
     y.sum().backward()
     assert x.grad is not None and layer.bias.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("use_native", [True, False])
+def test_dequantize_into_out_equals_a_new_tensor(dtype, use_native):
+    q = quantize_4bit(torch.randn(96, 128), "nf4", 64, True)
+    out = torch.full((96, 128), float("nan"), dtype=dtype)
+    result = dequantize_4bit(q, dtype, use_native=use_native, out=out)
+    assert result.data_ptr() == out.data_ptr() and result.shape == (96, 128)
+    assert torch.equal(out, dequantize_4bit(q, dtype, use_native=use_native))
+
+
+def test_reused_dequant_buffer_gives_bit_identical_outputs_and_grads(monkeypatch):
+    """Two layers of different shapes run forward, then backward in reverse: each pass dequantizes into the
+    one shared buffer, so a result that leaked from it (a view kept past the matmul) would be overwritten."""
+    layers = [Linear4bit.from_linear(_linear(128, 96)), Linear4bit.from_linear(_linear(96, 160))]
+    x = torch.randn(2, 5, 128)
+    runs = []
+    for reuse in (True, False):
+        monkeypatch.setattr(Linear4bit, "reuse_dequant_buffer", reuse)
+        xg = x.clone().requires_grad_(True)
+        out = layers[1](layers[0](xg))
+        out.backward(torch.ones_like(out))
+        runs.append((out.detach(), xg.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    monkeypatch.setattr(Linear4bit, "reuse_dequant_buffer", True)
+    first = dequantize_scratch(layers[0].qweight, torch.float32)
+    assert dequantize_scratch(layers[1].qweight, torch.float32).data_ptr() == first.data_ptr()  # one buffer
 
 
 def test_compute_dtype_casts_input_and_returns_input_dtype():

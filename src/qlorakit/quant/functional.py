@@ -171,7 +171,9 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
     return torch.stack([code[hi], code[lo]], dim=1).contiguous().view(torch.int64).view(256)
 
 
-def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, use_native: bool = True) -> torch.Tensor:
+def dequantize_4bit(
+    q: QuantizedTensor, dtype: torch.dtype | None = None, use_native: bool = True, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``table[code] * absmax`` in fp32, reshaped to ``q.shape`` and cast to ``dtype`` (default ``q.dtype``).
 
     The fast path of ``dequantize_4bit_reference`` (bit-identical; tests hold them equal): each packed
@@ -181,12 +183,19 @@ def dequantize_4bit(q: QuantizedTensor, dtype: torch.dtype | None = None, use_na
     byte never straddles two blocks) and sliced back afterwards. On a CPU where ``quant.native``'s
     compiled kernel is available it does the same lookups and multiplies in AVX-512 registers instead
     (also bit-identical; ``use_native=False`` or ``QLORAKIT_NATIVE=0`` keeps the torch gather).
+    ``out``: a contiguous tensor of ``q.shape`` in the target dtype to write the result into (and return);
+    the compiled kernel writes it directly, the torch path copies into it.
     """
     target = dtype or q.dtype
     if use_native:
-        native = dequantize_native(q, target if target == torch.bfloat16 else torch.float32)  # (n,) or None
+        kernel_dtype = target if target == torch.bfloat16 else torch.float32
+        direct = out if out is not None and target == kernel_dtype else None
+        native = dequantize_native(q, kernel_dtype, out=direct)  # (n,) or None
         if native is not None:
-            return native.view(q.shape).to(target)
+            result = native.view(q.shape).to(target)
+            return result if out is None or direct is not None else out.copy_(result)
+    if out is not None:
+        return out.copy_(dequantize_4bit(q, dtype, use_native=False))
     absmax = block_absmax(q)  # (blocks,)
     padded_bytes = q.num_blocks * q.blocksize // 2
     packed = q.packed.reshape(-1)
