@@ -42,13 +42,18 @@ def _add_up_projection(result: torch.Tensor, u: torch.Tensor, weight_b: torch.Te
     """``result + scale * u @ B^T`` as one ``addmm``: result (..., out), u (..., r), B (out, r) -> (..., out).
 
     The reference ``result + B(u) * scale`` writes three (..., out) tensors in forward (``u B^T``, its
-    scaled copy, the sum) and one in backward (the gradient times ``scale``); ``addmm`` writes one in
-    forward and none of that size in backward (``dL/du = scale * g B`` and ``dL/dB = scale * g^T u`` are
-    (..., r) and (out, r)). It rounds once where the reference rounds the product, the scaling and the
-    sum separately, so the two agree to fp32 rounding, not bit for bit.
+    scaled copy, the sum) and one in backward (the gradient times ``scale``); ``addmm`` writes none in
+    forward when ``result`` is the base layer's own 2-D output (``addmm_`` into it: nothing saved it, the
+    base's backward needs only its input; an in-place op on a *view* would cost autograd two full-size
+    copies in backward, hence 2-D and not a view) and one otherwise, and none of that size in
+    backward (``dL/du = scale * g B`` and ``dL/dB = scale * g^T u`` are (..., r) and (out, r)). It rounds
+    once where the reference rounds the product, the scaling and the sum separately, so the two agree to
+    fp32 rounding, not bit for bit.
     """
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), u.reshape(-1, u.shape[-1]), weight_b.t(), alpha=scale)
-    return flat.view(result.shape)
+    u2 = u.reshape(-1, u.shape[-1])  # (N, r)
+    if result.dim() == 2 and result.is_contiguous() and result._base is None:
+        return result.addmm_(u2, weight_b.t(), alpha=scale)  # (N, out), in place: no copy-slices in backward
+    return torch.addmm(result.reshape(-1, result.shape[-1]), u2, weight_b.t(), alpha=scale).view(result.shape)
 
 
 class MergeError(QlorakitError, ValueError):
@@ -167,15 +172,18 @@ class LoraLinear(nn.Module):
     # --- forward -------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
-        result = self.base_layer(x)  # (..., out_features)
         name = self.active_adapter
         if name is None or not self.enabled or self.merged_adapter is not None:
-            return result
+            return self.base_layer(x)  # (..., out_features)
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        lead = x.shape[:-1]
+        # (N, out): 2-D, so the base returns its own tensor (not a view) that addmm_ may write into
+        result = self.base_layer(x.reshape(-1, self.in_features))
         h = self.lora_dropout[name](x.to(lora_a.weight.dtype))  # (..., in)
         u = lora_a(h)  # (..., r)
         if self.fuse_up_projection and _addmm_fusable(result, u, lora_b):
-            return _add_up_projection(result, u, lora_b.weight, self.scaling[name])
+            return _add_up_projection(result, u, lora_b.weight, self.scaling[name]).view(*lead, self.out_features)
+        result = result.view(*lead, self.out_features)
         return result + (lora_b(u) * self.scaling[name]).to(result.dtype)  # (..., out): the reference
 
     # --- merge ---------------------------------------------------------------------------------------

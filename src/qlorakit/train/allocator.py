@@ -15,8 +15,12 @@ tokens of the OASST1 sample, chunked loss, fused LoRA), peak RSS of three micro-
 ``mallopt(M_MMAP_THRESHOLD, n)`` fixes the threshold (and turns the dynamic adjustment off) for the
 whole process; every buffer above it then costs an ``mmap``/``munmap`` and fresh zeroed pages, i.e. page
 faults: at 128 KiB a profiled step took 56 s against 40 s with the dynamic threshold (elementwise ops
-4x slower) on this 2-core VM under load; 1 MiB keeps most of the saving for fewer faults. The trainer's
-default is 1 MiB (``TrainConfig.malloc_mmap_threshold_kib``; 0 leaves glibc alone). No-op outside glibc.
+4x slower) on this 2-core VM under load; 1 MiB keeps most of the saving for fewer faults. Still, at 1 MiB a
+2 x 512-token step (checkpointing off) took 2.0 M minor faults, 2.7-3.4 s of system time in a 12 s step,
+against 0.1 s with the dynamic threshold; 4 MiB already lost the saving (3,153 MiB). So the trainer cuts
+the step's full-size temporaries instead (fused LoRA up-projection, SwiGLU recompute, fused RMSNorm, a
+reused dequantization buffer; docs/benchmarks.md, issue 8). The trainer's default is 1 MiB
+(``TrainConfig.malloc_mmap_threshold_kib``; 0 leaves glibc alone). No-op outside glibc.
 ``qlorakit train`` sets it before the model loads and ``train()`` again (a repeat changes nothing): set only
 after loading, the same threshold left the training peak bimodal across identical runs (docs/memory.md).
 """

@@ -47,7 +47,10 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., I)
         gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_gate = None
+        if ctx.needs_input_grad[0]:
+            grad_gate = grad * up  # (..., I), then silu_backward in place (elementwise, same values)
+            torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         grad_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
         return grad_gate, grad_up
 
