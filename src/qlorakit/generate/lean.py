@@ -7,7 +7,7 @@ the arithmetic of a decoding step. ``LeanDecoder`` computes the same function fr
 weights with only the tensor operations. For layer ``l``, new tokens at positions ``p .. p+t-1``,
 hidden state ``h (1, t, d)``:
 
-    a = RMSNorm_l(h)                                              (the layer's own norm module)
+    a = RMSNorm_l(h)                                 (the layer's own norm, or F.rms_norm when equal)
     q = rope(a Wq^T), k = rope(a Wk^T), v = a Wv^T                (heads split; cos/sin of p..p+t-1)
     K_l[:, :, p:p+t] = k,  V_l[:, :, p:p+t] = v                    (caches preallocated to max_len)
     o = softmax(q K_l[:p+t]^T * head_dim^-1/2 + causal) V_l[:p+t]  (SDPA; grouped heads share K/V)
@@ -84,11 +84,17 @@ def _bind_base(module: nn.Module) -> Projection:
             def four_bit(x: torch.Tensor) -> torch.Tensor:  # the steps of Linear4bit.forward's GEMV branch
                 if x.shape[0] > FEW_ROWS:
                     return module(x)
-                xc = (x if compute is None else x.to(compute)).contiguous()
-                if xc.dtype == torch.bfloat16:
-                    y = kernel.bf16(xc)  # (rows, out): = kernel(xc.float()).to(bf16), casts done in C
-                else:
-                    y = kernel(xc.float()).to(xc.dtype)  # (rows, out); the kernel sums in fp32
+                if compute is None or compute == x.dtype:  # no cast in or out (the decoding case)
+                    xc = x.contiguous()
+                    if xc.dtype == torch.float32:
+                        y = kernel(xc)  # (rows, out)
+                    elif xc.dtype == torch.bfloat16:
+                        y = kernel.bf16(xc)  # (rows, out): = kernel(xc.float()).to(bf16), casts done in C
+                    else:
+                        y = kernel(xc.float()).to(xc.dtype)
+                    return y if bias is None else y + bias.to(y.dtype)
+                xc = x.to(compute).contiguous()
+                y = kernel(xc.float()).to(xc.dtype)  # (rows, out); the kernel sums in fp32
                 if bias is not None:
                     y = y + bias.to(y.dtype)
                 return y.to(x.dtype)
@@ -126,6 +132,26 @@ def _bind(module: nn.Module) -> Projection:
     return adapted
 
 
+def _bind_norm(module: nn.Module) -> Projection:
+    """A Llama-style RMSNorm module, or ``F.rms_norm`` with its weight for fp32 inputs when that is the same.
+
+    ``w * (x * rsqrt(mean(x^2) + eps))`` with an fp32 weight and fp32 input is what ``F.rms_norm`` computes in
+    one kernel; any other case (16-bit input, forward hooks, another norm class) calls the module.
+    """
+    weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
+    plain = type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+    if not plain or weight is None or eps is None or module._forward_hooks or module._forward_pre_hooks:
+        return module
+    if weight.dtype != torch.float32:
+        return module
+    shape = (weight.shape[-1],)
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else module(x)
+
+    return norm
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -139,7 +165,7 @@ class _Layer:
         self.q, self.k, self.v, self.o = (_bind(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
         self.gate, self.up, self.down = (_bind(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
         self.act = mlp.act_fn
-        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.norm1, self.norm2 = _bind_norm(layer.input_layernorm), _bind_norm(layer.post_attention_layernorm)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -180,7 +206,7 @@ class LeanDecoder:
         if reason is not None:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
         inner = model.model
-        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.embed, self.norm, self.rotary = inner.embed_tokens, _bind_norm(inner.norm), inner.rotary_emb
         self.head = _bind(model.get_output_embeddings())
         self.max_len = max_len
         weight = self.embed.weight
