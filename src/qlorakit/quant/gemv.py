@@ -39,9 +39,10 @@ from qlorakit.quant.functional import block_absmax, dequantize_4bit
 from qlorakit.quant.native import gemv_native
 from qlorakit.quant.tensor import QuantizedTensor
 
-#: Most input rows ``Linear4bit`` sends here instead of dequantize + matmul (the compiled kernel breaks
-#: even at 32-64 rows on SmolLM2's shapes; see docs/generate.md).
-FEW_ROWS = 32
+#: Most input rows ``Linear4bit`` sends here instead of dequantize + matmul. Since the compiled dequantize
+#: (``quant.native``) made the reference path cheaper, the kernel's break-even on SmolLM2's shapes is about
+#: 16 rows (``benchmarks/gemv_speed.py``, 2026-11-23: kernel / reference 0.85-1.22 at 16 rows, 0.95-1.47 at 32).
+FEW_ROWS = 16
 
 #: Bytes of int32 index (and of gathered fp32 values) per row tile (1 MiB: 256 KiB and 4 MiB measured no faster).
 TILE_BYTES = 1 << 20
