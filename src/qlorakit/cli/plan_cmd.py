@@ -46,6 +46,8 @@ def add_parser(subparsers: Any) -> None:
                    help="rows of logits at once, as the trainer (default: %(default)s; 0 = full logits)")
     p.add_argument("--malloc-mmap-threshold-kib", type=int, default=TrainConfig().malloc_mmap_threshold_kib,
                    help="CPU: the trainer's glibc mmap threshold (default: %(default)s; 0 = dynamic, more RSS)")
+    p.add_argument("--no-recompute-swiglu", dest="recompute_swiglu", action="store_false", default=True,
+                   help="the trainer keeps SiLU(gate) for backward (TrainConfig.recompute_swiglu false)")
     p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         seq_len=args.seq, batch_size=args.batch, lora_r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
         optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt, device=args.device,
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
-        mmap_threshold_kib=args.malloc_mmap_threshold_kib,
+        mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)

@@ -16,7 +16,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   paged: only the resident budget of the paged tensors (the rest is ``offloaded_bytes``, host memory);
 - ``activations``       tensors saved for backward. One Llama block saves per token
   ``7d + 2k + 4f`` values at ``c`` (layer input, both norm outputs, q, k, v, attention output and its
-  re-laid copy, the residual, gate, SiLU(gate), up and their product), ``r`` at ``l`` per adapter, and, when
+  re-laid copy, the residual, gate, SiLU(gate), up and their product; ``3f`` with the trainer's default
+  ``recompute_swiglu``, which keeps gate and up and recomputes SiLU(gate) in backward), ``r`` at ``l`` per
+  adapter, and, when
   the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte mask with
   dropout). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
   block being recomputed (attention scores are not stored: SDPA);
@@ -24,13 +26,15 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
   temporary, the target rows and their gradient); with ``loss_chunk = 0`` the full-logits reference,
   ``LOGITS_FP32_COPIES * B T V * 4``. Every token is assumed to be a target (the worst case);
-- ``dequant_workspace`` one dequantize of the largest weight: int32 byte indices (2 bytes/value), the
-  gathered int64 pairs (4), the fp32 product (4) and its cast to ``c`` (when ``c`` is not fp32);
+- ``dequant_workspace`` one dequantize of the largest weight: on a GPU without the fused Triton path the
+  torch decode's int32 byte indices (2 bytes/value), the gathered int64 pairs (4), the fp32 product (4) and
+  its cast to ``c`` (when ``c`` is not fp32); on the CPU the compiled decode writes straight into one
+  per-thread buffer that lives as long as the process (``quant.linear.dequantize_scratch``): ``c`` bytes/value;
 - CPU only: ``checkpoint_save``: saving a checkpoint reads the paged state back and safetensors serializes
   every tensor into a bytes buffer, ``S = 2 (optimizer state, paged part included) + 2 lora_params`` (on a
   GPU both copies are in host memory). The trainer saves after ``optimizer.step`` and
-  ``zero_grad(set_to_none=True)``, when the step's transients (``lora_grads``, ``activations``, ``logits``,
-  ``dequant_workspace``) are freed, so the peak is ``max(step, save)`` and the row is only the excess
+  ``zero_grad(set_to_none=True)``, when the step's transients (``lora_grads``, ``activations``, ``logits``)
+  are freed, so the peak is ``max(step, save)`` and the row is only the excess
   ``max(0, S - those four)``; the parts still sum to the peak. ``framework`` (``CPU_FRAMEWORK_BYTES``,
   measured). Then the glibc heap: with a fixed mmap threshold (the trainer's default), ``small_block_heap``
   when one ``(B, T, d)`` block at ``c`` is smaller than the threshold, so the block's activations come from
@@ -88,6 +92,7 @@ class PlanSettings:
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
     loss_chunk: int = LOSS_CHUNK_TOKENS  # rows of logits at once (the trainer's default); 0 = full logits
     mmap_threshold_kib: int = TrainConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
+    recompute_swiglu: bool = TrainConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
@@ -181,7 +186,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("activations", act_ckpt if s.gradient_checkpointing else act_full,
              "saved for backward, " + ("checkpointing on" if s.gradient_checkpointing else "no checkpointing")),
         Part("logits", logits_bytes(shape, s), _logits_note(s)),
-        Part("dequant_workspace", n_max * (2 + 4 + 4 + (0 if c == 4 else c)), "one dequantize of the largest weight"),
+        Part("dequant_workspace", dequant_workspace_bytes(n_max, c, s.device), "one dequantize of the largest weight"),
     ]  # fmt: skip
     if s.device == "cpu":
         parts += cpu_parts(shape, s, parts, resident_optim + offloaded, lora_values * lb, quantized)
@@ -196,7 +201,14 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
 
 
 #: Parts the trainer frees before it saves a checkpoint (after the optimizer step, gradients set to None).
-STEP_TRANSIENTS = ("lora_grads", "activations", "logits", "dequant_workspace")
+STEP_TRANSIENTS = ("lora_grads", "activations", "logits")  # freed before a checkpoint is saved
+
+
+def dequant_workspace_bytes(n_max: int, c: int, device: str) -> int:
+    """One dequantize of the largest weight (``n_max`` values), see the module docstring."""
+    if device == "cpu":  # the compiled decode writes into one reused (out, in) buffer in the compute dtype
+        return n_max * c
+    return n_max * (2 + 4 + 4 + (0 if c == 4 else c))
 
 
 def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total: int, lora_bytes: int,
@@ -302,7 +314,8 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
     tokens = s.batch_size * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
-    block = tokens * ((7 * d + 2 * k + 4 * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
+    mlp = 3 if s.recompute_swiglu else 4  # gate, up, their product (+ SiLU(gate) without the recompute)
+    block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
     own_copy = s.lora_dropout > 0 or lb != c
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
     adapters = sum(
