@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlorakit.lora.layer import LoraLinear
+from qlorakit.models.architectures import RMSNORMS
 from qlorakit.quant.gemv import FEW_ROWS
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.native import bind_gemv, dense_gemv_native
@@ -139,7 +140,7 @@ def _bind_norm(module: nn.Module) -> Projection:
     one kernel; any other case (16-bit input, forward hooks, another norm class) calls the module.
     """
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    plain = type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+    plain = type(module).__name__ in RMSNORMS
     if not plain or weight is None or eps is None or module._forward_hooks or module._forward_pre_hooks:
         return module
     if weight.dtype != torch.float32:

@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: MLP classes (transformers) whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``.
-SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+from qlorakit.models.architectures import SWIGLU_MLPS
+from qlorakit.train.patching import patched_forwards
+
 #: Activation classes that compute ``F.silu``.
 _SILU = ("SiLUActivation", "SiLU")
 
@@ -76,11 +77,5 @@ def swiglu_mlps(model: nn.Module) -> list[nn.Module]:
 @contextmanager
 def swiglu_recompute(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """``with swiglu_recompute(model) as n: ...``: ``n`` MLPs use ``silu_mul`` inside, their own forward after."""
-    mlps = swiglu_mlps(model) if enabled else []
-    for mlp in mlps:
-        mlp.forward = _recomputing_forward(mlp)  # an instance attribute: shadows the class's forward
-    try:
-        yield len(mlps)
-    finally:
-        for mlp in mlps:
-            del mlp.forward
+    with patched_forwards(swiglu_mlps(model) if enabled else [], _recomputing_forward) as count:
+        yield count

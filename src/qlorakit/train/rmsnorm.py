@@ -30,8 +30,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-#: Norm classes (transformers) whose forward is ``w * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype)``.
-RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+from qlorakit.models.architectures import RMSNORMS
+from qlorakit.train.patching import patched_forwards
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -81,11 +81,5 @@ def rmsnorms(model: nn.Module) -> list[nn.Module]:
 @contextmanager
 def fused_rmsnorm(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """``with fused_rmsnorm(model) as n: ...``: ``n`` norms use ``rms_norm`` inside, their own forward after."""
-    norms = rmsnorms(model) if enabled else []
-    for norm in norms:
-        norm.forward = _fused_forward(norm)  # an instance attribute: shadows the class's forward
-    try:
-        yield len(norms)
-    finally:
-        for norm in norms:
-            del norm.forward
+    with patched_forwards(rmsnorms(model) if enabled else [], _fused_forward) as count:
+        yield count
