@@ -77,9 +77,9 @@ def test_native_kernel_is_built_and_used_here():
     if load_kernel() is None:
         pytest.skip("no compiled kernel on this machine (no C compiler, not x86, or QLORAKIT_NATIVE=0)")
     q = quantize_4bit(torch.randn(24, 64))
-    y = gemv_native(torch.randn(1, 64), q, 64)
+    y = gemv_native(torch.randn(1, 64), q)
     assert y is not None and y.shape == (1, 24)
-    assert gemv_native(torch.randn(1, 63), quantize_4bit(torch.randn(24, 63)), 1) is None  # odd in: torch path
+    assert gemv_native(torch.randn(1, 63), quantize_4bit(torch.randn(24, 63))) is None  # odd in: torch path
 
 
 def test_gemv_rejects_a_wrong_feature_count():

@@ -85,20 +85,16 @@ def _bind_base(module: nn.Module) -> Projection:
             def four_bit(x: torch.Tensor) -> torch.Tensor:  # the steps of Linear4bit.forward's GEMV branch
                 if x.shape[0] > FEW_ROWS:
                     return module(x)
-                if compute is None or compute == x.dtype:  # no cast in or out (the decoding case)
-                    xc = x.contiguous()
-                    if xc.dtype == torch.float32:
-                        y = kernel(xc)  # (rows, out)
-                    elif xc.dtype == torch.bfloat16:
-                        y = kernel.bf16(xc)  # (rows, out): = kernel(xc.float()).to(bf16), casts done in C
-                    else:
-                        y = kernel(xc.float()).to(xc.dtype)
-                    return y if bias is None else y + bias.to(y.dtype)
-                xc = x.to(compute).contiguous()
-                y = kernel(xc.float()).to(xc.dtype)  # (rows, out); the kernel sums in fp32
+                xc = (x if compute is None or compute == x.dtype else x.to(compute)).contiguous()
+                if xc.dtype == torch.float32:
+                    y = kernel(xc)  # (rows, out)
+                elif xc.dtype == torch.bfloat16:
+                    y = kernel.bf16(xc)  # (rows, out): = kernel(xc.float()).to(bf16), casts done in C
+                else:
+                    y = kernel(xc.float()).to(xc.dtype)  # the kernel sums in fp32
                 if bias is not None:
                     y = y + bias.to(y.dtype)
-                return y.to(x.dtype)
+                return y if y.dtype == x.dtype else y.to(x.dtype)
 
             return four_bit
     if type(module) is nn.Linear:

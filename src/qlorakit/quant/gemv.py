@@ -80,7 +80,7 @@ def gemv_4bit(x: torch.Tensor, qweight: QuantizedTensor, use_native: bool = True
     xf = x.reshape(-1, in_f).float().contiguous()  # (rows, in)
     y = None
     if in_f % 2 == 0 and use_native:
-        y = gemv_native(xf, qweight, math.gcd(qweight.blocksize, in_f))  # (rows, out)
+        y = gemv_native(xf, qweight)  # (rows, out)
     if y is None:
         scale = block_absmax(qweight)  # (blocks,) fp32
         one_row = _gemv_pairs if in_f % 2 == 0 else _gemv_nibbles

@@ -425,13 +425,10 @@ def bind_gemv(q: QuantizedTensor) -> BoundGemv | None:
     return BoundGemv(library, q)
 
 
-def gemv_native(x: torch.Tensor, q: QuantizedTensor, segment: int) -> torch.Tensor | None:
+def gemv_native(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor | None:
     """x fp32 (rows, in) contiguous on the CPU -> y fp32 (rows, out), or ``None`` if the kernel cannot take it."""
     bound = bind_gemv(q) if x.device.type == "cpu" else None
-    if bound is None:
-        return None
-    assert segment == bound._tail[3], "the segment is gcd(blocksize, in)"
-    return bound(x)
+    return None if bound is None else bound(x)
 
 
 def dequantize_native(
