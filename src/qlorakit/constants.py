@@ -14,3 +14,10 @@ OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 #: Target tokens per chunk of the chunked head + cross-entropy (``TrainConfig.loss_chunk_tokens``).
 LOSS_CHUNK_TOKENS = 256
+
+#: transformers norm classes computing ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` with ``variance_epsilon``
+#: (``train.rmsnorm`` fuses them for training, ``generate.lean`` calls ``F.rms_norm`` for them).
+RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+
+#: transformers MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (``train.recompute``).
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlorakit.constants import RMSNORMS
 from qlorakit.lora.layer import LoraLinear
-from qlorakit.models.architectures import RMSNORMS
 from qlorakit.quant.gemv import FEW_ROWS
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.native import bind_gemv, dense_gemv_native

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlorakit.models.architectures import SWIGLU_MLPS
+from qlorakit.constants import SWIGLU_MLPS
 from qlorakit.train.patching import patched_forwards
 
 #: Activation classes that compute ``F.silu``.

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qlorakit.models.architectures import RMSNORMS
+from qlorakit.constants import RMSNORMS
 from qlorakit.train.patching import patched_forwards
 
 
