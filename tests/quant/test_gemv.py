@@ -16,7 +16,7 @@ from qlorakit.errors import QuantizationError
 from qlorakit.quant import dequantize_4bit, quantize_4bit
 from qlorakit.quant.gemv import FEW_ROWS, gemv_4bit, gemv_4bit_reference
 from qlorakit.quant.linear import Linear4bit
-from qlorakit.quant.native import gemv_native, load_kernel
+from qlorakit.quant import backends
 
 PATHS = ["native", "torch"]
 
@@ -74,12 +74,13 @@ def test_several_rows_match_the_reference(path, shape, rows):
 
 def test_native_kernel_is_built_and_used_here():
     """On this x86 machine with gcc the compiled kernel must exist (else the speed claims do not apply)."""
-    if load_kernel() is None:
+    kernels = backends.native_cpu()
+    if kernels is None:
         pytest.skip("no compiled kernel on this machine (no C compiler, not x86, or QLORAKIT_NATIVE=0)")
     q = quantize_4bit(torch.randn(24, 64))
-    y = gemv_native(torch.randn(1, 64), q)
+    y = kernels.gemv(torch.randn(1, 64), q)
     assert y is not None and y.shape == (1, 24)
-    assert gemv_native(torch.randn(1, 63), quantize_4bit(torch.randn(24, 63))) is None  # odd in: torch path
+    assert kernels.gemv(torch.randn(1, 63), quantize_4bit(torch.randn(24, 63))) is None  # odd in: torch path
 
 
 def test_gemv_rejects_a_wrong_feature_count():
@@ -118,46 +119,86 @@ def test_linear4bit_keeps_the_reference_path_for_grad_and_many_rows(monkeypatch)
 
 @pytest.mark.parametrize("shape", [(49152 // 64, 576), (37, 577), (5, 15), (4, 1)])
 def test_dense_gemv_kernel_matches_linear(shape):
-    from qlorakit.quant.native import dense_gemv_native
-
-    if load_kernel() is None:
+    kernels = backends.native_cpu()
+    if kernels is None:
         pytest.skip("no compiled kernel on this machine")
     torch.manual_seed(0)
     weight, x = torch.randn(*shape), torch.randn(shape[1])
-    got = dense_gemv_native(x, weight)
+    got = kernels.dense_gemv(x, weight)
     want = (weight.double() @ x.double()).float()
     bound = 1e-6 * shape[1] ** 0.5 * float(x.abs().max() * weight.abs().max())  # fp32 summation, any order
     assert got.shape == (shape[0],) and float((got - want).abs().max()) <= bound
-    assert dense_gemv_native(x.double(), weight.double()) is None  # fp32 only
+    assert kernels.dense_gemv(x.double(), weight.double()) is None  # fp32 only
 
 
 def test_dequantize_kernel_is_used_and_bit_identical():
     from qlorakit.quant.functional import dequantize_4bit_reference
-    from qlorakit.quant.native import dequantize_native
 
-    if load_kernel() is None:
+    kernels = backends.native_cpu()
+    if kernels is None:
         pytest.skip("no compiled kernel on this machine")
     for shape, blocksize in [((96, 576), 64), ((777,), 32), ((3, 5, 7), 128), ((4096 + 33,), 4096)]:
         q = quantize_4bit(torch.randn(*shape) * 3, "nf4", blocksize, True)
-        assert torch.equal(dequantize_native(q).view(shape), dequantize_4bit_reference(q))
-        bf16 = dequantize_native(q, torch.bfloat16).view(shape)  # rounded in the kernel
+        assert torch.equal(kernels.dequantize(q).view(shape), dequantize_4bit_reference(q))
+        bf16 = kernels.dequantize(q, torch.bfloat16).view(shape)  # rounded in the kernel
         assert torch.equal(bf16, dequantize_4bit_reference(q, torch.bfloat16))
-    assert dequantize_native(q, torch.float16) is None  # the caller casts the fp32 decode
+    assert kernels.dequantize(q, torch.float16) is None  # the caller casts the fp32 decode
 
 
 def test_bf16_kernels_round_like_torch():
-    from qlorakit.quant.native import bind_gemv, dense_gemv_native
-
-    if load_kernel() is None:
+    kernels = backends.native_cpu()
+    if kernels is None:
         pytest.skip("no compiled kernel on this machine")
     torch.manual_seed(1)
     q = quantize_4bit(torch.randn(100, 192), "nf4", 64, True)
     x = torch.randn(3, 192).bfloat16()
-    bound = bind_gemv(q)
+    bound = kernels.bind_gemv(q)
     assert torch.equal(bound.bf16(x), bound(x.float()).to(torch.bfloat16))  # same sums, same rounding
     weight, row = torch.randn(203, 577).bfloat16(), torch.randn(577).bfloat16()
-    got, want = dense_gemv_native(row, weight), torch.nn.functional.linear(row, weight)
+    got, want = kernels.dense_gemv(row, weight), torch.nn.functional.linear(row, weight)
     assert got.dtype == torch.bfloat16
     exact = (weight.double() @ row.double()).float()
     ulp = exact.abs() * 2.0**-7 + 1e-6  # within one bf16 rounding step of the exact product (as F.linear is)
     assert bool(((got.float() - exact).abs() <= ulp).all()) and bool(((want.float() - exact).abs() <= ulp).all())
+
+
+
+
+@pytest.fixture
+def reload_kernels():
+    """``backends.native_cpu()`` loads anew after ``cpu_native.load.cache_clear()`` and after the test."""
+    from qlorakit.quant.backends import cpu_native
+
+    yield cpu_native.load.cache_clear
+    cpu_native.load.cache_clear()  # later tests load the real kernels again
+
+
+def test_without_a_compiler_the_torch_path_gives_the_same_results(monkeypatch, tmp_path, reload_kernels):
+    from qlorakit.quant.backends import cpu_build
+    from qlorakit.quant.functional import dequantize_4bit_reference
+
+    q = quantize_4bit(torch.randn(40, 192), "nf4", 64, True)
+    x = torch.randn(3, 192)
+    layer = Linear4bit.from_linear(torch.nn.Linear(192, 24))
+    kernels = backends.native_cpu()
+    with torch.no_grad():
+        compiled = (dequantize_4bit(q), gemv_4bit(x, q), layer(x[:1]))  # the kernels where they build
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # an empty cache: the library must be built
+    monkeypatch.setattr(cpu_build, "find_compiler", lambda: None)  # and no compiler is found
+    reload_kernels()
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert backends.native_cpu() is None
+    with torch.no_grad():
+        fallback = (dequantize_4bit(q), gemv_4bit(x, q), layer(x[:1]))
+    assert torch.equal(fallback[0], dequantize_4bit_reference(q))
+    assert torch.equal(fallback[1], gemv_4bit(x, q, use_native=False))
+    if kernels is not None:  # kernel and torch path: the decode bit for bit, the sums to fp32 rounding
+        assert torch.equal(fallback[0], compiled[0])
+        torch.testing.assert_close(fallback[1], compiled[1], rtol=0, atol=2 * _tolerance(x, q))
+        torch.testing.assert_close(fallback[2], compiled[2], rtol=0, atol=2 * _tolerance(x[:1], layer.qweight))
+
+
+def test_qlorakit_native_0_turns_the_kernels_off(monkeypatch, reload_kernels):
+    monkeypatch.setenv("QLORAKIT_NATIVE", "0")
+    reload_kernels()
+    assert backends.native_cpu() is None

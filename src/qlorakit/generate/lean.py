@@ -18,7 +18,7 @@ hidden state ``h (1, t, d)``:
 
 with ``rope(x) = x cos + rotate_half(x) sin`` (cos/sin from the model's own rotary module, so every
 RoPE scaling variant it implements carries over). Each projection is bound once (``_bind``): a
-``Linear4bit`` with the compiled kernel (``quant.native``) calls it with pre-marshalled arguments for
+``Linear4bit`` with the compiled kernel (``quant.backends``) calls it with pre-marshalled arguments for
 up to ``FEW_ROWS`` rows, an fp32 ``nn.Linear`` head of one row takes the compiled dense GEMV, anything
 else (more rows, no kernel, 16-bit bases) calls the module; a ``LoraLinear`` adds its active adapter's
 ``scale * B A x`` exactly as its forward does (the active adapter is read at every call, so switching
@@ -41,9 +41,9 @@ from torch import nn
 
 from qlorakit.constants import RMSNORMS
 from qlorakit.lora.layer import LoraLinear
+from qlorakit.quant import backends
 from qlorakit.quant.gemv import FEW_ROWS
 from qlorakit.quant.linear import Linear4bit
-from qlorakit.quant.native import bind_gemv, dense_gemv_native
 
 #: ``config.model_type`` values whose decoder layers have exactly the structure above.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -77,8 +77,9 @@ def unsupported_reason(model: Any, max_len: int) -> str | None:
 
 def _bind_base(module: nn.Module) -> Projection:
     """The fastest exact call of a base linear (``Linear4bit`` or ``nn.Linear``) on ``(rows, in)``."""
-    if isinstance(module, Linear4bit) and module.use_gemv:
-        kernel = bind_gemv(module.qweight)
+    kernels = backends.native_cpu()  # the compiled CPU kernels, or None
+    if isinstance(module, Linear4bit) and module.use_gemv and kernels is not None:
+        kernel = kernels.bind_gemv(module.qweight)
         if kernel is not None:
             bias, compute = module.bias, module.compute_dtype
 
@@ -101,8 +102,8 @@ def _bind_base(module: nn.Module) -> Projection:
         weight, bias = module.weight, module.bias
 
         def dense(x: torch.Tensor) -> torch.Tensor:  # one fp32/bf16 row: the compiled dense GEMV
-            if x.shape[0] == 1 and bias is None:
-                y = dense_gemv_native(x[0].contiguous(), weight)  # (out,) or None
+            if x.shape[0] == 1 and bias is None and kernels is not None:
+                y = kernels.dense_gemv(x[0].contiguous(), weight)  # (out,) or None
                 if y is not None:
                     return y.unsqueeze(0)
             return F.linear(x, weight, bias)

@@ -29,8 +29,8 @@ from functools import cache
 import torch
 
 from qlorakit.errors import QuantizationError
+from qlorakit.quant import backends
 from qlorakit.quant.codebooks import code_table, dynamic_table, midpoints
-from qlorakit.quant.native import dequantize_native
 from qlorakit.quant.tensor import (
     NESTED_BLOCKSIZE,
     NestedState,
@@ -180,17 +180,18 @@ def dequantize_4bit(
     byte indexes a 256-entry table whose int64 entries hold the fp32 pair it decodes to, so one gather
     yields two values; viewing the gathered int64 as fp32 puts the high nibble's value first (little-endian
     byte order, as on x86 and ARM). The stream is padded to whole blocks (the block size is even, so a
-    byte never straddles two blocks) and sliced back afterwards. On a CPU where ``quant.native``'s
-    compiled kernel is available it does the same lookups and multiplies in AVX-512 registers instead
-    (also bit-identical; ``use_native=False`` or ``QLORAKIT_NATIVE=0`` keeps the torch gather).
+    byte never straddles two blocks) and sliced back afterwards. On a CPU where the compiled kernel
+    (``backends.native_cpu()``) is available it does the same lookups and multiplies in AVX-512 registers
+    instead (also bit-identical; ``use_native=False`` or ``QLORAKIT_NATIVE=0`` keeps the torch gather).
     ``out``: a contiguous tensor of ``q.shape`` in the target dtype to write the result into (and return);
     the compiled kernel writes it directly, the torch path copies into it.
     """
     target = dtype or q.dtype
-    if use_native:
+    kernels = backends.native_cpu() if use_native else None
+    if kernels is not None:
         kernel_dtype = target if target == torch.bfloat16 else torch.float32
         direct = out if out is not None and target == kernel_dtype else None
-        native = dequantize_native(q, kernel_dtype, out=direct)  # (n,) or None
+        native = kernels.dequantize(q, kernel_dtype, out=direct)  # (n,) or None
         if native is not None:
             result = native.view(q.shape).to(target)
             return result if out is None or direct is not None else out.copy_(result)

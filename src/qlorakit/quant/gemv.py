@@ -19,8 +19,9 @@ block and one row), each segment sum is scaled by its block's ``s_b``, and the s
 added up. An odd ``in`` (a byte can straddle two rows) uses the same scheme per nibble with a
 ``in x 16`` table.
 
-On x86 CPUs with a C compiler a compiled kernel (``quant.native``) does these sums with AVX-512 table
-lookups; the torch code here is its portable fallback, and both are tested against the reference.
+On x86 CPUs with a C compiler a compiled kernel (``backends.native_cpu()``, the C source in ``quant/csrc``)
+does these sums with AVX-512 table lookups; the torch code here is its portable fallback, and both are
+tested against the reference.
 
 The arithmetic is fp32 whatever the input dtype; the result is cast back to the input's dtype. The
 summation order differs from ``x @ dequantize(W).T`` (``gemv_4bit_reference``), so the two agree to
@@ -35,13 +36,13 @@ from functools import cache
 import torch
 
 from qlorakit.errors import QuantizationError
+from qlorakit.quant import backends
 from qlorakit.quant.functional import block_absmax, dequantize_4bit
-from qlorakit.quant.native import gemv_native
 from qlorakit.quant.tensor import QuantizedTensor
 
 #: Most input rows ``Linear4bit`` sends here instead of dequantize + matmul. Since the compiled dequantize
-#: (``quant.native``) made the reference path cheaper, the kernel's break-even on SmolLM2's shapes is about
-#: 16 rows (``benchmarks/gemv_speed.py``, 2026-11-23: kernel / reference 0.85-1.22 at 16 rows, 0.95-1.47 at 32).
+#: (``backends.native_cpu()``) made the reference path cheaper, the kernel's break-even on SmolLM2's shapes is
+#: about 16 rows (``benchmarks/gemv_speed.py``, 2026-11-23: kernel / reference 0.85-1.22 at 16 rows, 0.95-1.47 at 32).
 FEW_ROWS = 16
 
 #: Bytes of int32 index (and of gathered fp32 values) per row tile (1 MiB: 256 KiB and 4 MiB measured no faster).
@@ -72,15 +73,14 @@ def gemv_4bit(x: torch.Tensor, qweight: QuantizedTensor, use_native: bool = True
     """``x @ dequant(qweight).T`` without building the weight: x (..., in) -> (..., out).
 
     Meant for one row (batch-1 decoding) or a few (a short prefill; ``Linear4bit`` sends at most
-    ``FEW_ROWS``): every row costs a pass over the packed weight. The compiled kernel (``quant.native``)
-    runs when it is available and ``in`` is even; otherwise, or with ``use_native=False``, the pure-torch
-    lookup below does the same sums, row by row.
+    ``FEW_ROWS``): every row costs a pass over the packed weight. The compiled kernel
+    (``backends.native_cpu()``) runs when it is available and ``in`` is even; otherwise, or with
+    ``use_native=False``, the pure-torch lookup below does the same sums, row by row.
     """
     out_f, in_f = _check(x, qweight)
     xf = x.reshape(-1, in_f).float().contiguous()  # (rows, in)
-    y = None
-    if in_f % 2 == 0 and use_native:
-        y = gemv_native(xf, qweight)  # (rows, out)
+    kernels = backends.native_cpu() if use_native and in_f % 2 == 0 and xf.device.type == "cpu" else None
+    y = None if kernels is None else kernels.gemv(xf, qweight)  # (rows, out)
     if y is None:
         scale = block_absmax(qweight)  # (blocks,) fp32
         one_row = _gemv_pairs if in_f % 2 == 0 else _gemv_nibbles

@@ -1,13 +1,17 @@
 """Accelerated backends of the 4-bit matmul; the reference path is ``qlorakit.quant.functional`` itself.
 
-One backend exists: Triton kernels for CUDA tensors (``triton_ops``: dequantize, fused dequantize-matmul
-for ``y = x W^T`` and ``dx = dy W``, batch-1 GEMV). Triton is an optional extra (``pip install
-'qlorakit[gpu]'``); nothing imports it until ``select`` is asked for a CUDA device, so the package and its
-CPU path work without it.
+The one dispatch point for compiled kernels; two backends exist:
 
-``select(device)`` returns the backend module for ``device`` or ``None`` (then callers use the pure-torch
-path): ``None`` for every non-CUDA device, when Triton does not import, or when the environment variable
-``QLORAKIT_DISABLE_TRITON=1`` asks for the reference path (benchmarks use it to compare both in one run).
+- ``select(device)``: Triton kernels for CUDA tensors (``triton_ops``: dequantize, fused
+  dequantize-matmul for ``y = x W^T`` and ``dx = dy W``, batch-1 GEMV). It returns the backend module or
+  ``None`` (then callers use the pure-torch path): ``None`` for every non-CUDA device, when Triton does not
+  import, or when ``QLORAKIT_DISABLE_TRITON=1`` asks for the reference path (benchmarks use it to compare
+  both in one run). Triton is an optional extra (``pip install 'qlorakit[gpu]'``); nothing imports it until
+  ``select`` is asked for a CUDA device, so the package and its CPU path work without it.
+- ``native_cpu()``: the C kernels of ``quant/csrc`` for CPU tensors (``cpu_native``: batch-1 4-bit GEMV,
+  4-bit dequantize, dense GEMV), built with the system C compiler on first use (``cpu_build``). It returns
+  the loaded ``CpuKernels`` or ``None`` (then callers use the pure-torch path: same results, slower):
+  ``None`` when ``QLORAKIT_NATIVE=0``, off x86-64, or when no C compiler is found or the build fails.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from functools import cache
 from types import ModuleType
 
 import torch
+
+from qlorakit.quant.backends import cpu_native
 
 #: Set to "1" to keep CUDA tensors on the pure-torch path.
 DISABLE_ENV = "QLORAKIT_DISABLE_TRITON"
@@ -55,6 +61,11 @@ def select(device: torch.device | str) -> ModuleType | None:
         _warn_once(problem)
         return None
     return importlib.import_module("qlorakit.quant.backends.triton_ops")
+
+
+def native_cpu() -> cpu_native.CpuKernels | None:
+    """The compiled CPU kernels (built on first use), or None for the pure-torch path."""
+    return cpu_native.load()
 
 
 @cache
