@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from qlorakit.errors import QuantizationError
-from qlorakit.quant import dequantize_4bit, quantize_4bit
+from qlorakit.quant import backends, dequantize_4bit, quantize_4bit
 from qlorakit.quant.gemv import FEW_ROWS, gemv_4bit, gemv_4bit_reference
 from qlorakit.quant.linear import Linear4bit
-from qlorakit.quant import backends
 
 PATHS = ["native", "torch"]
 

@@ -47,7 +47,7 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC")
 NATIVE_ENV = "QLORAKIT_NATIVE"
 
 #: A pointer argument: the C side takes a typed pointer, Python passes ``tensor.data_ptr()`` or ``None``.
-POINTER = ctypes.c_void_p
+DATA_PTR = ctypes.c_void_p
 
 #: ctypes type of each C scalar type the kernels use (``void`` only as a return type).
 _SCALARS = {"void": None, "float": ctypes.c_float, "int64_t": ctypes.c_int64, "int": ctypes.c_int}
@@ -77,7 +77,7 @@ def _ctype(c_type: str) -> Any:
     """The ctypes type that passes a C ``c_type`` (``"const float*"``, ``"int64_t"``, ``"void"``)."""
     c_type = " ".join(c_type.split())
     if "*" in c_type:
-        return POINTER
+        return DATA_PTR
     if c_type not in _SCALARS:
         raise RuntimeError(f"C type {c_type!r} has no ctypes mapping; add it to cpu_build._SCALARS")
     return _SCALARS[c_type]

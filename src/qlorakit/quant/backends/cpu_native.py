@@ -33,18 +33,18 @@ from typing import Any
 
 import torch
 
-from qlorakit.quant.backends.cpu_build import POINTER, Prototype, load_library
+from qlorakit.quant.backends.cpu_build import DATA_PTR, Prototype, load_library
 from qlorakit.quant.tensor import QuantizedTensor
 
 _I64 = ctypes.c_int64
 #: The block-scale arguments every 4-bit kernel takes (``_scale_args`` fills them).
-_SCALE = (("absmax", POINTER), ("qabsmax", POINTER), ("nested_absmax", POINTER), ("nested_code", POINTER),
+_SCALE = (("absmax", DATA_PTR), ("qabsmax", DATA_PTR), ("nested_absmax", DATA_PTR), ("nested_code", DATA_PTR),
           ("offset", ctypes.c_float), ("nested_bs", _I64))
-_GEMV4BIT = (("x", POINTER), ("packed", POINTER), *_SCALE, ("code", POINTER), ("y", POINTER),
+_GEMV4BIT = (("x", DATA_PTR), ("packed", DATA_PTR), *_SCALE, ("code", DATA_PTR), ("y", DATA_PTR),
              ("out", _I64), ("in", _I64), ("blocksize", _I64), ("seg", _I64), ("rows", _I64))
-_DEQUANT4BIT = (("packed", POINTER), *_SCALE, ("code", POINTER), ("out", POINTER), ("n", _I64),
+_DEQUANT4BIT = (("packed", DATA_PTR), *_SCALE, ("code", DATA_PTR), ("out", DATA_PTR), ("n", _I64),
                 ("blocksize", _I64))
-_DENSE = (("x", POINTER), ("w", POINTER), ("y", POINTER), ("out", _I64), ("in", _I64))
+_DENSE = (("x", DATA_PTR), ("w", DATA_PTR), ("y", DATA_PTR), ("out", _I64), ("in", _I64))
 
 #: Every function the C sources export, its arguments by name (checked against the sources at load).
 PROTOTYPES = (
