@@ -204,6 +204,12 @@ class TrainConfig:
                                  "(less activation memory, bit-identical values)")
     fuse_rmsnorm: bool = opt(True, "fp32 RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
                              "rounding)")
+    fuse_up_projection: bool = opt(True, "LoRA layers add scale * u B^T to the base output with one addmm "
+                                   "(LoraLinear.fuse_up_projection; fewer full-size temporaries)")
+    reuse_dequant_buffer: bool = opt(True, "the CPU 4-bit matmul dequantizes into one reused buffer "
+                                     "(Linear4bit.reuse_dequant_buffer) instead of a new tensor per layer")
+    use_gemv: bool = opt(True, "4-bit layers given at most 16 rows without grad skip building the weight "
+                         "(Linear4bit.use_gemv; evaluation)")
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
     seed: int = opt(42, "seed of initialization and dropout")
@@ -263,7 +269,8 @@ class TrainConfig:
             _fail("TrainConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps), "betas in [0, 1), eps > 0")
         if self.compute_dtype not in ("auto",) + COMPUTE_DTYPES:
             _fail("TrainConfig", "compute_dtype", self.compute_dtype, f"choose auto or one of {COMPUTE_DTYPES}")
-        for name in ("fuse_lora", "recompute_swiglu", "fuse_rmsnorm"):
+        for name in ("fuse_lora", "recompute_swiglu", "fuse_rmsnorm", "fuse_up_projection", "reuse_dequant_buffer",
+                     "use_gemv"):
             if not isinstance(getattr(self, name), bool):
                 _fail("TrainConfig", name, getattr(self, name), "must be true or false")
 

@@ -78,11 +78,11 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
-    from qlorakit.train.allocator import fix_mmap_threshold
+    from qlorakit.train.rewrites import fix_allocator
 
     # Before anything large is allocated: set after the model has loaded, the same threshold left the
-    # training peak bimodal (docs/memory.md); train() sets it again (idempotent).
-    fix_mmap_threshold(cfg.train.malloc_mmap_threshold_kib)
+    # training peak bimodal (docs/memory.md); train()'s rewrite table sets it again (idempotent).
+    fix_allocator(cfg)
     from qlorakit.data import build_datasets, collate_fn, default_sample_path
     from qlorakit.eval.during_training import build_training_evaluator
     from qlorakit.models import load_model, load_tokenizer

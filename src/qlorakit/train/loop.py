@@ -28,15 +28,12 @@ from qlorakit.config import RunConfig
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.errors import ConfigError
-from qlorakit.hardware import flush_denormals, peak_rss_mb
-from qlorakit.lora.fused import shared_input_fusion
+from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
-from qlorakit.train.allocator import fix_mmap_threshold
+from qlorakit.train import rewrites
 from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog
-from qlorakit.train.recompute import swiglu_recompute
-from qlorakit.train.rmsnorm import fused_rmsnorm
 
 
 @dataclass
@@ -146,22 +143,17 @@ def train(
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
     logged with the step at each evaluation after a step.
     """
-    t = cfg.train
-    with (flush_denormals(), shared_input_fusion(model, t.fuse_lora), swiglu_recompute(model, t.recompute_swiglu),
-          fused_rmsnorm(model, t.fuse_rmsnorm)):
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with rewrites.apply(model, cfg) as applied:  # every model/process rewrite, listed and logged (train.rewrites)
+        applied.report(Path(run_dir))
         return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps, evaluator)
 
 
 def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progress, stop_after_steps, evaluator) -> TrainResult:
     t = cfg.train
-    fix_mmap_threshold(t.malloc_mmap_threshold_kib)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
     device = next(p for p in model.parameters()).device
     stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], t.batch_size, cfg.data.seed, cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
-    if t.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
     if resume_from is None:
         torch.manual_seed(t.seed)
