@@ -40,7 +40,7 @@ def test_every_row_names_its_flag_and_lifetime():
 def test_apply_rewrites_the_model_and_exit_restores_it(smol_tokenizer, tmp_path):
     cfg = run_config(tmp_path / "data.jsonl", tmp_path / "run", gradient_checkpointing=True)
     cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, dropout=0.0),
-                              train=dataclasses.replace(cfg.train, use_gemv=False))
+                              memory=dataclasses.replace(cfg.memory, use_gemv=False))
     model = tiny_qlora_model(len(smol_tokenizer), cfg.lora)
     for m in model.modules():
         if isinstance(m, Linear4bit):

@@ -122,10 +122,10 @@ def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
-    t = cfg.train
-    budget = t.optim_budget * 2**20 if t.optim_budget else None
-    return make_optimizer(t.optim, params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                          weight_decay=t.weight_decay, budget_bytes=budget)
+    o = cfg.optim
+    budget = o.optim_budget * 2**20 if o.optim_budget else None
+    return make_optimizer(o.optim, params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                          weight_decay=o.weight_decay, budget_bytes=budget)
 
 
 @dataclass
@@ -214,7 +214,7 @@ def step(run: Run, bar: tqdm) -> None:
     # forward/backward: each micro-batch backpropagates its share of the step's token-mean loss
     loss, step_tokens = _forward_backward(run, batches)
     # clip: the global gradient norm to max_grad_norm (its value is logged either way)
-    grad_norm = _clip(run.optimizer, run.cfg.train.max_grad_norm)
+    grad_norm = _clip(run.optimizer, run.cfg.optim.max_grad_norm)
     # optimizer step: update the adapters, drop the gradients, count the step
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -227,7 +227,7 @@ def step(run: Run, bar: tqdm) -> None:
 
 
 def _set_lr(run: Run) -> None:
-    o, s = run.cfg.train, run.state
+    o, s = run.cfg.optim, run.state
     for group in run.optimizer.param_groups:
         group["lr"] = lr_at(s.step, s.total_steps, o.lr, o.scheduler, o.warmup_ratio)
 
@@ -247,7 +247,7 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple
     total, tokens = 0.0, 0
     for batch in batches:
         batch = _to(batch, run.device)
-        loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.train.loss_chunk_tokens)
+        loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
         (loss_sum / n_target).backward()
         total += float(loss_sum.detach()) / n_target
         tokens += int(batch["attention_mask"].sum())
@@ -287,8 +287,8 @@ def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, to
 
 
 def _maybe_eval_and_save(run: Run) -> None:
-    t, state = run.cfg.train, run.state
-    evaluate_now = (t.eval_steps and state.step % t.eval_steps == 0) or state.step == state.total_steps
+    t, every, state = run.cfg.train, run.cfg.eval.eval_steps, run.state
+    evaluate_now = (every and state.step % every == 0) or state.step == state.total_steps
     if run.val_set and evaluate_now:
         _eval_and_log(run)
     if run.evaluator is not None and evaluate_now:

@@ -63,7 +63,7 @@ class Rewrite:
 
 def fix_allocator(cfg: RunConfig) -> bool:
     """The one entry point to glibc's mmap threshold: the CLI calls it before the model loads, ``apply`` again."""
-    return allocator.fix_mmap_threshold(cfg.train.malloc_mmap_threshold_kib)
+    return allocator.fix_mmap_threshold(cfg.memory.malloc_mmap_threshold_kib)
 
 
 @contextmanager
@@ -74,26 +74,26 @@ def _denormals(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
 
 @contextmanager
 def _allocator(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
-    kib = cfg.train.malloc_mmap_threshold_kib
+    kib = cfg.memory.malloc_mmap_threshold_kib
     took = fix_allocator(cfg)
     yield f"{kib} KiB" if took else ("glibc's dynamic threshold" if kib == 0 else "not glibc: unchanged")
 
 
 @contextmanager
 def _fusion(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
-    with shared_input_fusion(model, cfg.train.fuse_lora) as groups:
+    with shared_input_fusion(model, cfg.memory.fuse_lora) as groups:
         yield f"{len(groups)} groups"
 
 
 @contextmanager
 def _swiglu(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
-    with swiglu_recompute(model, cfg.train.recompute_swiglu) as count:
+    with swiglu_recompute(model, cfg.memory.recompute_swiglu) as count:
         yield f"{count} MLPs"
 
 
 @contextmanager
 def _rmsnorm(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
-    with fused_rmsnorm(model, cfg.train.fuse_rmsnorm) as count:
+    with fused_rmsnorm(model, cfg.memory.fuse_rmsnorm) as count:
         yield f"{count} norms"
 
 
@@ -137,7 +137,7 @@ def _checkpointing(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
     if _is_checkpointing(model):
         yield "on (already; left on)"
         return
-    if not cfg.train.gradient_checkpointing:
+    if not cfg.memory.gradient_checkpointing:
         yield "off"
         return
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -161,22 +161,22 @@ def _no_kv_cache(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
 REWRITES: tuple[Rewrite, ...] = (
     Rewrite("flush_denormals", None, "fp32 denormals flushed to zero (x86 FTZ/DAZ): 5x faster CPU steps", UNDONE,
             _denormals),
-    Rewrite("malloc_mmap_threshold", "train.malloc_mmap_threshold_kib",
+    Rewrite("malloc_mmap_threshold", "memory.malloc_mmap_threshold_kib",
             "glibc returns freed blocks of this size or more to the OS (lower peak RSS)", PROCESS, _allocator),
-    Rewrite("shared_input_fusion", "train.fuse_lora",
+    Rewrite("shared_input_fusion", "memory.fuse_lora",
             "q/k/v and gate/up share one LoRA A product (lora_A ModuleDict entries swapped)", UNDONE, _fusion),
-    Rewrite("swiglu_recompute", "train.recompute_swiglu",
+    Rewrite("swiglu_recompute", "memory.recompute_swiglu",
             "SwiGLU MLP forward keeps gate/up, recomputes silu(gate) in backward", UNDONE, _swiglu),
-    Rewrite("fused_rmsnorm", "train.fuse_rmsnorm", "fp32 RMSNorm forward as one autograd function", UNDONE,
+    Rewrite("fused_rmsnorm", "memory.fuse_rmsnorm", "fp32 RMSNorm forward as one autograd function", UNDONE,
             _rmsnorm),
-    Rewrite("fuse_up_projection", "train.fuse_up_projection", "LoraLinear adds scale * u B^T with one addmm",
-            UNDONE, _switch(LoraLinear, "fuse_up_projection", "train.fuse_up_projection")),
-    Rewrite("reuse_dequant_buffer", "train.reuse_dequant_buffer",
+    Rewrite("fuse_up_projection", "memory.fuse_up_projection", "LoraLinear adds scale * u B^T with one addmm",
+            UNDONE, _switch(LoraLinear, "fuse_up_projection", "memory.fuse_up_projection")),
+    Rewrite("reuse_dequant_buffer", "memory.reuse_dequant_buffer",
             "Linear4bit's CPU matmul dequantizes into one reused buffer", UNDONE,
-            _switch(Linear4bit, "reuse_dequant_buffer", "train.reuse_dequant_buffer")),
-    Rewrite("use_gemv", "train.use_gemv", "Linear4bit runs few-row no-grad inputs through gemv_4bit", UNDONE,
-            _switch(Linear4bit, "use_gemv", "train.use_gemv")),
-    Rewrite("gradient_checkpointing", "train.gradient_checkpointing",
+            _switch(Linear4bit, "reuse_dequant_buffer", "memory.reuse_dequant_buffer")),
+    Rewrite("use_gemv", "memory.use_gemv", "Linear4bit runs few-row no-grad inputs through gemv_4bit", UNDONE,
+            _switch(Linear4bit, "use_gemv", "memory.use_gemv")),
+    Rewrite("gradient_checkpointing", "memory.gradient_checkpointing",
             "decoder layers recompute their activations in backward", UNDONE, _checkpointing),
     Rewrite("no_kv_cache", None, "model.config.use_cache = False (no KV cache while training)", UNDONE,
             _no_kv_cache),
