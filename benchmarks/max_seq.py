@@ -48,6 +48,8 @@ def probe_ours(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     from qlorakit.config import (
         DataConfig,
         LoraConfig,
+        MemoryConfig,
+        OptimConfig,
         QuantConfig,
         RunConfig,
         TrainConfig,
@@ -59,8 +61,9 @@ def probe_ours(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     lora = LoraConfig(r=tt.RANK, alpha=tt.ALPHA, dropout=0.0, targets=tt.TARGETS)
     model = load_model(model_dir, quant=QuantConfig(), lora=lora, compute_dtype=getattr(torch, args.dtype))
     cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=tt.SEED), train=TrainConfig(
-        max_steps=1, batch_size=1, grad_accum=1, lr=tt.LR, warmup_ratio=0.0, max_grad_norm=tt.CLIP, optim="adamw",
-        gradient_checkpointing=True, compute_dtype=args.dtype, seed=tt.SEED))  # fmt: skip
+        max_steps=1, batch_size=1, grad_accum=1, compute_dtype=args.dtype, seed=tt.SEED),
+        optim=OptimConfig(lr=tt.LR, warmup_ratio=0.0, max_grad_norm=tt.CLIP, optim="adamw"),
+        memory=MemoryConfig(gradient_checkpointing=True))  # fmt: skip
     example = _example(args.probe_len, model.config.vocab_size)
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(model, [example], [], partial(collate, pad_id=0), cfg, Path(run_dir), progress=False)

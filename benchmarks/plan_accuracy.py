@@ -41,16 +41,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlorakit.config import TrainConfig
+from qlorakit.config import MemoryConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_OUTPUT = REPO / "benchmarks/results/plan_accuracy.json"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-plan-accuracy"
 SEED = 42
-#: Measurement conditions: name -> ``TrainConfig.malloc_mmap_threshold_kib`` of the measured run (the
+#: Measurement conditions: name -> ``MemoryConfig.malloc_mmap_threshold_kib`` of the measured run (the
 #: default is the trainer's own; ``qlorakit.config`` imports no torch, so the driver stays torch-free).
-CONDITIONS = {"default": TrainConfig().malloc_mmap_threshold_kib, "dynamic_threshold": 0}
+CONDITIONS = {"default": MemoryConfig().malloc_mmap_threshold_kib, "dynamic_threshold": 0}
 #: name -> LlamaConfig fields of the random-weight shapes.
 RANDOM_SHAPES = {
     "llama-350m": {"hidden_size": 1024, "num_hidden_layers": 24, "intermediate_size": 2816,
@@ -105,7 +105,7 @@ def run_case(args: argparse.Namespace, on_loaded: Any = None) -> dict[str, Any]:
     fix_mmap_threshold(args.mmap_threshold_kib)  # before torch and the model, as ``qlorakit train`` does
     import torch
 
-    from qlorakit.config import LoraConfig, QuantConfig, RunConfig, TrainConfig
+    from qlorakit.config import LoraConfig, MemoryConfig, OptimConfig, QuantConfig, RunConfig, TrainConfig
     from qlorakit.data import collate
     from qlorakit.hardware import current_rss_mb, peak_rss_mb
     from qlorakit.models import load_model
@@ -126,8 +126,9 @@ def run_case(args: argparse.Namespace, on_loaded: Any = None) -> dict[str, Any]:
     n = args.batch * args.steps
     examples = [{"input_ids": torch.randint(0, vocab, (args.seq,), generator=gen).tolist()} for _ in range(n)]
     cfg = RunConfig(model=args.model, lora=lora, train=TrainConfig(
-        max_steps=args.steps, batch_size=args.batch, grad_accum=1, optim=args.optim, gradient_checkpointing=True,
-        compute_dtype="float32", seed=SEED, warmup_ratio=0.0, malloc_mmap_threshold_kib=args.mmap_threshold_kib))
+        max_steps=args.steps, batch_size=args.batch, grad_accum=1, compute_dtype="float32", seed=SEED),
+        optim=OptimConfig(optim=args.optim, warmup_ratio=0.0),
+        memory=MemoryConfig(gradient_checkpointing=True, malloc_mmap_threshold_kib=args.mmap_threshold_kib))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, examples, [], partial(collate, pad_id=0), cfg, Path(run_dir), progress=False)

@@ -154,6 +154,8 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
     from qlorakit.config import (
         DataConfig,
         LoraConfig,
+        MemoryConfig,
+        OptimConfig,
         QuantConfig,
         RunConfig,
         TrainConfig,
@@ -173,9 +175,9 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
     tuning = {"loss_chunk_tokens": args.ours_loss_chunk, "malloc_mmap_threshold_kib": args.ours_mmap_kib}
     tuning = {k: v for k, v in tuning.items() if v is not None} | {"gradient_checkpointing": args.ours_checkpointing == "on"}
     cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=SEED, group_by_length=True), train=TrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=LR, scheduler="constant",
-        warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw", seed=SEED, compute_dtype=args.dtype, logging_steps=1,
-        **tuning))  # fmt: skip
+        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=SEED, compute_dtype=args.dtype,
+        logging_steps=1), optim=OptimConfig(lr=LR, scheduler="constant", warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw"),
+        memory=MemoryConfig(**tuning))  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, data["examples"], [], partial(collate, pad_id=data["pad_id"]), cfg, Path(run_dir), progress=False)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -400,9 +402,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ours-checkpointing", choices=("on", "off"), default="on",
                    help="qlorakit's gradient checkpointing (the peer's is always on, the standard QLoRA recipe)")
     p.add_argument("--ours-loss-chunk", type=int, default=None,
-                   help="qlorakit's TrainConfig.loss_chunk_tokens (0 = full logits, as the peer; default: TrainConfig's)")
+                   help="qlorakit's MemoryConfig.loss_chunk_tokens (0 = full logits, as the peer; default: MemoryConfig's)")
     p.add_argument("--ours-mmap-kib", type=int, default=None,
-                   help="qlorakit's TrainConfig.malloc_mmap_threshold_kib (0 = glibc's default, as the peer; default: TrainConfig's)")
+                   help="qlorakit's MemoryConfig.malloc_mmap_threshold_kib (0 = glibc's default, as the peer; default: MemoryConfig's)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of the converted model and data")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)

@@ -1,29 +1,36 @@
 """Typed, validated configuration dataclasses: the single home of every default.
 
-Each config validates itself on construction and names the offending field; ``from_dict`` builds one
-from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. Defaults follow the QLoRA paper's
-released training script (see DESIGN.md, "Training defaults").
+A run's config (``RunConfig``) has one section per concern: ``quant`` (the 4-bit base), ``lora`` (the
+adapters), ``data``, ``train`` (the loop: steps, batch, seed, saving, logging, compute dtype), ``optim``
+(optimizer and schedule), ``memory`` (memory and speed choices inside a step) and ``eval`` (evaluation
+during training). Each section validates itself on construction and names the offending field;
+``from_dict`` builds one from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. A file written
+before the sections existed (optimizer, memory and evaluation keys under ``train:``) still loads:
+``upgrade_layout`` moves each such key to its section with one deprecation message. Defaults follow the
+QLoRA paper's released training script (see DESIGN.md, "Training defaults"); allowed values live in
+``qlorakit.constants``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from qlorakit.constants import (
     BLOCKSIZES,
+    COMPUTE_DTYPES,
+    DATA_FORMATS,
+    LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_TYPES,
+    SCHEDULERS,
 )
 from qlorakit.errors import ConfigError
-
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-LORA_INITS = ("default", "gaussian", "zeros")
-DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
 
 T = TypeVar("T")
 
@@ -35,6 +42,24 @@ def opt(default: Any, help: str) -> Any:
 
 def _fail(cls_name: str, name: str, value: Any, why: str) -> None:
     raise ConfigError(f"{cls_name}.{name} = {value!r}: {why}")
+
+
+def _int_field(config: Any, name: str, low: int, why: str = "") -> None:
+    """Field ``name`` of ``config`` must be an integer (not a bool) >= ``low``."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(type(config).__name__, name, value, why or f"must be an integer >= {low}")
+
+
+def _bool_fields(config: Any, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(config, name), bool):
+            _fail(type(config).__name__, name, getattr(config, name), "must be true or false")
+
+
+def _choice_field(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        _fail(type(config).__name__, name, getattr(config, name), f"choose one of {choices}")
 
 
 def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
@@ -68,12 +93,10 @@ class QuantConfig:
     double_quant: bool = opt(True, "quantize the absmax scales again to 8 bit (saves 0.373 bits/param)")
 
     def __post_init__(self) -> None:
-        if self.quant_type not in QUANT_TYPES:
-            _fail("QuantConfig", "quant_type", self.quant_type, f"choose one of {QUANT_TYPES}")
+        _choice_field(self, "quant_type", QUANT_TYPES)
         if self.blocksize not in BLOCKSIZES:
             _fail("QuantConfig", "blocksize", self.blocksize, f"use a power of two in 32..4096 {BLOCKSIZES}")
-        if not isinstance(self.double_quant, bool):
-            _fail("QuantConfig", "double_quant", self.double_quant, "must be true or false")
+        _bool_fields(self, "double_quant")
 
 
 @dataclass(frozen=True)
@@ -98,14 +121,12 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            _fail("LoraConfig", "r", self.r, "the rank must be a positive integer")
+        _int_field(self, "r", 1, "the rank must be a positive integer")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             _fail("LoraConfig", "alpha", self.alpha, "must be a positive number")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             _fail("LoraConfig", "dropout", self.dropout, "must be in [0, 1)")
-        if self.init not in LORA_INITS:
-            _fail("LoraConfig", "init", self.init, f"choose one of {LORA_INITS}")
+        _choice_field(self, "init", LORA_INITS)
         if self.bias != "none":
             _fail("LoraConfig", "bias", self.bias, "only 'none' is supported (biases stay frozen)")
         if isinstance(self.targets, str):
@@ -151,14 +172,10 @@ class DataConfig:
             object.__setattr__(self, "paths", (self.paths,))
         elif isinstance(self.paths, list):
             object.__setattr__(self, "paths", tuple(self.paths))
-        if self.format not in DATA_FORMATS:
-            _fail("DataConfig", "format", self.format, f"choose one of {DATA_FORMATS}")
-        if isinstance(self.max_seq_len, bool) or not isinstance(self.max_seq_len, int) or self.max_seq_len < 0:
-            _fail("DataConfig", "max_seq_len", self.max_seq_len, "must be an integer >= 0")
+        _choice_field(self, "format", DATA_FORMATS)
+        _int_field(self, "max_seq_len", 0)
         for name in ("source_max_len", "target_max_len", "block_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                _fail("DataConfig", name, value, "must be a positive integer")
+            _int_field(self, name, 1, "must be a positive integer")
         if not isinstance(self.val_size, (int, float)) or self.val_size < 0:
             _fail("DataConfig", "val_size", self.val_size, "a fraction in [0, 1) or a count >= 1")
 
@@ -168,16 +185,11 @@ class DataConfig:
         return self.max_seq_len or self.source_max_len + self.target_max_len
 
 
-SCHEDULERS = ("constant", "cosine", "linear")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop. Defaults are the paper's: paged AdamW lr 2e-4, constant schedule with 3% warmup,
-    weight decay 0, max grad-norm 0.3, an effective batch of 16 (1 x 16 accumulation), gradient
-    checkpointing on. ``max_steps`` > 0 overrides ``epochs``. ``save_steps`` / ``eval_steps`` 0 = only at
-    the end. ``compute_dtype`` "auto" picks bfloat16 where the hardware runs it well (a CUDA GPU with bf16
-    or a CPU with AVX512_BF16/AMX) and float32 otherwise.
+    """The training loop. Paper: an effective batch of 16 (1 x 16 accumulation). ``max_steps`` > 0 overrides
+    ``epochs``; ``save_steps`` 0 = only at the end. ``compute_dtype`` "auto" picks bfloat16 where the hardware
+    runs it well (a CUDA GPU with bf16 or a CPU with AVX512_BF16/AMX) and float32 otherwise.
     """
 
     output_dir: str = opt("runs/qlorakit", "run directory (config, metrics, checkpoints, adapter, plot)")
@@ -185,6 +197,28 @@ class TrainConfig:
     epochs: float = opt(1.0, "passes over the data when max_steps is 0")
     batch_size: int = opt(1, "examples per micro-batch")
     grad_accum: int = opt(16, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
+    seed: int = opt(42, "seed of initialization and dropout")
+    save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+    save_total_limit: int = opt(2, "checkpoints to keep (0 = all)")
+    logging_steps: int = opt(1, "write a metrics row every N steps")
+    compute_dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 where the hardware runs it well)")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "logging_steps"):
+            _int_field(self, name, 1)
+        for name in ("max_steps", "save_steps", "save_total_limit"):
+            _int_field(self, name, 0)
+        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
+            _fail("TrainConfig", "epochs", self.epochs, "must be > 0")
+        _choice_field(self, "compute_dtype", ("auto",) + COMPUTE_DTYPES)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule. Paper: paged AdamW, lr 2e-4, constant schedule after 3% warmup,
+    weight decay 0, max grad-norm 0.3."""
+
+    optim: str = opt("paged_adamw", "optimizer: adamw, adamw8bit, paged_adamw (the paper's), paged_adamw8bit")
     lr: float = opt(2e-4, "peak learning rate")
     scheduler: str = opt("constant", "learning-rate schedule after warmup: constant, cosine, linear")
     warmup_ratio: float = opt(0.03, "fraction of steps spent warming up linearly from 0")
@@ -193,8 +227,31 @@ class TrainConfig:
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.999, "AdamW beta2")
     adam_eps: float = opt(1e-8, "AdamW epsilon")
-    optim: str = opt("paged_adamw", "optimizer: adamw, adamw8bit, paged_adamw (the paper's), paged_adamw8bit")
     optim_budget: int = opt(0, "resident MiB for paged optimizer state (0 = twice the largest parameter's state)")
+
+    def __post_init__(self) -> None:
+        _choice_field(self, "optim", OPTIMIZER_NAMES)
+        _choice_field(self, "scheduler", SCHEDULERS)
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            _fail("OptimConfig", "lr", self.lr, "must be > 0")
+        _int_field(self, "optim_budget", 0, "MiB, an integer >= 0")
+        if self.optim_budget and not self.optim.startswith("paged_"):
+            _fail("OptimConfig", "optim_budget", self.optim_budget, f"applies to paged optimizers; optim is {self.optim!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("OptimConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            _fail("OptimConfig", "weight_decay/max_grad_norm", (self.weight_decay, self.max_grad_norm), "must be >= 0")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_eps <= 0:
+            _fail("OptimConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps),
+                  "betas in [0, 1), eps > 0")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Memory and speed choices inside a step. Each has a reference path and a test holding it to it; each
+    is a row of ``train.rewrites`` except ``loss_chunk_tokens`` (an argument of the loss). Paper: gradient
+    checkpointing on."""
+
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
     loss_chunk_tokens: int = opt(LOSS_CHUNK_TOKENS, "target tokens per chunk of the head + cross-entropy, which "
                                  "never holds all logits at once (0 = full logits, the reference)")
@@ -204,10 +261,27 @@ class TrainConfig:
                                  "(less activation memory, bit-identical values)")
     fuse_rmsnorm: bool = opt(True, "fp32 RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
                              "rounding)")
+    fuse_up_projection: bool = opt(True, "LoRA layers add scale * u B^T to the base output with one addmm "
+                                   "(LoraLinear.fuse_up_projection; fewer full-size temporaries)")
+    reuse_dequant_buffer: bool = opt(True, "the CPU 4-bit matmul dequantizes into one reused buffer "
+                                     "(Linear4bit.reuse_dequant_buffer) instead of a new tensor per layer")
+    use_gemv: bool = opt(True, "4-bit layers given at most 16 rows without grad skip building the weight "
+                         "(Linear4bit.use_gemv; evaluation)")
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
-    seed: int = opt(42, "seed of initialization and dropout")
-    save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
+
+    def __post_init__(self) -> None:
+        _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
+                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv")
+        _int_field(self, "loss_chunk_tokens", 0)
+        _int_field(self, "malloc_mmap_threshold_kib", 0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation during training: the held-out loss every ``eval_steps`` (0 = at start and end only), and,
+    at each evaluation after a step, the perplexity of a text file and MMLU accuracy (docs/eval.md)."""
+
     eval_steps: int = opt(0, "evaluate the held-out loss every N steps (0 = at start and end only)")
     eval_ppl_file: str = opt("", "at each evaluation after a step also log the perplexity of this text file "
                              "(.txt, or .jsonl with 'text'); '' = off")
@@ -217,58 +291,28 @@ class TrainConfig:
                              "(dev/ and test/ CSV files); '' = off")
     eval_mmlu_shots: int = opt(5, "few-shot examples of that MMLU evaluation")
     eval_mmlu_limit: int = opt(10, "test questions per MMLU subject at each evaluation (0 = all)")
-    logging_steps: int = opt(1, "write a metrics row every N steps")
-    save_total_limit: int = opt(2, "checkpoints to keep (0 = all)")
-    compute_dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 where the hardware runs it well)")
 
-    def _check_evaluations(self) -> None:
-        for name, low in (("eval_ppl_max_seq_len", 2), ("eval_ppl_stride", 1), ("eval_mmlu_shots", 0), ("eval_mmlu_limit", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                _fail("TrainConfig", name, value, f"must be an integer >= {low}")
+    def __post_init__(self) -> None:
+        for name, low in (("eval_steps", 0), ("eval_ppl_max_seq_len", 2), ("eval_ppl_stride", 1),
+                          ("eval_mmlu_shots", 0), ("eval_mmlu_limit", 0)):
+            _int_field(self, name, low)
         if self.eval_ppl_stride > self.eval_ppl_max_seq_len:
-            _fail("TrainConfig", "eval_ppl_stride", self.eval_ppl_stride,
+            _fail("EvalConfig", "eval_ppl_stride", self.eval_ppl_stride,
                   f"must be <= eval_ppl_max_seq_len ({self.eval_ppl_max_seq_len}), or tokens are never scored")
         for name in ("eval_ppl_file", "eval_mmlu_dir"):
             if not isinstance(getattr(self, name), str):
-                _fail("TrainConfig", name, getattr(self, name), "must be a path or ''")
-
-    def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum", "logging_steps")
-        self._check_evaluations()
-        non_negative = ("max_steps", "save_steps", "eval_steps", "save_total_limit", "loss_chunk_tokens",
-                        "malloc_mmap_threshold_kib")
-        for name in positive + non_negative:
-            value = getattr(self, name)
-            low = 1 if name in positive else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                _fail("TrainConfig", name, value, f"must be an integer >= {low}")
-        if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
-            _fail("TrainConfig", "epochs", self.epochs, "must be > 0")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            _fail("TrainConfig", "lr", self.lr, "must be > 0")
-        if self.scheduler not in SCHEDULERS:
-            _fail("TrainConfig", "scheduler", self.scheduler, f"choose one of {SCHEDULERS}")
-        if self.optim not in OPTIMIZER_NAMES:
-            _fail("TrainConfig", "optim", self.optim, f"choose one of {OPTIMIZER_NAMES}")
-        if isinstance(self.optim_budget, bool) or not isinstance(self.optim_budget, int) or self.optim_budget < 0:
-            _fail("TrainConfig", "optim_budget", self.optim_budget, "MiB, an integer >= 0")
-        if self.optim_budget and not self.optim.startswith("paged_"):
-            _fail("TrainConfig", "optim_budget", self.optim_budget, f"applies to paged optimizers; optim is {self.optim!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            _fail("TrainConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            _fail("TrainConfig", "weight_decay/max_grad_norm", (self.weight_decay, self.max_grad_norm), "must be >= 0")
-        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_eps <= 0:
-            _fail("TrainConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps), "betas in [0, 1), eps > 0")
-        if self.compute_dtype not in ("auto",) + COMPUTE_DTYPES:
-            _fail("TrainConfig", "compute_dtype", self.compute_dtype, f"choose auto or one of {COMPUTE_DTYPES}")
-        for name in ("fuse_lora", "recompute_swiglu", "fuse_rmsnorm"):
-            if not isinstance(getattr(self, name), bool):
-                _fail("TrainConfig", name, getattr(self, name), "must be true or false")
+                _fail("EvalConfig", name, getattr(self, name), "must be a path or ''")
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+#: The sections of ``RunConfig`` (and of a config file), in the order ``config.yaml`` writes them.
+SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
+                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig}
+
+#: Keys that lived under ``train:`` before the config had sections -> their section now.
+MOVED_FROM_TRAIN: dict[str, str] = {f.name: section for section in ("optim", "memory", "eval")
+                                    for f in dataclasses.fields(SECTIONS[section])}
 
 
 @dataclass(frozen=True)
@@ -280,16 +324,19 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
         """Build from nested mappings (a loaded YAML/JSON file); unknown keys fail with their path."""
-        sections = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
-        unknown = sorted(set(values) - set(sections) - {"model"})
+        values = upgrade_layout(values, where)
+        unknown = sorted(set(values) - set(SECTIONS) - {"model"})
         if unknown:
-            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: model, {', '.join(sections)}")
+            raise ConfigError(f"{where}: unknown section(s) {unknown}; known: model, {', '.join(SECTIONS)}")
         parts: dict[str, Any] = {}
-        for key, section in sections.items():
+        for key, section in SECTIONS.items():
             sub = values.get(key) or {}
             if not isinstance(sub, Mapping):
                 raise ConfigError(f"{where}: section '{key}' must be a mapping, got {type(sub).__name__}")
@@ -298,6 +345,30 @@ class RunConfig:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: 'model' must be a non-empty string, got {model!r}")
         return cls(model=model, **parts)
+
+
+def upgrade_layout(values: Mapping[str, Any], where: str = "config") -> dict[str, Any]:
+    """``values`` with every key of ``MOVED_FROM_TRAIN`` found under ``train`` moved to its section.
+
+    Emits one ``FutureWarning`` naming each moved key and its new section; a key given in both places fails.
+    """
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+    train = out.get("train")
+    moved = [key for key in train if key in MOVED_FROM_TRAIN] if isinstance(train, dict) else []
+    for key in moved:
+        section = out.get(MOVED_FROM_TRAIN[key]) or {}
+        if not isinstance(section, dict):
+            continue  # from_mapping reports the malformed section
+        if key in section:
+            raise ConfigError(f"{where}: '{key}' is given under both 'train' and '{MOVED_FROM_TRAIN[key]}'; "
+                              f"keep {MOVED_FROM_TRAIN[key]}.{key}")
+        section[key] = train.pop(key)
+        out[MOVED_FROM_TRAIN[key]] = section
+    if moved:
+        names = ", ".join(f"train.{key} -> {MOVED_FROM_TRAIN[key]}.{key}" for key in moved)
+        warnings.warn(f"{where}: these keys now live in their own sections (this layout still loads, but is "
+                      f"deprecated): {names}", FutureWarning, stacklevel=3)
+    return out
 
 
 def parse_targets(text: str) -> str | tuple[str, ...]:
@@ -310,12 +381,17 @@ def parse_targets(text: str) -> str | tuple[str, ...]:
 __all__ = [
     "COMPUTE_DTYPES",
     "DATA_FORMATS",
+    "SECTIONS",
     "DataConfig",
+    "EvalConfig",
     "LoraConfig",
+    "MemoryConfig",
+    "OptimConfig",
     "QuantConfig",
     "RunConfig",
     "TrainConfig",
     "as_dict",
     "from_dict",
     "parse_targets",
+    "upgrade_layout",
 ]

@@ -12,7 +12,19 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: Optimizer names accepted by ``qlorakit.optim.make_optimizer`` and ``--optim``.
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
-#: Target tokens per chunk of the chunked head + cross-entropy (``TrainConfig.loss_chunk_tokens``).
+#: Learning-rate schedules after warmup (``OptimConfig.scheduler``, ``qlorakit.optim.lr_at``).
+SCHEDULERS = ("constant", "cosine", "linear")
+
+#: Compute dtypes by name (``TrainConfig.compute_dtype`` also takes ``"auto"``; the planner's ``--compute-dtype``).
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+#: LoRA initializations (``LoraConfig.init``).
+LORA_INITS = ("default", "gaussian", "zeros")
+
+#: Training data formats (``DataConfig.format``; ``qlorakit.data.formats``).
+DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
+
+#: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``).
 LOSS_CHUNK_TOKENS = 256
 
 #: transformers norm classes computing ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` with ``variance_epsilon``

@@ -10,7 +10,7 @@ import pytest
 from train_testing import run_config, tiny_qlora_model
 
 from qlorakit.cli.main import main
-from qlorakit.config import TrainConfig
+from qlorakit.config import EvalConfig
 from qlorakit.data import build_datasets, collate_fn
 from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval import mmlu, perplexity
@@ -40,7 +40,7 @@ def test_trainer_logs_perplexity_and_mmlu_rows_equal_to_standalone_evaluation(sm
                      eval_mmlu_shots=1, eval_mmlu_limit=3)
     train_set, val_set, _ = build_datasets(cfg.data, smol_tokenizer)
     model = tiny_qlora_model(len(smol_tokenizer), cfg.lora)
-    evaluator = build_training_evaluator(cfg.train, smol_tokenizer)
+    evaluator = build_training_evaluator(cfg.eval, smol_tokenizer, cfg.train.batch_size)
     train(model, train_set, val_set, collate_fn(smol_tokenizer), cfg, tmp_path / "run", progress=False, evaluator=evaluator)
 
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_ppl" in r]
@@ -58,27 +58,27 @@ def test_trainer_logs_perplexity_and_mmlu_rows_equal_to_standalone_evaluation(sm
 
 
 def test_no_evaluation_fields_means_no_evaluator(smol_tokenizer):
-    assert build_training_evaluator(TrainConfig(), smol_tokenizer) is None
+    assert build_training_evaluator(EvalConfig(), smol_tokenizer) is None
 
 
 def test_missing_or_malformed_evaluation_inputs_fail_before_training(smol_tokenizer, tmp_path):
     with pytest.raises(DataError, match="no such text file"):
-        build_training_evaluator(TrainConfig(eval_ppl_file=str(tmp_path / "nope.txt")), smol_tokenizer)
+        build_training_evaluator(EvalConfig(eval_ppl_file=str(tmp_path / "nope.txt")), smol_tokenizer)
     folder = _mmlu_folder(tmp_path / "mmlu")
     (folder / "test" / "anatomy_test.csv").write_text("q,a,b,c,d,Z\n")
     with pytest.raises(DataError, match=r"anatomy_test\.csv: row 1: answer 'Z'"):
-        build_training_evaluator(TrainConfig(eval_mmlu_dir=str(folder), eval_mmlu_shots=1), smol_tokenizer)
+        build_training_evaluator(EvalConfig(eval_mmlu_dir=str(folder), eval_mmlu_shots=1), smol_tokenizer)
     with pytest.raises(DataError, match=r"anatomy_dev\.csv: 4 examples, fewer than the 5 few-shot examples"):
-        build_training_evaluator(TrainConfig(eval_mmlu_dir=str(_mmlu_folder(tmp_path / "m2"))), smol_tokenizer)
+        build_training_evaluator(EvalConfig(eval_mmlu_dir=str(_mmlu_folder(tmp_path / "m2"))), smol_tokenizer)
 
 
 def test_evaluation_fields_are_validated():
     with pytest.raises(ConfigError, match="eval_ppl_stride"):
-        TrainConfig(eval_ppl_max_seq_len=64, eval_ppl_stride=128)
+        EvalConfig(eval_ppl_max_seq_len=64, eval_ppl_stride=128)
     with pytest.raises(ConfigError, match="eval_mmlu_limit"):
-        TrainConfig(eval_mmlu_limit=-1)
-    assert dataclasses.fields(TrainConfig)  # every field documented for --help
-    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainConfig) if f.name.startswith("eval_"))
+        EvalConfig(eval_mmlu_limit=-1)
+    assert dataclasses.fields(EvalConfig)  # every field documented for --help
+    assert all(f.metadata.get("help") for f in dataclasses.fields(EvalConfig) if f.name.startswith("eval_"))
 
 
 def test_train_cli_checks_evaluation_inputs_in_a_dry_run(small_oasst, tmp_path, capsys, shared_dir):

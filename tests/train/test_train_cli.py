@@ -86,7 +86,7 @@ def test_bad_data_fails_before_training(tiny_model_dir, small_oasst, tmp_path, c
 
 def test_config_file_sets_fields_and_flags_override_it(tiny_model_dir, small_oasst, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("lora:\n  r: 2\n  alpha: 4\ntrain:\n  max_steps: 1\n  lr: 0.001\n")
+    cfg.write_text("lora:\n  r: 2\n  alpha: 4\ntrain:\n  max_steps: 1\noptim:\n  lr: 0.001\n")
     out = tmp_path / "out"
     assert main(_args(tiny_model_dir, small_oasst, out, "--config", str(cfg), "--lora-alpha", "8", "--dry-run")) == 0
     text = capsys.readouterr().out
@@ -128,3 +128,24 @@ def test_allocator_threshold_is_set_before_the_model_loads(tiny_model_dir, small
     with pytest.raises(Stop):
         main(_args(tiny_model_dir, small_oasst, tmp_path / "out", "--max-steps", "1", "--malloc-mmap-threshold-kib", "512"))
     assert calls == [("threshold", 512), ("load_model", None)]
+
+
+def test_resume_of_a_run_whose_config_yaml_has_the_old_layout(tiny_model_dir, small_oasst, tmp_path, capsys):
+    """A run directory written before the config had sections (optim/memory/eval keys under ``train:``) resumes."""
+    import yaml
+
+    from qlorakit.config import MOVED_FROM_TRAIN
+
+    run = tmp_path / "run"
+    assert main(_args(tiny_model_dir, small_oasst, run, "--max-steps", "4", "--save-steps", "2")) == 0
+    values = yaml.safe_load((run / "config.yaml").read_text())
+    assert {"optim", "memory", "eval"} <= set(values) and not set(values["train"]) & set(MOVED_FROM_TRAIN)
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    full = losses(run)
+    old = {k: v for k, v in values.items() if k not in ("optim", "memory", "eval")}
+    old["train"] = {**values["train"], **values["optim"], **values["memory"], **values["eval"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    shutil.rmtree(run / "checkpoint-4")
+    with pytest.warns(FutureWarning, match=r"train\.lr -> optim\.lr"):
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert losses(run) == full

@@ -100,8 +100,10 @@ def test_gradient_checkpointing_recomputes_the_same_losses(smol_tokenizer, small
     for ckpt in (False, True):
         cfg = run_config(small_oasst, tmp_path / str(ckpt), max_steps=3, gradient_checkpointing=ckpt)
         model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
-        train(model, train_set, val_set, collate, cfg, tmp_path / str(ckpt), progress=False)
-        assert model.is_activation_checkpointing == ckpt
+        seen: list[bool] = []  # checkpointing as the run had it (train.rewrites switches it off again on exit)
+        train(model, train_set, val_set, collate, cfg, tmp_path / str(ckpt), progress=False,
+              evaluator=lambda m: seen.append(m.is_activation_checkpointing) or {})
+        assert seen == [ckpt] and not model.is_activation_checkpointing
         runs[ckpt] = _losses(tmp_path / str(ckpt))
     assert len(runs[True]) == 3
     assert runs[True] == pytest.approx(runs[False], rel=1e-6, abs=0)

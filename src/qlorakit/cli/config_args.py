@@ -1,7 +1,11 @@
 """Command-line flags generated from the ``RunConfig`` dataclasses, and the config-file loader.
 
 Precedence: dataclass defaults < ``--config FILE`` (YAML or JSON, nested by section) < flags. Every flag's
-help text and default come from the field itself, so the documentation has one home.
+help text and default come from the field itself, so the documentation has one home. A flag is
+``--<field>`` whatever its section (``--lr`` sets ``optim.lr``, ``--eval-steps`` ``eval.eval_steps``), except
+``--lora-<field>`` and the names in ``SPECIAL_FLAGS``; the flag names predate the sections and stay as they are.
+A file in the layout before the sections (optimizer, memory and evaluation keys under ``train:``) is
+upgraded as it is read (``config.upgrade_layout``, with one deprecation message).
 """
 
 from __future__ import annotations
@@ -12,17 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlorakit.config import (
-    DataConfig,
-    LoraConfig,
-    QuantConfig,
-    RunConfig,
-    TrainConfig,
-    parse_targets,
-)
+from qlorakit.config import SECTIONS, RunConfig, parse_targets, upgrade_layout
 from qlorakit.errors import ConfigError
-
-SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig}
 
 #: Flags whose name is not ``--<field>`` (or ``--lora-<field>`` for the LoRA section).
 SPECIAL_FLAGS = {
@@ -88,7 +83,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: cannot parse ({exc})") from exc
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
-    return values
+    return upgrade_layout(values, f"config file {path}")
 
 
 def merge_flags(base: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:

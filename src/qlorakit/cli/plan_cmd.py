@@ -14,10 +14,8 @@ import argparse
 import json
 from typing import Any
 
-from qlorakit.config import TrainConfig
-from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
-
-DTYPES = ("float32", "bfloat16", "float16")
+from qlorakit.config import MemoryConfig
+from qlorakit.constants import COMPUTE_DTYPES, LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, QUANT_TYPES
 
 
 def add_parser(subparsers: Any) -> None:
@@ -39,16 +37,16 @@ def add_parser(subparsers: Any) -> None:
                    help="gradient checkpointing (the default)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="no gradient checkpointing")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for a GPU or the CPU (default: gpu)")
-    p.add_argument("--compute-dtype", choices=("auto",) + DTYPES, default="auto",
+    p.add_argument("--compute-dtype", choices=("auto",) + COMPUTE_DTYPES, default="auto",
                    help="auto = bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--lora-dtype", choices=DTYPES, default="float32", help="adapter dtype (qlorakit: float32)")
+    p.add_argument("--lora-dtype", choices=COMPUTE_DTYPES, default="float32", help="adapter dtype (qlorakit: float32)")
     p.add_argument("--loss-chunk", type=int, default=LOSS_CHUNK_TOKENS,
                    help="rows of logits at once, as the trainer (default: %(default)s; 0 = full logits)")
-    p.add_argument("--malloc-mmap-threshold-kib", type=int, default=TrainConfig().malloc_mmap_threshold_kib,
+    p.add_argument("--malloc-mmap-threshold-kib", type=int, default=MemoryConfig().malloc_mmap_threshold_kib,
                    help="CPU: the trainer's glibc mmap threshold (default: %(default)s; 0 = dynamic, more RSS)")
     p.add_argument("--no-recompute-swiglu", dest="recompute_swiglu", action="store_false", default=True,
-                   help="the trainer keeps SiLU(gate) for backward (TrainConfig.recompute_swiglu false)")
-    p.add_argument("--quant-type", choices=("nf4", "fp4", "int4"), default="nf4")
+                   help="the trainer keeps SiLU(gate) for backward (MemoryConfig.recompute_swiglu false)")
+    p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
     p.add_argument("--gpu-mem", metavar="SIZE", help="memory budget to check against, e.g. 48GB, 24GiB, 16000MiB")

@@ -25,7 +25,7 @@ from qlorakit.fileio import write_text_atomic
 
 #: Overrides that turn the paper's defaults into a run of a few minutes on a laptop CPU; applied
 #: only when ``qlorakit train`` gets no data and no step/epoch limit of its own.
-QUICKSTART = {"train": {"max_steps": 20, "batch_size": 4, "grad_accum": 1, "eval_steps": 10},
+QUICKSTART = {"train": {"max_steps": 20, "batch_size": 4, "grad_accum": 1}, "eval": {"eval_steps": 10},
               "data": {"val_size": 32, "source_max_len": 256, "target_max_len": 256},
               "lora": {"r": 16}}
 
@@ -33,7 +33,7 @@ QUICKSTART = {"train": {"max_steps": 20, "batch_size": 4, "grad_accum": 1, "eval
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a 4-bit model with LoRA adapters",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML or JSON file with sections model/quant/lora/data/train")
+    p.add_argument("--config", help="YAML or JSON file with sections model/quant/lora/data/train/optim/memory/eval")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, do not train")
@@ -78,11 +78,11 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
-    from qlorakit.train.allocator import fix_mmap_threshold
+    from qlorakit.train.rewrites import fix_allocator
 
     # Before anything large is allocated: set after the model has loaded, the same threshold left the
-    # training peak bimodal (docs/memory.md); train() sets it again (idempotent).
-    fix_mmap_threshold(cfg.train.malloc_mmap_threshold_kib)
+    # training peak bimodal (docs/memory.md); train()'s rewrite table sets it again (idempotent).
+    fix_allocator(cfg)
     from qlorakit.data import build_datasets, collate_fn, default_sample_path
     from qlorakit.eval.during_training import build_training_evaluator
     from qlorakit.models import load_model, load_tokenizer
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(run_dir, args.overwrite)
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
-    evaluator = build_training_evaluator(cfg.train, tokenizer)  # perplexity / MMLU inputs checked now
+    evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)  # perplexity / MMLU inputs checked now
     print(summary.format())
     print(_plan(cfg, len(train_set), len(val_set), checkpoint))
     if args.dry_run:
@@ -116,14 +116,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> str:
-    t = cfg.train
+    t, o = cfg.train, cfg.optim
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
     lines = [
         f"model      {cfg.model}  ({cfg.quant.quant_type}, blocksize {cfg.quant.blocksize}, double quant {cfg.quant.double_quant})",
         f"lora       r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, targets {cfg.lora.targets}",
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
-        (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {t.lr} {t.scheduler}, "
-        f"warmup {t.warmup_ratio}, clip {t.max_grad_norm}, compute {t.compute_dtype}"),
+        (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
+        f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
     ]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Perplexity and MMLU during training: inputs prepared and checked once before training, scored at each evaluation.
 
-``build_training_evaluator(train_config, tokenizer)`` reads and tokenizes ``eval_ppl_file`` and reads every
+``build_training_evaluator(eval_config, tokenizer, batch_size)`` reads and tokenizes ``eval_ppl_file`` and reads every
 MMLU CSV under ``eval_mmlu_dir`` (first ``eval_mmlu_limit`` questions per subject), so a missing or
 malformed file fails before the model is loaded. The returned ``TrainingEvaluator`` is called by the
 trainer with the model at each evaluation step and returns the metrics row's values:
@@ -55,22 +55,25 @@ class TrainingEvaluator:
         return row
 
 
-def build_training_evaluator(train: Any, tokenizer: Any) -> TrainingEvaluator | None:
-    """The evaluator for a ``TrainConfig``'s ``eval_ppl_*`` / ``eval_mmlu_*`` fields, or None when both are off."""
-    if not train.eval_ppl_file and not train.eval_mmlu_dir:
+def build_training_evaluator(config: Any, tokenizer: Any, batch_size: int = 1) -> TrainingEvaluator | None:
+    """The evaluator for an ``EvalConfig``'s ``eval_ppl_*`` / ``eval_mmlu_*`` fields, or None when both are off.
+
+    ``batch_size``: sequences per forward (the trainer passes its micro-batch size).
+    """
+    if not config.eval_ppl_file and not config.eval_mmlu_dir:
         return None
-    evaluator = TrainingEvaluator(ppl_max_seq_len=train.eval_ppl_max_seq_len, ppl_stride=train.eval_ppl_stride,
-                                  batch_size=train.batch_size)
-    if train.eval_ppl_file:
-        perplexity.check_window(train.eval_ppl_max_seq_len, train.eval_ppl_stride)
-        ids = tokenizer(perplexity.read_text(train.eval_ppl_file))["input_ids"]
+    evaluator = TrainingEvaluator(ppl_max_seq_len=config.eval_ppl_max_seq_len, ppl_stride=config.eval_ppl_stride,
+                                  batch_size=batch_size)
+    if config.eval_ppl_file:
+        perplexity.check_window(config.eval_ppl_max_seq_len, config.eval_ppl_stride)
+        ids = tokenizer(perplexity.read_text(config.eval_ppl_file))["input_ids"]
         if len(ids) < 2:
-            raise DataError(f"eval_ppl_file {train.eval_ppl_file}: {len(ids)} token(s); perplexity needs at least 2")
+            raise DataError(f"eval_ppl_file {config.eval_ppl_file}: {len(ids)} token(s); perplexity needs at least 2")
         evaluator.ppl_ids = ids
-    if train.eval_mmlu_dir:
-        data = mmlu.load_subjects(train.eval_mmlu_dir, train.eval_mmlu_shots, train.eval_mmlu_limit or None)
+    if config.eval_mmlu_dir:
+        data = mmlu.load_subjects(config.eval_mmlu_dir, config.eval_mmlu_shots, config.eval_mmlu_limit or None)
         evaluator.letter_ids = mmlu.letter_token_ids(tokenizer)
         for subject, (dev, tests) in data.items():
-            plans = mmlu.plan_prompts(tokenizer, subject, dev, tests, train.eval_mmlu_shots, mmlu.DEFAULT_MAX_SEQ_LEN)
+            plans = mmlu.plan_prompts(tokenizer, subject, dev, tests, config.eval_mmlu_shots, mmlu.DEFAULT_MAX_SEQ_LEN)
             evaluator.mmlu_plans[subject] = (plans, [q.answer for q in tests])
     return evaluator

@@ -24,7 +24,7 @@ LOGITS_FP32_COPIES = 3
 CHUNK_FP32_COPIES = 2
 
 #: Heap memory glibc keeps resident per quantized parameter when the trainer leaves glibc's mmap threshold
-#: dynamic (``TrainConfig.malloc_mmap_threshold_kib = 0``; the default fixes it and this term is not used).
+#: dynamic (``MemoryConfig.malloc_mmap_threshold_kib = 0``; the default fixes it and this term is not used).
 #: glibc raises the threshold (up to 32 MiB) after freeing a large block, so the per-layer dequantize and
 #: loss buffers come from the heap, which fragments between long-lived tensors and is not returned.
 #: Calibrated on ONE case, ``llama-350m`` of ``benchmarks/plan_accuracy.py`` (seq 256, r 16, paged AdamW,

@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from qlorakit.config import COMPUTE_DTYPES, QuantConfig, TrainConfig
+from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig
 from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
 from qlorakit.errors import ConfigError
 from qlorakit.planner.constants import (
@@ -91,8 +91,8 @@ class PlanSettings:
     compute_dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
     loss_chunk: int = LOSS_CHUNK_TOKENS  # rows of logits at once (the trainer's default); 0 = full logits
-    mmap_threshold_kib: int = TrainConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
-    recompute_swiglu: bool = TrainConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
+    mmap_threshold_kib: int = MemoryConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
+    recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:

@@ -20,9 +20,10 @@ faults: at 128 KiB a profiled step took 56 s against 40 s with the dynamic thres
 against 0.1 s with the dynamic threshold; 4 MiB already lost the saving (3,153 MiB). So the trainer cuts
 the step's full-size temporaries instead (fused LoRA up-projection, SwiGLU recompute, fused RMSNorm, a
 reused dequantization buffer; docs/benchmarks.md, issue 8). The trainer's default is 1 MiB
-(``TrainConfig.malloc_mmap_threshold_kib``; 0 leaves glibc alone). No-op outside glibc.
-``qlorakit train`` sets it before the model loads and ``train()`` again (a repeat changes nothing): set only
-after loading, the same threshold left the training peak bimodal across identical runs (docs/memory.md).
+(``MemoryConfig.malloc_mmap_threshold_kib``; 0 leaves glibc alone). No-op outside glibc.
+Its one entry point is ``train.rewrites.fix_allocator``: ``qlorakit train`` calls it before the model loads and
+``train()``'s rewrite table again (a repeat changes nothing): set only after loading, the same threshold left
+the training peak bimodal across identical runs (docs/memory.md).
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ the gradient of ``L``.
 The data is one stream of micro-batches across epochs: epoch ``e`` is ``batch_order(..., epoch=e)``, and
 the trainer's only data position is ``micro_index`` (micro-batches consumed), so resuming from a
 checkpoint continues the same stream, even across an epoch boundary.
+
+Read it in order: ``train`` applies the rewrites (``train.rewrites``), ``_start`` builds the ``Run`` (the
+state every step reads and updates), and ``step`` is one optimizer step, one commented line per phase:
+lr, micro-batches, forward/backward, clip, optimizer step, log, eval/save.
 """
 
 from __future__ import annotations
@@ -28,15 +32,12 @@ from qlorakit.config import RunConfig
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.errors import ConfigError
-from qlorakit.hardware import flush_denormals, peak_rss_mb
-from qlorakit.lora.fused import shared_input_fusion
+from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
-from qlorakit.train.allocator import fix_mmap_threshold
+from qlorakit.train import rewrites
 from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog
-from qlorakit.train.recompute import swiglu_recompute
-from qlorakit.train.rmsnorm import fused_rmsnorm
 
 
 @dataclass
@@ -121,10 +122,30 @@ def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
-    t = cfg.train
-    budget = t.optim_budget * 2**20 if t.optim_budget else None
-    return make_optimizer(t.optim, params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                          weight_decay=t.weight_decay, budget_bytes=budget)
+    o = cfg.optim
+    budget = o.optim_budget * 2**20 if o.optim_budget else None
+    return make_optimizer(o.optim, params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
+                          weight_decay=o.weight_decay, budget_bytes=budget)
+
+
+@dataclass
+class Run:
+    """Everything one training run carries from step to step (built once by ``_start``)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    train_set: Sequence[dict]
+    val_set: Sequence[dict]
+    collate: Callable
+    stream: MicroBatchStream
+    cfg: RunConfig
+    device: torch.device
+    state: TrainerState  # step, data position, tokens, time: what a checkpoint saves
+    log: MetricsLog
+    result: TrainResult
+    run_dir: Path
+    last_step: int  # this session ends after this step (total_steps, or earlier with stop_after_steps)
+    evaluator: Callable[[torch.nn.Module], dict] | None = None
 
 
 def train(
@@ -146,93 +167,87 @@ def train(
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
     logged with the step at each evaluation after a step.
     """
-    t = cfg.train
-    with (flush_denormals(), shared_input_fusion(model, t.fuse_lora), swiglu_recompute(model, t.recompute_swiglu),
-          fused_rmsnorm(model, t.fuse_rmsnorm)):
-        return _train(model, train_set, val_set, collate, cfg, Path(run_dir), resume_from, progress, stop_after_steps, evaluator)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with rewrites.apply(model, cfg) as applied:  # every model/process rewrite, listed and logged (train.rewrites)
+        applied.report(run_dir)
+        run = _start(model, train_set, val_set, collate, cfg, run_dir, resume_from=resume_from,
+                     stop_after_steps=stop_after_steps, evaluator=evaluator)
+        if val_set and resume_from is None:
+            _eval_and_log(run)  # the held-out loss before any update (step 0)
+        model.train()
+        state = run.state
+        with tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not progress) as bar:
+            while state.step < run.last_step:
+                step(run, bar)
+    run.result.steps, run.result.tokens, run.result.train_seconds = state.step, state.tokens, state.elapsed_s
+    run.result.peak_rss_mb = peak_rss_mb()
+    return run.result
 
 
-def _train(model, train_set, val_set, collate, cfg, run_dir, resume_from, progress, stop_after_steps, evaluator) -> TrainResult:
-    t = cfg.train
-    fix_mmap_threshold(t.malloc_mmap_threshold_kib)
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
+def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None,
+           stop_after_steps: int | None, evaluator) -> Run:
+    """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log."""
     device = next(p for p in model.parameters()).device
-    stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], t.batch_size, cfg.data.seed, cfg.data.group_by_length)
+    stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], cfg.train.batch_size, cfg.data.seed,
+                              cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
-    if t.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
     if resume_from is None:
-        torch.manual_seed(t.seed)
+        torch.manual_seed(cfg.train.seed)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
     log = MetricsLog(run_dir, resume_step=state.step if resume_from is not None else None)
-    result = TrainResult(run_dir=Path(run_dir), steps=state.step, tokens=state.tokens, train_seconds=state.elapsed_s)
-    if val_set and resume_from is None:
-        _eval_and_log(model, val_set, collate, t.batch_size, device, state.step, log, result)
-    model.train()
+    result = TrainResult(run_dir=run_dir, steps=state.step, tokens=state.tokens, train_seconds=state.elapsed_s)
     last_step = state.total_steps if stop_after_steps is None else min(state.total_steps, state.step + stop_after_steps)
-    bar = tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not progress)
-    while state.step < last_step:
-        started = time.perf_counter()
-        loss, step_tokens = _one_step(model, optimizer, train_set, collate, stream, state, cfg, device)
-        grad_norm = _clip(optimizer, t.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        seconds = time.perf_counter() - started
-        state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + step_tokens, state.elapsed_s + seconds
-        result.losses.append(loss)
-        row = _train_row(state, loss, optimizer, grad_norm, step_tokens / seconds, stream.per_epoch)
-        if state.step % t.logging_steps == 0 or state.step == last_step:
-            log.write(row)
-            bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
-                      f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}")
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir,
-                             evaluator)
-    bar.close()
-    result.steps, result.tokens, result.train_seconds = state.step, state.tokens, state.elapsed_s
-    result.peak_rss_mb = peak_rss_mb()
-    return result
+    return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
+               cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
+               evaluator=evaluator)
 
 
-def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
-    row = {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-           "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
-           "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
-    if torch.cuda.is_available():
-        row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return row
+def step(run: Run, bar: tqdm) -> None:
+    """One optimizer step, phase by phase (``bar``: the progress display)."""
+    started = time.perf_counter()
+    # lr: the schedule's value at this step, for every parameter group
+    _set_lr(run)
+    # micro-batches: the next grad_accum of the stream; the data position (state.micro_index) moves here
+    batches = _next_micro_batches(run)
+    # forward/backward: each micro-batch backpropagates its share of the step's token-mean loss
+    loss, step_tokens = _forward_backward(run, batches)
+    # clip: the global gradient norm to max_grad_norm (its value is logged either way)
+    grad_norm = _clip(run.optimizer, run.cfg.optim.max_grad_norm)
+    # optimizer step: update the adapters, drop the gradients, count the step
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = time.perf_counter() - started
+    _count_step(run.state, step_tokens, seconds)
+    # log: a metrics row every logging_steps (and at the last step), the progress bar always
+    _log_step(run, bar, loss, grad_norm, step_tokens / seconds)
+    # eval/save: held-out loss and extra metrics every eval_steps and at the end; a checkpoint every save_steps
+    _maybe_eval_and_save(run)
 
 
-def _maybe_eval_and_save(model, optimizer, val_set, collate, cfg, device, state, last_step, log, result, run_dir,
-                         evaluator=None) -> None:
-    t = cfg.train
-    finished = state.step == state.total_steps
-    if val_set and ((t.eval_steps and state.step % t.eval_steps == 0) or finished):
-        _eval_and_log(model, val_set, collate, t.batch_size, device, state.step, log, result)
-    if evaluator is not None and ((t.eval_steps and state.step % t.eval_steps == 0) or finished):
-        log.write({"step": state.step, **evaluator(model)})
-    if (t.save_steps and state.step % t.save_steps == 0) or state.step == last_step:
-        save_checkpoint(Path(run_dir), model, optimizer, state, t.save_total_limit)
+def _set_lr(run: Run) -> None:
+    o, s = run.cfg.optim, run.state
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(s.step, s.total_steps, o.lr, o.scheduler, o.warmup_ratio)
 
 
-def _one_step(model, optimizer, train_set, collate, stream, state, cfg, device) -> tuple[float, int]:
-    """Forward/backward over the step's micro-batches; returns (loss, input tokens)."""
-    t = cfg.train
+def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
     batches = []
-    for _ in range(t.grad_accum):
-        _, indices = stream.at(state.micro_index)
-        batches.append(collate([train_set[i] for i in indices]))
-        state.micro_index += 1
+    for _ in range(run.cfg.train.grad_accum):
+        _, indices = run.stream.at(run.state.micro_index)
+        batches.append(run.collate([run.train_set[i] for i in indices]))
+        run.state.micro_index += 1
+    return batches
+
+
+def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens); returns (loss, input tokens)."""
     n_target = max(sum(target_tokens(b) for b in batches), 1)
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(state.step, state.total_steps, t.lr, t.scheduler, t.warmup_ratio)
     total, tokens = 0.0, 0
     for batch in batches:
-        batch = _to(batch, device)
-        loss_sum, _ = token_loss_sum(model, batch, t.loss_chunk_tokens)
+        batch = _to(batch, run.device)
+        loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
         (loss_sum / n_target).backward()
         total += float(loss_sum.detach()) / n_target
         tokens += int(batch["attention_mask"].sum())
@@ -246,7 +261,43 @@ def _clip(optimizer, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
 
 
-def _eval_and_log(model, val_set, collate, batch_size, device, step, log, result) -> None:
-    loss, count = evaluate(model, val_set, collate, batch_size, device)
-    result.eval_losses.append((step, loss))
-    log.write({"step": step, "eval_loss": loss, "eval_tokens": count})
+def _count_step(state: TrainerState, step_tokens: int, seconds: float) -> None:
+    state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + step_tokens, state.elapsed_s + seconds
+
+
+def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+    state = run.state
+    run.result.losses.append(loss)
+    row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
+    if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step:
+        run.log.write(row)
+        bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
+                  f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}")
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    bar.update(1)
+
+
+def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
+    row = {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+           "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
+           "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if torch.cuda.is_available():
+        row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+def _maybe_eval_and_save(run: Run) -> None:
+    t, every, state = run.cfg.train, run.cfg.eval.eval_steps, run.state
+    evaluate_now = (every and state.step % every == 0) or state.step == state.total_steps
+    if run.val_set and evaluate_now:
+        _eval_and_log(run)
+    if run.evaluator is not None and evaluate_now:
+        run.log.write({"step": state.step, **run.evaluator(run.model)})
+    if (t.save_steps and state.step % t.save_steps == 0) or state.step == run.last_step:
+        save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit)
+
+
+def _eval_and_log(run: Run) -> None:
+    loss, count = evaluate(run.model, run.val_set, run.collate, run.cfg.train.batch_size, run.device)
+    run.result.eval_losses.append((run.state.step, loss))
+    run.log.write({"step": run.state.step, "eval_loss": loss, "eval_tokens": count})
