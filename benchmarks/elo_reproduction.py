@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import write_result
 from qlorakit.eval import elo, relative
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    print(f"wrote {elo.write_json_atomic(args.output, run(args))}")
+    write_result(args.output, run(args))
     return 0
 
 

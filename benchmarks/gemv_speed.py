@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from qlorakit.fileio import write_json_atomic
+from _harness import write_result
 from qlorakit.quant import dequantize_4bit, quantize_4bit
 from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
 from qlorakit.quant.native import load_kernel
@@ -86,9 +86,8 @@ def main() -> None:
         us = r["median_us"]
         print(f"{r['shape'][0]:>4}x{r['shape'][1]:<5} {r['rows']:>4} " + " ".join(f"{us[n]:>12.1f}" for n in names)
               + f"  {us['native'] / us['bitsandbytes']:>10.2f}  {us['native'] / us['reference']:>16.2f}")
-    write_json_atomic(args.output, {"threads": args.threads, "repeats": args.repeats, "unit": "microseconds per call",
-                                    "results": results})
-    print(f"wrote {args.output}")
+    write_result(args.output, {"threads": args.threads, "repeats": args.repeats, "unit": "microseconds per call",
+                               "results": results})
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _harness import cpu_header, git_head, median_of, run_child, vector_flags, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,20 +154,17 @@ def child(args: argparse.Namespace) -> None:
               "tokens_per_s": n / sum(seconds), "cpu_tokens_per_s": n / sum(cpu_seconds),
               "decode_tokens_per_s": (n - len(tokens)) / sum(decode_s),
               "first_token_ms": 1000 * statistics.median(first_token_s), "peak_rss_mb": peak_mb}
-    Path(args.result).write_text(json.dumps(result))
+    print(json.dumps(result))
 
 
 # --- driver --------------------------------------------------------------------------------------------
 
 
-def run_child(args: argparse.Namespace, stack: str, dtype: str, threads: int, model_dir: Path) -> dict[str, Any]:
-    result = args.workdir / f"run-{stack}-{dtype}-{threads}.json"
-    command = [sys.executable, __file__, "--child", "--stack", stack, "--dtype", dtype, "--threads", str(threads),
-               "--model-dir", str(model_dir), "--result", str(result), "--new-tokens", str(args.new_tokens),
-               "--prompts", str(args.prompts)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run(command, check=True, env=env, stderr=subprocess.DEVNULL if not args.verbose else None)
-    return json.loads(result.read_text())
+def run_stack(args: argparse.Namespace, stack: str, dtype: str, threads: int, model_dir: Path) -> dict[str, Any]:
+    """One run of ``stack`` at ``dtype`` on ``threads`` threads in a fresh interpreter: its measurements."""
+    flags = ["--child", "--stack", stack, "--dtype", dtype, "--threads", str(threads), "--model-dir", str(model_dir),
+             "--new-tokens", str(args.new_tokens), "--prompts", str(args.prompts)]
+    return run_child(__file__, flags, env={"OMP_NUM_THREADS": str(threads)}, show_stderr=args.verbose)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -176,19 +173,16 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     tps = [r["tokens_per_s"] for r in runs]
-    return {"tokens_per_s": statistics.median(tps), "tokens_per_s_runs": tps,
-            "cpu_tokens_per_s": statistics.median(r["cpu_tokens_per_s"] for r in runs),
-            "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
-            "first_token_ms": statistics.median(r["first_token_ms"] for r in runs),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-            "load_s": statistics.median(r["load_s"] for r in runs)}
+    return {"tokens_per_s": median_of(runs, "tokens_per_s"), "tokens_per_s_runs": tps,
+            **{key: median_of(runs, key) for key in ("cpu_tokens_per_s", "decode_tokens_per_s", "first_token_ms",
+                                                       "peak_rss_mb", "load_s")}}
 
 
 def compare(args: argparse.Namespace, dtype: str, threads: int, model_dir: Path) -> dict[str, Any]:
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in STACKS}
     for repeat in range(args.repeats):
         for stack in STACKS if repeat % 2 == 0 else STACKS[::-1]:
-            runs[stack].append(run_child(args, stack, dtype, threads, model_dir))
+            runs[stack].append(run_stack(args, stack, dtype, threads, model_dir))
             print(f"  {dtype} threads={threads} {stack}: {runs[stack][-1]['tokens_per_s']:.2f} tokens/s", flush=True)
     ours, theirs = summarize(runs["qlorakit"]), summarize(runs["transformers+bnb"])
     diffs = [first_difference(a, b) for a, b in zip(runs["qlorakit"][0]["tokens"], runs["transformers+bnb"][0]["tokens"])]
@@ -235,7 +229,6 @@ def main() -> None:
     parser.add_argument("--stack", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         args.threads = int(args.threads)
@@ -243,25 +236,20 @@ def main() -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = prepare(args.workdir)
-    from qlorakit.hardware import cpu_flags
-
-    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
-    print(f"CPU: {os.cpu_count()} cores, flags {' '.join(flags)}")
+    flags = vector_flags()
+    print(cpu_header(flags))
     rows = [compare(args, dtype, int(threads), model_dir)
             for threads in args.threads.split(",") for dtype in args.dtypes.split(",")]
     print_table(rows)
     from importlib.metadata import version
 
-    from qlorakit.fileio import write_json_atomic
-
-    write_json_atomic(args.output, {
+    write_result(args.output, {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_head": subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True).stdout.strip(),
+        "git_head": git_head(),
         "cpu_flags": flags, "cpu_count": os.cpu_count(), "new_tokens": args.new_tokens, "prompts": args.prompts,
         "repeats": args.repeats, "versions": {p: version(p) for p in ("torch", "transformers", "bitsandbytes")},
         "results": rows,
     })
-    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from _harness import git_head
 
 #: (words of the device name, HBM GB/s, dense bf16 TFLOP/s), from the vendors' datasheets; the key must
 #: appear as whole words of ``torch.cuda.get_device_name()`` (so "A10" does not match "A10G" or "A100").
@@ -130,11 +128,10 @@ def environment() -> dict[str, Any]:
     """Device, driver-visible CUDA version, package versions and the git commit, for the JSON."""
     import torch
 
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
     env: dict[str, Any] = {
         "versions": {p: _version(p) for p in ("torch", "triton", "transformers", "peft", "bitsandbytes", "qlorakit")},
         "python": sys.version.split()[0],
-        "qlorakit_git_head": git.stdout.strip(),
+        "qlorakit_git_head": git_head(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
     if torch.cuda.is_available():

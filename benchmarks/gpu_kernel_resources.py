@@ -120,20 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", default="80,90", help="CUDA compute capabilities, e.g. 80,90")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = p.parse_args(argv)
-    from qlorakit.fileio import write_json_atomic
+    from _harness import write_result
 
     archs = [int(a) for a in args.archs.split(",")]
     rows = measure(archs)
     print(format_table(rows))
     from gpu_common import environment
 
-    write_json_atomic(args.output, {
+    write_result(args.output, {
         "benchmark": "gpu_kernel_resources", "description": __doc__.split("\n", 1)[0],
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python benchmarks/gpu_kernel_resources.py", *(argv or sys.argv[1:])]),
         "environment": environment(), "format": "bf16 activations, nf4 + double quant, block 64", "rows": rows,
     })  # fmt: skip
-    print(f"wrote {args.output}")
     return 0
 
 

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import write_result
 from gpu_common import (
     alternate,
     copy_bandwidth_gbs,
@@ -210,22 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from qlorakit.fileio import write_json_atomic
-
     started = time.perf_counter()
     peaks = _peaks(args)
     rows = [row for shape in args.shape_list for row in _measure(shape, args)]
     for row in rows:
         add_fractions(row, peaks)
     print(format_table(rows, peaks))
-    write_json_atomic(args.output, {
+    write_result(args.output, {
         "benchmark": "gpu_kernels", "description": __doc__.split("\n", 1)[0], "date": datetime.date.today().isoformat(),
         "command": " ".join(["python benchmarks/gpu_kernels.py", *args.argv]), "environment": environment(),
         "config": {"shapes": args.shape_list, "tokens": args.tokens, "dtype": args.dtype, "repeats": args.repeats,
                    "iters": args.iters, "format": f"nf4, double quant, block {BLOCKSIZE}"},
         "peaks": peaks, "rows": rows, "total_seconds": time.perf_counter() - started,
     })  # fmt: skip
-    print(f"wrote {args.output}")
     return 0
 
 

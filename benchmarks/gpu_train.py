@@ -36,8 +36,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from _harness import medians, run_child, write_result
 from gpu_common import datasheet_peak, environment, matmul_tflops, no_cuda_message
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,11 +273,7 @@ def run_peak(args: argparse.Namespace) -> dict[str, Any]:
 
 def _child(args: argparse.Namespace, *extra: str) -> dict[str, Any]:
     """Run this script in a fresh interpreter with ``extra`` flags; its last stdout line is JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *args.argv, *extra]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {' '.join(extra)} failed with status {done.returncode}; its stderr is above")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [*args.argv, *extra], show_stderr=True)
 
 
 def summarize(runs: dict[str, list[dict]], fits: dict[str, dict], shape: LlamaShape, rank: int,
@@ -286,7 +281,7 @@ def summarize(runs: dict[str, list[dict]], fits: dict[str, dict], shape: LlamaSh
     """Medians per stack, ours/theirs ratios, MFU against both peaks, the longest fitting sequence."""
     flops_per_token = 8 * (shape.matmul_params() + shape.lora_params(rank))
     keys = ("tokens_per_s", "peak_allocated_mib", "peak_reserved_mib", "load_s")
-    median = {k: {key: statistics.median(r[key] for r in rs) for key in keys} for k, rs in runs.items()}
+    median = medians(runs, keys)
     for m in median.values():
         for kind in ("datasheet", "measured"):
             peak = peaks.get(f"{kind}_tflops")
@@ -375,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
-    from qlorakit.fileio import write_json_atomic
-
     started, shape = time.perf_counter(), shape_of(args)
     model_dir = write_model(args.workdir / f"llama-{shape.layers}x{shape.hidden}-random", shape)
     runs, fits, measured = _run_all(args, model_dir)
@@ -385,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
              "measured_tflops": max(m["matmul_tflops"] for m in measured)}  # fmt: skip
     summary = summarize(runs, fits, shape, args.rank, peaks)
     print(format_table(summary, args))
-    write_json_atomic(args.output, {
+    write_result(args.output, {
         "benchmark": "gpu_train", "description": __doc__.split("\n", 1)[0], "date": datetime.date.today().isoformat(),
         "command": " ".join(["python benchmarks/gpu_train.py", *args.argv]), "environment": environment(),
         "config": {"shape": asdict(shape), "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
@@ -395,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_formula": "tokens/s * 8 * (decoder linears + head + LoRA params) / peak bf16 FLOP/s",
         "total_seconds": time.perf_counter() - started,
     })  # fmt: skip
-    print(f"wrote {args.output}")
     return 0
 
 

@@ -31,13 +31,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _harness import medians, run_child, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,13 +124,7 @@ def _child(*args: str) -> Any:
     The driver itself never imports torch: Linux carries a process's peak RSS across fork + exec into
     the child's ``ru_maxrss``, so a large parent would inflate every child's peak.
     """
-    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1", "TQDM_DISABLE": "1"}
-    done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), *args], capture_output=True, text=True, env=env, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, args, env={"TORCH_COMPILE_DISABLE": "1", "TQDM_DISABLE": "1"})
 
 
 def measure(kind: str, model_dir: Path) -> dict[str, Any]:
@@ -217,10 +211,6 @@ def _partial(path: Path) -> Path:
 # --- the driver: repeats, table, JSON ----------------------------------------------------------------
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(r[key] for r in runs)
-
-
 def bench_model(name: str, model_dir: Path, repeats: int) -> dict[str, Any]:
     """``repeats`` alternating loads of each side; medians and the ours/theirs ratios."""
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
@@ -241,12 +231,12 @@ def bench_model(name: str, model_dir: Path, repeats: int) -> dict[str, Any]:
         "rss_file_after_mib",
         "model_state_mib",
     )
-    medians = {kind: {k: _median(r, k) for k in keys} for kind, r in runs.items()}
+    median = medians(runs, keys)
     ratio = {
-        k: medians["ours"][k] / medians["theirs"][k] for k in ("peak_rss_mib", "peak_minus_baseline_mib", "seconds")
+        k: median["ours"][k] / median["theirs"][k] for k in ("peak_rss_mib", "peak_minus_baseline_mib", "seconds")
     }
     return {
-        "model": name, "path": str(model_dir), "repeats": repeats, "median": medians, "ratio_ours_over_theirs": ratio,
+        "model": name, "path": str(model_dir), "repeats": repeats, "median": median, "ratio_ours_over_theirs": ratio,
         "target_peak_ratio": TARGET_RATIO, "target_met": ratio["peak_rss_mib"] <= TARGET_RATIO, "runs": runs,
     }  # fmt: skip
 
@@ -268,13 +258,6 @@ def print_table(results: list[dict[str, Any]]) -> None:
         cells = "".join(f"{ratios[key]:>11.2f}" if key in ratios else f"{'':>11}" for _, key in COLUMNS)
         verdict = "met" if res["target_met"] else "NOT met"
         print(f"{'':<26}{'ratio':<8}{cells}   peak <= {TARGET_RATIO}: {verdict} (median of {res['repeats']})")
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -310,14 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoints ready in {time.perf_counter() - started:.0f} s", flush=True)
     results = [bench_model(name, path, repeats) for name, path, repeats in models]
     print_table(results)
-    write_json(args.output, {
+    write_result(args.output, {
         "benchmark": "load_memory", "description": __doc__.split("\n", 1)[0],
         "command": "python benchmarks/load_memory.py " + " ".join(sys.argv[1:]),
         "versions": {**results[0]["runs"]["ours"][0]["versions"], "bitsandbytes": _version("bitsandbytes"),
                      "python": sys.version.split()[0]},
         "cpu_count": os.cpu_count(), "total_seconds": time.perf_counter() - started, "results": results,
     })  # fmt: skip
-    print(f"wrote {args.output}")
     return 0
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_throughput as tt
+from _harness import last_json_line, run_child, write_result
 
 DEFAULT_OUTPUT = tt.REPO / "benchmarks/results/max_seq.json"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-max-seq"
@@ -129,7 +130,7 @@ def run_probe(args: argparse.Namespace, stack: str, length: int, model_dir: str)
     if proc.returncode != 0:
         return {"seq": length, "ok": False, "why": err.strip().splitlines()[-1] if err.strip() else "failed",
                 "rss_seen_mib": seen, "seconds": time.perf_counter() - started}  # fmt: skip
-    result = json.loads(out.strip().splitlines()[-1])
+    result = last_json_line(out, f"probe {stack} L={length}")
     ok = result["peak_rss_mib"] <= args.budget_mib
     return {"seq": length, "ok": ok, "why": "" if ok else "over budget", "rss_seen_mib": seen, **result}
 
@@ -192,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args) if args.probe else str(tt.convert_once(args.model, args.workdir))))
         return 0
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.argv, "--convert"],
-                          capture_output=True, text=True, check=True)  # fmt: skip
-    model_dir = json.loads(done.stdout.strip().splitlines()[-1])
+    model_dir = run_child(__file__, [*args.argv, "--convert"])
     longest, probes = {}, {}
     for stack in ("ours", "theirs"):
         longest[stack], probes[stack] = search(args, stack, model_dir)
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<22}{mark:>10}{len(probes[stack]):>8}")
     ratio = longest["ours"] / longest["theirs"] if longest["theirs"] else float("inf")
     print(f"{'ours / theirs':<22}{ratio:>10.2f}" + ("   (ours capped by --max-seq)" if capped["ours"] else ""))
-    tt.write_json(args.output, {
+    write_result(args.output, {
         "benchmark": "max_seq", "description": __doc__.split("\n", 1)[0], "date": datetime.date.today().isoformat(),
         "command": " ".join(["python benchmarks/max_seq.py", *args.argv]), "environment": tt._environment(args),
         "config": {"budget_mib": args.budget_mib, "start": args.start, "max_seq": args.max_seq,
@@ -215,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         "longest_seq": longest, "capped_by_max_seq": capped, "ratio_ours_over_theirs": ratio, "probes": probes,
         "total_seconds": time.perf_counter() - started,
     })  # fmt: skip
-    print(f"wrote {args.output}")
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from _harness import git_head
 from qlorakit.eval.mmlu import evaluate_mmlu
 from qlorakit.eval.mmlu_data import subject_files
 from qlorakit.fileio import write_json_atomic
@@ -87,13 +87,6 @@ def _model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
-def _git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
-
-
 def _summary(per_mode: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for mode, subjects in per_mode.items():
@@ -114,7 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": GGUF.name, "data": str(args.data), "shots": args.shots, "limit_per_subject": args.limit,
         "max_seq_len": args.max_seq_len, "batch_size": args.batch_size, "threads": args.threads,
-        "git_head": _git_head(), "complete": False,
+        "git_head": git_head(), "complete": False,
         "model_bytes": {m: _model_bytes(model) for m, model in models.items()},
         "per_subject": {m: {} for m in models}, "prediction_agreement_nf4_fp32": {},
     }

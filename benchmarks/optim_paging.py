@@ -22,18 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from _harness import run_child, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "benchmarks/results/optim_paging.json"
@@ -140,17 +139,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, __file__, "--worker", variant, "--worker-output", out.name,
-               "--layers", str(args.layers), "--rank", str(args.rank), "--repeats", str(args.repeats),
-               "--threads", str(args.threads), "--budget-fraction", str(args.budget_fraction)]
-        if args.page_dir:
-            cmd += ["--page-dir", args.page_dir]
-        env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}
-        done = subprocess.run(cmd, check=False, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{variant} failed (exit {done.returncode}):\n{done.stderr}")
-        return json.loads(Path(out.name).read_text())
+    flags = ["--worker", variant, "--layers", str(args.layers), "--rank", str(args.rank), "--repeats",
+             str(args.repeats), "--threads", str(args.threads), "--budget-fraction", str(args.budget_fraction)]
+    if args.page_dir:
+        flags += ["--page-dir", args.page_dir]
+    return run_child(__file__, flags, env={"TORCH_COMPILE_DISABLE": "1"})
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
@@ -166,14 +159,6 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: Path, data: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--layers", type=int, default=10, help="decoder layers of LoRA factors (default 10)")
@@ -185,7 +170,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the default")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--worker-output", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -193,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         args.variant = args.worker
-        Path(args.worker_output).write_text(json.dumps(worker(args)))
+        print(json.dumps(worker(args)))
         return 0
     variants = [v for v in args.variants.split(",") if v]
     if PEER not in variants:
@@ -215,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(f"\n{report['config']['parameters'] / 1e6:.1f}M parameters in {len(shapes)} tensors; "
           f"median of {args.repeats} steps; {args.threads} thread(s); total {report['seconds_total']:.0f}s")
-    print(f"wrote {write_json_atomic(args.output, report)}")
+    write_result(args.output, report)
     return 0
 
 

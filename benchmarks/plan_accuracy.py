@@ -33,7 +33,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _harness import git_head, median_of, run_child
 from qlorakit.config import MemoryConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,15 +212,11 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
 
 def _child(mode: str, model: str, args: argparse.Namespace, threshold_kib: int = CONDITIONS["default"]) -> dict[str, Any]:
     """Run this script in a fresh interpreter in ``mode`` and return its RESULT line."""
-    cmd = [sys.executable, __file__, f"--{mode}", "--model", model, "--steps", str(args.steps), "--seq", str(args.seq),
-           "--batch", str(args.batch), "--r", str(args.r), "--optim", args.optim, "--threads", str(args.threads),
-           "--mmap-threshold-kib", str(threshold_kib)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TORCH_COMPILE_DISABLE="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{mode} {model} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    flags = [f"--{mode}", "--model", model, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
+             str(args.batch), "--r", str(args.r), "--optim", args.optim, "--threads", str(args.threads),
+             "--mmap-threshold-kib", str(threshold_kib)]  # fmt: skip
+    env = {"OMP_NUM_THREADS": str(args.threads), "TORCH_COMPILE_DISABLE": "1"}
+    return run_child(__file__, flags, env=env, prefix="RESULT ")
 
 
 def cases(workdir: Path, gguf: Path) -> dict[str, str]:
@@ -239,7 +235,7 @@ def _write_in_child(name: str, workdir: Path) -> Path:
 
 def summarize(name: str, condition: str, runs: list[dict[str, Any]], prediction: dict[str, Any]) -> dict[str, Any]:
     """The median measured peak of one case and condition next to the planner's prediction."""
-    measured = statistics.median(r["peak_rss_mib"] for r in runs)
+    measured = median_of(runs, "peak_rss_mib")
     retention = prediction["parts_mib"].get("heap_retention", 0.0)
     implied = (measured - (prediction["total_mib"] - retention)) * 2**20 / prediction["quantized_params"]
     return {"case": name, "condition": condition, "mmap_threshold_kib": CONDITIONS[condition],
@@ -247,7 +243,7 @@ def summarize(name: str, condition: str, runs: list[dict[str, Any]], prediction:
             "measured_peak_max_mib": max(r["peak_rss_mib"] for r in runs), "predicted_peak_mib": prediction["total_mib"],
             "ratio_predicted_over_measured": prediction["total_mib"] / measured,
             "within_15pct": abs(prediction["total_mib"] / measured - 1) <= 0.15,
-            "measured_peak_after_load_mib": statistics.median(r["peak_after_load_mib"] for r in runs),
+            "measured_peak_after_load_mib": median_of(runs, "peak_after_load_mib"),
             "implied_heap_retention_per_qparam": implied, "prediction": prediction, "runs": runs}  # fmt: skip
 
 
@@ -334,8 +330,7 @@ def run_driver(args: argparse.Namespace) -> None:
         "benchmark": "plan_accuracy", "description": __doc__.strip().splitlines()[0],
         "command": "python benchmarks/plan_accuracy.py " + " ".join(sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_head": os.environ.get("QLORAKIT_GIT_HEAD") or subprocess.run(
-            ["git", "rev-parse", "HEAD"], check=False, capture_output=True, text=True, cwd=REPO).stdout.strip(),
+        "git_head": os.environ.get("QLORAKIT_GIT_HEAD") or git_head(),
         "settings": {k: getattr(args, k) for k in ("steps", "seq", "batch", "r", "optim", "repeats", "threads")},
         "calibrated_on": "llama-350m", "conditions": conditions, "total_seconds": time.perf_counter() - started,
         **({"measured": measured} if measured else {}), "results": rows,

@@ -37,14 +37,14 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+
+from _harness import cpu_model, git_head, medians, run_child, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -286,12 +286,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _child(args: argparse.Namespace, *extra: str) -> Any:
     """Run this script in a fresh interpreter with the driver's flags + ``extra``; its last stdout line is JSON."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args.argv, *extra],
-                          capture_output=True, text=True, env=env, check=False)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(extra)} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(__file__, [*args.argv, *extra], env={"TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(args.threads)})
 
 
 def _loss_diff(a: list[dict], b: list[dict]) -> list[float]:
@@ -312,7 +307,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], prep: dict[str, Any], peak_
         for r in rs:
             r["mfu"] = model_flops_per_s(r, prep, warmup) / (peak_gflops * 1e9)
     keys = ("tokens_per_s", "s_per_step", "mfu", "peak_rss_mib", "baseline_rss_mib", "peak_after_load_mib", "load_s")
-    median = {k: {key: statistics.median(r[key] for r in rs) for key in keys} for k, rs in runs.items()}
+    median = medians(runs, keys)
     for m in median.values():
         m["peak_minus_baseline_mib"] = m["peak_rss_mib"] - m["baseline_rss_mib"]
     ratio = {key: median["ours"][key] / median["theirs"][key] for key in median["ours"]}
@@ -349,24 +344,14 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
           f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically: a temporary file next to ``path``, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    (tmp := path.with_suffix(path.suffix + ".tmp")).write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.hardware import (
         speed_flags,  # imports torch: only in the end, after every child ran
     )
 
-    with open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     versions = {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "qlorakit")}
-    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return {"cpu": cpu, "cpu_flags": speed_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
-            "versions": versions | {"python": sys.version.split()[0], "qlorakit_git_head": git.stdout.strip()}}
+    return {"cpu": cpu_model(), "cpu_flags": speed_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
+            "versions": versions | {"python": sys.version.split()[0], "qlorakit_git_head": git_head()}}
 
 
 MFU_FORMULA = (
@@ -449,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs, prep, max(peaks), args.warmup)
     load_end = os.getloadavg()
     print_table(summary, args)
-    write_json(args.output, {
+    write_result(args.output, {
         "benchmark": "train_throughput", "description": __doc__.split("\n", 1)[0],
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python benchmarks/train_throughput.py", *args.argv]),
@@ -464,7 +449,6 @@ def main(argv: list[str] | None = None) -> int:
         "mfu_formula": MFU_FORMULA,
         **summary, "note": NOTES, "runs": runs, "total_seconds": time.perf_counter() - started,
     })  # fmt: skip
-    print(f"wrote {args.output}")
     return 0
 
 

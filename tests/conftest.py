@@ -1,4 +1,4 @@
-"""Shared test setup: CPU, fp32, deterministic; paths to the shared data and model."""
+"""Shared test setup: CPU, fp32, deterministic; paths to the shared data and model; the tiny Llama directory."""
 
 import os
 from pathlib import Path
@@ -28,6 +28,15 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def save_tiny_llama(tmp_path_factory):
+    """``save_tiny_llama(name, tokenizer=None, **overrides) -> directory``: a new temporary directory holding a
+    random tiny Llama (seed 0; ``tests.helpers.tiny_llama`` with ``overrides``) and ``tokenizer`` if given."""
+    from tests.helpers.tiny_llama import save_tiny_llama as save
+
+    return lambda name, tokenizer=None, **overrides: save(tmp_path_factory.mktemp(name), tokenizer, **overrides)
 
 
 def pytest_collection_modifyitems(config, items):

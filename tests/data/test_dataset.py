@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_testing import label_runs, write_jsonl
 
 from qlorakit.config import DataConfig
 from qlorakit.data import build_datasets, default_sample_path, split_indices
 from qlorakit.errors import DataError
+from tests.helpers.data import label_runs, write_jsonl
 
 EOS = "<|im_end|>"
 

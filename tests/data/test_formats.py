@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from data_testing import write_json, write_jsonl
 
 from qlorakit.data import Turn, convert_table, load_examples, read_table
 from qlorakit.errors import DataError
+from tests.helpers.data import write_json, write_jsonl
 
 
 def convert(path, fmt="auto"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from data_testing import write_jsonl
 
 from qlorakit.data import convert_table, read_table
 from qlorakit.errors import DataError
+from tests.helpers.data import write_jsonl
 
 GOOD_ALPACA = {"instruction": "Say hi.", "input": "", "output": "Hi."}
 GOOD_CHAT = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from data_testing import write_json, write_jsonl
 
 from qlorakit.data import read_table
 from qlorakit.errors import DataError
+from tests.helpers.data import write_json, write_jsonl
 
 
 def test_jsonl_positions_are_line_numbers_even_with_blank_lines(tmp_path):

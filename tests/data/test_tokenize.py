@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-from data_testing import label_runs, masked_text
 
 from qlorakit.config import DataConfig
 from qlorakit.data import (
@@ -19,6 +18,7 @@ from qlorakit.data import (
     tokenize_conversations,
 )
 from qlorakit.errors import DataError
+from tests.helpers.data import label_runs, masked_text
 
 EOS = "<|im_end|>"
 MULTI = (Turn("user", "What is 2+2?"), Turn("assistant", "It is 4."), Turn("user", "And 3+3?"), Turn("assistant", "Six."))

@@ -17,15 +17,6 @@ def smol_tokenizer(shared_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(smol_tokenizer, tmp_path_factory) -> Path:
+def tiny_dir(smol_tokenizer, save_tiny_llama) -> Path:
     """A tiny random Llama (hidden 32, 2 layers) saved with SmolLM2's tokenizer, loadable by ``--model DIR``."""
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama("tiny-llama", smol_tokenizer, vocab_size=len(smol_tokenizer), hidden_size=32)

@@ -19,6 +19,7 @@ from qlorakit.eval.mmlu_data import (
     format_question,
     read_questions,
 )
+from tests.helpers.tiny_llama import tiny_llama_config
 
 ROWS = [["What is 1+1?", "1", "2", "3", "4"], ["Pick the colour,\nplease", "red", "dog", "cat", "cow"],
         ["Largest?", "1", "2", "3", "9"]]
@@ -32,8 +33,7 @@ def tokenizer(smol_tokenizer):
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_llama_config(vocab_size=len(tokenizer), hidden_size=32)
     return transformers.LlamaForCausalLM(config).eval()
 
 

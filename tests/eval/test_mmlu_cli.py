@@ -13,6 +13,7 @@ import transformers
 from qlorakit.cli.main import main
 from qlorakit.config import LoraConfig
 from qlorakit.lora import add_lora, lora_layers, save_adapter
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 def _folder(root, subjects=("astronomy", "sociology")):
@@ -27,8 +28,7 @@ def _folder(root, subjects=("astronomy", "sociology")):
 
 def _adapter(tmp_path, hidden, vocab, name):
     torch.manual_seed(1)
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_llama_config(vocab_size=vocab, hidden_size=hidden, intermediate_size=64)
     model = transformers.LlamaForCausalLM(config)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():

@@ -19,13 +19,13 @@ from qlorakit.eval.perplexity import (
     read_text,
     sliding_windows,
 )
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_llama_config(vocab_size=64, hidden_size=32)
     return transformers.LlamaForCausalLM(config).eval()
 
 

@@ -19,12 +19,12 @@ from qlorakit.lora import add_lora, lora_layers
 from qlorakit.models import quantize_model
 from qlorakit.models.export import merge_and_export, merged_weight
 from qlorakit.quant import Linear4bit, dequantize_4bit
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 def _model(tie: bool = True):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    config = tiny_llama_config(tie_word_embeddings=tie)
     model = transformers.LlamaForCausalLM(config)
     quantize_model(model)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))

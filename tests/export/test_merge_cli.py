@@ -15,15 +15,9 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def base_dir(shared_dir, tmp_path_factory):
+def base_dir(shared_dir, save_tiny_llama):
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(shared_dir / "models" / "smollm2-135m-instruct"), gguf_file=GGUF)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path_factory.mktemp("base")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama("base", tokenizer, vocab_size=len(tokenizer))
 
 
 def test_merge_cli_writes_a_checkpoint_with_the_adapted_logits(base_dir, tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from qlorakit.models import quantize_model
+from tests.helpers.tiny_llama import tiny_llama_config
 
 EOS = 256
 VOCAB = 260
@@ -33,10 +34,7 @@ class ByteTokenizer:
 @pytest.fixture(scope="session")
 def _tiny_master():
     torch.manual_seed(4321)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, eos_token_id=EOS, bos_token_id=None, pad_token_id=None,
-    )
+    config = tiny_llama_config(vocab_size=VOCAB, eos_token_id=EOS, bos_token_id=None, pad_token_id=None)
     model = transformers.LlamaForCausalLM(config).eval()
     quantize_model(model)
     return model

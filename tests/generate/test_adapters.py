@@ -7,6 +7,7 @@ from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, StateDictError
 from qlorakit.generate import AdapterSpec, generate_ids, load_adapters, use_adapter
 from qlorakit.lora import add_lora, lora_layers, save_adapter
+from tests.helpers.tiny_llama import tiny_llama_config
 
 PROMPT = list(b"The adapter says")
 BASE_NAMES = ["/models/tiny-llama"]
@@ -62,9 +63,7 @@ def test_adapter_with_other_shapes_fails_before_the_model_changes(tiny_model, tm
 
     from qlorakit.models import quantize_model
 
-    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2)).eval()
+    wider = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=260, hidden_size=32)).eval()
     quantize_model(wider)
     spec = AdapterSpec("w", _save_random_adapter(wider, tmp_path / "w", seed=3))
     model = tiny_model()
@@ -78,9 +77,7 @@ def test_adapter_whose_layers_are_absent_fails(tiny_model, tmp_path):
 
     from qlorakit.models import quantize_model
 
-    deeper = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2)).eval()
+    deeper = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=260, num_hidden_layers=3)).eval()
     quantize_model(deeper)
     spec = AdapterSpec("d", _save_random_adapter(deeper, tmp_path / "d", seed=4))
     with pytest.raises(StateDictError, match="model.layers.2.* does not exist in this model"):

@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lora_testing import tiny_llama_config
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_testing import randomize_lora_b
 from safetensors.torch import load_file
 
 from qlorakit.config import LoraConfig
@@ -20,6 +19,7 @@ from qlorakit.lora import (
     save_adapter,
 )
 from qlorakit.lora.fused import SharedInputA, fuse_shared_inputs, unfuse
+from tests.helpers.lora import randomize_lora_b
 
 RTOL, ATOL = 1e-5, 1e-6
 

@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 import transformers
-from lora_testing import randomize_lora_b, tiny_llama_config
 
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, StateDictError
@@ -19,6 +18,8 @@ from qlorakit.lora import (
     save_adapter,
     set_active_adapter,
 )
+from tests.helpers.lora import randomize_lora_b
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 def _saved_adapter(model, directory, **config):

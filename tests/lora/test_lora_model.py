@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from lora_testing import LLAMA_PROJECTIONS, randomize_lora_b
 from torch import nn
 
 from qlorakit.config import LoraConfig
@@ -23,6 +22,7 @@ from qlorakit.lora import (
     unmerge_adapters,
 )
 from qlorakit.models import quantize_model
+from tests.helpers.lora import LLAMA_PROJECTIONS, randomize_lora_b
 
 CFG = LoraConfig(r=4, alpha=8.0, dropout=0.0)
 

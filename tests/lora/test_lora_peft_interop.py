@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-from lora_testing import LLAMA_PROJECTIONS, randomize_lora_b
 from safetensors.torch import load_file, save_file
 
 from qlorakit.config import LoraConfig
@@ -23,6 +22,7 @@ from qlorakit.lora import (
     save_adapter,
     trainable_parameters,
 )
+from tests.helpers.lora import LLAMA_PROJECTIONS, randomize_lora_b
 
 peft = pytest.importorskip("peft")
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from tiny_models import input_ids, logits, make_model, save
 from torch import nn
 
 from qlorakit.lora.targets import resolve_targets
 from qlorakit.models import load_model, resolve_source
 from qlorakit.quant import Linear4bit
+from tests.helpers.tiny_models import input_ids, logits, make_model, save
 
 bnb = pytest.importorskip("bitsandbytes")
 

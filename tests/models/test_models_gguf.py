@@ -13,8 +13,6 @@ import gguf
 import pytest
 import torch
 import transformers
-from gguf_files import write_tiny_llama_gguf
-from tiny_models import dequantized_reference, input_ids, logits
 
 from qlorakit.config import QuantConfig
 from qlorakit.errors import ModelLoadError
@@ -23,6 +21,8 @@ from qlorakit.models import load_model, load_tokenizer, resolve_source
 from qlorakit.models.gguf import gguf_config_dict
 from qlorakit.models.gguf_reader import read_gguf_header
 from qlorakit.quant import Linear4bit
+from tests.helpers.gguf_files import write_tiny_llama_gguf
+from tests.helpers.tiny_models import dequantized_reference, input_ids, logits
 
 #: "The capital of France is Paris, and the capital of Germany is" in SmolLM2's tokenizer.
 PROMPT_IDS = torch.tensor([[504, 3575, 282, 4649, 314, 7042, 28, 284, 260, 3575, 282, 4521, 314]])

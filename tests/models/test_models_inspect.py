@@ -6,12 +6,12 @@ import json
 
 import pytest
 import transformers
-from tiny_models import tiny_config
 
 from qlorakit.cli.main import main
 from qlorakit.lora.targets import resolve_targets
 from qlorakit.models import inspect_source
 from qlorakit.quant import bits_per_param
+from tests.helpers.tiny_models import tiny_config
 
 
 def _config_only_dir(tmp_path, arch, **overrides):

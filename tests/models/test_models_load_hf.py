@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from tiny_models import ARCHS, dequantized_reference, input_ids, logits, make_model
 from torch import nn
 
 from qlorakit.config import LoraConfig, QuantConfig
 from qlorakit.lora.targets import resolve_targets
 from qlorakit.models import load_model
 from qlorakit.quant import Linear4bit
+from tests.helpers.tiny_models import ARCHS, dequantized_reference, input_ids, logits, make_model
 
 ATOL = 1e-5
 

@@ -11,12 +11,12 @@ from qlorakit.config import QuantConfig
 from qlorakit.errors import ConfigError, ModelLoadError
 from qlorakit.models import quantize_model
 from qlorakit.quant import Linear4bit, quantize_4bit
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 def _llama() -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_llama_config(vocab_size=96)
     return transformers.LlamaForCausalLM(config)
 
 

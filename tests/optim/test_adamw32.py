@@ -1,7 +1,9 @@
 """32-bit AdamW: bit-identical to torch.optim.AdamW (fp32, CPU), including across a safetensors resume."""
 
 import torch
-from optim_testing import (
+
+from qlorakit.optim import AdamW
+from tests.helpers.optim import (
     HYPER,
     SHAPES,
     clone_params,
@@ -12,8 +14,6 @@ from optim_testing import (
     save_state,
     ulp_distance,
 )
-
-from qlorakit.optim import AdamW
 
 
 def _groups(params, lr2=3e-3):

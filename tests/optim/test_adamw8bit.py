@@ -10,7 +10,10 @@ Tolerances (measured over 5 seeds x 3 learning rates, 50 steps):
 
 import pytest
 import torch
-from optim_testing import (
+
+from qlorakit.optim import AdamW
+from qlorakit.optim.state8bit import num_blocks
+from tests.helpers.optim import (
     HYPER,
     SHAPES,
     clone_params,
@@ -20,9 +23,6 @@ from optim_testing import (
     run_steps,
     save_state,
 )
-
-from qlorakit.optim import AdamW
-from qlorakit.optim.state8bit import num_blocks
 
 bnb = pytest.importorskip("bitsandbytes")
 

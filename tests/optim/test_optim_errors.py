@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from optim_testing import HYPER, SHAPES, gradients, make_params, run_steps
 
 from qlorakit.errors import ConfigError, StateDictError
 from qlorakit.optim import OPTIMIZER_NAMES, AdamW, make_optimizer
+from tests.helpers.optim import HYPER, SHAPES, gradients, make_params, run_steps
 
 FACTORY_ARGS = {"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 

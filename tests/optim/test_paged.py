@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from optim_testing import (
+
+from qlorakit.optim import AdamW, PagedStateStore
+from tests.helpers.optim import (
     HYPER,
     SHAPES,
     clone_params,
@@ -12,8 +14,6 @@ from optim_testing import (
     run_steps,
     save_state,
 )
-
-from qlorakit.optim import AdamW, PagedStateStore
 
 #: Page the two larger parameters; the 2,310-element one stays resident.
 PAGE_MIN = 4096

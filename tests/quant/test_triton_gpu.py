@@ -1,7 +1,7 @@
 """The Triton kernels on a CUDA device at model shapes, in 16-bit, against the reference and bitsandbytes.
 
 Every test carries ``gpu`` and is skipped without CUDA. Tolerances are the fp32 summation bound of
-``triton_helpers`` (plus half an ulp for a 16-bit output); dequantization must be bit-identical to
+``tests.helpers.triton_checks`` (plus half an ulp for a 16-bit output); dequantization must be bit-identical to
 ``dequantize_4bit_reference`` run on the same device (every launch disables fp contraction).
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_helpers import assert_within_sum_bound, random_weight, reference_weight
 
 from qlorakit.quant import Linear4bit
 from qlorakit.quant.tensor import QuantizedTensor
+from tests.helpers.triton_checks import assert_within_sum_bound, random_weight, reference_weight
 
 pytestmark = pytest.mark.gpu
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from triton_helpers import assert_within_sum_bound, random_weight, reference_weight
 
 pytest.importorskip("triton")
 
 from qlorakit.errors import QuantizationError
 from qlorakit.quant import Linear4bit
+from tests.helpers.triton_checks import assert_within_sum_bound, random_weight, reference_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

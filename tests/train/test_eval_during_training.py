@@ -7,7 +7,6 @@ import csv
 import dataclasses
 
 import pytest
-from train_testing import run_config, tiny_qlora_model
 
 from qlorakit.cli.main import main
 from qlorakit.config import EvalConfig
@@ -16,6 +15,7 @@ from qlorakit.errors import ConfigError, DataError
 from qlorakit.eval import mmlu, perplexity
 from qlorakit.eval.during_training import build_training_evaluator
 from qlorakit.train import read_metrics, train
+from tests.helpers.train import run_config, tiny_qlora_model
 
 
 def _mmlu_folder(root):

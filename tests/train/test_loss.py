@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from train_testing import tiny_qlora_model
 
 from qlorakit.config import LoraConfig
 from qlorakit.train.loss import (
@@ -21,6 +20,8 @@ from qlorakit.train.loss import (
     chunked_loss_sum,
     reference_loss_sum,
 )
+from tests.helpers.tiny_llama import tiny_llama_config
+from tests.helpers.train import tiny_qlora_model
 
 RTOL, ATOL = 1e-5, 1e-6
 VOCAB = 96
@@ -95,8 +96,7 @@ def test_chunked_loss_sum_without_grad_equals_reference():
 
 
 def test_head_with_logit_scaling_is_not_chunked():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = tiny_llama_config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1)
     model = transformers.LlamaForCausalLM(config)
     assert chunkable_head(model) is model.lm_head
     model.config.final_logit_softcapping = 30.0

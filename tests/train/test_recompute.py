@@ -7,11 +7,11 @@ Tolerance: none (``torch.equal``). ``_SiluMul`` runs the same elementwise ops au
 from __future__ import annotations
 
 import torch
-from train_testing import tiny_qlora_model
 
 from qlorakit.config import LoraConfig
 from qlorakit.lora.model import lora_layers
 from qlorakit.train.recompute import silu_mul, swiglu_mlps, swiglu_recompute
+from tests.helpers.train import tiny_qlora_model
 
 VOCAB = 96
 

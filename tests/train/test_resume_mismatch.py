@@ -15,18 +15,10 @@ from qlorakit.train import read_metrics
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(smol_tokenizer, tmp_path_factory) -> Path:
+def tiny_dir(smol_tokenizer, save_tiny_llama) -> Path:
     """A 1-layer random Llama with the SmolLM2 tokenizer, saved as safetensors."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                                      tie_word_embeddings=True)  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_llama_resume")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama("tiny_llama_resume", smol_tokenizer, vocab_size=len(smol_tokenizer), hidden_size=32,
+                           num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)
 
 
 def _train(model: Path, data: Path, out: Path, *extra: str) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_testing import tiny_qlora_model
 
 from qlorakit.config import LoraConfig
 from qlorakit.lora.model import lora_layers
 from qlorakit.train.rmsnorm import fused_rmsnorm, rms_norm, rmsnorms
+from tests.helpers.train import tiny_qlora_model
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 96

@@ -7,25 +7,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from qlorakit.cli.main import main
 from qlorakit.train import read_metrics
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(smol_tokenizer, tmp_path_factory) -> Path:
+def tiny_model_dir(smol_tokenizer, save_tiny_llama) -> Path:
     """A 2-layer random Llama with the SmolLM2 tokenizer, saved as safetensors."""
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama("tiny_llama", smol_tokenizer, vocab_size=len(smol_tokenizer), tie_word_embeddings=True)
 
 
 def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

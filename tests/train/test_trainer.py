@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_testing import run_config, tiny_qlora_model
 
 from qlorakit.data import build_datasets, collate_fn
 from qlorakit.train import list_checkpoints, read_metrics, train
 from qlorakit.train.loop import token_loss_sum
+from tests.helpers.train import run_config, tiny_qlora_model
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "elapsed_s", "tokens_per_s"}
 

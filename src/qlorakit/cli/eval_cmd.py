@@ -19,26 +19,7 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be >= 0")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be > 0")
-    return value
+from qlorakit.cli.arg_types import non_negative_int, positive_float, positive_int
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -59,10 +40,10 @@ def add_elo(evaluations: Any) -> None:
                     " unparsed: skipped) in many seeded random orders; print and write each model's mean Elo,"
                     " the 95%% CI of that mean and the 2.5-97.5%% spread over orderings.")
     _add_common(parser)
-    parser.add_argument("--orderings", type=_positive_int, default=DEFAULT_ORDERINGS,
+    parser.add_argument("--orderings", type=positive_int, default=DEFAULT_ORDERINGS,
                         help="random orderings of all matches (default: %(default)s)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the orderings (default: 0)")
-    parser.add_argument("--k-factor", type=_positive_float, default=K_FACTOR,
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the orderings (default: 0)")
+    parser.add_argument("--k-factor", type=positive_float, default=K_FACTOR,
                         help="Elo K factor (default: %(default)s; 4 reproduces the QLoRA paper's Table 1)")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the ratings with their intervals")
     parser.set_defaults(func=run_elo)

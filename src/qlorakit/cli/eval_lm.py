@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from qlorakit.cli.eval_cmd import _non_negative_int, _positive_int
+from qlorakit.cli.arg_types import non_negative_int, positive_int
 from qlorakit.config import DEFAULT_MODEL
 from qlorakit.constants import QUANT_TYPES
 
@@ -27,9 +27,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, max_seq_len: int, batch_si
     parser.add_argument("--adapter", metavar="DIR", help="a PEFT adapter directory to apply (e.g. a run's adapter)")
     parser.add_argument("--no-quantize", action="store_true", help="keep the linears in fp32 instead of 4 bits")
     parser.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4", help="4-bit type (default: %(default)s)")
-    parser.add_argument("--max-seq-len", type=_positive_int, default=max_seq_len,
+    parser.add_argument("--max-seq-len", type=positive_int, default=max_seq_len,
                         help="tokens per model input (default: %(default)s)")
-    parser.add_argument("--batch-size", type=_positive_int, default=batch_size,
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help="sequences per forward (default: %(default)s)")
     parser.add_argument("--output", required=True, metavar="FILE.json", help="where to write the JSON result")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -56,8 +56,8 @@ def add_ppl(evaluations: Any) -> None:
                     " no earlier window scored (stride = max-seq-len: disjoint windows). Reports exp(mean NLL)"
                     " and the number of scored tokens.")
     parser.add_argument("--data", required=True, metavar="FILE", help="a UTF-8 text file, or .jsonl with 'text'")
-    parser.add_argument("--stride", type=_positive_int, help="tokens between window starts (default: --max-seq-len)")
-    parser.add_argument("--max-tokens", type=_positive_int,
+    parser.add_argument("--stride", type=positive_int, help="tokens between window starts (default: --max-seq-len)")
+    parser.add_argument("--max-tokens", type=positive_int,
                         help="score only the first N tokens of the text (a quick, partial run)")
     _add_model_flags(parser, max_seq_len=1024, batch_size=1)
     parser.set_defaults(func=run_ppl)
@@ -94,8 +94,8 @@ def add_mmlu(evaluations: Any) -> None:
                     " per subject, per category and the mean over subjects (fractions 0-1).")
     parser.add_argument("--data", required=True, metavar="DIR", help="folder with dev/<subject>_dev.csv and "
                         "test/<subject>_test.csv (header+index or no-header+letter CSV)")
-    parser.add_argument("--shots", type=_non_negative_int, default=5, help="few-shot examples (default: 5)")
-    parser.add_argument("--limit", type=_positive_int, help="first N test questions per subject (quick runs)")
+    parser.add_argument("--shots", type=non_negative_int, default=5, help="few-shot examples (default: 5)")
+    parser.add_argument("--limit", type=positive_int, help="first N test questions per subject (quick runs)")
     parser.add_argument("--subjects", nargs="+", metavar="SUBJECT", help="only these subjects (default: all in DIR/test)")
     _add_model_flags(parser, max_seq_len=2048, batch_size=8)
     parser.set_defaults(func=run_mmlu)

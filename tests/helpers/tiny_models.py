@@ -10,11 +10,9 @@ import transformers
 from qlorakit.config import QuantConfig
 from qlorakit.lora.targets import resolve_targets
 from qlorakit.quant import dequantize_4bit, quantize_4bit
+from tests.helpers.tiny_llama import TINY_LLAMA
 
-_COMMON = {
-    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 64,
-}  # fmt: skip
+_COMMON = {**TINY_LLAMA, "intermediate_size": 96, "head_dim": 16, "max_position_embeddings": 64}
 
 #: name -> (config class, extra fields). Qwen2 has q/k/v biases; Gemma ties its head and scales embeddings.
 ARCHS = {

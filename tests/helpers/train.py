@@ -10,6 +10,7 @@ from torch import nn
 from qlorakit.config import SECTIONS, DataConfig, LoraConfig, QuantConfig, RunConfig
 from qlorakit.lora import add_lora
 from qlorakit.models import quantize_model
+from tests.helpers.tiny_llama import tiny_llama_config
 
 
 def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Module:
@@ -17,8 +18,7 @@ def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Mod
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = tiny_llama_config(vocab_size=vocab_size, tie_word_embeddings=True)
     model = transformers.LlamaForCausalLM(config)
     quantize_model(model)
     add_lora(model, lora)
