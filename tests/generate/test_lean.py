@@ -20,6 +20,7 @@ from qlorakit.lora import add_lora
 from qlorakit.lora.fused import fuse_shared_inputs
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.models import quantize_model
+from qlorakit.quant.linear import Linear4bit
 
 VOCAB = 300
 SHAPE = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -96,6 +97,24 @@ def test_lean_with_fused_shared_input_adapters():
     _set_active(model, "one")
     fuse_shared_inputs(model, "one")
     _assert_steps_match(model, prompt_len=9, steps=3)
+
+
+@pytest.mark.parametrize("helper", ["LoraLinear.add_delta", "Linear4bit._project"])
+def test_lean_runs_each_layers_own_math(monkeypatch, helper):
+    """Shifting the adapter update (``LoraLinear.add_delta``) or the 4-bit projection (``Linear4bit._project``:
+    casts, product, bias) by 1.0 shifts lean's logits, which still equal transformers' forward: lean repeats
+    neither, it calls the layers' bound projections."""
+    model = _model("llama")
+    _add_adapter(model, "one", seed=1)
+    _set_active(model, "one")
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    before = LeanDecoder(model, 8).step(ids)
+    cls, name = {"LoraLinear": LoraLinear, "Linear4bit": Linear4bit}[helper.split(".")[0]], helper.split(".")[1]
+    original = getattr(cls, name)
+    monkeypatch.setattr(cls, name, lambda self, *args: original(self, *args) + 1.0)
+    shifted = LeanDecoder(model, 8).step(ids)
+    assert float((shifted - before).abs().max()) > 1e-2
+    _assert_steps_match(model, prompt_len=9, steps=2)
 
 
 def test_generate_ids_lean_and_reference_give_the_same_tokens():

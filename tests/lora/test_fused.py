@@ -18,7 +18,9 @@ from qlorakit.lora import (
     lora_state_dict,
     save_adapter,
 )
+from qlorakit.lora import fused as fused_module
 from qlorakit.lora.fused import SharedInputA, fuse_shared_inputs, unfuse
+from qlorakit.lora.layer import LoraLinear, down_product
 from tests.helpers.lora import randomize_lora_b
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -111,3 +113,18 @@ def test_unfuse_restores_plain_linears_around_the_same_parameters(tiny_llama):
     after = dict(model.named_parameters())
     assert all(after[n] is p for n, p in before.items())
     assert all(type(layer.lora_A["default"]) is torch.nn.Linear for layer in lora_layers(model).values())
+
+
+def test_fused_layers_share_only_the_a_product(tiny_llama, input_ids, monkeypatch):
+    """The group's one product is ``lora.layer.down_product`` on the stacked A's, and every layer still adds
+    its update through ``LoraLinear.add_delta``: fused.py re-derives neither the A nor the B product."""
+    model = _adapted(tiny_llama)
+    fuse_shared_inputs(model)
+    stacked, updated = [], []
+    monkeypatch.setattr(fused_module, "down_product", lambda h, w: stacked.append(w.shape[0]) or down_product(h, w))
+    add_delta = LoraLinear.add_delta
+    monkeypatch.setattr(LoraLinear, "add_delta", lambda self, *args: updated.append(self) or add_delta(self, *args))
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    assert stacked == [3 * 4, 2 * 4] * 2  # q/k/v and gate/up of each block, r = 4
+    assert len(updated) == len(lora_layers(model)) == 2 * 7

@@ -14,6 +14,7 @@ from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError
 from qlorakit.lora import LoraLinear, MergeError
 from qlorakit.quant import Linear4bit, dequantize_4bit
+from qlorakit.quant.gemv import FEW_ROWS
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 IN, OUT = 48, 40
@@ -216,3 +217,52 @@ def test_switching_or_deleting_while_merged_is_refused():
         layer.delete_adapter("a")
     with pytest.raises(MergeError, match="already merged"):
         layer.merge()
+
+
+def _two_adapters(base):
+    layer = LoraLinear(base)
+    for name, r, alpha in (("one", 8, 5.0), ("two", 4, 3.0)):  # scales 5/8 and 3/4: not powers of two
+        layer.add_adapter(name, LoraConfig(r=r, alpha=alpha, dropout=0.0))
+        _randomize_b(layer, name)
+    return layer
+
+
+@pytest.mark.parametrize("four_bit", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("rows", [1, FEW_ROWS])
+def test_bound_projection_equals_forward_for_two_adapters(four_bit, fused, rows):
+    """Bound once, then switched: each adapter (and none, and disabled) gives forward's output bit for bit.
+    The nn.Linear base has a bias, so its bound projection is ``F.linear`` (the dense GEMV is for bias-free rows)."""
+    base = nn.Linear(IN, OUT)
+    layer = _two_adapters(Linear4bit.from_linear(base) if four_bit else base)
+    layer.fuse_up_projection = fused
+    bound = layer.bind()
+    x = torch.randn(rows, IN)
+    with torch.no_grad():
+        for active, enabled in (("one", True), ("two", True), (None, True), ("one", False)):
+            layer.set_active(active)
+            layer.set_enabled(enabled)
+            got, want = bound(x), layer(x)
+            assert torch.equal(got, want), (active, enabled)
+        assert torch.equal(bound(x), layer.base_layer(x))  # disabled: the base only
+        layer.set_enabled(True)
+        assert not torch.equal(bound(x), layer.base_layer(x))  # "one" is active again
+
+
+def test_forward_and_bound_projection_go_through_add_delta(monkeypatch):
+    layer = _two_adapters(Linear4bit.from_linear(nn.Linear(IN, OUT)))
+    layer.set_active("two")
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        before, bound_before = layer(x), layer.bind()(x)
+        add_delta = LoraLinear.add_delta
+        monkeypatch.setattr(LoraLinear, "add_delta", lambda self, *args: add_delta(self, *args) + 1.0)
+        assert torch.equal(layer(x), before + 1.0)
+        assert torch.equal(layer.bind()(x), bound_before + 1.0)
+
+
+def test_fuse_up_projection_is_a_setting_of_each_layer():
+    one, two = _lora(alpha=5.0), _lora(alpha=5.0)
+    one.fuse_up_projection = False
+    assert two.fuse_up_projection and LoraLinear(nn.Linear(IN, OUT)).fuse_up_projection
+    assert "fuse_up_projection" not in vars(LoraLinear)

@@ -65,20 +65,20 @@ def test_dequantize_into_out_equals_a_new_tensor(dtype, use_native):
     assert torch.equal(out, dequantize_4bit(q, dtype, use_native=use_native))
 
 
-def test_reused_dequant_buffer_gives_bit_identical_outputs_and_grads(monkeypatch):
+def test_reused_dequant_buffer_gives_bit_identical_outputs_and_grads():
     """Two layers of different shapes run forward, then backward in reverse: each pass dequantizes into the
     one shared buffer, so a result that leaked from it (a view kept past the matmul) would be overwritten."""
     layers = [Linear4bit.from_linear(_linear(128, 96)), Linear4bit.from_linear(_linear(96, 160))]
     x = torch.randn(2, 5, 128)
     runs = []
     for reuse in (True, False):
-        monkeypatch.setattr(Linear4bit, "reuse_dequant_buffer", reuse)
+        for layer in layers:
+            layer.reuse_dequant_buffer = reuse
         xg = x.clone().requires_grad_(True)
         out = layers[1](layers[0](xg))
         out.backward(torch.ones_like(out))
         runs.append((out.detach(), xg.grad))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    monkeypatch.setattr(Linear4bit, "reuse_dequant_buffer", True)
     first = dequantize_scratch(layers[0].qweight, torch.float32)
     assert dequantize_scratch(layers[1].qweight, torch.float32).data_ptr() == first.data_ptr()  # one buffer
 

@@ -17,12 +17,12 @@ hidden state ``h (1, t, d)``:
     logits = RMSNorm_f(h[:, -1]) W_head^T
 
 with ``rope(x) = x cos + rotate_half(x) sin`` (cos/sin from the model's own rotary module, so every
-RoPE scaling variant it implements carries over). Each projection is bound once (``_bind``): a
-``Linear4bit`` with the compiled kernel (``quant.backends``) calls it with pre-marshalled arguments for
-up to ``FEW_ROWS`` rows, an fp32 ``nn.Linear`` head of one row takes the compiled dense GEMV, anything
-else (more rows, no kernel, 16-bit bases) calls the module; a ``LoraLinear`` adds its active adapter's
-``scale * B A x`` exactly as its forward does (the active adapter is read at every call, so switching
-adapters between requests works). Inference only: no dropout, no gradient.
+RoPE scaling variant it implements carries over). Each projection is the layer's own bound projection,
+taken once (``_bind``): ``Linear4bit.bind()`` (its forward, with the compiled kernel's arguments
+marshalled once for the few-row GEMV), ``quant.linear.bind_linear`` for an ``nn.Linear`` (a one-row head
+takes the compiled dense GEMV), ``LoraLinear.bind()`` for an adapted one (its base's plus the adapter
+update of its forward, ``LoraLinear.add_delta``, with the active adapter read at every call, so switching
+adapters between requests works). No math of a projection is repeated here. Inference only: no gradient.
 
 The reference is transformers' own forward with a ``DynamicCache`` (``decode.generate_ids`` with
 ``lean=False``); tests hold the logits of every step to it. Models it does not cover (another
@@ -32,7 +32,6 @@ architecture, a sliding window shorter than the request, tensor-parallel layouts
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,14 +40,10 @@ from torch import nn
 
 from qlorakit.constants import RMSNORMS
 from qlorakit.lora.layer import LoraLinear
-from qlorakit.quant import backends
-from qlorakit.quant.gemv import FEW_ROWS
-from qlorakit.quant.linear import Linear4bit
+from qlorakit.quant.linear import Projection, bind_linear
 
 #: ``config.model_type`` values whose decoder layers have exactly the structure above.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-Projection = Callable[[torch.Tensor], torch.Tensor]  # (rows, in) -> (rows, out)
 
 
 def unsupported_reason(model: Any, max_len: int) -> str | None:
@@ -75,59 +70,9 @@ def unsupported_reason(model: Any, max_len: int) -> str | None:
     return None
 
 
-def _bind_base(module: nn.Module) -> Projection:
-    """The fastest exact call of a base linear (``Linear4bit`` or ``nn.Linear``) on ``(rows, in)``."""
-    kernels = backends.native_cpu()  # the compiled CPU kernels, or None
-    if isinstance(module, Linear4bit) and module.use_gemv and kernels is not None:
-        kernel = kernels.bind_gemv(module.qweight)
-        if kernel is not None:
-            bias, compute = module.bias, module.compute_dtype
-
-            def four_bit(x: torch.Tensor) -> torch.Tensor:  # the steps of Linear4bit.forward's GEMV branch
-                if x.shape[0] > FEW_ROWS:
-                    return module(x)
-                xc = (x if compute is None or compute == x.dtype else x.to(compute)).contiguous()
-                if xc.dtype == torch.float32:
-                    y = kernel(xc)  # (rows, out)
-                elif xc.dtype == torch.bfloat16:
-                    y = kernel.bf16(xc)  # (rows, out): = kernel(xc.float()).to(bf16), casts done in C
-                else:
-                    y = kernel(xc.float()).to(xc.dtype)  # the kernel sums in fp32
-                if bias is not None:
-                    y = y + bias.to(y.dtype)
-                return y if y.dtype == x.dtype else y.to(x.dtype)
-
-            return four_bit
-    if type(module) is nn.Linear:
-        weight, bias = module.weight, module.bias
-
-        def dense(x: torch.Tensor) -> torch.Tensor:  # one fp32/bf16 row: the compiled dense GEMV
-            if x.shape[0] == 1 and bias is None and kernels is not None:
-                y = kernels.dense_gemv(x[0].contiguous(), weight)  # (out,) or None
-                if y is not None:
-                    return y.unsqueeze(0)
-            return F.linear(x, weight, bias)
-
-        return dense
-    return module
-
-
 def _bind(module: nn.Module) -> Projection:
-    """``_bind_base`` plus, for a ``LoraLinear``, its active adapter's update (as in ``LoraLinear.forward``)."""
-    if not isinstance(module, LoraLinear):
-        return _bind_base(module)
-    base = _bind_base(module.base_layer)
-
-    def adapted(x: torch.Tensor) -> torch.Tensor:
-        result = base(x)  # (rows, out)
-        name = module.active_adapter
-        if name is None or not module.enabled or module.merged_adapter is not None:
-            return result
-        a, b = module.lora_A[name].weight, module.lora_B[name].weight  # (r, in), (out, r)
-        delta = F.linear(F.linear(x.to(a.dtype), a), b) * module.scaling[name]  # (rows, out)
-        return result + delta.to(result.dtype)
-
-    return adapted
+    """A projection's own bound call, ``(rows, in) -> (rows, out)``: ``LoraLinear.bind()``, else ``bind_linear``."""
+    return module.bind() if isinstance(module, LoraLinear) else bind_linear(module)
 
 
 def _bind_norm(module: nn.Module) -> Projection:

@@ -7,10 +7,13 @@ computes once
     [u_1 | ... | u_k] = h @ [A_1; ...; A_k]^T        h: (..., in), A_i: (r_i, in), u_i: (..., r_i)
 
 and hands each layer its slice ``u_i`` (one matmul with ``sum r_i`` outputs instead of ``k`` with ``r_i``,
-and in backward one ``dL/dh`` matmul and one ``dL/dA`` matmul instead of ``k`` each). The adapters stay
-separate parameters: ``fuse_shared_inputs`` replaces each ``lora_A[name]`` ``nn.Linear`` by a
-``SharedInputA`` holding the *same* weight ``Parameter``, so state dicts, PEFT files, optimizers and merges
-see exactly what they saw before (``unfuse`` restores plain ``nn.Linear`` modules around the same weights).
+and in backward one ``dL/dh`` matmul and one ``dL/dA`` matmul instead of ``k`` each). The product is
+``lora.layer.down_product`` (what each ``lora_A`` computes alone), and each layer's ``LoraLinear.add_delta``
+adds ``scale * u_i B_i^T`` as it does unfused: this module only decides how the ``A`` product is shared.
+The adapters stay separate parameters: ``fuse_shared_inputs`` replaces each ``lora_A[name]`` ``nn.Linear``
+by a ``SharedInputA`` holding the *same* weight ``Parameter``, so state dicts, PEFT files, optimizers and
+merges see exactly what they saw before (``unfuse`` restores plain ``nn.Linear`` modules around the same
+weights).
 
 The group reuses its product only for the very tensor object it computed it from (``x is cached_input``)
 and only until every member has taken its slice; any other input is computed unfused. Groups whose
@@ -27,7 +30,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qlorakit.lora.layer import LoraLinear
+from qlorakit.lora.layer import LoraLinear, down_product
 from qlorakit.lora.model import lora_layers
 
 #: Sibling module names that read the same input in Llama-style blocks (attention, MLP).
@@ -64,12 +67,12 @@ class _Group:
     def down(self, member: SharedInputA, h: torch.Tensor) -> torch.Tensor:
         if h is not self._input:  # a new input: one matmul for every member
             weights = [m.weight for m in self.members]
-            fused = h @ torch.cat(weights).t()  # (..., sum r)
+            fused = down_product(h, torch.cat(weights))  # (..., sum r)
             parts = fused.split([w.shape[0] for w in weights], dim=-1)  # (..., r_i) each
             self.products += 1
             self._input, self._slices = h, {id(m): p for m, p in zip(self.members, parts, strict=True)}
         elif id(member) not in self._slices:  # the same input again for a member that took its slice
-            return h @ member.weight.t()
+            return down_product(h, member.weight)  # (..., r)
         out = self._slices.pop(id(member))
         if not self._slices:
             self._input = None

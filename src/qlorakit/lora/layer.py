@@ -14,6 +14,10 @@ default: the input is cast to the adapter dtype and the adapter's result back to
 Several adapters live side by side under their names (``lora_A[name]``, ``lora_B[name]``); at most one is
 active, and ``enabled = False`` gives the base-only forward.
 
+The adapter's part has one home, ``LoraLinear.add_delta``: ``forward`` adds it to the base output, ``bind()``
+(the decoding projection ``generate.lean`` composes) to the base's bound projection (``quant.linear.bind_linear``),
+and ``lora.fused`` only replaces ``lora_A[name]`` by a module that shares the ``A`` product between siblings.
+
 ``merge()`` writes ``W + scale * B @ A`` (computed in fp32, stored in W's dtype) into a 16/32-bit
 ``nn.Linear`` base; ``unmerge()`` subtracts it again. A 4-bit base is never merged in place: re-quantizing
 would silently change the base, so that is ``merge_and_export``'s job.
@@ -24,11 +28,18 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, QlorakitError
-from qlorakit.quant.linear import Linear4bit
+from qlorakit.quant.linear import Linear4bit, Projection, bind_linear
+
+
+def down_product(h: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
+    """``u = h A^T``: h (..., in), A (r, in) -> (..., r), what an adapter's ``lora_A`` (a bias-free ``nn.Linear``)
+    computes; ``lora.fused`` calls it once with the stacked ``[A_1; ...; A_k]`` of sibling layers."""
+    return F.linear(h, weight_a)
 
 
 def _addmm_fusable(result: torch.Tensor, u: torch.Tensor, lora_b: nn.Module) -> bool:
@@ -64,9 +75,6 @@ class LoraLinear(nn.Module):
     """A frozen base linear plus named LoRA adapters; see the module docstring for the math."""
 
     is_lora_linear = True
-    #: Fold ``scale * u B^T`` into the base output with one ``addmm`` (``_add_up_projection``) when the dtypes
-    #: allow; ``False`` on a layer (or the class) keeps the reference ``result + B(u) * scale``.
-    fuse_up_projection: bool = True
 
     def __init__(self, base_layer: nn.Linear | Linear4bit) -> None:
         super().__init__()
@@ -83,6 +91,9 @@ class LoraLinear(nn.Module):
         self.active_adapter: str | None = None
         self.enabled = True
         self.merged_adapter: str | None = None
+        # Fold ``scale * u B^T`` into the base output with one ``addmm`` (``_add_up_projection``) when the dtypes
+        # allow; ``False`` on this layer keeps the reference ``result + B(u) * scale``.
+        self.fuse_up_projection = True
 
     # --- adapters by name ----------------------------------------------------------------------------
 
@@ -171,20 +182,56 @@ class LoraLinear(nn.Module):
 
     # --- forward -------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
+    def _adapter_in_use(self) -> str | None:
+        """The adapter forward adds: the active one, unless adapters are disabled or it is merged into the base."""
         name = self.active_adapter
-        if name is None or not self.enabled or self.merged_adapter is not None:
+        return None if not self.enabled or self.merged_adapter is not None else name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in_features)
+        name = self._adapter_in_use()
+        if name is None:
             return self.base_layer(x)  # (..., out_features)
-        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-        lead = x.shape[:-1]
         # (N, out): 2-D, so the base returns its own tensor (not a view) that addmm_ may write into
-        result = self.base_layer(x.reshape(-1, self.in_features))
-        h = self.lora_dropout[name](x.to(lora_a.weight.dtype))  # (..., in)
-        u = lora_a(h)  # (..., r)
+        return self.add_delta(name, x, self.base_layer(x.reshape(-1, self.in_features)))
+
+    def add_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + scale * B(A(dropout(x)))`` for adapter ``name``: x (..., in), result (N, out) -> (..., out).
+
+        ``result`` is the base output of the ``N`` rows of ``x``; when it is the base's own 2-D tensor, the
+        ``addmm`` fold (``fuse_up_projection``) writes into it. A plain ``nn.Linear`` A or B is applied by
+        its functional form (``down_product``, ``F.linear``: its forward without the few microseconds of a
+        module call, which decoding pays per projection); ``lora.fused.SharedInputA`` hands out its slice of
+        a product shared with sibling layers.
+        """
+        lora_a, lora_b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        dtype, dropout = lora_a.weight.dtype, self.lora_dropout[name]
+        h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
+        if type(dropout) is not nn.Identity:
+            h = dropout(h)
+        u = down_product(h, lora_a.weight) if type(lora_a) is nn.Linear else lora_a(h)  # (..., r)
+        lead = x.shape[:-1]
         if self.fuse_up_projection and _addmm_fusable(result, u, lora_b):
-            return _add_up_projection(result, u, lora_b.weight, self.scaling[name]).view(*lead, self.out_features)
-        result = result.view(*lead, self.out_features)
-        return result + (lora_b(u) * self.scaling[name]).to(result.dtype)  # (..., out): the reference
+            out = _add_up_projection(result, u, lora_b.weight, scale)  # (N, out)
+            return out if len(lead) == 1 else out.view(*lead, self.out_features)
+        result = result if len(lead) == 1 else result.view(*lead, self.out_features)
+        up = F.linear(u, lora_b.weight, lora_b.bias) if type(lora_b) is nn.Linear else lora_b(u)  # (..., out)
+        delta = up * scale
+        return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))  # (..., out): the reference
+
+    def bind(self) -> Projection:
+        """This forward for decoding, ``x (rows, in) -> (rows, out)``: the base's bound projection
+        (``bind_linear``) plus ``add_delta`` of the adapter in use, read at every call (so switching adapters
+        between requests needs no new binding). Equal to ``self(x)`` bit for bit when the base's bound
+        projection is (a ``Linear4bit``; an ``nn.Linear``'s one-row dense GEMV sums in another order).
+        """
+        base = bind_linear(self.base_layer)
+
+        def projection(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
+            name = self._adapter_in_use()
+            result = base(x)  # (rows, out)
+            return result if name is None else self.add_delta(name, x, result)
+
+        return projection
 
     # --- merge ---------------------------------------------------------------------------------------
 

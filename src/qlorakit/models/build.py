@@ -106,11 +106,8 @@ def linear4bit_shell(
     linear: nn.Linear, quant: QuantConfig, compute_dtype: torch.dtype, device: torch.device
 ) -> Linear4bit:
     """A ``Linear4bit`` shaped like ``linear`` holding no weight (its bias, if any, stays on meta)."""
-    module = Linear4bit.__new__(Linear4bit)
-    nn.Module.__init__(module)
-    module.in_features, module.out_features = linear.in_features, linear.out_features
-    module.quant_type, module.blocksize, module.double_quant = quant.quant_type, quant.blocksize, quant.double_quant
-    module.compute_dtype = compute_dtype
+    module = Linear4bit.empty(linear.in_features, linear.out_features, quant.quant_type, quant.blocksize,
+                              quant.double_quant, compute_dtype)
     module.qweight = empty_qweight(linear.out_features, linear.in_features, quant, device)
     module.bias = None
     if linear.bias is not None:

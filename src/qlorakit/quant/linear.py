@@ -3,6 +3,9 @@
 Forward (QLoRA eq. 5, without the adapter): ``y = x @ dequant(W).T + b`` in the compute dtype.
 At most ``FEW_ROWS`` input rows that need no gradient (batch-1 decoding, a short prefill) go through
 ``gemv_4bit`` instead, which never builds the full weight; ``use_gemv = False`` on a layer forces the reference path.
+``Linear4bit.bind()`` hands out the same forward for decoding with the compiled kernel's arguments marshalled
+once, and ``bind_linear`` the bound projection of any base linear (``generate.lean`` and ``LoraLinear.bind``
+compose them), so the GEMV branch has one copy.
 Backward: only the input gradient ``dL/dx = dL/dy @ dequant(W)`` is produced — the base weight is frozen —
 and the autograd function saves nothing but a reference to the packed ``QuantizedTensor``: the
 dequantized weight is rebuilt in backward instead of being kept alive between the passes.
@@ -17,8 +20,10 @@ The state dict uses bitsandbytes' keys exactly: ``<prefix>weight`` (packed uint8
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qlorakit.errors import QuantizationError, StateDictError
@@ -26,6 +31,8 @@ from qlorakit.quant import backends
 from qlorakit.quant.functional import FLOAT_DTYPES, dequantize_4bit, quantize_4bit
 from qlorakit.quant.gemv import FEW_ROWS, gemv_4bit
 from qlorakit.quant.tensor import QuantizedTensor
+
+Projection = Callable[[torch.Tensor], torch.Tensor]  # a bound linear: x (rows, in) -> (rows, out)
 
 
 class _Scratch(threading.local):
@@ -45,7 +52,7 @@ def dequantize_scratch(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Te
     it for one matmul and keeps nothing). A fresh (out, in) tensor per layer and pass is fresh pages
     under the trainer's fixed mmap threshold (``train.allocator``): 0.76 GiB of page faults per step for
     SmolLM2 at 2 x 512 tokens. The buffer holds as much as the largest weight, as the fresh tensor did.
-    ``Linear4bit.reuse_dequant_buffer = False`` (a class switch) or a non-CPU weight: a new tensor each time.
+    ``reuse_dequant_buffer = False`` on a ``Linear4bit`` or a non-CPU weight: a new tensor each time.
     """
     key, numel = (dtype, qweight.device), qweight.numel
     buffer = _scratch.buffers.get(key)
@@ -54,8 +61,8 @@ def dequantize_scratch(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Te
     return dequantize_4bit(qweight, dtype=dtype, out=buffer[:numel].view(qweight.shape))
 
 
-def _dequantize_for_matmul(qweight: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-    if Linear4bit.reuse_dequant_buffer and qweight.device.type == "cpu":
+def _dequantize_for_matmul(qweight: QuantizedTensor, dtype: torch.dtype, reuse_buffer: bool) -> torch.Tensor:
+    if reuse_buffer and qweight.device.type == "cpu":
         return dequantize_scratch(qweight, dtype)
     return dequantize_4bit(qweight, dtype=dtype)
 
@@ -64,37 +71,42 @@ class _Matmul4bit(torch.autograd.Function):
     """``x @ dequant(W).T`` with an input-only backward; ``W`` is captured by reference, not saved."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:  # x: (..., in)
-        ctx.qweight = qweight
+    def forward(ctx, x: torch.Tensor, qweight: QuantizedTensor, reuse_buffer: bool) -> torch.Tensor:  # x: (..., in)
+        ctx.qweight, ctx.reuse_buffer = qweight, reuse_buffer
         fast = backends.select(x.device)  # Triton kernels for CUDA tensors; None on CPU
         if fast is not None and fast.is_supported(qweight, x):
             return fast.matmul_4bit(x, qweight)  # (..., out), W decoded tile by tile, never stored
-        weight = _dequantize_for_matmul(qweight, x.dtype)  # (out, in)
+        weight = _dequantize_for_matmul(qweight, x.dtype, reuse_buffer)  # (out, in)
         return x @ weight.t()  # (..., out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):  # grad_out: (..., out)
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         fast = backends.select(grad_out.device)
         if fast is not None and fast.is_supported(ctx.qweight, grad_out):
-            return fast.grad_input_4bit(grad_out, ctx.qweight), None  # (..., in)
-        weight = _dequantize_for_matmul(ctx.qweight, grad_out.dtype)  # (out, in)
-        return grad_out @ weight, None  # (..., in)
+            return fast.grad_input_4bit(grad_out, ctx.qweight), None, None  # (..., in)
+        weight = _dequantize_for_matmul(ctx.qweight, grad_out.dtype, ctx.reuse_buffer)  # (out, in)
+        return grad_out @ weight, None, None  # (..., in)
 
 
-def matmul_4bit(x: torch.Tensor, qweight: QuantizedTensor) -> torch.Tensor:
-    """``x (..., in) @ dequant(qweight).T -> (..., out)``: the reference 4-bit matmul."""
-    return _Matmul4bit.apply(x, qweight)
+def matmul_4bit(x: torch.Tensor, qweight: QuantizedTensor, reuse_buffer: bool = True) -> torch.Tensor:
+    """``x (..., in) @ dequant(qweight).T -> (..., out)``: the reference 4-bit matmul.
+
+    ``reuse_buffer``: on the CPU, dequantize into this thread's reused buffer (``dequantize_scratch``) in both
+    passes; ``False``: a new tensor each time.
+    """
+    return _Matmul4bit.apply(x, qweight, reuse_buffer)
 
 
 class Linear4bit(nn.Module):
-    """A linear layer with a frozen 4-bit weight (and an optional bias, frozen by default)."""
+    """A linear layer with a frozen 4-bit weight (and an optional bias, frozen by default).
 
-    #: Route up to FEW_ROWS input rows without grad through ``gemv_4bit`` (set ``False`` on a layer for the reference).
-    use_gemv: bool = True
-    #: Dequantize into a reused per-thread buffer for the CPU matmul (``dequantize_scratch``); ``False``: a new tensor.
-    reuse_dequant_buffer: bool = True
+    Per-layer settings (set in the constructors; ``True`` by default):
+    ``use_gemv``: send up to ``FEW_ROWS`` input rows without grad to ``gemv_4bit`` (``False``: the reference);
+    ``reuse_dequant_buffer``: the CPU matmul dequantizes into a reused per-thread buffer (``dequantize_scratch``;
+    ``False``: a new tensor each time).
+    """
 
     def __init__(
         self,
@@ -108,19 +120,39 @@ class Linear4bit(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-            raise QuantizationError(f"compute_dtype {compute_dtype} not supported; use one of {FLOAT_DTYPES}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.quant_type = quant_type
-        self.blocksize = blocksize
-        self.double_quant = double_quant
-        self.compute_dtype = compute_dtype
+        self._set_fields(in_features, out_features, quant_type, blocksize, double_quant, compute_dtype)
         # The weight starts as an all-zero quantized tensor of the right shape; from_linear or
         # load_state_dict fills it.
         zeros = torch.zeros(out_features, in_features, device=device)
         self.qweight: QuantizedTensor = quantize_4bit(zeros, quant_type, blocksize, double_quant)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    def _set_fields(self, in_features: int, out_features: int, quant_type: str, blocksize: int, double_quant: bool,
+                    compute_dtype: torch.dtype | None) -> None:  # fmt: skip
+        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
+            raise QuantizationError(f"compute_dtype {compute_dtype} not supported; use one of {FLOAT_DTYPES}")
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
+        self.compute_dtype = compute_dtype
+        self.use_gemv = True
+        self.reuse_dequant_buffer = True
+
+    @classmethod
+    def empty(
+        cls,
+        in_features: int,
+        out_features: int,
+        quant_type: str = "nf4",
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> Linear4bit:
+        """A layer with its settings but no weight: the caller sets ``qweight`` and ``bias`` (``from_linear``,
+        ``models.build``'s shells)."""
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module._set_fields(in_features, out_features, quant_type, blocksize, double_quant, compute_dtype)
+        return module
 
     @classmethod
     def from_linear(
@@ -133,13 +165,7 @@ class Linear4bit(nn.Module):
         name: str = "weight",
     ) -> Linear4bit:
         """Quantize an ``nn.Linear``; its bias is copied unchanged (frozen). ``name`` labels errors."""
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.quant_type, module.blocksize, module.double_quant = quant_type, blocksize, double_quant
-        if compute_dtype is not None and compute_dtype not in FLOAT_DTYPES:
-            raise QuantizationError(f"compute_dtype {compute_dtype} not supported; use one of {FLOAT_DTYPES}")
-        module.compute_dtype = compute_dtype
+        module = cls.empty(linear.in_features, linear.out_features, quant_type, blocksize, double_quant, compute_dtype)
         module.qweight = quantize_4bit(linear.weight.data, quant_type, blocksize, double_quant, name=name)
         module.bias = None if linear.bias is None else nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         return module
@@ -153,20 +179,66 @@ class Linear4bit(nn.Module):
         """The full weight (out, in), in ``dtype`` (default: the dtype it was quantized from)."""
         return dequantize_4bit(self.qweight, dtype)
 
+    # --- forward -------------------------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         if x.shape[-1] != self.in_features:
             raise QuantizationError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        input_dtype = x.dtype
-        if self.compute_dtype is not None:
-            x = x.to(self.compute_dtype)
-        few_rows = x.numel() <= FEW_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled())
-        if few_rows and self.use_gemv and len(self.qweight.shape) == 2 and backends.select(x.device) is None:
-            out = gemv_4bit(x, self.qweight)  # (..., out), the weight never materialized
-        else:
-            out = matmul_4bit(x, self.qweight)  # (..., out)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.to(input_dtype)
+        return self._project(x, self._gemv if self._takes_gemv(x) else self._matmul)  # (..., out)
+
+    def _takes_gemv(self, x: torch.Tensor) -> bool:
+        """Whether forward sends ``x`` to the GEMV: ``_few_rows``, a 2-D weight, and no fast backend for
+        ``x``'s device (that one has its own one-row path)."""
+        return self._few_rows(x) and len(self.qweight.shape) == 2 and backends.select(x.device) is None
+
+    def _few_rows(self, x: torch.Tensor) -> bool:
+        """``use_gemv`` on and at most ``FEW_ROWS`` rows of ``x`` that need no gradient."""
+        few = x.numel() <= FEW_ROWS * self.in_features and not (x.requires_grad and torch.is_grad_enabled())
+        return few and self.use_gemv
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) in the compute dtype
+        return gemv_4bit(x, self.qweight)  # (..., out), the weight never materialized
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) in the compute dtype
+        return matmul_4bit(x, self.qweight, self.reuse_dequant_buffer)  # (..., out)
+
+    def _project(self, x: torch.Tensor, product: Projection) -> torch.Tensor:  # x: (..., in)
+        """``product(x) + b``: ``x`` cast to the compute dtype, the result cast back to ``x``'s dtype."""
+        input_dtype, compute = x.dtype, self.compute_dtype
+        if compute is not None and compute != input_dtype:  # (.to of the same dtype: x itself, at dispatch cost)
+            x = x.to(compute)
+        out, bias = product(x), self.bias  # (..., out), (out,) or None
+        if bias is not None:
+            out = out + (bias if bias.dtype == out.dtype else bias.to(out.dtype))
+        return out if out.dtype == input_dtype else out.to(input_dtype)
+
+    def bind(self) -> Projection:
+        """This forward for decoding, ``x (rows, in) -> (rows, out)``, equal to ``self(x)`` bit for bit.
+
+        The rows forward sends to the GEMV go to the compiled kernel (``backends.native_cpu().bind_gemv``) with its
+        arguments marshalled once: the same kernel ``gemv_4bit`` calls, without re-marshalling per call; any
+        other input, or no kernel for this weight, calls forward. Bound to the current ``qweight``: bind again
+        after a device move or ``load_state_dict``.
+        """
+        kernels = backends.native_cpu()  # the compiled CPU kernels, or None
+        kernel = None if kernels is None else kernels.bind_gemv(self.qweight)  # a 2-D CPU weight, or None
+        if kernel is None or backends.select(self.qweight.device) is not None:
+            return self
+
+        def gemv(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in) in the compute dtype -> (rows, out)
+            x = x.contiguous()
+            if x.dtype == torch.float32:
+                return kernel(x)
+            if x.dtype == torch.bfloat16:
+                return kernel.bf16(x)  # = kernel(x.float()).to(bf16), the casts done in C
+            return kernel(x.float()).to(x.dtype)  # the kernel sums in fp32, as gemv_4bit
+
+        def projection(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
+            if x.is_cpu and x.dim() == 2 and x.shape[1] == self.in_features and self._few_rows(x):  # = _takes_gemv
+                return self._project(x, gemv)
+            return self(x)
+
+        return projection
 
     def extra_repr(self) -> str:
         return (
@@ -208,3 +280,27 @@ class Linear4bit(nn.Module):
             )
         self.qweight = qweight.to(self.qweight.device)
         self.quant_type, self.blocksize, self.double_quant = qweight.quant_type, qweight.blocksize, qweight.double_quant
+
+
+def bind_linear(module: nn.Module) -> Projection:
+    """The bound projection of a base linear for decoding, ``x (rows, in) -> (rows, out)``.
+
+    A ``Linear4bit``: ``module.bind()``. A plain ``nn.Linear``: ``F.linear``, except one fp32/bf16 row without
+    bias, which takes the compiled dense GEMV (``backends.native_cpu().dense_gemv``: it streams the weight once
+    and sums in fp32, so it agrees with ``F.linear`` to fp32 rounding, not bit for bit). Anything else: the module.
+    """
+    if isinstance(module, Linear4bit):
+        return module.bind()
+    if type(module) is not nn.Linear:
+        return module
+    weight, bias = module.weight, module.bias  # (out, in), (out,) or None
+    kernels = backends.native_cpu()  # the compiled CPU kernels, or None
+
+    def dense(x: torch.Tensor) -> torch.Tensor:  # x: (rows, in)
+        if x.shape[0] == 1 and bias is None and kernels is not None:
+            y = kernels.dense_gemv(x[0].contiguous(), weight)  # (out,), or None if the kernel cannot take it
+            if y is not None:
+                return y.unsqueeze(0)
+        return F.linear(x, weight, bias)  # (rows, out)
+
+    return dense
