@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from _harness import write_result
 from qlorakit.quant import dequantize_4bit, quantize_4bit
-from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
 from qlorakit.quant.backends import native_cpu
+from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
+
+from _harness import write_result
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 OUTPUT = Path(__file__).resolve().parent / "results/gemv_speed.json"

@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
-from _harness import git_head
 from qlorakit.eval.mmlu import evaluate_mmlu
 from qlorakit.eval.mmlu_data import subject_files
 from qlorakit.fileio import write_json_atomic
 from qlorakit.hardware import peak_rss_mb
 from qlorakit.models import load_model
 from qlorakit.models.loader import load_tokenizer
+
+from _harness import git_head
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -40,8 +40,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import git_head, median_of, run_child
 from qlorakit.config import MemoryConfig
+
+from _harness import git_head, median_of, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"

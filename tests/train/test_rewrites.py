@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from tests.helpers.train import run_config, tiny_qlora_model
 
 from qlorakit.lora.fused import SharedInputA
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.train import rewrites
 from qlorakit.train.rewrites import AT_LOAD, PROCESS, REWRITES, REWRITES_FILE, UNDONE
+from tests.helpers.train import run_config, tiny_qlora_model
 
 
 def _snapshot(model) -> dict:

@@ -40,7 +40,8 @@ def test_train_writes_the_run_directory_and_resumes_to_the_same_result(tiny_mode
     assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
     assert read_metrics(cut / "metrics.jsonl") == [
         {k: v for k, v in r.items()} for r in read_metrics(cut / "metrics.jsonl")]
-    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
     assert losses(cut) == losses(full)
 
 
@@ -130,7 +131,8 @@ def test_resume_of_a_run_whose_config_yaml_has_the_old_layout(tiny_model_dir, sm
     assert main(_args(tiny_model_dir, small_oasst, run, "--max-steps", "4", "--save-steps", "2")) == 0
     values = yaml.safe_load((run / "config.yaml").read_text())
     assert {"optim", "memory", "eval"} <= set(values) and not set(values["train"]) & set(MOVED_FROM_TRAIN)
-    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
     full = losses(run)
     old = {k: v for k, v in values.items() if k not in ("optim", "memory", "eval")}
     old["train"] = {**values["train"], **values["optim"], **values["memory"], **values["eval"]}

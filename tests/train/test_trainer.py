@@ -102,7 +102,7 @@ def test_gradient_checkpointing_recomputes_the_same_losses(smol_tokenizer, small
         model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
         seen: list[bool] = []  # checkpointing as the run had it (train.rewrites switches it off again on exit)
         train(model, train_set, val_set, collate, cfg, tmp_path / str(ckpt), progress=False,
-              evaluator=lambda m: seen.append(m.is_activation_checkpointing) or {})
+              evaluator=lambda m, seen=seen: seen.append(m.is_activation_checkpointing) or {})
         assert seen == [ckpt] and not model.is_activation_checkpointing
         runs[ckpt] = _losses(tmp_path / str(ckpt))
     assert len(runs[True]) == 3

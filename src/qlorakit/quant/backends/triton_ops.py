@@ -127,7 +127,8 @@ def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, forward: bool) -> torch.
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("matmul")
     bucket = min(1 << max(m - 1, 0).bit_length(), 8192)  # autotune key: M rounded up to a power of two
-    grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
     with _on(out.device):
         kernel[grid](
             a, *args, out, m, p, r, k_in, a.stride(0), a.stride(1), out.stride(0), out.stride(1), bucket, **meta,
@@ -181,7 +182,8 @@ def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("gemv")
-    grid = lambda meta_: (triton.cdiv(n_out, meta_["BLOCK_N"]),)
+    def grid(meta_):
+        return (triton.cdiv(n_out, meta_["BLOCK_N"]),)
     with _on(out.device):
         kernel[grid](
             x_row, *args, out, n_out, k_in, **meta, K_ALIGNED=k_in % q.blocksize == 0, **fixed, enable_fp_fusion=False
