@@ -58,7 +58,7 @@ def _plain_rows(path: Path) -> list[list[str]]:
 
 def _plain_item(row: list[str], answer: bool) -> str:
     text = row[0]
-    for letter, choice in zip("ABCD", row[1:5]):
+    for letter, choice in zip("ABCD", row[1:5], strict=True):
         text += "\n" + letter + ". " + choice
     text += "\nAnswer:"
     if answer:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["per_subject"][mode][subject] = {"accuracy": s.accuracy, "correct": s.correct, "total": s.total,
                                                     "fewer_shots": s.fewer_shots, "seconds": round(seconds, 2)}
         if len(models) == 2:
-            same = sum(a == b for a, b in zip(predictions["nf4"][subject], predictions["fp32"][subject]))
+            same = sum(a == b for a, b in zip(predictions["nf4"][subject], predictions["fp32"][subject], strict=True))
             result["prediction_agreement_nf4_fp32"][subject] = same / len(predictions["fp32"][subject])
         result["summary"] = _summary(result["per_subject"])
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)

@@ -168,4 +168,4 @@ def test_evaluate_mmlu_counts_and_predictions(tiny_model, tokenizer, tmp_path):
     assert list(result.subjects) == ["college_physics", "marketing"]
     for r in result.subjects.values():
         assert r.total == 2 and len(r.predictions) == 2 and set(r.predictions) <= set("ABCD")
-        assert r.correct == sum("ABCD".index(p) == a for p, a in zip(r.predictions, [0, 1]))
+        assert r.correct == sum("ABCD".index(p) == a for p, a in zip(r.predictions, [0, 1], strict=True))

@@ -23,7 +23,7 @@ def label_runs(tokenizer: Any, example: dict[str, list[int]]) -> list[str]:
     """Decoded runs of consecutive tokens that carry a label (the trained-on text)."""
     runs: list[list[int]] = []
     previous = False
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if label != IGNORE:
             assert label == token
             if not previous:

@@ -61,9 +61,9 @@ def test_loss_is_the_token_mean_of_the_whole_accumulated_batch(smol_tokenizer, s
     stream = MicroBatchStream(train_set.lengths, 2, cfg.data.seed, True)
     micro = [collate([train_set[i] for i in stream.at(k)[1]]) for k in range(2)]
     with torch.no_grad():
-        sums, counts = zip(*(token_loss_sum(model, b) for b in micro))
+        sums, counts = zip(*(token_loss_sum(model, b) for b in micro), strict=True)
     expected = float(sum(sums)) / sum(counts)
-    mean_of_means = sum(float(s) / c for s, c in zip(sums, counts)) / 2
+    mean_of_means = sum(float(s) / c for s, c in zip(sums, counts, strict=True)) / 2
     assert abs(expected - mean_of_means) > 1e-4  # the two definitions differ on this data
     model.train = lambda mode=True: model  # keep eval mode (no dropout) inside train()
     train(model, train_set, [], collate, cfg, tmp_path / "run", progress=False)

@@ -157,7 +157,7 @@ def score_reference(model: Any, prompt_ids: Sequence[int], letter_ids: Sequence[
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -125,7 +125,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for fname, shard in zip(names, shards):
+    for fname, shard in zip(names, shards, strict=True):
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
