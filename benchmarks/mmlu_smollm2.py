@@ -129,9 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["summary"] = _summary(result["per_subject"])
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json_atomic(args.output, result)
+        scores = {m: result["per_subject"][m][subject] for m in models}
         print(f"{index + 1}/{len(subjects)} {subject}: " + ", ".join(
-            f"{m} {result['per_subject'][m][subject]['accuracy']:.3f} ({result['per_subject'][m][subject]['seconds']:.0f}s)"
-            for m in models), flush=True)
+            f"{m} {s['accuracy']:.3f} ({s['seconds']:.0f}s)" for m, s in scores.items()), flush=True)
     if "fp32" in models:
         result["plain_transformers_check"] = _check(args, subjects[: args.check_subjects], predictions["fp32"])
     result["complete"] = True
@@ -149,7 +149,9 @@ def _check(args: argparse.Namespace, subjects: list[str], ours: dict[str, str]) 
     for subject in subjects:
         theirs = plain_predictions(Path(args.data), subject, args.shots, args.check_limit, model, tokenizer)
         mine = ours[subject][: len(theirs)]
-        out[subject] = {"questions": len(theirs), "equal_predictions": sum(a == b for a, b in zip(mine, theirs)),
+        # mine is shorter than theirs when --limit is below --check-limit: compare what both have
+        equal = sum(a == b for a, b in zip(mine, theirs, strict=False))
+        out[subject] = {"questions": len(theirs), "equal_predictions": equal,
                         "qlorakit_fp32": mine, "plain_transformers": theirs}
     return out
 
@@ -158,8 +160,8 @@ def format_table(result: dict[str, Any]) -> str:
     modes = list(result["per_subject"])
     lines = [f"{'subject':<38}" + "".join(f"{m + ' acc':>10}{m + ' s':>8}" for m in modes) + f"{'agree':>7}"]
     for subject in result["per_subject"][modes[0]]:
-        cells = "".join(f"{result['per_subject'][m][subject]['accuracy']:>10.3f}{result['per_subject'][m][subject]['seconds']:>8.0f}"
-                        for m in modes)
+        scores = [result["per_subject"][m][subject] for m in modes]
+        cells = "".join(f"{s['accuracy']:>10.3f}{s['seconds']:>8.0f}" for s in scores)
         agree = result["prediction_agreement_nf4_fp32"].get(subject)
         lines.append(f"{subject:<38}{cells}" + (f"{agree:>7.2f}" if agree is not None else f"{'-':>7}"))
     for m, s in result["summary"].items():

@@ -59,7 +59,8 @@ def test_swapping_sides_and_results_gives_the_same_ratings() -> None:
     matches = Matches.from_records(records)
     forward = dict(zip(matches.models, elo.replay_reference(matches, order), strict=True))
     backward = Matches.from_records(mirrored)
-    assert dict(zip(backward.models, elo.replay_reference(backward, order))) == pytest.approx(forward, abs=1e-12)
+    reversed_ratings = dict(zip(backward.models, elo.replay_reference(backward, order), strict=True))
+    assert reversed_ratings == pytest.approx(forward, abs=1e-12)
 
 
 def test_vectorized_replay_equals_the_plain_loop() -> None:

@@ -35,4 +35,5 @@ def label_runs(tokenizer: Any, example: dict[str, list[int]]) -> list[str]:
 
 def masked_text(tokenizer: Any, example: dict[str, list[int]]) -> str:
     """Decoded tokens without a label (the prompt side)."""
-    return tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == IGNORE])
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    return tokenizer.decode([t for t, lab in pairs if lab == IGNORE])

@@ -29,7 +29,8 @@ def test_train_writes_the_run_directory_and_resumes_to_the_same_result(tiny_mode
     assert main(_args(tiny_model_dir, small_oasst, full, "--max-steps", "6", "--save-steps", "2")) == 0
     out = capsys.readouterr().out
     assert "qlorakit run summary" in out and str(full / "adapter") in out
-    assert {"config.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoint-4", "checkpoint-6"} <= {p.name for p in full.iterdir()}
+    written = {p.name for p in full.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoint-4", "checkpoint-6"} <= written
     assert json.loads((full / "adapter" / "adapter_config.json").read_text())["r"] == 4
     rows = [r for r in read_metrics(full / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 6 and all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
@@ -117,7 +118,8 @@ def test_allocator_threshold_is_set_before_the_model_loads(tiny_model_dir, small
     monkeypatch.setattr(qlorakit.train.allocator, "fix_mmap_threshold", lambda kib: calls.append(("threshold", kib)))
     monkeypatch.setattr(qlorakit.models, "load_model", fake_load_model)
     with pytest.raises(Stop):
-        main(_args(tiny_model_dir, small_oasst, tmp_path / "out", "--max-steps", "1", "--malloc-mmap-threshold-kib", "512"))
+        main(_args(tiny_model_dir, small_oasst, tmp_path / "out", "--max-steps", "1",
+                   "--malloc-mmap-threshold-kib", "512"))
     assert calls == [("threshold", 512), ("load_model", None)]
 
 

@@ -43,7 +43,8 @@ def test_run_writes_metrics_checkpoints_and_learns(smol_tokenizer, small_oasst, 
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # lr 1e-2 on a tiny model: it must learn something
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-6", "checkpoint-8"]  # limit 2
     ckpt = tmp_path / "run" / "checkpoint-8"
-    assert {p.name for p in ckpt.iterdir()} == {"adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
+        "adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"}
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["micro_index"] == 16
@@ -71,7 +72,9 @@ def test_loss_is_the_token_mean_of_the_whole_accumulated_batch(smol_tokenizer, s
 
 
 @pytest.mark.parametrize("stop_at", [2, 3])
-def test_resume_continues_the_exact_loss_sequence_across_an_epoch_boundary(smol_tokenizer, small_oasst, tmp_path, stop_at):
+def test_resume_continues_the_exact_loss_sequence_across_an_epoch_boundary(
+    smol_tokenizer, small_oasst, tmp_path, stop_at
+):
     # 10 train examples / batch 2 = 5 micro-batches per epoch, 4 per step: steps 2 and 4 cross epochs.
     cfg = run_config(small_oasst, tmp_path / "full", save_steps=1)
     model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
