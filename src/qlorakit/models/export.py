@@ -54,10 +54,8 @@ class ExportReport:
 def merged_weight(module: nn.Module) -> torch.Tensor:
     """The fp32 ``(out, in)`` weight of a linear with its active adapter folded in."""
     base = module.base_layer if isinstance(module, LoraLinear) else module
-    if isinstance(base, Linear4bit):
-        weight = dequantize_4bit(base.qweight, torch.float32)
-    else:
-        weight = base.weight.detach().float()
+    weight = (dequantize_4bit(base.qweight, torch.float32) if isinstance(base, Linear4bit)
+              else base.weight.detach().float())
     if _adds_adapter(module):
         weight = weight + module.delta_weight(module.active_adapter)  # (out, in) fp32
     if not torch.isfinite(weight).all():
