@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import write_result
 from qlorakit.eval import elo, relative
+
+from _harness import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared/data/elo"

@@ -7,7 +7,8 @@ an NF4 + double-quant (block 64) weight, fp32 input of ``rows`` rows:
 
 - ``reference``: ``x @ dequantize_4bit(W).T`` (what ``Linear4bit`` does for many rows);
 - ``torch``: ``gemv_4bit(x, W, use_native=False)``, the pure-torch lookup fallback;
-- ``native``: ``gemv_4bit(x, W)`` with the compiled AVX-512 kernel (``quant.backends.native_cpu()``, C in ``quant/csrc``);
+- ``native``: ``gemv_4bit(x, W)`` with the compiled AVX-512 kernel (``quant.backends.native_cpu()``, C in
+  ``quant/csrc``);
 - ``bitsandbytes``: ``bnb.nn.Linear4bit`` (NF4, DQ, compute fp32) in eval mode; on CPUs with AVX512-BF16 it
   repacks the weight on its first call and runs its own C++ kernel (bf16 arithmetic);
 - ``dense``: ``x @ W.T`` with the fp32 weight (the memory-bound floor a 4-bit kernel can beat).
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from _harness import write_result
 from qlorakit.quant import dequantize_4bit, quantize_4bit
-from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
 from qlorakit.quant.backends import native_cpu
+from qlorakit.quant.gemv import gemv_4bit, gemv_4bit_reference
+
+from _harness import write_result
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 OUTPUT = Path(__file__).resolve().parent / "results/gemv_speed.json"
@@ -78,7 +80,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"compiled kernel: {'yes' if native_cpu() is not None else 'NO (torch fallback only)'}; threads {args.threads}")
+    compiled = "yes" if native_cpu() is not None else "NO (torch fallback only)"
+    print(f"compiled kernel: {compiled}; threads {args.threads}")
     results = [measure(shape, int(rows), args.repeats) for rows in args.rows.split(",") for shape in SHAPES]
     names = list(results[0]["median_us"])
     print(f"{'shape':>10} {'rows':>4} " + " ".join(f"{n:>12}" for n in names) + "  native/bnb  native/reference")

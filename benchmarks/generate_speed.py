@@ -168,7 +168,8 @@ def run_stack(args: argparse.Namespace, stack: str, dtype: str, threads: int, mo
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+    at_end = None if len(a) == len(b) else min(len(a), len(b))  # one is a prefix of the other: where it ends
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), at_end)
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -185,7 +186,8 @@ def compare(args: argparse.Namespace, dtype: str, threads: int, model_dir: Path)
             runs[stack].append(run_stack(args, stack, dtype, threads, model_dir))
             print(f"  {dtype} threads={threads} {stack}: {runs[stack][-1]['tokens_per_s']:.2f} tokens/s", flush=True)
     ours, theirs = summarize(runs["qlorakit"]), summarize(runs["transformers+bnb"])
-    diffs = [first_difference(a, b) for a, b in zip(runs["qlorakit"][0]["tokens"], runs["transformers+bnb"][0]["tokens"])]
+    diffs = [first_difference(a, b)
+             for a, b in zip(runs["qlorakit"][0]["tokens"], runs["transformers+bnb"][0]["tokens"], strict=True)]
     return {"dtype": dtype, "threads": threads, "qlorakit": ours, "transformers+bnb": theirs,
             "ratio_tokens_per_s": ours["tokens_per_s"] / theirs["tokens_per_s"],
             "ratio_cpu_tokens_per_s": ours["cpu_tokens_per_s"] / theirs["cpu_tokens_per_s"],
@@ -199,8 +201,8 @@ def compare(args: argparse.Namespace, dtype: str, threads: int, model_dir: Path)
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'dtype':9} {'thr':>3} | {'end-to-end tok/s':>21} {'ratio':>5} | {'decode tok/s':>13} {'ratio':>5} | "
           f"{'first token ms':>15} {'ratio':>5} | {'peak RSS MB':>11} {'ratio':>5} | first greedy difference")
-    print(f"{'':13} | {'ours':>10} {'bnb':>10} {'':5} | {'ours':>6} {'bnb':>6} {'':5} | {'ours':>7} {'bnb':>7} {'':5} | "
-          f"{'ours':>5} {'bnb':>5}")
+    print(f"{'':13} | {'ours':>10} {'bnb':>10} {'':5} | {'ours':>6} {'bnb':>6} {'':5} | "
+          f"{'ours':>7} {'bnb':>7} {'':5} | {'ours':>5} {'bnb':>5}")
     for r in rows:
         o, t = r["qlorakit"], r["transformers+bnb"]
         print(f"{r['dtype']:9} {r['threads']:>3} | {o['tokens_per_s']:>10.2f} {t['tokens_per_s']:>10.2f} "

@@ -105,7 +105,8 @@ def measure(archs: list[int]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'arch':<7}{'variant':<20}{'config':<44}{'warps':>6}{'stages':>7}{'regs':>6}{'spill st/ld B':>15}{'shared B':>10}"
+    head = (f"{'arch':<7}{'variant':<20}{'config':<44}{'warps':>6}{'stages':>7}{'regs':>6}"
+            f"{'spill st/ld B':>15}{'shared B':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         config = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in r["config"].items())

@@ -105,11 +105,13 @@ def add_fractions(row: dict[str, Any], peaks: dict[str, float | None]) -> None:
 def format_table(rows: list[dict[str, Any]], peaks: dict[str, float | None]) -> str:
     """The one table: a line per (op, shape), ours and the peer side by side."""
     head = (f"{'op':<11}{'N x K':>13}{'ours ms':>10}{'peer ms':>10}{'ours/peer':>10}{'unit':>8}{'ours':>9}"
-            f"{'peer':>9}{'ours %sheet':>12}{'ours %meas':>11}{'ours MiB':>10}{'peer MiB':>10}{'rel diff':>10}")  # fmt: skip
+            f"{'peer':>9}{'ours %sheet':>12}{'ours %meas':>11}{'ours MiB':>10}{'peer MiB':>10}"
+            f"{'rel diff':>10}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = [r["ours"].get(f"pct_{k}") for k in ("datasheet", "measured")]
-        pct_cells = "".join(f"{'-' if p is None else format(p, '.1f'):>{w}}" for p, w in zip(pct, (12, 11)))
+        pct_cells = "".join(f"{'-' if p is None else format(p, '.1f'):>{w}}"
+                            for p, w in zip(pct, (12, 11), strict=True))
         lines.append(
             f"{r['op']:<11}{'x'.join(map(str, r['shape'])):>13}{r['ours']['ms_median']:>10.3f}"
             f"{r['peer']['ms_median']:>10.3f}{r['ratio_ours_over_peer']:>10.2f}{r['unit']:>8}{r['ours']['rate']:>9.1f}"
@@ -147,7 +149,8 @@ def _contenders(shape: tuple[int, int], args: argparse.Namespace) -> list[tuple[
     flops = 2.0 * args.tokens * n_out * k_in
     return [
         ("dequantize", {"ours": lambda: triton_ops.dequantize_4bit(q, dtype),
-                        "peer": lambda: bnb_f.dequantize_4bit(packed, state)}, dequant_bytes(n_out * k_in, size), "GB/s"),
+                        "peer": lambda: bnb_f.dequantize_4bit(packed, state)},
+         dequant_bytes(n_out * k_in, size), "GB/s"),
         ("forward", {"ours": lambda: triton_ops.matmul_4bit(x, q),
                      "peer": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)}, flops, "TFLOP/s"),
         ("grad_input", {"ours": lambda: triton_ops.grad_input_4bit(dy, q),

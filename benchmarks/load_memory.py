@@ -21,8 +21,8 @@ records its resident set (the baseline); after the load it records ``ru_maxrss``
 process, file-backed pages of memory-mapped checkpoints included) and the load's wall time. Reported:
 peak, baseline, peak - baseline, the anonymous and file-backed parts of the resident set right after
 the load (a memory-mapped checkpoint still mapped shows as "file"), time (medians over the repeats) and
-ours/theirs ratios; the target is ours <= 0.6 x their peak RSS. ``TORCH_COMPILE_DISABLE=1`` in both children (bitsandbytes wraps CPU
-fallbacks in torch.compile). Writes ``benchmarks/results/load_memory.json`` atomically.
+ours/theirs ratios; the target is ours <= 0.6 x their peak RSS. ``TORCH_COMPILE_DISABLE=1`` in both children
+(bitsandbytes wraps CPU fallbacks in torch.compile). Writes ``benchmarks/results/load_memory.json`` atomically.
 """
 
 from __future__ import annotations

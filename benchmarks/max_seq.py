@@ -142,8 +142,9 @@ def search(args: argparse.Namespace, stack: str, model_dir: str) -> tuple[int, l
     def fits(length: int) -> bool:
         probes.append(run_probe(args, stack, length, model_dir))
         p = probes[-1]
-        print(f"  {stack:<6} L={length:>6}: {'ok ' if p['ok'] else 'NO '} peak {p.get('peak_rss_mib', p['rss_seen_mib']):.0f} "
-              f"MiB, {p['seconds']:.0f} s {p['why']}", flush=True)  # fmt: skip
+        print(f"  {stack:<6} L={length:>6}: {'ok ' if p['ok'] else 'NO '} "
+              f"peak {p.get('peak_rss_mib', p['rss_seen_mib']):.0f} MiB, {p['seconds']:.0f} s {p['why']}",
+              flush=True)  # fmt: skip
         return p["ok"]
 
     good, bad = 0, None

@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
-from _harness import git_head
 from qlorakit.eval.mmlu import evaluate_mmlu
 from qlorakit.eval.mmlu_data import subject_files
 from qlorakit.fileio import write_json_atomic
 from qlorakit.hardware import peak_rss_mb
 from qlorakit.models import load_model
 from qlorakit.models.loader import load_tokenizer
+
+from _harness import git_head
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +58,7 @@ def _plain_rows(path: Path) -> list[list[str]]:
 
 def _plain_item(row: list[str], answer: bool) -> str:
     text = row[0]
-    for letter, choice in zip("ABCD", row[1:5]):
+    for letter, choice in zip("ABCD", row[1:5], strict=True):
         text += "\n" + letter + ". " + choice
     text += "\nAnswer:"
     if answer:
@@ -123,14 +124,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["per_subject"][mode][subject] = {"accuracy": s.accuracy, "correct": s.correct, "total": s.total,
                                                     "fewer_shots": s.fewer_shots, "seconds": round(seconds, 2)}
         if len(models) == 2:
-            same = sum(a == b for a, b in zip(predictions["nf4"][subject], predictions["fp32"][subject]))
+            same = sum(a == b for a, b in zip(predictions["nf4"][subject], predictions["fp32"][subject], strict=True))
             result["prediction_agreement_nf4_fp32"][subject] = same / len(predictions["fp32"][subject])
         result["summary"] = _summary(result["per_subject"])
         result["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json_atomic(args.output, result)
+        scores = {m: result["per_subject"][m][subject] for m in models}
         print(f"{index + 1}/{len(subjects)} {subject}: " + ", ".join(
-            f"{m} {result['per_subject'][m][subject]['accuracy']:.3f} ({result['per_subject'][m][subject]['seconds']:.0f}s)"
-            for m in models), flush=True)
+            f"{m} {s['accuracy']:.3f} ({s['seconds']:.0f}s)" for m, s in scores.items()), flush=True)
     if "fp32" in models:
         result["plain_transformers_check"] = _check(args, subjects[: args.check_subjects], predictions["fp32"])
     result["complete"] = True
@@ -148,7 +149,9 @@ def _check(args: argparse.Namespace, subjects: list[str], ours: dict[str, str]) 
     for subject in subjects:
         theirs = plain_predictions(Path(args.data), subject, args.shots, args.check_limit, model, tokenizer)
         mine = ours[subject][: len(theirs)]
-        out[subject] = {"questions": len(theirs), "equal_predictions": sum(a == b for a, b in zip(mine, theirs)),
+        # mine is shorter than theirs when --limit is below --check-limit: compare what both have
+        equal = sum(a == b for a, b in zip(mine, theirs, strict=False))
+        out[subject] = {"questions": len(theirs), "equal_predictions": equal,
                         "qlorakit_fp32": mine, "plain_transformers": theirs}
     return out
 
@@ -157,8 +160,8 @@ def format_table(result: dict[str, Any]) -> str:
     modes = list(result["per_subject"])
     lines = [f"{'subject':<38}" + "".join(f"{m + ' acc':>10}{m + ' s':>8}" for m in modes) + f"{'agree':>7}"]
     for subject in result["per_subject"][modes[0]]:
-        cells = "".join(f"{result['per_subject'][m][subject]['accuracy']:>10.3f}{result['per_subject'][m][subject]['seconds']:>8.0f}"
-                        for m in modes)
+        scores = [result["per_subject"][m][subject] for m in modes]
+        cells = "".join(f"{s['accuracy']:>10.3f}{s['seconds']:>8.0f}" for s in scores)
         agree = result["prediction_agreement_nf4_fp32"].get(subject)
         lines.append(f"{subject:<38}{cells}" + (f"{agree:>7.2f}" if agree is not None else f"{'-':>7}"))
     for m, s in result["summary"].items():

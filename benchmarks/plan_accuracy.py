@@ -12,7 +12,8 @@ d 1536, 24 layers, ffn 4096; vocab 32000, untied head). Each measurement is a fr
 alternate, ``--repeats`` rounds) that loads the model with ``load_model`` (NF4 + double quant, block 64,
 fp32 compute, LoRA on all linears, dropout 0.05), then runs ``--steps`` optimizer steps of
 ``qlorakit.train.train`` (paged AdamW, gradient checkpointing, the chunked loss, batch ``--batch`` x 1
-accumulation, a checkpoint at the end) on fixed-length random token sequences of ``--seq`` tokens. Its ``ru_maxrss`` is the measured peak (the driver imports no torch and writes the random models in a child, so a
+accumulation, a checkpoint at the end) on fixed-length random token sequences of ``--seq`` tokens. Its
+``ru_maxrss`` is the measured peak (the driver imports no torch and writes the random models in a child, so a
 child inherits no peak). The prediction is ``qlorakit.planner.plan`` for the same model and settings on
 ``device="cpu"``. Reports the median measured peak, the prediction, and prediction / measurement; the
 target is within +-15%. The planner's measured CPU constants come from shapes that are not benchmark
@@ -40,8 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import git_head, median_of, run_child
 from qlorakit.config import MemoryConfig
+
+from _harness import git_head, median_of, run_child
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,7 +172,9 @@ def measure_framework(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure_heap(args: argparse.Namespace) -> dict[str, Any]:
-    """glibc heap growth over the first training steps, in ``(B, T, d)`` row blocks per layer: ``CPU_SMALL_BLOCK_HEAP_ROWS``.
+    """glibc heap growth over the first training steps, in ``(B, T, d)`` row blocks per layer.
+
+    The result is the planner's ``CPU_SMALL_BLOCK_HEAP_ROWS``.
 
     ``mallinfo2().arena`` (the main heap, which glibc does not shrink here: the freed blocks stay resident)
     after ``train`` minus before it, over ``layers * batch * seq * d * 4`` bytes.
@@ -210,7 +214,9 @@ def predict(args: argparse.Namespace) -> dict[str, Any]:
             "quantized_params": quantized, "total_params": shape.total_params}
 
 
-def _child(mode: str, model: str, args: argparse.Namespace, threshold_kib: int = CONDITIONS["default"]) -> dict[str, Any]:
+def _child(
+    mode: str, model: str, args: argparse.Namespace, threshold_kib: int = CONDITIONS["default"]
+) -> dict[str, Any]:
     """Run this script in a fresh interpreter in ``mode`` and return its RESULT line."""
     flags = [f"--{mode}", "--model", model, "--steps", str(args.steps), "--seq", str(args.seq), "--batch",
              str(args.batch), "--r", str(args.r), "--optim", args.optim, "--threads", str(args.threads),
@@ -240,7 +246,8 @@ def summarize(name: str, condition: str, runs: list[dict[str, Any]], prediction:
     implied = (measured - (prediction["total_mib"] - retention)) * 2**20 / prediction["quantized_params"]
     return {"case": name, "condition": condition, "mmap_threshold_kib": CONDITIONS[condition],
             "measured_peak_mib": measured, "measured_peak_min_mib": min(r["peak_rss_mib"] for r in runs),
-            "measured_peak_max_mib": max(r["peak_rss_mib"] for r in runs), "predicted_peak_mib": prediction["total_mib"],
+            "measured_peak_max_mib": max(r["peak_rss_mib"] for r in runs),
+            "predicted_peak_mib": prediction["total_mib"],
             "ratio_predicted_over_measured": prediction["total_mib"] / measured,
             "within_15pct": abs(prediction["total_mib"] / measured - 1) <= 0.15,
             "measured_peak_after_load_mib": median_of(runs, "peak_after_load_mib"),
@@ -320,7 +327,8 @@ def run_driver(args: argparse.Namespace) -> None:
             for name, path in paths.items():
                 for condition, kib in conditions.items():
                     runs[name][condition].append(_child("child", path, args, kib))
-                    print(f"{name} ({condition}): peak {runs[name][condition][-1]['peak_rss_mib']:,.0f} MiB", flush=True)
+                    peak = runs[name][condition][-1]["peak_rss_mib"]
+                    print(f"{name} ({condition}): peak {peak:,.0f} MiB", flush=True)
     rows = [summarize(name, condition, runs[name][condition], _child("predict", path, args, kib))
             for name, path in paths.items() for condition, kib in conditions.items()]  # fmt: skip
     print_table(rows)

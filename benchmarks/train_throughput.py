@@ -110,8 +110,8 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     attention = [ATTN_FLOPS * cfg.num_hidden_layers * attn_width * sum(
         lengths[i] * (lengths[i] + 1) // 2 for micro in order[s * ga : (s + 1) * ga] for i in micro)
         for s in range(args.steps)]  # fmt: skip
-    return {"model_dir": str(out), "data": data_path, "base_params": base, "lora_params": lora, "examples": len(train_set),
-            "attention_flops_per_step": attention}  # fmt: skip
+    return {"model_dir": str(out), "data": data_path, "base_params": base, "lora_params": lora,
+            "examples": len(train_set), "attention_flops_per_step": attention}  # fmt: skip
 
 
 def matmul_peak(n: int, threads: int, dtype: str = "float32", tries: int = 10) -> float:
@@ -173,17 +173,20 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
     load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
     same_init = _share_initial_a(model, args.workdir)
     tuning = {"loss_chunk_tokens": args.ours_loss_chunk, "malloc_mmap_threshold_kib": args.ours_mmap_kib}
-    tuning = {k: v for k, v in tuning.items() if v is not None} | {"gradient_checkpointing": args.ours_checkpointing == "on"}
+    tuning = {k: v for k, v in tuning.items() if v is not None}
+    tuning["gradient_checkpointing"] = args.ours_checkpointing == "on"
     cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=SEED, group_by_length=True), train=TrainConfig(
-        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=SEED, compute_dtype=args.dtype,
-        logging_steps=1), optim=OptimConfig(lr=LR, scheduler="constant", warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw"),
+        max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=SEED,
+        compute_dtype=args.dtype, logging_steps=1),
+        optim=OptimConfig(lr=LR, scheduler="constant", warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw"),
         memory=MemoryConfig(**tuning))  # fmt: skip
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, data["examples"], [], partial(collate, pad_id=data["pad_id"]), cfg, Path(run_dir), progress=False)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]  # cumulative elapsed_s / tokens -> per step
+    previous = [{"elapsed_s": 0.0, "tokens": 0}] + rows[:-1]
     steps = [{"loss": r["loss"], "seconds": r["elapsed_s"] - p["elapsed_s"], "tokens": r["tokens"] - p["tokens"],
-              "grad_norm": r["grad_norm"]} for r, p in zip(rows, [{"elapsed_s": 0.0, "tokens": 0}] + rows[:-1])]
+              "grad_norm": r["grad_norm"]} for r, p in zip(rows, previous, strict=True)]
     return {"baseline_rss_mib": baseline, "load_s": load_s, "peak_after_load_mib": load_peak, "steps": steps,
             "same_initial_a": same_init}
 
@@ -337,10 +340,12 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     ratio = summary["ratio_ours_over_theirs"]
     cells = "".join(f"{ratio[key]:>11.2f}" for _, key, _ in COLUMNS)
     print(f"{'ours / theirs':<22}{cells}")
+    loss_chunk = "default" if args.ours_loss_chunk is None else args.ours_loss_chunk
+    mmap_kib = "default" if args.ours_mmap_kib is None else args.ours_mmap_kib
     print(f"median of {args.repeats} runs each; {args.steps} steps, first {args.warmup} untimed; batch "
           f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; {args.dtype} "
-          f"(ours: checkpointing {args.ours_checkpointing}, loss chunk {'default' if args.ours_loss_chunk is None else args.ours_loss_chunk}, mmap "
-          f"threshold {'default' if args.ours_mmap_kib is None else args.ours_mmap_kib} KiB); matmul peak "
+          f"(ours: checkpointing {args.ours_checkpointing}, loss chunk {loss_chunk}, mmap "
+          f"threshold {mmap_kib} KiB); matmul peak "
           f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
 
 
@@ -387,9 +392,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ours-checkpointing", choices=("on", "off"), default="on",
                    help="qlorakit's gradient checkpointing (the peer's is always on, the standard QLoRA recipe)")
     p.add_argument("--ours-loss-chunk", type=int, default=None,
-                   help="qlorakit's MemoryConfig.loss_chunk_tokens (0 = full logits, as the peer; default: MemoryConfig's)")
+                   help="qlorakit's MemoryConfig.loss_chunk_tokens "
+                        "(0 = full logits, as the peer; default: MemoryConfig's)")
     p.add_argument("--ours-mmap-kib", type=int, default=None,
-                   help="qlorakit's MemoryConfig.malloc_mmap_threshold_kib (0 = glibc's default, as the peer; default: MemoryConfig's)")
+                   help="qlorakit's MemoryConfig.malloc_mmap_threshold_kib "
+                        "(0 = glibc's default, as the peer; default: MemoryConfig's)")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of the converted model and data")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--worker", choices=("ours", "theirs"), help=argparse.SUPPRESS)
@@ -408,8 +415,8 @@ def _run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list],
     (args.workdir / INIT_A).unlink(missing_ok=True)  # the first qlorakit run of this invocation writes it
     prep = _child(args, "--prepare")
     peaks = [_child(args, "--peak", "--matmul-n", str(args.matmul_n))]
-    print(f"prepared {prep['examples']} examples, model {prep['model_dir']}; {args.dtype} matmul peak {peaks[0]:.1f} GFLOP/s",
-          flush=True)
+    print(f"prepared {prep['examples']} examples, model {prep['model_dir']}; "
+          f"{args.dtype} matmul peak {peaks[0]:.1f} GFLOP/s", flush=True)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
     for repeat in range(args.repeats):
         for kind in ("ours", "theirs"):
@@ -426,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.worker or args.prepare or args.peak:
-        child = worker if args.worker else prepare if args.prepare else lambda a: matmul_peak(a.matmul_n, a.threads, a.dtype)
+        def peak(a: argparse.Namespace) -> float:
+            return matmul_peak(a.matmul_n, a.threads, a.dtype)
+
+        child = worker if args.worker else prepare if args.prepare else peak
         print(json.dumps(child(args)))
         return 0
     started, load_start = time.perf_counter(), os.getloadavg()

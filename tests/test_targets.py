@@ -30,11 +30,13 @@ def test_all_linear_takes_every_block_linear_and_never_the_head():
     assert linear_names(model) == [
         "layers.0.q_proj", "layers.0.up_proj", "layers.1.q_proj", "layers.1.up_proj", "pooler", "lm_head",
     ]
-    assert resolve_targets(model, "all-linear") == ["layers.0.q_proj", "layers.0.up_proj", "layers.1.q_proj", "layers.1.up_proj"]
+    assert resolve_targets(model, "all-linear") == [
+        "layers.0.q_proj", "layers.0.up_proj", "layers.1.q_proj", "layers.1.up_proj"]
 
 
 def test_name_list_matches_path_suffixes_in_model_order():
-    assert resolve_targets(Tiny(), ("up_proj", "layers.0.q_proj")) == ["layers.0.q_proj", "layers.0.up_proj", "layers.1.up_proj"]
+    assert resolve_targets(Tiny(), ("up_proj", "layers.0.q_proj")) == [
+        "layers.0.q_proj", "layers.0.up_proj", "layers.1.up_proj"]
 
 
 def test_regex_matches_whole_paths():
@@ -42,7 +44,8 @@ def test_regex_matches_whole_paths():
 
 
 def test_unknown_name_lists_the_names_that_exist():
-    with pytest.raises(ConfigError, match=r"'k_proj' matches no linear layer; names that exist: \['lm_head', 'pooler', 'q_proj', 'up_proj'\]"):
+    with pytest.raises(ConfigError, match=r"'k_proj' matches no linear layer; "
+                                          r"names that exist: \['lm_head', 'pooler', 'q_proj', 'up_proj'\]"):
         resolve_targets(Tiny(), ["k_proj"])
 
 

@@ -155,7 +155,9 @@ class DataConfig:
     for the ``text`` format; ``val_size`` is a fraction (< 1) or a count (>= 1) of examples held out.
     """
 
-    paths: tuple[str, ...] = opt((), "training data files (JSON, JSONL, CSV, Parquet, TXT); default: the bundled OASST1 sample")
+    paths: tuple[str, ...] = opt(
+        (), "training data files (JSON, JSONL, CSV, Parquet, TXT); default: the bundled OASST1 sample"
+    )
     format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text")
     source_max_len: int = opt(1024, "max prompt tokens (longer prompts are truncated and counted)")
     target_max_len: int = opt(256, "max answer tokens per assistant turn (truncated and counted)")
@@ -236,7 +238,8 @@ class OptimConfig:
             _fail("OptimConfig", "lr", self.lr, "must be > 0")
         _int_field(self, "optim_budget", 0, "MiB, an integer >= 0")
         if self.optim_budget and not self.optim.startswith("paged_"):
-            _fail("OptimConfig", "optim_budget", self.optim_budget, f"applies to paged optimizers; optim is {self.optim!r}")
+            _fail("OptimConfig", "optim_budget", self.optim_budget,
+                  f"applies to paged optimizers; optim is {self.optim!r}")
         if not 0 <= self.warmup_ratio < 1:
             _fail("OptimConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -319,7 +322,9 @@ MOVED_FROM_TRAIN: dict[str, str] = {f.name: section for section in ("optim", "me
 class RunConfig:
     """Everything a training run needs; ``config.yaml`` in a run directory is this, as a mapping."""
 
-    model: str = opt(DEFAULT_MODEL, "base model: a local HF dir, a .gguf file, a 4-bit bnb dir, a built-in alias or a hub id")
+    model: str = opt(
+        DEFAULT_MODEL, "base model: a local HF dir, a .gguf file, a 4-bit bnb dir, a built-in alias or a hub id"
+    )
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

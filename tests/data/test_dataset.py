@@ -113,7 +113,8 @@ def test_bundled_sample_is_the_english_oasst1_rows(data_dir):
     assert path.is_file() and path.name == "oasst1_sample.jsonl"
     sample = [json.loads(line) for line in path.open(encoding="utf-8")]
     source = [json.loads(line) for line in (data_dir / "oasst1" / "oasst1_guanaco_val.jsonl").open(encoding="utf-8")]
-    english = [{k: row[k] for k in ("input", "output", "lang", "message_id", "parent_id")} for row in source if row["lang"] == "en"]
+    english = [{k: row[k] for k in ("input", "output", "lang", "message_id", "parent_id")}
+               for row in source if row["lang"] == "en"]
     assert sample == english and len(sample) == 419
 
 

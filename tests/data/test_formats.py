@@ -52,7 +52,8 @@ def test_alpaca_keeps_input_as_context(data_dir):
 
 def test_dolly_rows(tmp_path):
     path = write_jsonl(tmp_path / "dolly.jsonl", [
-        {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.", "response": "Shakespeare.", "category": "closed_qa"},
+        {"instruction": "Who wrote it?", "context": "Hamlet is a play by Shakespeare.", "response": "Shakespeare.",
+         "category": "closed_qa"},
         {"instruction": "Name a colour.", "context": "", "response": "Blue.", "category": "brainstorming"},
     ])
     result = convert(path)

@@ -21,7 +21,8 @@ from qlorakit.errors import DataError
 from tests.helpers.data import label_runs, masked_text
 
 EOS = "<|im_end|>"
-MULTI = (Turn("user", "What is 2+2?"), Turn("assistant", "It is 4."), Turn("user", "And 3+3?"), Turn("assistant", "Six."))
+MULTI = (Turn("user", "What is 2+2?"), Turn("assistant", "It is 4."),
+         Turn("user", "And 3+3?"), Turn("assistant", "Six."))
 
 
 def tokenized(examples, tokenizer, **cfg):
@@ -37,12 +38,14 @@ def test_alpaca_prompt_is_the_papers():
     assert ALPACA_PROMPT.startswith("Below is an instruction that describes a task, paired with an input that provides "
                                     "further context. Write a response that appropriately completes the request.")
     assert alpaca_prompt("Add.", "2 2").endswith("### Instruction:\nAdd.\n\n### Input:\n2 2\n\n### Response: ")
-    assert alpaca_prompt("Add.") == ("Below is an instruction that describes a task. Write a response that appropriately "
-                                     "completes the request.\n\n### Instruction:\nAdd.\n\n### Response: ")
+    assert alpaca_prompt("Add.") == ("Below is an instruction that describes a task. Write a response that "
+                                     "appropriately completes the request.\n\n### Instruction:\nAdd.\n\n"
+                                     "### Response: ")
 
 
 def test_alpaca_labels_are_the_answer_and_eos(tok):
-    ex = Example("alpaca", "mem:1", (Turn("user", "Add the numbers."), Turn("assistant", "The sum is 4.")), context="2 and 2")
+    ex = Example("alpaca", "mem:1", (Turn("user", "Add the numbers."), Turn("assistant", "The sum is 4.")),
+                 context="2 and 2")
     ((item,), _, _) = tokenized([ex], tok)
     assert label_runs(tok, item) == ["The sum is 4." + EOS]
     assert masked_text(tok, item) == alpaca_prompt("Add the numbers.", "2 and 2")
@@ -93,7 +96,8 @@ def test_generation_prompt_matches_training_prompt(tok, plain_tok):
 
 def test_template_that_rewrites_earlier_turns_is_rejected(tok):
     unstable = copy.deepcopy(tok)
-    unstable.chat_template = "{{ messages | length }} turns\n{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}"
+    unstable.chat_template = ("{{ messages | length }} turns\n"
+                              "{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
     with pytest.raises(DataError, match="mem:1: the tokenizer's chat template is not prefix-stable"):
         tokenized([chat(*MULTI)], unstable)
 

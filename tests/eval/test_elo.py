@@ -57,9 +57,10 @@ def test_swapping_sides_and_results_gives_the_same_ratings() -> None:
     mirrored = [(b, a, 1.0 - s) for a, b, s in records]
     order = [3, 1, 4, 0, 2]
     matches = Matches.from_records(records)
-    forward = dict(zip(matches.models, elo.replay_reference(matches, order)))
+    forward = dict(zip(matches.models, elo.replay_reference(matches, order), strict=True))
     backward = Matches.from_records(mirrored)
-    assert dict(zip(backward.models, elo.replay_reference(backward, order))) == pytest.approx(forward, abs=1e-12)
+    reversed_ratings = dict(zip(backward.models, elo.replay_reference(backward, order), strict=True))
+    assert reversed_ratings == pytest.approx(forward, abs=1e-12)
 
 
 def test_vectorized_replay_equals_the_plain_loop() -> None:
@@ -72,7 +73,7 @@ def test_vectorized_replay_equals_the_plain_loop() -> None:
     matches = Matches.from_records(records)
     orders = next(elo.random_orders(len(records), 9, seed=11))
     fast = elo.replay(matches, orders, k=24.0, initial=1500.0)
-    for row, order in zip(fast, orders):
+    for row, order in zip(fast, orders, strict=True):
         # E_a via exp(x ln10) instead of 10**x: equal to ~1e-15 relative per step, accumulated over 300 steps
         np.testing.assert_allclose(row, elo.replay_reference(matches, order, k=24.0, initial=1500.0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(fast.sum(axis=1), 1500.0 * len(matches.models))  # Elo is zero-sum

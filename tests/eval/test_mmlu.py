@@ -51,17 +51,19 @@ def _folder(tmp_path, subjects=("college_physics", "marketing"), header=True, de
         (tmp_path / split).mkdir(exist_ok=True)
     for n, subject in enumerate(subjects):
         answers = [str(i % 4) for i in range(3)] if header else ["ABCD"[i % 4] for i in range(3)]
-        _write(tmp_path / "test" / f"{subject}_test.csv", [r + [a] for r, a in zip(ROWS, answers)], header)
-        dev = [[f"Dev question {i} of {subject}?", "w", "x", "y", "z", str((i + n) % 4) if header else "ABCD"[(i + n) % 4]]
-               for i in range(dev_rows)]
+        _write(tmp_path / "test" / f"{subject}_test.csv", [r + [a] for r, a in zip(ROWS, answers, strict=True)], header)
+        dev = [[f"Dev question {i} of {subject}?", "w", "x", "y", "z",
+                str((i + n) % 4) if header else "ABCD"[(i + n) % 4]] for i in range(dev_rows)]
         _write(tmp_path / "dev" / f"{subject}_dev.csv", dev, header)
     return tmp_path
 
 
 def test_both_dialects_read_the_same_questions(tmp_path):
-    with_header = read_questions(_write(tmp_path / "a.csv", [r + [a] for r, a in zip(ROWS, "012")], header=True))
-    letters = read_questions(_write(tmp_path / "b.csv", [r + [a] for r, a in zip(ROWS, "ABC")]))
-    assert [(q.question, q.choices, q.answer) for q in with_header] == [(q.question, q.choices, q.answer) for q in letters]
+    with_header = read_questions(
+        _write(tmp_path / "a.csv", [r + [a] for r, a in zip(ROWS, "012", strict=True)], header=True))
+    letters = read_questions(_write(tmp_path / "b.csv", [r + [a] for r, a in zip(ROWS, "ABC", strict=True)]))
+    assert ([(q.question, q.choices, q.answer) for q in with_header]
+            == [(q.question, q.choices, q.answer) for q in letters])
     assert with_header[1].question == "Pick the colour,\nplease" and [q.answer for q in letters] == [0, 1, 2]
 
 
@@ -111,8 +113,10 @@ def test_a_tokenizer_that_splits_the_answer_letter_is_refused():
 
 def test_long_prompts_drop_examples_from_the_end(tokenizer, tmp_path):
     dev = [Question(f"Example {i} " + "word " * 5, ("a", "b", "c", "d"), 0, "") for i in range(5)]
-    test = [Question("Short?", ("a", "b", "c", "d"), 1, ""), Question("Long? " + "word " * 100, ("a", "b", "c", "d"), 1, "")]
-    full = [len(tokenizer(few_shot_prefix("x", dev[:k]) + format_question(test[1], False))["input_ids"]) for k in range(6)]
+    test = [Question("Short?", ("a", "b", "c", "d"), 1, ""),
+            Question("Long? " + "word " * 100, ("a", "b", "c", "d"), 1, "")]
+    full = [len(tokenizer(few_shot_prefix("x", dev[:k]) + format_question(test[1], False))["input_ids"])
+            for k in range(6)]
     plans = mmlu.plan_prompts(tokenizer, "x", dev, test, 5, full[3])  # the long question fits with 3 examples, not 4
     assert [p.shots for p in plans] == [5, 3] and not any(p.cut for p in plans)
     assert plans[1].ids == tokenizer(few_shot_prefix("x", dev[:3]) + format_question(test[1], False))["input_ids"]
@@ -124,7 +128,8 @@ def test_long_prompts_drop_examples_from_the_end(tokenizer, tmp_path):
 def test_prefix_cached_batches_equal_the_full_prompt_reference(tiny_model, tokenizer, tmp_path, side, batch):
     data = mmlu.load_subjects(_folder(tmp_path), shots=3)
     dev, tests = data["college_physics"]
-    varied = tests + [dataclasses.replace(q, question=q.question + " and more" * (3 * i + 1)) for i, q in enumerate(tests)]
+    varied = tests + [dataclasses.replace(q, question=q.question + " and more" * (3 * i + 1))
+                      for i, q in enumerate(tests)]
     plans = mmlu.plan_prompts(tokenizer, "college_physics", dev, varied, 3, 2048)
     assert len({len(p.ids) for p in plans}) == len(plans)  # every batch of 2+ rows is padded
     letters = mmlu.letter_token_ids(tokenizer)
@@ -136,7 +141,8 @@ def test_prefix_cached_batches_equal_the_full_prompt_reference(tiny_model, token
 
 def test_groups_with_fewer_shots_are_scored_with_their_own_prefix(tiny_model, tokenizer):
     dev = [Question(f"Example {i} " + "word " * 20, ("a", "b", "c", "d"), 0, "") for i in range(3)]
-    test = [Question("Short?", ("a", "b", "c", "d"), 1, ""), Question("Long? " + "word " * 60, ("a", "b", "c", "d"), 1, "")]
+    test = [Question("Short?", ("a", "b", "c", "d"), 1, ""),
+            Question("Long? " + "word " * 60, ("a", "b", "c", "d"), 1, "")]
     plans = mmlu.plan_prompts(tokenizer, "x", dev, test, 3, 120)
     assert sorted({p.shots for p in plans}) != [3]  # at least one question lost examples
     letters = mmlu.letter_token_ids(tokenizer)
@@ -168,4 +174,4 @@ def test_evaluate_mmlu_counts_and_predictions(tiny_model, tokenizer, tmp_path):
     assert list(result.subjects) == ["college_physics", "marketing"]
     for r in result.subjects.values():
         assert r.total == 2 and len(r.predictions) == 2 and set(r.predictions) <= set("ABCD")
-        assert r.correct == sum("ABCD".index(p) == a for p, a in zip(r.predictions, [0, 1]))
+        assert r.correct == sum("ABCD".index(p) == a for p, a in zip(r.predictions, [0, 1], strict=True))

@@ -22,7 +22,8 @@ def _folder(root, subjects=("astronomy", "sociology")):
         for subject in subjects:
             with (root / split / f"{subject}_{split}.csv").open("w", newline="") as handle:
                 csv.writer(handle).writerows(
-                    [[f"{split} question {i} about {subject}?", "one", "two", "three", "four", "ABCD"[i % 4]] for i in range(5)])
+                    [[f"{split} question {i} about {subject}?", "one", "two", "three", "four", "ABCD"[i % 4]]
+                     for i in range(5)])
     return root
 
 
@@ -83,5 +84,6 @@ def test_cli_mmlu_checks_data_and_adapter_before_loading(tmp_path, capsys):
     missing_model = ["--model", str(tmp_path / "no-such-model")]
     assert _run(missing_model + ["--data", str(data)], tmp_path / "r.json")[0] == 2
     assert "sociology_dev.csv: missing few-shot file" in capsys.readouterr().err
-    assert _run(missing_model + ["--data", str(data), "--shots", "0", "--adapter", str(tmp_path)], tmp_path / "r.json")[0] == 2
+    flags = missing_model + ["--data", str(data), "--shots", "0", "--adapter", str(tmp_path)]
+    assert _run(flags, tmp_path / "r.json")[0] == 2
     assert "missing adapter_config.json" in capsys.readouterr().err

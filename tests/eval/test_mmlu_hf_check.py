@@ -31,7 +31,7 @@ def _csv(path):
 def _block(row, answered):
     key = row[5]
     letter = "ABCD"[int(key)] if key in "0123" else key
-    text = row[0] + "".join(f"\n{c}. {t}" for c, t in zip("ABCD", row[1:5])) + "\nAnswer:"
+    text = row[0] + "".join(f"\n{c}. {t}" for c, t in zip("ABCD", row[1:5], strict=True)) + "\nAnswer:"
     return text + f" {letter}\n\n" if answered else text
 
 

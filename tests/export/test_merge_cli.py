@@ -16,7 +16,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def base_dir(shared_dir, save_tiny_llama):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(shared_dir / "models" / "smollm2-135m-instruct"), gguf_file=GGUF)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        str(shared_dir / "models" / "smollm2-135m-instruct"), gguf_file=GGUF)
     return save_tiny_llama("base", tokenizer, vocab_size=len(tokenizer))
 
 

@@ -45,7 +45,8 @@ def test_adapter_x_among_several_equals_a_model_with_x_alone(tiny_model, two_ada
 
 
 def test_adapter_spec_names_it_after_the_directory():
-    assert AdapterSpec.parse("runs/sql-adapter/") == AdapterSpec("sql-adapter", AdapterSpec.parse("a=runs/sql-adapter/").path)
+    named = AdapterSpec.parse("a=runs/sql-adapter/")
+    assert AdapterSpec.parse("runs/sql-adapter/") == AdapterSpec("sql-adapter", named.path)
     assert AdapterSpec.parse("a=b").name == "a"
     with pytest.raises(ConfigError, match="reserved"):
         AdapterSpec.parse("base=somewhere")

@@ -175,5 +175,6 @@ def test_lean_with_a_bf16_compute_model_from_load_model(arch, tmp_path):
         for _ in range(4):
             got, want = lean(ids), reference(ids)
             assert got.dtype == want.dtype == torch.bfloat16
-            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3 * float(want.abs().max()))  # observed: equal
+            # observed: equal
+            torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3 * float(want.abs().max()))
             ids = want.argmax().view(1, 1)

@@ -23,7 +23,7 @@ def label_runs(tokenizer: Any, example: dict[str, list[int]]) -> list[str]:
     """Decoded runs of consecutive tokens that carry a label (the trained-on text)."""
     runs: list[list[int]] = []
     previous = False
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(example["input_ids"], example["labels"], strict=True):
         if label != IGNORE:
             assert label == token
             if not previous:
@@ -35,4 +35,5 @@ def label_runs(tokenizer: Any, example: dict[str, list[int]]) -> list[str]:
 
 def masked_text(tokenizer: Any, example: dict[str, list[int]]) -> str:
     """Decoded tokens without a label (the prompt side)."""
-    return tokenizer.decode([t for t, lab in zip(example["input_ids"], example["labels"]) if lab == IGNORE])
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    return tokenizer.decode([t for t, lab in pairs if lab == IGNORE])

@@ -36,7 +36,7 @@ def gradients(shapes, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
 def run_steps(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[list[torch.Tensor]],
               after_step: Callable[[int], None] | None = None) -> None:
     for t, step_grads in enumerate(grads):
-        for p, g in zip(params, step_grads):
+        for p, g in zip(params, step_grads, strict=True):
             p.grad = g.clone()
         optimizer.step()
         if after_step is not None:

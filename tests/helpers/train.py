@@ -27,8 +27,8 @@ def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Mod
 
 def run_config(data_path: Path, out: Path, **fields) -> RunConfig:
     """A small run; ``fields`` are fields of the train/optim/memory/eval sections, each put in its own."""
-    base = {"output_dir": str(out), "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "max_steps": 6, "gradient_checkpointing": False,
-                "compute_dtype": "float32", "warmup_ratio": 0.2, "scheduler": "cosine"}
+    base = {"output_dir": str(out), "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "max_steps": 6,
+            "gradient_checkpointing": False, "compute_dtype": "float32", "warmup_ratio": 0.2, "scheduler": "cosine"}
     base.update(fields)
     loop_sections = {name: SECTIONS[name] for name in ("train", "optim", "memory", "eval")}
     sections = {name: cls(**{k: v for k, v in base.items() if k in cls.__dataclass_fields__})

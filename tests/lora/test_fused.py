@@ -83,8 +83,9 @@ def test_fused_model_saves_the_same_peft_adapter_and_loads_back(tiny_llama, inpu
     fuse_shared_inputs(model)
     assert lora_state_dict(model, "default").keys() == unfused_state.keys()
     save_adapter(model, tmp_path / "fused")
-    assert (tmp_path / "fused/adapter_config.json").read_text() == (tmp_path / "unfused/adapter_config.json").read_text()
-    saved, ref = load_file(tmp_path / "fused/adapter_model.safetensors"), load_file(tmp_path / "unfused/adapter_model.safetensors")
+    fused, unfused = tmp_path / "fused", tmp_path / "unfused"
+    assert (fused / "adapter_config.json").read_text() == (unfused / "adapter_config.json").read_text()
+    saved, ref = load_file(fused / "adapter_model.safetensors"), load_file(unfused / "adapter_model.safetensors")
     assert saved.keys() == ref.keys() and all(torch.equal(saved[k], ref[k]) for k in ref)
     fresh = tiny_llama()
     load_adapter(fresh, tmp_path / "fused")

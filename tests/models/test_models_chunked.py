@@ -12,7 +12,7 @@ from qlorakit.quant import quantize_4bit
 
 def _assert_identical(a, b):
     assert (a.shape, a.dtype, a.quant_type, a.blocksize) == (b.shape, b.dtype, b.quant_type, b.blocksize)
-    for x, y in zip(a.tensors(), b.tensors()):
+    for x, y in zip(a.tensors(), b.tensors(), strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y)
     assert (a.nested is None) == (b.nested is None)
     if a.nested is not None:

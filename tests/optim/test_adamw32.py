@@ -27,11 +27,11 @@ def test_fp32_equals_torch_adamw_every_step_with_safetensors_resume_midway(tmp_p
     ours = AdamW(_groups(ours_p), **HYPER)
     ref = torch.optim.AdamW(_groups(ref_p), **HYPER)
     for t, step_grads in enumerate(gradients(SHAPES, steps)):
-        for p, q, g in zip(ours_p, ref_p, step_grads):
+        for p, q, g in zip(ours_p, ref_p, step_grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
-        for p, q in zip(ours_p, ref_p):  # tolerance: exact (0 ulp), parameters and both moments
+        for p, q in zip(ours_p, ref_p, strict=True):  # tolerance: exact (0 ulp), parameters and both moments
             assert ulp_distance(p, q) == 0
             for name in ("exp_avg", "exp_avg_sq"):
                 assert torch.equal(ours.state[p][name], ref.state[q][name])
@@ -53,7 +53,7 @@ def test_loads_a_torch_adamw_state_dict_and_continues_identically():
     ours.load_state_dict(ref.state_dict())
     run_steps(ref, ref_p, grads[10:])
     run_steps(ours, ours_p, grads[10:])
-    assert all(torch.equal(p, q) for p, q in zip(ours_p, ref_p))
+    assert all(torch.equal(p, q) for p, q in zip(ours_p, ref_p, strict=True))
 
 
 def test_bf16_parameters_keep_fp32_state_and_round_the_fp32_update():

@@ -46,7 +46,7 @@ def test_8bit_state_and_parameters_equal_bitsandbytes_adamw8bit(dtype):
     ref = bnb.optim.AdamW8bit(ref_p, **HYPER)
 
     def compare(t):
-        for i, (p, q) in enumerate(zip(ours_p, ref_p)):
+        for i, (p, q) in enumerate(zip(ours_p, ref_p, strict=True)):
             mine, theirs = ours.state[p], ref.state[q]
             if i == 0:  # < 4096 elements: 32-bit state in both
                 assert theirs["state1"].dtype == torch.float32 and mine["exp_avg"].dtype == torch.float32
@@ -59,7 +59,7 @@ def test_8bit_state_and_parameters_equal_bitsandbytes_adamw8bit(dtype):
             assert torch.equal(p, q), (t, i)
 
     for t, step_grads in enumerate(grads):
-        for p, q, g in zip(ours_p, ref_p, step_grads):
+        for p, q, g in zip(ours_p, ref_p, step_grads, strict=True):
             p.grad, q.grad = g.to(dtype), g.to(dtype)
         ours.step()
         ref.step()
@@ -86,6 +86,6 @@ def test_8bit_resume_through_safetensors_continues_bit_identically(tmp_path):
     second = AdamW(resumed_p, optim_bits=8, **HYPER)
     second.load_state_dict(load_state(tmp_path / "optimizer.safetensors"))
     run_steps(second, resumed_p, grads[12:])
-    assert all(torch.equal(p, q) for p, q in zip(straight_p, resumed_p))
-    for p, q in zip(straight_p[1:], resumed_p[1:]):
+    assert all(torch.equal(p, q) for p, q in zip(straight_p, resumed_p, strict=True))
+    for p, q in zip(straight_p[1:], resumed_p[1:], strict=True):
         assert torch.equal(straight.state[p]["exp_avg_codes"], second.state[q]["exp_avg_codes"])

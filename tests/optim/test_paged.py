@@ -34,7 +34,7 @@ def test_paged_equals_unpaged_after_50_steps_within_budget(bits):
     run_steps(plain, plain_p, grads)
     run_steps(paged, paged_p, grads)
     store = paged.store
-    assert all(torch.equal(p, q) for p, q in zip(plain_p, paged_p))
+    assert all(torch.equal(p, q) for p, q in zip(plain_p, paged_p, strict=True))
     assert store.total_bytes > store.budget_bytes  # the budget really is below the paged state
     assert 0 < store.peak_resident_bytes <= store.budget_bytes
     if store.backend.measured_bytes() is not None:  # the kernel's count (Linux): pages actually resident
@@ -76,7 +76,7 @@ def test_paged_state_round_trips_through_safetensors_between_paged_and_unpaged(t
     third = AdamW(moved_p, optim_bits=bits, paged=True, page_min_size=PAGE_MIN, **HYPER)  # unpaged -> paged
     third.load_state_dict(load_state(tmp_path / "b.safetensors"))
     run_steps(third, moved_p, grads[14:])
-    assert all(torch.equal(p, q) for p, q in zip(straight_p, moved_p))
+    assert all(torch.equal(p, q) for p, q in zip(straight_p, moved_p, strict=True))
 
 
 def test_default_budget_is_twice_the_largest_paged_block():
@@ -115,7 +115,7 @@ def test_cuda_paged_equals_unpaged_with_prefetch_within_budget(bits):
     run_steps(plain, plain_p, grads)
     run_steps(paged, paged_p, grads)
     torch.cuda.synchronize()
-    assert all(torch.equal(p, q) for p, q in zip(plain_p, paged_p))
+    assert all(torch.equal(p, q) for p, q in zip(plain_p, paged_p, strict=True))
     assert 0 < paged.store.peak_resident_bytes <= paged.store.budget_bytes < paged.store.total_bytes
     sd_plain, sd_paged = plain.state_dict()["state"], paged.state_dict()["state"]
     for index in sd_plain:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import qlorakit.quant.linear as linear_module
+from qlorakit.quant.backends import native_cpu
 from qlorakit.quant.gemv import FEW_ROWS, gemv_4bit
 from qlorakit.quant.linear import Linear4bit, bind_linear
-from qlorakit.quant.backends import native_cpu
 
 IN, OUT = 96, 40
 

@@ -188,7 +188,8 @@ def test_nbytes_and_weight_property():
     layer = Linear4bit.from_linear(_linear(256, 192))
     q = layer.qweight
     assert layer.weight is q.packed and q.packed.dtype == torch.uint8
-    expected = 256 * 192 // 2 + 256 * 192 // 64 + 16 * 4 + 4 * 3 + 256 * 4  # codes, absmax, map, 3 nested scales, nested map
+    # codes, absmax, map, 3 nested scales, nested map
+    expected = 256 * 192 // 2 + 256 * 192 // 64 + 16 * 4 + 4 * 3 + 256 * 4
     assert q.nbytes == expected
 
 

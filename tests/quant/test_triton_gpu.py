@@ -28,7 +28,8 @@ def ops():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("quant_type,blocksize,double_quant", [("nf4", 64, True), ("fp4", 128, False), ("nf4", 256, True)])
+@pytest.mark.parametrize("quant_type,blocksize,double_quant",
+                         [("nf4", 64, True), ("fp4", 128, False), ("nf4", 256, True)])
 @pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (1001, 333)])
 def test_dequantize_equals_reference_bit_for_bit_on_cuda(ops, dtype, quant_type, blocksize, double_quant, shape):
     q = random_weight(shape, quant_type, blocksize, double_quant, "cuda")

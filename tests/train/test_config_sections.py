@@ -88,7 +88,8 @@ def test_old_layout_file_loads_with_one_message_naming_each_moved_key(tmp_path):
                   "train.eval_steps -> eval.eval_steps", "train.optim -> optim.optim"):
         assert moved in messages[0]
     assert "max_steps" not in messages[0]
-    assert (cfg.train.max_steps, cfg.optim.lr, cfg.memory.gradient_checkpointing, cfg.eval.eval_steps) == (1, 0.001, False, 3)
+    assert (cfg.train.max_steps, cfg.optim.lr, cfg.memory.gradient_checkpointing, cfg.eval.eval_steps) == (
+        1, 0.001, False, 3)
     assert cfg.lora.r == 2 and cfg.optim.optim == "adamw"
 
 
@@ -135,9 +136,10 @@ def test_allowed_values_live_in_constants():
         assert getattr(config, name) is getattr(constants, name)
 
 
-@pytest.mark.parametrize(("cls", "name", "low"), [(TrainConfig, "batch_size", 1), (TrainConfig, "max_steps", 0),
-                                                  (OptimConfig, "optim_budget", 0), (MemoryConfig, "loss_chunk_tokens", 0),
-                                                  (EvalConfig, "eval_steps", 0), (EvalConfig, "eval_ppl_stride", 1)])
+@pytest.mark.parametrize(("cls", "name", "low"), [
+    (TrainConfig, "batch_size", 1), (TrainConfig, "max_steps", 0), (OptimConfig, "optim_budget", 0),
+    (MemoryConfig, "loss_chunk_tokens", 0), (EvalConfig, "eval_steps", 0), (EvalConfig, "eval_ppl_stride", 1),
+])
 def test_integer_fields_refuse_bools_floats_and_small_values(cls, name, low):
     for bad in (True, 1.5, low - 1):
         with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{name} = "):

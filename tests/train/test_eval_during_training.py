@@ -24,7 +24,8 @@ def _mmlu_folder(root):
         for subject in ("anatomy", "sociology"):
             with (root / split / f"{subject}_{split}.csv").open("w", newline="") as handle:
                 csv.writer(handle).writerows(
-                    [[f"{split} {i}: which {subject} word?", "alpha", "beta", "gamma", "delta", "ABCD"[i % 4]] for i in range(4)])
+                    [[f"{split} {i}: which {subject} word?", "alpha", "beta", "gamma", "delta", "ABCD"[i % 4]]
+                     for i in range(4)])
     return root
 
 
@@ -41,7 +42,8 @@ def test_trainer_logs_perplexity_and_mmlu_rows_equal_to_standalone_evaluation(sm
     train_set, val_set, _ = build_datasets(cfg.data, smol_tokenizer)
     model = tiny_qlora_model(len(smol_tokenizer), cfg.lora)
     evaluator = build_training_evaluator(cfg.eval, smol_tokenizer, cfg.train.batch_size)
-    train(model, train_set, val_set, collate_fn(smol_tokenizer), cfg, tmp_path / "run", progress=False, evaluator=evaluator)
+    train(model, train_set, val_set, collate_fn(smol_tokenizer), cfg, tmp_path / "run", progress=False,
+          evaluator=evaluator)
 
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_ppl" in r]
     assert [r["step"] for r in rows] == [2, 4]
@@ -52,7 +54,8 @@ def test_trainer_logs_perplexity_and_mmlu_rows_equal_to_standalone_evaluation(sm
     model.eval()
     ids = smol_tokenizer(_text(tmp_path).read_text())["input_ids"]
     final = perplexity.perplexity(model, ids, 32, 16, progress=False)
-    assert rows[1]["eval_ppl"] == pytest.approx(final.perplexity, rel=1e-6) and rows[1]["eval_ppl_tokens"] == final.tokens
+    assert (rows[1]["eval_ppl"] == pytest.approx(final.perplexity, rel=1e-6)
+            and rows[1]["eval_ppl_tokens"] == final.tokens)
     standalone = mmlu.evaluate_mmlu(model, smol_tokenizer, tmp_path / "mmlu", shots=1, limit=3, progress=False)
     assert rows[1]["mmlu_mean"] == pytest.approx(standalone.mean) and rows[1]["mmlu_questions"] == 6
 

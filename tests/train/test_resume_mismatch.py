@@ -32,7 +32,7 @@ def _rewrite_optimizer_state(checkpoint: Path, change) -> None:
     path = checkpoint / "optimizer.safetensors"
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle)
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # a safe_open handle: keys(), not iteration
     save_file(change(tensors), str(path), metadata=metadata)
 
 
@@ -42,10 +42,12 @@ def test_resume_with_mismatched_optimizer_state_fails_before_training(tiny_dir, 
     assert _train(tiny_dir, small_oasst, run, "--max-steps", "2", "--save-steps", "1") == 0
     checkpoint = run / "checkpoint-2"
     if case == "shape":  # state saved for a wider adapter than the model has
-        change = lambda t: {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "state.0.exp_avg" else v)
-                            for k, v in t.items()}
+        def change(t):
+            return {k: (torch.zeros(v.shape[0] + 1, *v.shape[1:]) if k == "state.0.exp_avg" else v)
+                    for k, v in t.items()}
     else:
-        change = lambda t: {k: v for k, v in t.items() if k != "state.0.exp_avg_sq"}
+        def change(t):
+            return {k: v for k, v in t.items() if k != "state.0.exp_avg_sq"}
     _rewrite_optimizer_state(checkpoint, change)
     rows_before = read_metrics(run / "metrics.jsonl")
     capsys.readouterr()

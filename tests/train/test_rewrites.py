@@ -7,21 +7,23 @@ import json
 
 import pytest
 import torch
-from tests.helpers.train import run_config, tiny_qlora_model
 
 from qlorakit.lora.fused import SharedInputA
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.train import rewrites
 from qlorakit.train.rewrites import AT_LOAD, PROCESS, REWRITES, REWRITES_FILE, UNDONE
+from tests.helpers.train import run_config, tiny_qlora_model
 
 
 def _snapshot(model) -> dict:
     """Everything a rewrite may change, as plain values."""
     return {
         "forwards": sorted(name for name, m in model.named_modules() if "forward" in vars(m)),
-        "lora_A": sorted(type(a).__name__ for m in model.modules() if isinstance(m, LoraLinear) for a in m.lora_A.values()),
-        "switches": [(n, dict((k, v) for k, v in vars(m).items() if k in ("fuse_up_projection", "use_gemv", "reuse_dequant_buffer")))
+        "lora_A": sorted(type(a).__name__ for m in model.modules() if isinstance(m, LoraLinear)
+                         for a in m.lora_A.values()),
+        "switches": [(n, {k: v for k, v in vars(m).items()
+                          if k in ("fuse_up_projection", "use_gemv", "reuse_dequant_buffer")})
                      for n, m in model.named_modules() if isinstance(m, (LoraLinear, Linear4bit))],
         "checkpointing": model.is_activation_checkpointing,
         "use_cache": model.config.use_cache,

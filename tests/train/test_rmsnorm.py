@@ -1,10 +1,11 @@
 """fused_rmsnorm: ``_RMSNorm`` against the model's own RMSNorm forward (outputs and gradients).
 
 Tolerance: normwise relative 1e-6 for the op, 1e-5 for a whole model's LoRA gradients (measured up to
-1.2e-6: the op's differences pass through every later layer's backward, as ``test_loss``'s 1e-5 allows). ``_RMSNorm`` takes ``r`` from ``vector_norm`` instead of
-``pow(2).mean`` and forms ``dL/dx`` in one expression instead of summing two autograd paths: each is
-a reordering of fp32 arithmetic (a few ulps, 2**-24 ~ 6e-8 each), while a wrong term (a missing r, the
-weight gradient's scale, the mean over H) changes the result by far more than 1e-6.
+1.2e-6: the op's differences pass through every later layer's backward, as ``test_loss``'s 1e-5 allows).
+``_RMSNorm`` takes ``r`` from ``vector_norm`` instead of ``pow(2).mean`` and forms ``dL/dx`` in one
+expression instead of summing two autograd paths: each is a reordering of fp32 arithmetic (a few ulps,
+2**-24 ~ 6e-8 each), while a wrong term (a missing r, the weight gradient's scale, the mean over H) changes
+the result by far more than 1e-6.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ def test_schedule_equals_transformers(scheduler, total, ratio):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
     sched = HF[scheduler](opt, warmup_steps(total, ratio), total)
     for step in range(total):
-        assert lr_at(step, total, 2e-4, scheduler, ratio) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-18)
+        expected = pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-18)
+        assert lr_at(step, total, 2e-4, scheduler, ratio) == expected
         opt.step()
         sched.step()
 

@@ -29,7 +29,8 @@ def test_train_writes_the_run_directory_and_resumes_to_the_same_result(tiny_mode
     assert main(_args(tiny_model_dir, small_oasst, full, "--max-steps", "6", "--save-steps", "2")) == 0
     out = capsys.readouterr().out
     assert "qlorakit run summary" in out and str(full / "adapter") in out
-    assert {"config.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoint-4", "checkpoint-6"} <= {p.name for p in full.iterdir()}
+    written = {p.name for p in full.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "loss.png", "adapter", "checkpoint-4", "checkpoint-6"} <= written
     assert json.loads((full / "adapter" / "adapter_config.json").read_text())["r"] == 4
     rows = [r for r in read_metrics(full / "metrics.jsonl") if "loss" in r]
     assert len(rows) == 6 and all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
@@ -40,7 +41,8 @@ def test_train_writes_the_run_directory_and_resumes_to_the_same_result(tiny_mode
     assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
     assert read_metrics(cut / "metrics.jsonl") == [
         {k: v for k, v in r.items()} for r in read_metrics(cut / "metrics.jsonl")]
-    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
     assert losses(cut) == losses(full)
 
 
@@ -116,7 +118,8 @@ def test_allocator_threshold_is_set_before_the_model_loads(tiny_model_dir, small
     monkeypatch.setattr(qlorakit.train.allocator, "fix_mmap_threshold", lambda kib: calls.append(("threshold", kib)))
     monkeypatch.setattr(qlorakit.models, "load_model", fake_load_model)
     with pytest.raises(Stop):
-        main(_args(tiny_model_dir, small_oasst, tmp_path / "out", "--max-steps", "1", "--malloc-mmap-threshold-kib", "512"))
+        main(_args(tiny_model_dir, small_oasst, tmp_path / "out", "--max-steps", "1",
+                   "--malloc-mmap-threshold-kib", "512"))
     assert calls == [("threshold", 512), ("load_model", None)]
 
 
@@ -130,7 +133,8 @@ def test_resume_of_a_run_whose_config_yaml_has_the_old_layout(tiny_model_dir, sm
     assert main(_args(tiny_model_dir, small_oasst, run, "--max-steps", "4", "--save-steps", "2")) == 0
     values = yaml.safe_load((run / "config.yaml").read_text())
     assert {"optim", "memory", "eval"} <= set(values) and not set(values["train"]) & set(MOVED_FROM_TRAIN)
-    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
+    def losses(d):
+        return [r["loss"] for r in read_metrics(d / "metrics.jsonl") if "loss" in r]
     full = losses(run)
     old = {k: v for k, v in values.items() if k not in ("optim", "memory", "eval")}
     old["train"] = {**values["train"], **values["optim"], **values["memory"], **values["eval"]}

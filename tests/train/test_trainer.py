@@ -43,7 +43,8 @@ def test_run_writes_metrics_checkpoints_and_learns(smol_tokenizer, small_oasst, 
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # lr 1e-2 on a tiny model: it must learn something
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-6", "checkpoint-8"]  # limit 2
     ckpt = tmp_path / "run" / "checkpoint-8"
-    assert {p.name for p in ckpt.iterdir()} == {"adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
+        "adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"}
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["micro_index"] == 16
@@ -61,9 +62,9 @@ def test_loss_is_the_token_mean_of_the_whole_accumulated_batch(smol_tokenizer, s
     stream = MicroBatchStream(train_set.lengths, 2, cfg.data.seed, True)
     micro = [collate([train_set[i] for i in stream.at(k)[1]]) for k in range(2)]
     with torch.no_grad():
-        sums, counts = zip(*(token_loss_sum(model, b) for b in micro))
+        sums, counts = zip(*(token_loss_sum(model, b) for b in micro), strict=True)
     expected = float(sum(sums)) / sum(counts)
-    mean_of_means = sum(float(s) / c for s, c in zip(sums, counts)) / 2
+    mean_of_means = sum(float(s) / c for s, c in zip(sums, counts, strict=True)) / 2
     assert abs(expected - mean_of_means) > 1e-4  # the two definitions differ on this data
     model.train = lambda mode=True: model  # keep eval mode (no dropout) inside train()
     train(model, train_set, [], collate, cfg, tmp_path / "run", progress=False)
@@ -71,7 +72,9 @@ def test_loss_is_the_token_mean_of_the_whole_accumulated_batch(smol_tokenizer, s
 
 
 @pytest.mark.parametrize("stop_at", [2, 3])
-def test_resume_continues_the_exact_loss_sequence_across_an_epoch_boundary(smol_tokenizer, small_oasst, tmp_path, stop_at):
+def test_resume_continues_the_exact_loss_sequence_across_an_epoch_boundary(
+    smol_tokenizer, small_oasst, tmp_path, stop_at
+):
     # 10 train examples / batch 2 = 5 micro-batches per epoch, 4 per step: steps 2 and 4 cross epochs.
     cfg = run_config(small_oasst, tmp_path / "full", save_steps=1)
     model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
@@ -102,7 +105,7 @@ def test_gradient_checkpointing_recomputes_the_same_losses(smol_tokenizer, small
         model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
         seen: list[bool] = []  # checkpointing as the run had it (train.rewrites switches it off again on exit)
         train(model, train_set, val_set, collate, cfg, tmp_path / str(ckpt), progress=False,
-              evaluator=lambda m: seen.append(m.is_activation_checkpointing) or {})
+              evaluator=lambda m, seen=seen: seen.append(m.is_activation_checkpointing) or {})
         assert seen == [ckpt] and not model.is_activation_checkpointing
         runs[ckpt] = _losses(tmp_path / str(ckpt))
     assert len(runs[True]) == 3

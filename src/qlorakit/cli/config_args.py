@@ -57,7 +57,8 @@ def _arg_kwargs(f: dataclasses.Field, default: Any) -> dict[str, Any]:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, grouped by section; argparse defaults stay unset (SUPPRESS)."""
     parser.add_argument("--model", default=argparse.SUPPRESS, dest="cfg__model",
-                        help=f"{RunConfig.__dataclass_fields__['model'].metadata['help']} (default: {RunConfig().model})")
+                        help=f"{RunConfig.__dataclass_fields__['model'].metadata['help']} "
+                             f"(default: {RunConfig().model})")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(f"{section} options")
         defaults = cls()

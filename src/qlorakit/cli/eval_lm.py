@@ -96,7 +96,8 @@ def add_mmlu(evaluations: Any) -> None:
                         "test/<subject>_test.csv (header+index or no-header+letter CSV)")
     parser.add_argument("--shots", type=non_negative_int, default=5, help="few-shot examples (default: 5)")
     parser.add_argument("--limit", type=positive_int, help="first N test questions per subject (quick runs)")
-    parser.add_argument("--subjects", nargs="+", metavar="SUBJECT", help="only these subjects (default: all in DIR/test)")
+    parser.add_argument("--subjects", nargs="+", metavar="SUBJECT",
+                        help="only these subjects (default: all in DIR/test)")
     _add_model_flags(parser, max_seq_len=2048, batch_size=8)
     parser.set_defaults(func=run_mmlu)
 
@@ -114,6 +115,7 @@ def run_mmlu(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, limit=args.limit, subjects=args.subjects,
                                 progress=not args.no_progress)
     print(mmlu.format_table(result))
-    out = result.as_dict() | _describe(args) | {"shots": args.shots, "limit": args.limit, "max_seq_len": args.max_seq_len}
+    settings = {"shots": args.shots, "limit": args.limit, "max_seq_len": args.max_seq_len}
+    out = result.as_dict() | _describe(args) | settings
     print(f"wrote {write_json_atomic(args.output, out)}")
     return 0

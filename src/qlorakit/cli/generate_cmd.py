@@ -31,13 +31,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "'base' for none)")
     parser.add_argument("--allow-other-base", action="store_true",
                         help="load adapters whose base_model_name_or_path names another model (shapes still checked)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="most new tokens per reply (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="most new tokens per reply (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus mass kept when sampling (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus mass kept when sampling (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: %(default)s)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     parser.add_argument("--no-quantize", action="store_true", help="keep the base in 16/32 bit instead of NF4")
-    parser.add_argument("--compute-dtype", choices=DTYPES, default="float32", help="compute dtype (default: %(default)s)")
+    parser.add_argument("--compute-dtype", choices=DTYPES, default="float32",
+                        help="compute dtype (default: %(default)s)")
 
 
 def add_parser(subparsers: Any) -> None:

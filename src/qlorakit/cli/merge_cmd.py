@@ -23,8 +23,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="base model source (as for train)")
     p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported weights (default: bfloat16)")
-    p.add_argument("--quantize", choices=("nf4", "fp4"), help="write a bitsandbytes 4-bit checkpoint and report the added error")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
+                   help="dtype of the exported weights (default: bfloat16)")
+    p.add_argument("--quantize", choices=("nf4", "fp4"),
+                   help="write a bitsandbytes 4-bit checkpoint and report the added error")
     p.add_argument("--no-quant", action="store_true", help="load the base in 16/32 bit instead of 4-bit")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=run)
@@ -42,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
     check_adapter_dir(args.adapter)  # before the minutes of loading the base
-    model = load_model(args.model, quant=None if args.no_quant else QuantConfig(), lora=None, compute_dtype=torch.float32)
+    quant = None if args.no_quant else QuantConfig()
+    model = load_model(args.model, quant=quant, lora=None, compute_dtype=torch.float32)
     load_adapter(model, args.adapter)
     quantize = QuantConfig(quant_type=args.quantize) if args.quantize else None
     report = merge_and_export(model, out, dtype=getattr(torch, args.dtype), tokenizer=load_tokenizer(args.model),

@@ -24,7 +24,8 @@ def add_parser(subparsers: Any) -> None:
         "plan", help="memory needed to train a model with QLoRA, part by part, and whether it fits",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    p.add_argument("--model", required=True, metavar="MODEL", help="7b|13b|33b|65b, config.json, directory, .gguf, alias")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="7b|13b|33b|65b, config.json, directory, .gguf, alias")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default: %(default)s)")
     p.add_argument("--r", type=int, default=64, help="LoRA rank (default: %(default)s)")

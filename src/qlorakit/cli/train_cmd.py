@@ -70,7 +70,9 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output directory {path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {path} is not empty; pass --overwrite to replace it or choose another --output-dir")
+        raise ConfigError(
+            f"output directory {path} is not empty; pass --overwrite to replace it or choose another --output-dir"
+        )
     parent = path if path.is_dir() else next((p for p in path.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"output directory {path}: {parent} is not writable")
@@ -94,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_dir(run_dir, args.overwrite)
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
-    evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)  # perplexity / MMLU inputs checked now
+    # perplexity / MMLU inputs checked now
+    evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
     print(summary.format())
     print(_plan(cfg, len(train_set), len(val_set), checkpoint))
     if args.dry_run:
@@ -109,8 +112,8 @@ def run(args: argparse.Namespace) -> int:
     if checkpoint is None:
         _prepare_run_dir(run_dir, args.overwrite)
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint, progress=not args.no_progress,
-                   evaluator=evaluator)
+    result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
+                   progress=not args.no_progress, evaluator=evaluator)
     print(finish_run(model, tokenizer, result, summary))
     return 0
 
@@ -119,7 +122,8 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
     t, o = cfg.train, cfg.optim
     steps = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
     lines = [
-        f"model      {cfg.model}  ({cfg.quant.quant_type}, blocksize {cfg.quant.blocksize}, double quant {cfg.quant.double_quant})",
+        f"model      {cfg.model}  ({cfg.quant.quant_type}, blocksize {cfg.quant.blocksize}, "
+        f"double quant {cfg.quant.double_quant})",
         f"lora       r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, targets {cfg.lora.targets}",
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "

@@ -98,7 +98,7 @@ class DataSummary:
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (for a run's records)."""
         values = dataclasses.asdict(self)
-        values["files"] = [dict(zip(("path", "format", "rows", "examples"), f)) for f in self.files]
+        values["files"] = [dict(zip(("path", "format", "rows", "examples"), f, strict=True)) for f in self.files]
         return values
 
     def format(self) -> str:

@@ -95,7 +95,7 @@ def tokenize_conversations(
     out: list[TokenizedExample] = []
     dropped: dict[str, int] = {}
     at = 0
-    for ex, segs in zip(examples, rendered):
+    for ex, segs in zip(examples, rendered, strict=True):
         pieces = [(flat[at + i] + ([eos] if seg.add_eos else []), seg.is_target) for i, seg in enumerate(segs)]
         at += len(segs)
         templated = uses_chat_template(ex, tokenizer, cfg.chat_template)  # the template writes its own BOS

@@ -49,7 +49,7 @@ class TrainingEvaluator:
             accuracies, questions = [], 0
             for plans, answers in self.mmlu_plans.values():
                 predicted = mmlu.score_subject(model, plans, self.letter_ids, self.batch_size).argmax(dim=1).tolist()
-                accuracies.append(sum(p == a for p, a in zip(predicted, answers)) / len(answers))
+                accuracies.append(sum(p == a for p, a in zip(predicted, answers, strict=True)) / len(answers))
                 questions += len(answers)
             row.update(mmlu_mean=sum(accuracies) / len(accuracies), mmlu_questions=questions)
         return row

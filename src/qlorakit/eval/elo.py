@@ -348,7 +348,7 @@ def plot_ratings(result: EloResult, path: str | os.PathLike[str], labels: Mappin
     ax.errorbar(elo, y, xerr=ci, fmt="o", color="C0", capsize=4, label="mean, 95% CI of the mean")
     if reference:
         ref = [(reference[r.model], i) for i, r in enumerate(rows) if r.model in reference]
-        ax.plot(*zip(*ref), "x", color="C3", markersize=8, label="paper")
+        ax.plot(*zip(*ref, strict=True), "x", color="C3", markersize=8, label="paper")
     ax.set_yticks(y, [labels.get(r.model, r.model) for r in rows])
     ax.set_xlabel(f"Elo (K = {result.k:g}, {result.orderings} orderings, seed {result.seed})")
     ax.grid(axis="x", alpha=0.3)

@@ -157,7 +157,7 @@ def score_reference(model: Any, prompt_ids: Sequence[int], letter_ids: Sequence[
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -237,7 +237,8 @@ def evaluate_mmlu(model: Any, tokenizer: Any, directory: str | os.PathLike, shot
         logits = score_subject(model, plans, letter_ids, batch_size, pad_id, side, progress=bar)
         predicted = logits.argmax(dim=1).tolist()
         result.subjects[subject] = SubjectResult(
-            subject, SUBJECT_CATEGORY.get(subject, UNKNOWN_CATEGORY), sum(p == q.answer for p, q in zip(predicted, tests)),
+            subject, SUBJECT_CATEGORY.get(subject, UNKNOWN_CATEGORY),
+            sum(p == q.answer for p, q in zip(predicted, tests, strict=True)),
             len(tests), shots, sum(p.shots < shots for p in plans), sum(p.cut for p in plans),
             "".join(LETTERS[p] for p in predicted))
     bar.close()
@@ -252,5 +253,6 @@ def format_table(result: MmluResult) -> str:
     lines.append("")
     for name, v in result.categories().items():
         lines.append(f"{'[' + name + ']':<40} {100 * v['accuracy']:>7.2f} {v['questions']:>6}")
-    lines.append(f"{'mean over subjects':<40} {100 * result.mean:>7.2f} {sum(r.total for r in result.subjects.values()):>6}")
+    questions = sum(r.total for r in result.subjects.values())
+    lines.append(f"{'mean over subjects':<40} {100 * result.mean:>7.2f} {questions:>6}")
     return "\n".join(lines)

@@ -110,7 +110,8 @@ def header(subject: str) -> str:
 
 def format_question(question: Question, with_answer: bool) -> str:
     """``Q\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:`` (+ `` X\\n\\n`` for a few-shot example)."""
-    text = question.question + "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, question.choices))
+    choices = zip(LETTERS, question.choices, strict=True)
+    text = question.question + "".join(f"\n{letter}. {choice}" for letter, choice in choices)
     text += "\nAnswer:"
     return text + f" {LETTERS[question.answer]}\n\n" if with_answer else text
 

@@ -24,7 +24,9 @@ def check_adapter_dir(directory: str | os.PathLike | None) -> None:
 TRAIN_QUANT = QuantConfig()
 
 
-def load_for_eval(source: str, quant: QuantConfig | None = TRAIN_QUANT, adapter: str | os.PathLike | None = None) -> tuple[Any, Any]:
+def load_for_eval(
+    source: str, quant: QuantConfig | None = TRAIN_QUANT, adapter: str | os.PathLike | None = None
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` in eval mode, fp32 compute; ``quant=None`` keeps the linears unquantized."""
     from qlorakit.lora import load_adapter
     from qlorakit.models import load_model, load_tokenizer

@@ -140,7 +140,9 @@ def _window_nll(model: Any, ids: torch.Tensor, batch: Sequence[Window]) -> float
     return total
 
 
-def _result(nll_sum: float, tokens: int, n_tokens: int, windows: int, max_seq_len: int, stride: int) -> PerplexityResult:
+def _result(
+    nll_sum: float, tokens: int, n_tokens: int, windows: int, max_seq_len: int, stride: int
+) -> PerplexityResult:
     return PerplexityResult(math.exp(nll_sum / tokens), nll_sum / tokens, nll_sum, tokens, n_tokens, windows,
                             max_seq_len, stride)
 
@@ -163,7 +165,9 @@ def perplexity(model: Any, token_ids: Sequence[int], max_seq_len: int, stride: i
     return _result(nll_sum, tokens, len(ids), len(windows), max_seq_len, stride)
 
 
-def perplexity_reference(model: Any, token_ids: Sequence[int], max_seq_len: int, stride: int | None = None) -> PerplexityResult:
+def perplexity_reference(
+    model: Any, token_ids: Sequence[int], max_seq_len: int, stride: int | None = None
+) -> PerplexityResult:
     """The slow oracle: one plain ``model(input_ids)`` forward per scored token, over exactly its context."""
     stride = check_window(max_seq_len, stride)
     ids = list(token_ids)

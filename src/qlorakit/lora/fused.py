@@ -19,7 +19,8 @@ The group reuses its product only for the very tensor object it computed it from
 and only until every member has taken its slice; any other input is computed unfused. Groups whose
 adapters have dropout > 0 are not fused at all (each layer draws its own mask, so no input is shared and
 a fused product would be computed once per member), nor are 16-bit bases with fp32 adapters (each layer
-casts ``h`` to a new tensor), so fusing never changes what is computed, only how: tests hold fused to unfused outputs and gradients within fp32 rounding.
+casts ``h`` to a new tensor), so fusing never changes what is computed, only how: tests hold fused to
+unfused outputs and gradients within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def _fusable(layers: list[LoraLinear], name: str) -> bool:
     if any(not isinstance(m.lora_dropout[name], nn.Identity) for m in layers):
         return False  # each layer draws its own dropout mask: no input is shared, fusing would only add work
     weights = [m.lora_A[name].weight for m in layers]
-    kinds = {(w.dtype, w.device) for w in weights} | {(_base_dtype(m), w.device) for m, w in zip(layers, weights)}
+    kinds = {(w.dtype, w.device) for w in weights}
+    kinds |= {(_base_dtype(m), w.device) for m, w in zip(layers, weights, strict=True)}
     return all(type(m.lora_A[name]) is nn.Linear for m in layers) and len(kinds) == 1
 
 
@@ -109,7 +111,8 @@ def fuse_shared_inputs(model: nn.Module, name: str | None = None) -> list[tuple[
         for names in SHARED_INPUT_GROUPS:
             if child != names[0]:
                 continue
-            paths = tuple(f"{parent}.{n}" if parent else n for n in names if (f"{parent}.{n}" if parent else n) in layers)
+            siblings = (f"{parent}.{n}" if parent else n for n in names)
+            paths = tuple(p for p in siblings if p in layers)
             adapter = name or layer.active_adapter
             members = [layers[p] for p in paths]
             if adapter is None or not _fusable(members, adapter):

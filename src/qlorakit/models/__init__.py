@@ -3,7 +3,8 @@
 ``load_model(source, quant=QuantConfig(), lora=None)`` accepts a local Hugging Face directory
 (safetensors, single or sharded), a directory saved by transformers + bitsandbytes in 4 bits, a
 ``.gguf`` file, a built-in alias such as ``smollm2-135m-instruct``, or a Hub id; ``load_tokenizer``
-gives the matching tokenizer, ``quantize_model`` quantizes a model already in memory, and ``inspect_source`` describes a model from its config alone.
+gives the matching tokenizer, ``quantize_model`` quantizes a model already in memory, and ``inspect_source``
+describes a model from its config alone.
 """
 
 from qlorakit.models.inspect import ModelSummary, inspect_source

@@ -54,7 +54,8 @@ class ExportReport:
 def merged_weight(module: nn.Module) -> torch.Tensor:
     """The fp32 ``(out, in)`` weight of a linear with its active adapter folded in."""
     base = module.base_layer if isinstance(module, LoraLinear) else module
-    weight = dequantize_4bit(base.qweight, torch.float32) if isinstance(base, Linear4bit) else base.weight.detach().float()
+    weight = (dequantize_4bit(base.qweight, torch.float32) if isinstance(base, Linear4bit)
+              else base.weight.detach().float())
     if _adds_adapter(module):
         weight = weight + module.delta_weight(module.active_adapter)  # (out, in) fp32
     if not torch.isfinite(weight).all():
@@ -84,7 +85,8 @@ def export_state_dict(model: nn.Module, dtype: torch.dtype, quant: QuantConfig |
         if quant is None:
             out[f"{path}.weight"] = weight.to(dtype).contiguous()
         else:
-            q = quantize_4bit(weight.to(dtype), quant.quant_type, quant.blocksize, quant.double_quant, name=f"{path}.weight")
+            q = quantize_4bit(weight.to(dtype), quant.quant_type, quant.blocksize, quant.double_quant,
+                              name=f"{path}.weight")
             rel = float((dequantize_4bit(q, torch.float32) - weight).norm() / weight.norm().clamp(min=1e-30))
             report.requant_rel_error[path] = rel
             out[f"{path}.weight"] = q.packed
@@ -125,7 +127,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for fname, shard in zip(names, shards):
+    for fname, shard in zip(names, shards, strict=True):
         save_file(shard, str(directory / fname), metadata={"format": "pt"})
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())

@@ -267,7 +267,7 @@ class AdamW(torch.optim.Optimizer):
             else:
                 tensors = {name: entry[name].to(p.device, dtype, copy=True) for name, (_, dtype) in layout.items()}
                 self.state[p] = {"step": step, **tensors}
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
+        for group, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
             group.update({key: value for key, value in saved.items() if key != "params"})
             group["betas"] = tuple(group["betas"])
 

@@ -32,7 +32,7 @@ def _check_groups(saved: Sequence[Mapping[str, Any]], groups: Sequence[Mapping[s
             f"optimizer state has {len(saved)} parameter groups, this optimizer {len(groups)}; "
             "build the optimizer with the same parameter groups as the one that was saved"
         )
-    for i, (old, new) in enumerate(zip(saved, groups)):
+    for i, (old, new) in enumerate(zip(saved, groups, strict=True)):
         if len(old["params"]) != len(new["params"]):
             raise StateDictError(
                 f"parameter group {i} of the optimizer state has {len(old['params'])} parameters, this "

@@ -22,7 +22,9 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else ""
     if not match or unit not in UNITS:
-        raise ConfigError(f"memory size {text!r} is not understood; write a number and a unit, e.g. 48GB, 24GiB, 512MiB")
+        raise ConfigError(
+            f"memory size {text!r} is not understood; write a number and a unit, e.g. 48GB, 24GiB, 512MiB"
+        )
     value = float(match.group(1)) * UNITS[unit]
     if value <= 0:
         raise ConfigError(f"memory size {text!r} must be positive")

@@ -263,11 +263,15 @@ class Linear4bit(nn.Module):
         for key, value in self.qweight.to_bnb_dict().items():
             destination[prefix + "weight." + key] = value
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         weight_key = prefix + "weight"
         own = {k[len(weight_key) + 1 :]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
         bias_only = {k: v for k, v in state_dict.items() if k == prefix + "bias"}
-        super()._load_from_state_dict(bias_only, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            bias_only, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if weight_key not in state_dict:
             missing_keys.append(weight_key)
             return

@@ -112,7 +112,9 @@ class QuantizedTensor:
             "shape": list(self.shape),
         }
         if self.nested is not None:
-            meta.update(nested_blocksize=self.nested.blocksize, nested_dtype="float32", nested_offset=self.nested.offset)
+            meta.update(
+                nested_blocksize=self.nested.blocksize, nested_dtype="float32", nested_offset=self.nested.offset
+            )
         return meta
 
     def to_bnb_dict(self) -> dict[str, torch.Tensor]:
@@ -126,7 +128,9 @@ class QuantizedTensor:
         return out
 
     @classmethod
-    def from_bnb_dict(cls, packed: torch.Tensor, state: dict[str, torch.Tensor], where: str = "weight") -> QuantizedTensor:
+    def from_bnb_dict(
+        cls, packed: torch.Tensor, state: dict[str, torch.Tensor], where: str = "weight"
+    ) -> QuantizedTensor:
         """Rebuild from the packed weight and the ``as_dict`` tensors; ``where`` names the layer in errors."""
         meta = _read_quant_state_json(state, where)
         required = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if "nested_offset" in meta else [])

@@ -5,4 +5,6 @@ from qlorakit.train.loop import TrainResult, evaluate, train
 from qlorakit.train.metrics import plot_run, read_metrics
 from qlorakit.train.summary import finish_run
 
-__all__ = ["TrainResult", "TrainerState", "evaluate", "finish_run", "list_checkpoints", "plot_run", "read_metrics", "train"]
+__all__ = [
+    "TrainResult", "TrainerState", "evaluate", "finish_run", "list_checkpoints", "plot_run", "read_metrics", "train",
+]

@@ -277,7 +277,9 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     bar.update(1)
 
 
-def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
+def _train_row(
+    state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int
+) -> dict:
     row = {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
            "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
            "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}

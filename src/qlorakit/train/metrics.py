@@ -50,9 +50,9 @@ def plot_run(run_dir: str | Path) -> Path:
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.2)
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss", linewidth=1.2)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (mean over target tokens)")
     ax.set_title(run_dir.name)

@@ -40,7 +40,8 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x: (..., H), w: (H,)
         width = x.shape[-1]
-        r = torch.rsqrt(torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).square_().div_(width).add_(eps))  # (..., 1)
+        # r: (..., 1)
+        r = torch.rsqrt(torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).square_().div_(width).add_(eps))
         ctx.save_for_backward(x, weight, r)
         return (x * r).mul_(weight)  # (..., H)
 

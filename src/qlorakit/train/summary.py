@@ -29,7 +29,8 @@ def format_summary(result: TrainResult, adapter_dir: Path, plot: Path) -> str:
     if result.eval_losses:
         (s0, e0), (s1, e1) = result.eval_losses[0], result.eval_losses[-1]
         lines.append(f"held-out loss    step {s0}: {e0:.4f} -> step {s1}: {e1:.4f}")
-    lines.append(f"tokens           {result.tokens:,} in {result.train_seconds:.1f} s ({result.tokens_per_s:.1f} tokens/s)")
+    lines.append(f"tokens           {result.tokens:,} in {result.train_seconds:.1f} s "
+                 f"({result.tokens_per_s:.1f} tokens/s)")
     lines.append(f"peak RSS         {result.peak_rss_mb:.0f} MiB")
     lines.append(f"adapter          {adapter_dir}")
     lines.append(f"loss plot        {plot}")

@@ -53,7 +53,9 @@ def _gpu_configs(name: str) -> list:
         shapes = [(128, 128, 32, 4, 3), (128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3),
                   (128, 64, 32, 8, 3), (64, 64, 64, 4, 3), (64, 64, 32, 4, 3), (16, 128, 64, 4, 3), (16, 64, 64, 4, 3)]
         return [c({"BLOCK_M": m, "BLOCK_P": p, "BLOCK_R": r}, num_warps=w, num_stages=s) for m, p, r, w, s in shapes]
-    return [c({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w) for n, b, w in [(4, 128, 2), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (32, 64, 8)]]
+    # (BLOCK_N, BLOCK_B, warps)
+    shapes = [(4, 128, 2), (8, 128, 4), (8, 256, 4), (16, 64, 4), (16, 128, 4), (32, 64, 8)]
+    return [c({"BLOCK_N": n, "BLOCK_B": b}, num_warps=w) for n, b, w in shapes]
 
 
 @cache
@@ -73,7 +75,9 @@ def _on(device: torch.device):
 
 def _check_device(t: torch.Tensor, q: QuantizedTensor, what: str) -> None:
     if t.device != q.device:
-        raise QuantizationError(f"{what} is on {t.device} but the 4-bit weight is on {q.device}; move both to one device")
+        raise QuantizationError(
+            f"{what} is on {t.device} but the 4-bit weight is on {q.device}; move both to one device"
+        )
     if not INTERPRETED and t.device.type != "cuda":
         raise QuantizationError(
             f"{what} is on {t.device}: the Triton kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set "
@@ -127,7 +131,8 @@ def _launch_matmul(a: torch.Tensor, q: QuantizedTensor, forward: bool) -> torch.
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("matmul")
     bucket = min(1 << max(m - 1, 0).bit_length(), 8192)  # autotune key: M rounded up to a power of two
-    grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
+    def grid(meta_):
+        return (triton.cdiv(m, meta_["BLOCK_M"]), triton.cdiv(p, meta_["BLOCK_P"]))
     with _on(out.device):
         kernel[grid](
             a, *args, out, m, p, r, k_in, a.stride(0), a.stride(1), out.stride(0), out.stride(1), bucket, **meta,
@@ -144,7 +149,9 @@ def _rows(t: torch.Tensor, features: int, what: str) -> torch.Tensor:
     if t.dtype not in _ACTIVATION_DTYPES:
         raise QuantizationError(f"{what} has dtype {t.dtype}; use float32, bfloat16 or float16")
     if t.shape[-1] != features:
-        raise QuantizationError(f"{what} has {t.shape[-1]} features in its last dimension, the 4-bit weight needs {features}")
+        raise QuantizationError(
+            f"{what} has {t.shape[-1]} features in its last dimension, the 4-bit weight needs {features}"
+        )
     if t.numel() > MAX_ELEMENTS:
         raise QuantizationError(f"{what} of {t.numel()} elements exceeds the kernels' int32 indexing ({MAX_ELEMENTS})")
     return t.reshape(-1, features)  # (M, features); a view when possible, strides go to the kernel
@@ -181,7 +188,8 @@ def gemv_4bit(x: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
     out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     args, meta = _weight_args(q)
     kernel, fixed = _kernel("gemv")
-    grid = lambda meta_: (triton.cdiv(n_out, meta_["BLOCK_N"]),)
+    def grid(meta_):
+        return (triton.cdiv(n_out, meta_["BLOCK_N"]),)
     with _on(out.device):
         kernel[grid](
             x_row, *args, out, n_out, k_in, **meta, K_ALIGNED=k_in % q.blocksize == 0, **fixed, enable_fp_fusion=False
