@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from train_testing import run_config, tiny_qlora_model
+from tests.helpers.train import run_config, tiny_qlora_model
 
 from qlorakit.lora.fused import SharedInputA
 from qlorakit.lora.layer import LoraLinear
