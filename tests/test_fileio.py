@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-import qlorakit.fileio as fileio
+from qlorakit import fileio
 
 
 def _record(monkeypatch) -> list[tuple[str, str]]:
@@ -81,7 +81,7 @@ def test_a_failed_fill_leaves_the_target_as_it_was(tmp_path):
 
 
 def test_remove_stale_deletes_temporaries_of_dead_processes_only(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     (tmp_path / f".checkpoint-3.tmp-{dead_pid}").mkdir()
     (tmp_path / f".metrics.jsonl.tmp-{dead_pid}").write_text("{}")

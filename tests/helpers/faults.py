@@ -40,6 +40,8 @@ from qlorakit.train.manifest import verify
 #: Every named point of ``qlorakit.train.faults``.
 POINTS = ("before-optimizer-step", *WRITE_POINTS)
 PAUSED = "qlorakit-fault: paused at"
+#: A random kill lands at most this many steps past the newest checkpoint.
+MAX_AHEAD = 3
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -162,7 +164,7 @@ def _fork_main(argv: list[str], log: Path, env: dict[str, str]) -> int:
         code = main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
+    except BaseException:  # noqa: BLE001  (a child reports anything, then exits)
         traceback.print_exc()
     finally:
         sys.stdout.flush()
@@ -245,7 +247,8 @@ def attempt(setup: Setup, run_dir: Path, kill: Kill | None, mode: str, log: Path
     child._reap()
     tally.seconds.append(round(time.monotonic() - child.started, 2))
     tally.kills[kill.kind] += 1
-    tally.points[kill.point] += kill.kind == "point"
+    if kill.kind == "point":
+        tally.points[kill.point] += 1
     tally.inside_write += any(STALE_RE.match(p.name) for p in run_dir.iterdir()) if run_dir.is_dir() else 0
     _count_output(child.output(), tally)
     tally.log.append(kill.label())
@@ -267,31 +270,40 @@ def _count_output(text: str, tally: Tally) -> None:
     tally.fallbacks += text.count("fails verification")
 
 
-def plan_kill(rng: random.Random, pending: list[str], done: int, total: int, timing: Timing) -> Kill:
-    """The next kill of a run whose newest checkpoint is step ``done`` of ``total``: the first of the named
-    points in ``pending`` that can still be reached (removed from it), else a random moment (a named point,
-    a delay after a step line, or a delay after the start)."""
+def plan_kill(rng: random.Random, pending: list[str], done: int, total: int, timing: Timing) -> Kill | None:
+    """The next kill of a run whose newest checkpoint is step ``done`` of ``total``, or None (let it finish).
+
+    First the named points in ``pending`` that can still be reached (each removed once used), then random
+    moments: 15% a delay after the start, 40% a delay after a step line, 45% a named point; the step or
+    checkpoint is at most ``MAX_AHEAD`` past ``done``, so that a run is killed often before it ends. Once
+    every checkpoint is written, one kill in three lands in the final adapter's write and the rest let the
+    run finish.
+    """
     reachable = [p for p in pending if done < total or p in WRITE_POINTS]
     if reachable:
         point, r = reachable[0], 1.0
         pending.remove(point)
+    elif done == total:
+        point, r = rng.choice(WRITE_POINTS), (1.0 if rng.random() < 1 / 3 else None)
+        if r is None:
+            return None
     else:
-        point, r = rng.choice(POINTS if done < total else WRITE_POINTS), rng.random()
+        point, r = rng.choice(POINTS), rng.random()
+    k = rng.randint(done + 1, min(total, done + MAX_AHEAD)) if done < total else total
     if r < 0.15:
         return Kill("start", delay_s=rng.uniform(0.0, timing.startup_s + timing.step_s))
     if r < 0.55 and done < total:
-        return Kill("step", step=rng.randint(done + 1, total), delay_s=rng.uniform(0.0, 2.0 * timing.step_s))
+        return Kill("step", step=k, delay_s=rng.uniform(0.0, 2.0 * timing.step_s))
     if point == "before-optimizer-step":
-        return Kill("point", point, f"step-{rng.randint(done + 1, total)}")
-    adapter = done == total or rng.random() < 0.1  # the final adapter's write, else a checkpoint's
-    return Kill("point", point, "adapter" if adapter else f"checkpoint-{rng.randint(done + 1, total)}")
+        return Kill("point", point, f"step-{k}")
+    return Kill("point", point, "adapter" if done == total else f"checkpoint-{k}")
 
 
 def run_round(setup: Setup, run_dir: Path, kills: int, mode: str, rng: random.Random, timing: Timing, tally: Tally,
-              timeout: float) -> int:
-    """Train ``run_dir`` to the end, killing it ``kills`` times (the first ones at each named point once);
+              timeout: float, pending: list[str]) -> int:
+    """Train ``run_dir`` to the end, killing it up to ``kills`` times (first at each named point in ``pending``);
     return the kills made."""
-    made, starts, pending = 0, 0, list(POINTS)
+    made, starts = 0, 0
     while True:
         kill = plan_kill(rng, pending, current_step(run_dir), setup.steps, timing) if made < kills else None
         log = run_dir.parent / f"{run_dir.name}-start{starts}.log"
@@ -312,7 +324,7 @@ def warm_imports(model_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
+    import matplotlib.pyplot
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
     import qlorakit.cli.main
@@ -347,7 +359,7 @@ def check_round(run_dir: Path, reference: Path, steps: int) -> list[str]:
     train_steps = [r["step"] for r in rows if "loss" in r]
     if train_steps != list(range(1, steps + 1)):
         problems.append(f"training rows of steps {train_steps}, expected each of 1..{steps} once")
-    losses = lambda rs, key: [(r["step"], r[key]) for r in rs if key in r]  # noqa: E731
+    losses = lambda rs, key: [(r["step"], r[key]) for r in rs if key in r]
     for key in ("loss", "eval_loss"):
         if losses(rows, key) != losses(ref_rows, key):
             problems.append(f"{key} differs from the uninterrupted run: {losses(rows, key)} vs {losses(ref_rows, key)}")

@@ -161,7 +161,7 @@ def check_free_space(run_dir: Path, model, checkpoints_at_once: int) -> str | No
     ``checkpoints_at_once`` of them (the kept ones plus the one being written) would not."""
     one = checkpoint_bytes_estimate(model, run_dir)
     free = shutil.disk_usage(run_dir).free
-    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"
     if free < one:
         raise StorageError(f"{run_dir}: {mib(free)} free, but one checkpoint needs about {mib(one)}; free some space "
                            "or choose another --output-dir before training")

@@ -357,7 +357,7 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
 
 
 def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
-    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
+    finite = lambda x: x if math.isfinite(x) else None
     row = {"step": state.step, "loss": finite(loss), "lr": optimizer.param_groups[0]["lr"], "grad_norm": finite(grad_norm),
            "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
            "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1),

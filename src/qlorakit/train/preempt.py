@@ -41,7 +41,7 @@ class StopSignals:
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum is not None else None
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> StopSignals:  # noqa: PYI034  (typing.Self needs Python 3.11)
         if self.enabled and threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
