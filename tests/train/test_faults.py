@@ -105,3 +105,14 @@ def test_stop_signal_leaves_a_resumable_checkpoint_and_the_documented_exit_code(
     assert list_checkpoints(run)[-1].name == f"checkpoint-{newest}" and not _temporaries(run)
     _resume(run, tmp_path / "resume.log")
     assert check_round(run, reference, STEPS) == []
+
+
+def test_without_save_on_preempt_sigterm_kills_at_once(faults_setup, tmp_path):
+    setup, _, _ = faults_setup
+    run = tmp_path / "run"
+    child = Child([*setup.train_args(run), "--no-save-on-preempt"], tmp_path / "log", "fork",
+                  {PAUSE_ENV: "before-optimizer-step@step-2", PAUSE_ENV + "_S": "30"})
+    assert child.wait_for(PAUSED, TIMEOUT)
+    child.signal(signal.SIGTERM)
+    assert child.wait(TIMEOUT) == -signal.SIGTERM  # Python's default: killed by the signal, no checkpoint of step 2
+    assert [p.name for p in list_checkpoints(run)] == ["checkpoint-1"]

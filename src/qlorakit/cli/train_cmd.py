@@ -152,6 +152,10 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
+        (f"safety     checkpoint {f'every {t.save_steps} steps' if t.save_steps else 'at the end'}, keep "
+         f"{t.save_total_limit or 'all'}; "
+         f"SIGINT/SIGTERM {'save and exit 130/143' if t.save_on_preempt else 'stop without saving'}; "
+         f"stop after {t.max_bad_steps} non-finite steps in a row"),
     ]
     return "\n".join(lines)
 
