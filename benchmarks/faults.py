@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -109,6 +110,7 @@ def report(args: argparse.Namespace, out: dict, seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up children and workdir
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         out = run(args, Path(args.workdir))

@@ -237,14 +237,18 @@ def attempt(setup: Setup, run_dir: Path, kill: Kill | None, mode: str, log: Path
     tally.fresh_restarts += not resuming and run_dir.exists()
     env = {PAUSE_ENV: f"{kill.point}@{kill.where}"} if kill is not None and kill.kind == "point" else {}
     child = Child(argv, log, mode, env)
-    if kill is None or not _reach(child, kill, timeout):
-        code = child.wait(timeout)
+    try:
+        reached = kill is not None and _reach(child, kill, timeout)
+        if not reached:
+            code = child.wait(timeout)
+    finally:  # the planned SIGKILL; also what keeps an interrupted harness from leaving a child behind
+        if child.poll() is None:
+            child.signal(signal.SIGKILL)
+            child._reap()
+    if not reached:
         _count_output(child.output(), tally)
-        if kill is not None:
-            tally.not_reached += 1
+        tally.not_reached += kill is not None
         return code
-    child.signal(signal.SIGKILL)
-    child._reap()
     tally.seconds.append(round(time.monotonic() - child.started, 2))
     tally.kills[kill.kind] += 1
     if kill.kind == "point":

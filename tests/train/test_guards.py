@@ -178,3 +178,14 @@ def test_a_non_finite_loss_is_skipped_with_its_reason(smol_tokenizer, small_oass
     rows = _train_rows(tmp_path / "run")
     assert rows[1]["skipped"] == "non-finite loss (inf)" and rows[1]["loss"] is None and result.bad_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_help_documents_the_reliability_flags_with_their_defaults(capsys):
+    from qlorakit.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--save-on-preempt, --no-save-on-preempt" in text and "exit 130/143" in text
+    assert "--max-bad-steps" in text and "non-finite loss or gradient norm (default: 3)" in text
+    assert "Exit status: 0 done; 2 an error" in text
