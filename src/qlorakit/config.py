@@ -192,6 +192,7 @@ class TrainConfig:
     """The training loop. Paper: an effective batch of 16 (1 x 16 accumulation). ``max_steps`` > 0 overrides
     ``epochs``; ``save_steps`` 0 = only at the end. ``compute_dtype`` "auto" picks bfloat16 where the hardware
     runs it well (a CUDA GPU with bf16 or a CPU with AVX512_BF16/AMX) and float32 otherwise.
+    ``save_on_preempt`` and ``max_bad_steps``: the graceful stop and the numerical guard (docs/reliability.md).
     """
 
     output_dir: str = opt("runs/qlorakit", "run directory (config, metrics, checkpoints, adapter, plot)")
@@ -204,9 +205,14 @@ class TrainConfig:
     save_total_limit: int = opt(2, "checkpoints to keep (0 = all)")
     logging_steps: int = opt(1, "write a metrics row every N steps")
     compute_dtype: str = opt("auto", "float32, bfloat16, float16, or auto (bf16 where the hardware runs it well)")
+    save_on_preempt: bool = opt(True, "on SIGINT/SIGTERM finish the current step, write a checkpoint and exit "
+                                "130/143 (docs/reliability.md); off = Python's default handling")
+    max_bad_steps: int = opt(3, "stop with an error after this many steps in a row whose update was skipped for a "
+                             "non-finite loss or gradient norm")
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "logging_steps"):
+        _bool_fields(self, "save_on_preempt")
+        for name in ("batch_size", "grad_accum", "logging_steps", "max_bad_steps"):
             _int_field(self, name, 1)
         for name in ("max_steps", "save_steps", "save_total_limit"):
             _int_field(self, name, 0)

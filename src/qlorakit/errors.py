@@ -23,3 +23,11 @@ class DataError(QlorakitError, ValueError):
 
 class ModelLoadError(QlorakitError, RuntimeError):
     """A model source that cannot be loaded."""
+
+
+class StorageError(QlorakitError, OSError):
+    """A file that could not be written (disk full, I/O error); the message says what was kept and the space needed."""
+
+
+class TrainingDivergedError(QlorakitError, RuntimeError):
+    """Training stopped after too many optimizer steps in a row with a non-finite loss or gradient norm."""

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from qlorakit.cli.main import main
 from qlorakit.train import read_metrics
+from qlorakit.train.manifest import write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def _rewrite_optimizer_state(checkpoint: Path, change) -> None:
         metadata = f.metadata()
         tensors = {key: f.get_tensor(key) for key in f.keys()}  # a safe_open handle: keys(), not iteration
     save_file(change(tensors), str(path), metadata=metadata)
+    write_manifest(checkpoint)  # a consistent checkpoint whose state does not fit (not a corrupted one)
 
 
 @pytest.mark.parametrize("case", ["shape", "missing-moment"])

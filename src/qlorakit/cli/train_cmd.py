@@ -3,6 +3,11 @@
 With no arguments it fine-tunes the built-in default model on the OASST1 sample bundled with the
 package. Everything that can fail on user input (config, output directory, data rows) is checked
 before the model is loaded or anything is written.
+
+Exit status: 0 done; 2 an error (the message says why; a run stopped by the numerical guard or a full
+disk keeps its last good checkpoint); 130 stopped by SIGINT, 143 by SIGTERM (after writing a checkpoint;
+a second Ctrl-C stops at once, keeping the last complete one). Continue a stopped run with ``--resume``;
+it starts from the newest checkpoint that verifies (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 from pathlib import Path
 
 from qlorakit.cli.config_args import (
@@ -34,7 +40,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a 4-bit model with LoRA adapters",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML or JSON file with sections model/quant/lora/data/train/optim/memory/eval")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint that verifies against its manifest")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--dry-run", action="store_true", help="validate config and data, print the plan, do not train")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (per-step lines still print)")
@@ -51,17 +58,20 @@ def _is_quickstart(args: argparse.Namespace) -> bool:
 def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
     """The run's config and, when resuming, the checkpoint to resume from."""
     if args.resume:
-        from qlorakit.train.checkpoint import list_checkpoints
+        from qlorakit.train.checkpoint import newest_verified
 
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a qlorakit run directory?")
-        checkpoints = list_checkpoints(run_dir)
-        if not checkpoints:
-            raise ConfigError(f"--resume {run_dir}: no checkpoint-<step> directory to resume from")
+        checkpoint, reports = newest_verified(run_dir)
+        for line in reports:
+            print(line)
+        if checkpoint is None:
+            why = "every checkpoint fails verification (above)" if reports else "no checkpoint-<step> directory"
+            raise ConfigError(f"--resume {run_dir}: {why}; nothing to resume from: start the run again")
         base = load_config_file(run_dir / "config.yaml")
         base.setdefault("train", {})["output_dir"] = str(run_dir)
-        return run_config_from_args(args, base), checkpoints[-1]
+        return run_config_from_args(args, base), checkpoint
     return run_config_from_args(args, QUICKSTART if _is_quickstart(args) else None), None
 
 
@@ -106,16 +116,33 @@ def run(args: argparse.Namespace) -> int:
 
     from qlorakit.hardware import resolve_dtype
     from qlorakit.train import finish_run, train
+    from qlorakit.train.preempt import exit_code
 
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
     model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
     if checkpoint is None:
         _prepare_run_dir(run_dir, args.overwrite)
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
-                   progress=not args.no_progress, evaluator=evaluator)
+    try:
+        result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
+                       progress=not args.no_progress, evaluator=evaluator)
+    except KeyboardInterrupt:
+        print(f"stopped at once; {_resume_hint(run_dir)}")
+        return exit_code(signal.SIGINT)
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} after step {result.steps}/{result.total_steps}; {_resume_hint(run_dir)}")
+        return exit_code(signal.Signals[result.stopped_by])
     print(finish_run(model, tokenizer, result, summary))
     return 0
+
+
+def _resume_hint(run_dir: Path) -> str:
+    from qlorakit.train.checkpoint import list_checkpoints
+
+    kept = list_checkpoints(run_dir)
+    if not kept:
+        return "no checkpoint was written: start the run again"
+    return f"the last checkpoint is {kept[-1].name}; continue with: qlorakit train --resume {run_dir}"
 
 
 def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> str:
@@ -129,6 +156,10 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
+        (f"safety     checkpoint {f'every {t.save_steps} steps' if t.save_steps else 'at the end'}, keep "
+         f"{t.save_total_limit or 'all'}; "
+         f"SIGINT/SIGTERM {'save and exit 130/143' if t.save_on_preempt else 'stop without saving'}; "
+         f"stop after {t.max_bad_steps} non-finite steps in a row"),
     ]
     return "\n".join(lines)
 

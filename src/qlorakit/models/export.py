@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 
 from qlorakit.config import QuantConfig
 from qlorakit.errors import ConfigError, StateDictError
+from qlorakit.fileio import write_dir_atomic
 from qlorakit.lora import LoraLinear, linear_names
 from qlorakit.quant import Linear4bit, dequantize_4bit, quantize_4bit
 from qlorakit.quant.tensor import dtype_name
@@ -158,29 +157,25 @@ def merge_and_export(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> ExportReport:
-    """Write the merged model to ``out_dir`` (atomically; an existing non-empty dir needs ``overwrite``)."""
+    """Write the merged model to ``out_dir`` (durably, ``fileio.write_dir_atomic``: every file fsynced, the
+    directory renamed into place, its parent fsynced; an existing non-empty dir needs ``overwrite``)."""
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     if quantize is not None and quantize.quant_type == "int4":
         raise ConfigError("int4 has no bitsandbytes checkpoint layout; export nf4 or fp4, or a 16-bit model")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        report = ExportReport(out_dir=out)
+    report = ExportReport(out_dir=out)
+
+    def fill(directory: Path) -> None:
         tensors = export_state_dict(model, dtype, quantize, report)
-        report.files = _write_shards(tensors, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(_export_config(model, dtype, quantize), indent=2, sort_keys=True))
+        report.files = _write_shards(tensors, directory, max_shard_bytes)
+        (directory / "config.json").write_text(json.dumps(_export_config(model, dtype, quantize), indent=2, sort_keys=True))
         report.files.append("config.json")
         generation = getattr(model, "generation_config", None)
         if generation is not None:
-            generation.save_pretrained(str(tmp))
+            generation.save_pretrained(str(directory))
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            tokenizer.save_pretrained(str(directory))
+
+    write_dir_atomic(out, fill)  # fsync every file, rename into place, fsync the parent
     return report

@@ -12,9 +12,16 @@ The data is one stream of micro-batches across epochs: epoch ``e`` is ``batch_or
 the trainer's only data position is ``micro_index`` (micro-batches consumed), so resuming from a
 checkpoint continues the same stream, even across an epoch boundary.
 
-Read it in order: ``train`` applies the rewrites (``train.rewrites``), ``_start`` builds the ``Run`` (the
-state every step reads and updates), and ``step`` is one optimizer step, one commented line per phase:
-lr, micro-batches, forward/backward, clip, optimizer step, log, eval/save.
+Read it in order: ``train`` applies the rewrites (``train.rewrites``) and installs the stop signals
+(``train.preempt``), ``_start`` builds the ``Run`` (the state every step reads and updates), and ``step`` is
+one optimizer step, one commented line per phase: lr, micro-batches, forward/backward, clip, guard,
+optimizer step, log, divergence, eval/save.
+
+The numerical guard: a step whose loss or gradient norm is not finite skips its update (no optimizer
+step; the gradients are dropped) but still counts as a step and keeps its micro-batches consumed, so the
+schedule, the data position (``micro_index = step * grad_accum``) and a resume stay exactly as in a run
+without the fault. ``train.max_bad_steps`` such steps in a row stop the run with ``TrainingDivergedError``;
+no periodic checkpoint is written at a skipped step, so the last one before the streak stays.
 """
 
 from __future__ import annotations
@@ -31,13 +38,22 @@ from tqdm.auto import tqdm
 from qlorakit.config import RunConfig
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
-from qlorakit.errors import ConfigError
+from qlorakit.errors import ConfigError, TrainingDivergedError
+from qlorakit.fileio import remove_stale
 from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.train import rewrites
-from qlorakit.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from qlorakit.train.checkpoint import (
+    TrainerState,
+    check_free_space,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from qlorakit.train.faults import pause_point
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog
+from qlorakit.train.preempt import StopSignals
 
 
 @dataclass
@@ -51,6 +67,9 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    total_steps: int = 0
+    bad_steps: int = 0  # updates skipped by the numerical guard, in the whole run
+    stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a stop signal ended the run early (with a checkpoint)
 
     @property
     def tokens_per_s(self) -> float:
@@ -145,6 +164,7 @@ class Run:
     result: TrainResult
     run_dir: Path
     last_step: int  # this session ends after this step (total_steps, or earlier with stop_after_steps)
+    stop: StopSignals  # the first SIGINT/SIGTERM received, if any
     evaluator: Callable[[torch.nn.Module], dict] | None = None
 
 
@@ -165,14 +185,18 @@ def train(
     ``resume_from`` is a ``checkpoint-<step>`` directory; ``stop_after_steps`` ends this session early
     (after that many updates, with a checkpoint) as an interruption would, for time-boxed jobs.
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
-    logged with the step at each evaluation after a step.
+    logged with the step at each evaluation after a step. A SIGINT/SIGTERM (``cfg.train.save_on_preempt``)
+    ends the session after the current step and its checkpoint, with ``TrainResult.stopped_by`` set
+    (``train.preempt``).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with rewrites.apply(model, cfg) as applied:  # every model/process rewrite, listed and logged (train.rewrites)
-        applied.report(run_dir)
+    for name in remove_stale(run_dir):  # what a killed run left: .checkpoint-N.tmp-PID and the like
+        print(f"removed {name} (left by a process that no longer runs)")
+    with rewrites.apply(model, cfg) as applied, StopSignals(cfg.train.save_on_preempt) as stop:
+        applied.report(run_dir)  # every model/process rewrite, listed and logged (train.rewrites)
         run = _start(model, train_set, val_set, collate, cfg, run_dir, resume_from=resume_from,
-                     stop_after_steps=stop_after_steps, evaluator=evaluator)
+                     stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop)
         if val_set and resume_from is None:
             _eval_and_log(run)  # the held-out loss before any update (step 0)
         model.train()
@@ -180,14 +204,19 @@ def train(
         with tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not progress) as bar:
             while state.step < run.last_step:
                 step(run, bar)
+                if stop.requested:  # step() has written the checkpoint
+                    break
+        if stop.requested and state.step < run.last_step:
+            run.result.stopped_by = stop.name
     run.result.steps, run.result.tokens, run.result.train_seconds = state.step, state.tokens, state.elapsed_s
-    run.result.peak_rss_mb = peak_rss_mb()
+    run.result.total_steps, run.result.bad_steps, run.result.peak_rss_mb = state.total_steps, state.bad_steps, peak_rss_mb()
     return run.result
 
 
 def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None,
-           stop_after_steps: int | None, evaluator) -> Run:
-    """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log."""
+           stop_after_steps: int | None, evaluator, stop: StopSignals) -> Run:
+    """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log;
+    fails before the first step when one checkpoint does not fit on the disk."""
     device = next(p for p in model.parameters()).device
     stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], cfg.train.batch_size, cfg.data.seed,
                               cfg.data.group_by_length)
@@ -199,9 +228,19 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     log = MetricsLog(run_dir, resume_step=state.step if resume_from is not None else None)
     result = TrainResult(run_dir=run_dir, steps=state.step, tokens=state.tokens, train_seconds=state.elapsed_s)
     last_step = state.total_steps if stop_after_steps is None else min(state.total_steps, state.step + stop_after_steps)
+    warning = check_free_space(run_dir, model, _checkpoints_at_once(cfg, state.total_steps))
+    if warning:
+        print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               evaluator=evaluator)
+               stop=stop, evaluator=evaluator)
+
+
+def _checkpoints_at_once(cfg: RunConfig, total_steps: int) -> int:
+    """Checkpoints on the disk at the peak of a save: the kept ones plus the one being written."""
+    t = cfg.train
+    saves = total_steps // t.save_steps + 1 if t.save_steps else 1
+    return min(t.save_total_limit or saves, saves) + 1
 
 
 def step(run: Run, bar: tqdm) -> None:
@@ -215,14 +254,18 @@ def step(run: Run, bar: tqdm) -> None:
     loss, step_tokens = _forward_backward(run, batches)
     # clip: the global gradient norm to max_grad_norm (its value is logged either way)
     grad_norm = _clip(run.optimizer, run.cfg.optim.max_grad_norm)
-    # optimizer step: update the adapters, drop the gradients, count the step
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    # guard: a non-finite loss or gradient norm skips this update; its micro-batches stay consumed
+    skipped = _guard(run.state, loss, grad_norm)
+    # optimizer step: update the adapters (unless skipped), drop the gradients, count the step
+    _update(run, skipped)
     seconds = time.perf_counter() - started
     _count_step(run.state, step_tokens, seconds)
-    # log: a metrics row every logging_steps (and at the last step), the progress bar always
-    _log_step(run, bar, loss, grad_norm, step_tokens / seconds)
+    # log: a metrics row every logging_steps (at the last step, at a skipped one), the progress bar always
+    _log_step(run, bar, loss, grad_norm, step_tokens / seconds, skipped)
+    # divergence: max_bad_steps skipped updates in a row stop the run with an error (the last good checkpoint stays)
+    _stop_if_diverged(run, skipped)
     # eval/save: held-out loss and extra metrics every eval_steps and at the end; a checkpoint every save_steps
+    # (not at a skipped step), at the end, and after a stop signal
     _maybe_eval_and_save(run)
 
 
@@ -261,28 +304,64 @@ def _clip(optimizer, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
 
 
+def _guard(state: TrainerState, loss: float, grad_norm: float) -> str | None:
+    """Why this step's update must be skipped (a non-finite loss or gradient norm), or None; counts it."""
+    reason = None
+    if not math.isfinite(loss):
+        reason = f"non-finite loss ({loss})"
+    elif not math.isfinite(grad_norm):
+        reason = f"non-finite gradient norm ({grad_norm})"
+    state.bad_steps += reason is not None
+    state.bad_streak = state.bad_streak + 1 if reason else 0
+    return reason
+
+
+def _update(run: Run, skipped: str | None) -> None:
+    pause_point("before-optimizer-step", f"step-{run.state.step + 1}")
+    if skipped is None:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _stop_if_diverged(run: Run, skipped: str | None) -> None:
+    state, limit = run.state, run.cfg.train.max_bad_steps
+    if skipped is None or state.bad_streak < limit:
+        return
+    kept = list_checkpoints(run.run_dir)
+    good = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+    raise TrainingDivergedError(
+        f"steps {state.step - limit + 1}-{state.step}: {limit} optimizer steps in a row had a non-finite loss or "
+        f"gradient norm (the last: {skipped}); their updates were skipped and the run stops (--max-bad-steps "
+        f"{limit}). The adapters are unchanged since the last good step and {good}: resume from it with a lower "
+        "--lr, a --max-grad-norm, or --compute-dtype float32; metrics.jsonl marks the skipped steps."
+    )
+
+
 def _count_step(state: TrainerState, step_tokens: int, seconds: float) -> None:
     state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + step_tokens, state.elapsed_s + seconds
 
 
-def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: float) -> None:
+def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: float, skipped: str | None) -> None:
     state = run.state
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
-    if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step:
+    if skipped:
+        row["skipped"] = skipped
+    if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped:
         run.log.write(row)
+        note = f" (update skipped: {skipped}; {state.bad_streak} in a row)" if skipped else ""
         bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
-                  f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}")
+                  f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}{note}")
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.update(1)
 
 
-def _train_row(
-    state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int
-) -> dict:
-    row = {"step": state.step, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
+    finite = lambda x: x if math.isfinite(x) else None
+    row = {"step": state.step, "loss": finite(loss), "lr": optimizer.param_groups[0]["lr"], "grad_norm": finite(grad_norm),
            "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
-           "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1)}
+           "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1),
+           "bad_steps": state.bad_steps}
     if torch.cuda.is_available():
         row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return row
@@ -295,7 +374,9 @@ def _maybe_eval_and_save(run: Run) -> None:
         _eval_and_log(run)
     if run.evaluator is not None and evaluate_now:
         run.log.write({"step": state.step, **run.evaluator(run.model)})
-    if (t.save_steps and state.step % t.save_steps == 0) or state.step == run.last_step:
+    periodic = t.save_steps and state.step % t.save_steps == 0 and state.bad_streak == 0
+    if periodic or state.step == run.last_step or run.stop.requested:
+        run.log.sync()  # the rows up to this step reach the disk before the checkpoint that implies them
         save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit)
 
 

@@ -1,7 +1,12 @@
 """The run's record: ``metrics.jsonl`` (one JSON object per logged step) and ``loss.png``.
 
-Training rows: ``step, loss, lr, grad_norm, tokens, elapsed_s, tokens_per_s, epoch, peak_rss_mb``
-(and ``cuda_max_allocated_mb`` on a GPU). Evaluation rows: ``step, eval_loss, eval_tokens``.
+Training rows: ``step, loss, lr, grad_norm, tokens, elapsed_s, tokens_per_s, epoch, peak_rss_mb, bad_steps``
+(and ``cuda_max_allocated_mb`` on a GPU); a step whose update was skipped also has ``skipped`` (why), and
+its non-finite ``loss`` / ``grad_norm`` are ``null``. Evaluation rows: ``step, eval_loss, eval_tokens``.
+
+Each step appears once: on resume the rows after the checkpoint's step are dropped (and a line torn by a
+kill mid-write with them), and the file is fsynced before every checkpoint, so a checkpoint on the disk
+implies its rows are too.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qlorakit.fileio import save_figure_atomic, write_text_atomic
+from qlorakit.fileio import fsync_path, save_figure_atomic, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -21,7 +26,7 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None and self.path.exists():
-            kept = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            kept = [row for row in _readable_rows(self.path) if row.get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
@@ -30,6 +35,25 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+    def sync(self) -> None:
+        """fsync the rows written so far (before a checkpoint, so that they outlive a power cut with it)."""
+        if self.path.exists():
+            fsync_path(self.path)
+
+
+def _readable_rows(path: Path) -> list[dict]:
+    """The rows of ``path`` that parse (a process killed mid-write leaves a torn last line)."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -46,7 +70,7 @@ def plot_run(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir / METRICS_FILE)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     if train:

@@ -1,10 +1,13 @@
-"""The end of a run: the final adapter, the loss plot and a one-screen summary."""
+"""The end of a run: the final adapter (written durably, as a checkpoint is), the loss plot and a summary."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from qlorakit.errors import StorageError
+from qlorakit.fileio import write_dir_atomic
 from qlorakit.lora import save_adapter
+from qlorakit.train.faults import pause_point
 from qlorakit.train.loop import TrainResult
 from qlorakit.train.metrics import plot_run
 
@@ -14,9 +17,17 @@ ADAPTER_DIR = "adapter"
 def finish_run(model, tokenizer, result: TrainResult, data_summary=None) -> str:
     """Save ``<run>/adapter`` (PEFT layout, with the tokenizer files), draw ``loss.png``, return the summary."""
     adapter_dir = Path(result.run_dir) / ADAPTER_DIR
-    save_adapter(model, adapter_dir, overwrite=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(adapter_dir))
+
+    def fill(directory: Path) -> None:
+        save_adapter(model, directory, overwrite=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+
+    try:
+        write_dir_atomic(adapter_dir, fill, at=lambda point: pause_point(point, ADAPTER_DIR))
+    except OSError as exc:
+        raise StorageError(f"writing the final adapter {adapter_dir} failed: {exc.strerror or exc}; the run's last "
+                           f"checkpoint holds the same adapter (its adapter/ folder)") from exc
     plot = plot_run(result.run_dir)
     return format_summary(result, adapter_dir, plot)
 
@@ -26,6 +37,8 @@ def format_summary(result: TrainResult, adapter_dir: Path, plot: Path) -> str:
     lines.append(f"steps            {result.steps}")
     if result.losses:
         lines.append(f"train loss       first {result.losses[0]:.4f} -> last {result.losses[-1]:.4f}")
+    if result.bad_steps:
+        lines.append(f"skipped updates  {result.bad_steps} (non-finite loss or gradient norm; see metrics.jsonl)")
     if result.eval_losses:
         (s0, e0), (s1, e1) = result.eval_losses[0], result.eval_losses[-1]
         lines.append(f"held-out loss    step {s0}: {e0:.4f} -> step {s1}: {e1:.4f}")
