@@ -7,7 +7,8 @@ The run is tiny (a 1-layer random Llama with the SmolLM2 tokenizer, 12 OASST1 ro
 one run directory to the end while killing it: the first kills of the first round land at each named
 point of ``qlorakit.train.faults`` once (before an optimizer step; inside a checkpoint write after its
 files, after their fsync, after the rename), all others at random moments (``tests.helpers.faults.plan_kill``:
-a named point at a random step, a random delay after a step line, a random delay after the start). After each kill the harness starts
+a named point at a random step, a random delay after a step line, a random delay after the start). After each
+kill the harness starts
 ``qlorakit train --resume RUN`` (or a fresh run with ``--overwrite`` when no checkpoint verifies yet),
 until a start finishes; then a new round, until ``--kills`` kills were made. ``tests.helpers.faults``
 holds the machinery (the short version of this runs in ``tests/train/test_faults.py``).
@@ -90,19 +91,22 @@ def report(args: argparse.Namespace, out: dict, seconds: float) -> dict:
     rows = [("kills (SIGKILL)", counts["kills"]), *((f"  at {k}", v) for k, v in sorted(counts["by_kind"].items())),
             *((f"    point {k}", v) for k, v in sorted(counts["by_point"].items())),
             ("  inside a durable write (temp entry left)", counts["inside_write"]),
-            ("starts with --resume", counts["resumes"]), ("fresh restarts (no checkpoint yet)", counts["fresh_restarts"]),
+            ("starts with --resume", counts["resumes"]),
+            ("fresh restarts (no checkpoint yet)", counts["fresh_restarts"]),
             ("stale temp entries removed at start", counts["stale_removed"]),
             ("checkpoints failing verification at resume", counts["fallbacks"]),
             ("planned kills not reached (child finished)", counts["not_reached"]),
             ("rounds (runs trained to the end)", counts["rounds"]),
             ("rounds equal to the uninterrupted run", counts["rounds"] - len(out["problems"])),
-            ("checkpoints on disk at the ends, all verified", out["checkpoints_verified"] if not out["problems"] else "-")]
+            ("checkpoints on disk at the ends, all verified",
+             out["checkpoints_verified"] if not out["problems"] else "-")]
     width = max(len(name) for name, _ in rows)
     print(f"\n{'fault harness (' + args.mode + ')':<{width}}  count")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     print(f"{'wall time':<{width}}  {seconds:.0f} s")
-    return {"commit": git_head(), "mode": args.mode, "steps": args.steps, "seed": args.seed, "seconds": round(seconds, 1),
+    return {"commit": git_head(), "mode": args.mode, "steps": args.steps, "seed": args.seed,
+            "seconds": round(seconds, 1),
             "startup_s": round(out["timing"].startup_s, 2), "step_s": round(out["timing"].step_s, 4), **counts,
             "checkpoints_verified": out["checkpoints_verified"], "problems": out["problems"], "kill_moments": tally.log}
 

@@ -81,7 +81,8 @@ def test_a_failed_fill_leaves_the_target_as_it_was(tmp_path):
 
 
 def test_remove_stale_deletes_temporaries_of_dead_processes_only(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
     (tmp_path / f".checkpoint-3.tmp-{dead_pid}").mkdir()
     (tmp_path / f".metrics.jsonl.tmp-{dead_pid}").write_text("{}")
@@ -89,5 +90,6 @@ def test_remove_stale_deletes_temporaries_of_dead_processes_only(tmp_path):
     (tmp_path / f".checkpoint-4.tmp-{os.getpid()}").mkdir()  # this process: still writing it
     (tmp_path / "checkpoint-2").mkdir()
     removed = fileio.remove_stale(tmp_path)
-    assert removed == sorted([f".adapter.old-{dead_pid}", f".checkpoint-3.tmp-{dead_pid}", f".metrics.jsonl.tmp-{dead_pid}"])
+    expected = [f".adapter.old-{dead_pid}", f".checkpoint-3.tmp-{dead_pid}", f".metrics.jsonl.tmp-{dead_pid}"]
+    assert removed == sorted(expected)
     assert sorted(os.listdir(tmp_path)) == sorted([f".checkpoint-4.tmp-{os.getpid()}", "checkpoint-2"])

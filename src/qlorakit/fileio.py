@@ -8,8 +8,8 @@ truncated file under the final name. Every writer here therefore follows the ful
 
 so that once a writer returns, the new content is on the disk under its final name, and before that the
 old content (or nothing) is. Directories are written the same way (``staging_dir`` -> ``fsync_tree`` ->
-``replace_dir``, or ``write_dir_atomic`` for all three). Temporary names carry the writer's PID; ``remove_stale`` deletes those whose process is
-gone (a killed run leaves them behind).
+``replace_dir``, or ``write_dir_atomic`` for all three). Temporary names carry the writer's PID;
+``remove_stale`` deletes those whose process is gone (a killed run leaves them behind).
 """
 
 from __future__ import annotations

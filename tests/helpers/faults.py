@@ -68,7 +68,8 @@ def make_setup(workdir: Path, tokenizer, shared_dir: Path, steps: int) -> Setup:
     model_dir = save_tiny_llama(workdir / "model", tokenizer, vocab_size=len(tokenizer), hidden_size=32,
                                 num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)
     rows = [json.loads(line) for line in (shared_dir / "data" / "oasst1" / "oasst1_guanaco_val.jsonl").open()]
-    rows = sorted((r for r in rows if r["input"].count("### Human:") == 1), key=lambda r: len(r["input"]) + len(r["output"]))
+    single_turn = (r for r in rows if r["input"].count("### Human:") == 1)
+    rows = sorted(single_turn, key=lambda r: len(r["input"]) + len(r["output"]))
     data = workdir / "small.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows[:14]))
     return Setup(model_dir, data, steps)
@@ -113,7 +114,8 @@ class Child:
             if time.monotonic() > deadline:
                 self.signal(signal.SIGKILL)
                 self._reap()
-                raise TimeoutError(f"qlorakit did not finish within {timeout:.0f} s; log {self.log}:\n{self.output()[-3000:]}")
+                raise TimeoutError(f"qlorakit did not finish within {timeout:.0f} s; "
+                                   f"log {self.log}:\n{self.output()[-3000:]}")
             time.sleep(0.01)
         return self.code
 
@@ -135,7 +137,8 @@ class Child:
             if self.poll() is not None:
                 return text in self.output()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} did not appear within {timeout:.0f} s; log {self.log}:\n{self.output()[-3000:]}")
+                raise TimeoutError(f"{text!r} did not appear within {timeout:.0f} s; "
+                                   f"log {self.log}:\n{self.output()[-3000:]}")
             time.sleep(0.005)
         return True
 
@@ -184,7 +187,8 @@ class Kill:
     delay_s: float = 0.0  # kinds "step" and "start": then wait this long
 
     def label(self) -> str:
-        return {"point": f"point {self.point}@{self.where}", "step": f"after step {self.step} + {self.delay_s * 1e3:.0f} ms",
+        return {"point": f"point {self.point}@{self.where}",
+                "step": f"after step {self.step} + {self.delay_s * 1e3:.0f} ms",
                 "start": f"start + {self.delay_s * 1e3:.0f} ms"}[self.kind]
 
 
@@ -230,7 +234,9 @@ def current_step(run_dir: Path) -> int:
     return int(checkpoint.name.split("-")[1]) if checkpoint is not None else 0
 
 
-def attempt(setup: Setup, run_dir: Path, kill: Kill | None, mode: str, log: Path, tally: Tally, timeout: float) -> int | None:
+def attempt(
+    setup: Setup, run_dir: Path, kill: Kill | None, mode: str, log: Path, tally: Tally, timeout: float
+) -> int | None:
     """Start once; kill as ``kill`` says. The exit status when the child ended by itself, None when killed."""
     argv, resuming = next_argv(setup, run_dir)
     tally.resumes += resuming
@@ -363,7 +369,8 @@ def check_round(run_dir: Path, reference: Path, steps: int) -> list[str]:
     train_steps = [r["step"] for r in rows if "loss" in r]
     if train_steps != list(range(1, steps + 1)):
         problems.append(f"training rows of steps {train_steps}, expected each of 1..{steps} once")
-    losses = lambda rs, key: [(r["step"], r[key]) for r in rs if key in r]
+    def losses(rs, key):
+        return [(r["step"], r[key]) for r in rs if key in r]
     for key in ("loss", "eval_loss"):
         if losses(rows, key) != losses(ref_rows, key):
             problems.append(f"{key} differs from the uninterrupted run: {losses(rows, key)} vs {losses(ref_rows, key)}")

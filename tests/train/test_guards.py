@@ -52,7 +52,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_says_how_much_spac
     cfg = run_config(small_oasst, run, save_steps=1, max_steps=4)
     model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
     # two save_file calls per checkpoint (optimizer, rng): checkpoints 1 and 2 succeed, the third write fails
-    failing = _failing_after(4, OSError(code, f"simulated: {errno.errorcode[code]}"), qlorakit.train.checkpoint.save_file)
+    error = OSError(code, f"simulated: {errno.errorcode[code]}")
+    failing = _failing_after(4, error, qlorakit.train.checkpoint.save_file)
     monkeypatch.setattr(qlorakit.train.checkpoint, "save_file", failing)
     with pytest.raises(StorageError) as info:
         train(model, train_set, val_set, collate, cfg, run, progress=False)

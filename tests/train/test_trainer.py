@@ -43,8 +43,8 @@ def test_run_writes_metrics_checkpoints_and_learns(smol_tokenizer, small_oasst, 
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # lr 1e-2 on a tiny model: it must learn something
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-6", "checkpoint-8"]  # limit 2
     ckpt = tmp_path / "run" / "checkpoint-8"
-    assert {p.name for p in ckpt.iterdir()} == {"adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json",
-                                            "manifest.json"}  # manifest.json: issue 16
+    assert {p.name for p in ckpt.iterdir()} == {
+        "adapter", "optimizer.safetensors", "rng.safetensors", "trainer_state.json", "manifest.json"}  # issue 16
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file()
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["step"] == 8 and state["micro_index"] == 16

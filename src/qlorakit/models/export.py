@@ -169,7 +169,8 @@ def merge_and_export(
     def fill(directory: Path) -> None:
         tensors = export_state_dict(model, dtype, quantize, report)
         report.files = _write_shards(tensors, directory, max_shard_bytes)
-        (directory / "config.json").write_text(json.dumps(_export_config(model, dtype, quantize), indent=2, sort_keys=True))
+        config = _export_config(model, dtype, quantize)
+        (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         report.files.append("config.json")
         generation = getattr(model, "generation_config", None)
         if generation is not None:

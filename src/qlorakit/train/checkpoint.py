@@ -161,13 +161,15 @@ def check_free_space(run_dir: Path, model, checkpoints_at_once: int) -> str | No
     ``checkpoints_at_once`` of them (the kept ones plus the one being written) would not."""
     one = checkpoint_bytes_estimate(model, run_dir)
     free = shutil.disk_usage(run_dir).free
-    mib = lambda n: f"{n / 2**20:,.1f} MiB"
+    def mib(n):
+        return f"{n / 2**20:,.1f} MiB"
     if free < one:
         raise StorageError(f"{run_dir}: {mib(free)} free, but one checkpoint needs about {mib(one)}; free some space "
                            "or choose another --output-dir before training")
     if free < one * checkpoints_at_once:
         return (f"warning: {mib(free)} free in {run_dir}; keeping {checkpoints_at_once - 1} checkpoint(s) while "
-                f"writing the next needs about {mib(one * checkpoints_at_once)} (lower --save-total-limit or free space)")
+                f"writing the next needs about {mib(one * checkpoints_at_once)} "
+                "(lower --save-total-limit or free space)")
     return None
 
 

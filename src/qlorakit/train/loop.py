@@ -209,7 +209,8 @@ def train(
         if stop.requested and state.step < run.last_step:
             run.result.stopped_by = stop.name
     run.result.steps, run.result.tokens, run.result.train_seconds = state.step, state.tokens, state.elapsed_s
-    run.result.total_steps, run.result.bad_steps, run.result.peak_rss_mb = state.total_steps, state.bad_steps, peak_rss_mb()
+    run.result.total_steps, run.result.bad_steps = state.total_steps, state.bad_steps
+    run.result.peak_rss_mb = peak_rss_mb()
     return run.result
 
 
@@ -356,9 +357,13 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     bar.update(1)
 
 
-def _train_row(state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int) -> dict:
-    finite = lambda x: x if math.isfinite(x) else None
-    row = {"step": state.step, "loss": finite(loss), "lr": optimizer.param_groups[0]["lr"], "grad_norm": finite(grad_norm),
+def _train_row(
+    state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int
+) -> dict:
+    def finite(x):
+        return x if math.isfinite(x) else None
+    row = {"step": state.step, "loss": finite(loss), "lr": optimizer.param_groups[0]["lr"],
+           "grad_norm": finite(grad_norm),
            "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
            "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1),
            "bad_steps": state.bad_steps}

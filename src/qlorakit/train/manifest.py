@@ -52,7 +52,10 @@ def read_manifest(directory: Path) -> tuple[dict | None, str | None]:
 
 
 def verify(directory: Path) -> list[str]:
-    """Every way ``directory`` differs from its manifest, as ``<file>: expected ..., found ...`` lines; [] = verified."""
+    """Every way ``directory`` differs from its manifest, as ``<file>: expected ..., found ...`` lines.
+
+    An empty list: the directory verifies.
+    """
     manifest, problem = read_manifest(directory)
     if manifest is None:
         return [problem]
