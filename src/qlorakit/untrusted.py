@@ -83,17 +83,52 @@ def _deepest(text: str) -> int:
     return where
 
 
-def parse_json(text: str, shown: str, error: type[QlorakitError], line_offset: int = 0) -> Any:
+class _NotStrictJson(ValueError):
+    """JSON that Python's parser accepts and RFC 8259 parsers (serde_json, under safetensors) refuse."""
+
+    def __init__(self, problem: str, needle: str) -> None:
+        super().__init__(problem)
+        self.needle = needle  # text to look for to locate the problem
+
+
+def _strict_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _NotStrictJson(f"key {key[:80]!r} appears twice in one object", json.dumps(key))
+        seen[key] = value
+    return seen
+
+
+def _strict_constant(name: str) -> Any:
+    raise _NotStrictJson(f"{name} is not a JSON value", name)
+
+
+def _load_strict(text: str) -> Any:
+    """``json.loads`` refusing NaN/Infinity, repeated keys and lone surrogates (``\\ud800``)."""
+    value = json.loads(text, object_pairs_hook=_strict_pairs, parse_constant=_strict_constant)
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        match = re.search(r"\\u[dD][89a-fA-F]", text)
+        raise _NotStrictJson("a string holds a lone surrogate escape", match.group() if match else '"') from None
+    return value
+
+
+def parse_json(text: str, shown: str, error: type[QlorakitError], line_offset: int = 0, strict: bool = False) -> Any:
     """``json.loads(text)``; a failure raises ``error("<shown>:<line>: not valid JSON (..., column C)")``.
 
-    ``line_offset`` is added to the line (``text`` is line ``line_offset + 1`` of a JSON Lines file).
+    ``line_offset`` is added to the line (``text`` is line ``line_offset + 1`` of a JSON Lines file);
+    ``strict`` also refuses what only Python accepts (``_load_strict``).
     """
     try:
-        return json.loads(text)
+        return _load_strict(text) if strict else json.loads(text)
     except json.JSONDecodeError as exc:
         line, col, why = exc.lineno, exc.colno, exc.msg
     except RecursionError:
         (line, col), why = _line_col(text, _deepest(text)), "arrays or objects nested too deeply"
+    except _NotStrictJson as exc:
+        (line, col), why = _line_col(text, max(0, text.find(exc.needle))), str(exc)
     except ValueError as exc:  # int() of more than sys.get_int_max_str_digits() digits
         match = _LONG_INTEGER.search(text)
         (line, col) = _line_col(text, match.start()) if match else (1, 1)
@@ -190,10 +225,12 @@ def read_safetensors_header(path: Path, error: type[QlorakitError]) -> dict[str,
 
     Layout: an 8-byte little-endian length ``N``, ``N`` bytes of UTF-8 JSON (an object starting with
     ``{``), then the data section. Refused: ``N`` above ``MAX_HEADER_BYTES`` or past the end of the file
-    (checked before reading it); a header that is not a JSON object; ``__metadata__`` that is not a
-    string-to-string map; an entry whose dtype is unknown, whose shape is not non-negative integers,
-    or whose ``data_offsets`` are not ``[begin, end]`` integers spanning ``prod(shape) * itemsize``
-    bytes; entries that do not tile the data section exactly (a gap, an overlap, or trailing bytes).
+    (checked before reading it); a header that is not a strict JSON object (no NaN, no repeated key, no
+    lone surrogate: the library's serde_json refuses them); ``__metadata__`` that is not a
+    string-to-string map; an entry whose dtype is unknown, whose shape is not integers in ``[0, 2^64)``
+    (with fewer than 2^64 bytes in all), or whose ``data_offsets`` are not ``[begin, end]`` integers
+    spanning ``prod(shape) * itemsize`` bytes; entries that do not tile the data section exactly (a
+    gap, an overlap, or trailing bytes).
     """
     check = _HeaderCheck(path, error)
     size = path.stat().st_size
@@ -214,7 +251,7 @@ def read_safetensors_header(path: Path, error: type[QlorakitError]) -> dict[str,
         check.corrupt(f"its header is not UTF-8 ({exc.reason} at byte {8 + exc.start})")
     if not text.startswith("{"):
         check.corrupt("its header (byte 8) is not a JSON object")
-    header = parse_json(text, f"corrupt safetensors file {path}, JSON header", error)
+    header = parse_json(text, f"corrupt safetensors file {path}, JSON header", error, strict=True)
     if not isinstance(header, dict):
         check.corrupt(f"its header (byte 8) is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", {})
@@ -226,7 +263,8 @@ def read_safetensors_header(path: Path, error: type[QlorakitError]) -> dict[str,
 
 
 def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A non-negative integer that fits the u64 (``usize``) the safetensors library reads it into."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _entry(check: _HeaderCheck, name: str, info: Any) -> HeaderEntry:
@@ -242,6 +280,8 @@ def _entry(check: _HeaderCheck, name: str, info: Any) -> HeaderEntry:
             and offsets[0] <= offsets[1]):
         check.corrupt(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
     begin, end = offsets
+    if math.prod(s for s in shape if s) * DTYPE_SIZES[dtype] >= 2**64:
+        check.corrupt(f"{where}: shape {shape} holds more than 2^64 bytes")
     if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
         check.corrupt(f"{where} ({dtype}, shape {shape}) spans {end - begin} bytes, not "
                       f"{math.prod(shape) * DTYPE_SIZES[dtype]}")

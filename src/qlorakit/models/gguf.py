@@ -99,7 +99,18 @@ def gguf_config(header: GgufHeader) -> Any:
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ModelLoadError(f"{header.path}: transformers has no config class for GGUF model type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(config)
+    return config_from_dict(header, CONFIG_MAPPING[model_type], config)
+
+
+def config_from_dict(header: GgufHeader, config_class: Any, config: dict[str, Any]) -> Any:
+    """``config_class.from_dict(config)``; transformers' validation of a corrupt value becomes ModelLoadError."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return config_class.from_dict(config)
+    except (StrictDataclassError, TypeError, ValueError) as exc:
+        why = " ".join(str(exc).split())
+        raise ModelLoadError(f"{header.path}: transformers refuses the config built from the metadata: {why}") from exc
 
 
 def check_tensor_types(header: GgufHeader) -> None:
