@@ -50,6 +50,21 @@ def _time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+def warm_up(target: Target) -> None:
+    """Read the target's seed files once without a time limit (``target.warm`` first).
+
+    The first read imports and caches (transformers' config classes take seconds on a loaded machine);
+    a timer firing inside an import would leave the module half-initialized for every later input.
+    """
+    target.warm()
+    directory = Path(tempfile.mkdtemp(prefix="qlorakit-fuzz-"))
+    try:
+        write_files(directory, target.seed())
+        target.read(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def read_one(target: Target, files: Files, limit_s: float = 10.0, trace_memory: bool = False) -> Outcome:
     """Write ``files`` into a fresh directory, read them with ``target``, and classify the result."""
     directory = Path(tempfile.mkdtemp(prefix="qlorakit-fuzz-"))
@@ -65,9 +80,10 @@ def read_one(target: Target, files: Files, limit_s: float = 10.0, trace_memory: 
         except ReaderHang:
             kind, message = "hang", f"no result after {limit_s} s"
         except Exception as exc:  # classified below: only qlorakit's own errors pass
-            message = str(exc).replace(str(directory), "<dir>")
+            message = str(exc)
             problem = check_error(exc, directory)
-            kind, message = ("refused", message) if problem is None else ("bad", problem.replace(str(directory), "<dir>"))
+            kind, message = ("refused", message) if problem is None else ("bad", problem)
+            message = message.replace(str(directory), "<dir>")
         seconds = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1] if trace_memory else 0
         if kind in ("ok", "refused") and seconds > limit_s:

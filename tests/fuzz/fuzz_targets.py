@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import seed_files as seeds
-from hostile_inputs import mutate_bytes, mutate_json, mutate_json_lines, mutate_rows, random_bytes, random_text
+from hostile_inputs import (
+    WRONG_VALUES,
+    mutate_bytes,
+    mutate_json,
+    mutate_json_lines,
+    mutate_rows,
+    random_bytes,
+    random_text,
+)
 
 from qlorakit.errors import QlorakitError
 
@@ -32,6 +40,7 @@ WHOLE_FILE = re.compile(r"the file is empty|has no rows|no rows \(|no questions 
                         r"holds no LoRA weights|no parsed judgements|no answer ids|sum to 0|cannot tell the data "
                         r"format|cannot tell the reference's answer|expected a JSON object|must hold an array")
 
+_HUGE_HEADERS = (2**60, 2**40, 2**64 - 1)
 JSON_ALPHABET = '[]{}",:0123456789.eE+- \n\\tuflsanr'
 CSV_ALPHABET = 'ab,"\n\r\x00 \\;'
 
@@ -45,6 +54,7 @@ class Target:
     generate: Callable[[random.Random], Files]
     read: Callable[[Path], Any]
     seed: Callable[[], Files]
+    warm: Callable[[], None] = lambda: None  # imports that only some inputs reach
 
 
 def check_error(exc: BaseException, directory: Path) -> str | None:
@@ -122,8 +132,6 @@ def _parquet_rows(rng: random.Random) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from hostile_inputs import WRONG_VALUES
-
     rows = [dict(row) for row in rng.choice(seeds.DATA_ROWS)]
     for row in rng.sample(rows, k=len(rows)):
         key = rng.choice(list(row))
@@ -177,6 +185,16 @@ def _gguf_file(rng: random.Random) -> Files:
     return {"model.gguf": data}
 
 
+def _gguf_warm() -> None:
+    """Import the config class of every architecture a mutated GGUF may name (seconds each, lazily)."""
+    from transformers import CONFIG_MAPPING
+
+    from qlorakit.models.gguf import RENAME_ONLY_ARCHS
+
+    for arch in RENAME_ONLY_ARCHS:
+        CONFIG_MAPPING[arch]
+
+
 def _checkpoint_read(directory: Path) -> Any:
     from qlorakit.models.checkpoint import open_checkpoint
 
@@ -189,7 +207,7 @@ def _hostile_safetensors(seed: bytes, rng: random.Random) -> bytes:
     length = 8 + len(json.dumps(header).encode())
     return _pick(rng, (0.05, lambda: random_bytes(rng)),
                  (0.45, lambda: seeds.join_safetensors(mutate_json(header, rng), body)),
-                 (0.05, lambda: seeds.join_safetensors(json.dumps(header), body, rng.choice((2**60, 2**40, 2**64 - 1)))),
+                 (0.05, lambda: seeds.join_safetensors(json.dumps(header), body, rng.choice(_HUGE_HEADERS))),
                  (0.3, lambda: mutate_bytes(seed, rng, fields=(0,), region=length)),
                  (0.15, lambda: mutate_bytes(seed, rng, fields=(0,))))
 
@@ -310,7 +328,8 @@ _READERS = (
     ("judgements.pairwise", _elo_file, _elo_read),
     ("judgements.relative", _relative_files, _relative_read),
 )
-TARGETS = {name: Target(name, generate, read, _seeds()[name]) for name, generate, read in _READERS}
+TARGETS = {name: Target(name, generate, read, _seeds()[name], _gguf_warm if name == "gguf" else lambda: None)
+           for name, generate, read in _READERS}
 
 
 def write_files(directory: Path, files: Files) -> None:

@@ -21,7 +21,8 @@ DOLLY = [{"instruction": "Say hi.", "context": "", "response": "Hi!"}]
 MESSAGES = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                           {"role": "assistant", "content": "Hello."}]},
             {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
-SELF_INSTRUCT = [{"instruction": "Double it.", "instances": [{"input": "2", "output": "4"}, {"input": "5", "output": "10"}]}]
+SELF_INSTRUCT = [{"instruction": "Double it.",
+                  "instances": [{"input": "2", "output": "4"}, {"input": "5", "output": "10"}]}]
 OASST_TREE = [{"message_id": "m1", "parent_id": None, "role": "prompter", "text": "Hi?"},
               {"message_id": "m2", "parent_id": "m1", "role": "assistant", "text": "Hello."},
               {"message_id": "m3", "parent_id": "m1", "role": "assistant", "text": "Hey."}]

@@ -37,8 +37,10 @@ ARCH = _string("general.architecture") + struct.pack("<I", STRING) + _string("ll
 
 HOSTILE_GGUF = {
     "2^40 tensors": (_gguf(2**40, 1, ARCH), r"the tensor count claims 1099511627776, .* \(at byte 8\)"),
-    "2^60 metadata entries": (_gguf(0, 2**60, ARCH), r"the metadata count claims 1152921504606846976, .* \(at byte 16\)"),
-    "2^60-byte key": (_gguf(0, 1, _string("k", 2**60) + bytes(16)), r"a metadata key claims 1152921504606846976 bytes.*at byte 24"),
+    "2^60 metadata entries": (_gguf(0, 2**60, ARCH),
+                              r"the metadata count claims 1152921504606846976, .* \(at byte 16\)"),
+    "2^60-byte key": (_gguf(0, 1, _string("k", 2**60) + bytes(16)),
+                      r"a metadata key claims 1152921504606846976 bytes.*at byte 24"),
     "2^60-byte value": (_gguf(0, 1, _string("general.architecture") + struct.pack("<I", STRING) + _string("x", 2**60)),
                         r"value of key 'general.architecture' claims 1152921504606846976 bytes.*at byte 56"),
     "2^40-element number array": (_gguf(0, 2, ARCH + _string("a") + struct.pack("<IIQ", ARRAY, U8, 2**40)),

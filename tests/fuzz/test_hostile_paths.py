@@ -16,7 +16,7 @@ import seed_files as seeds
 from qlorakit.cli.main import main
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, ModelLoadError
-from qlorakit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, lora_layers, load_adapter, save_adapter
+from qlorakit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, add_lora, load_adapter, lora_layers, save_adapter
 from qlorakit.models.checkpoint import open_checkpoint
 from qlorakit.models.export import check_output_dir
 

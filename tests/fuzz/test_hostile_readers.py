@@ -4,14 +4,15 @@ A refusal must be a ``QlorakitError`` naming the file and a position in it (``fu
 no input may take more than ``LIMIT_S`` seconds, nor allocate more than ``PEAK_BYTES`` (tracemalloc,
 checked on the readers that do not go through ``datasets``: there it doubles the time and misses
 pyarrow's own allocations; the benchmark measures every reader). The counts keep the whole directory
-near a minute on one core; ``benchmarks/fuzz_readers.py`` runs the same generators at scale. Hypothesis is derandomized (the same inputs on every run) and
-keeps no database, so the suite is reproducible and writes nothing into the checkout.
+near a minute on one core; ``benchmarks/fuzz_readers.py`` runs the same generators at scale.
+Hypothesis is derandomized (the same inputs on every run) and keeps no database, so the suite is
+reproducible and writes nothing into the checkout.
 """
 
 from __future__ import annotations
 
 import pytest
-from fuzz_runner import read_one
+from fuzz_runner import read_one, warm_up
 from fuzz_targets import TARGETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -42,7 +43,7 @@ def test_seed_files_read_without_error(name):
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_hostile_inputs_are_refused_with_file_and_position(name):
     target = TARGETS[name]
-    read_one(target, target.seed(), LIMIT_S)  # imports and caches outside the measured inputs
+    warm_up(target)  # imports and caches outside the measured inputs
 
     @_settings(name)
     @given(st.randoms(use_true_random=False))

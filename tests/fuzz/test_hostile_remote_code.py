@@ -61,7 +61,8 @@ def test_a_model_that_ships_code_of_an_unknown_type_is_refused_without_running_i
 def test_a_known_type_with_an_auto_map_is_built_from_transformers_own_code(tmp_path, monkeypatch):
     directory = _model_dir(tmp_path, {**TINY_LLAMA, "auto_map": AUTO_MAP})
     seen = []
-    for cls, method in ((transformers.AutoConfig, "from_pretrained"), (transformers.AutoModelForCausalLM, "from_config")):
+    entry_points = ((transformers.AutoConfig, "from_pretrained"), (transformers.AutoModelForCausalLM, "from_config"))
+    for cls, method in entry_points:
         original = getattr(cls, method)
 
         def record(*args, _original=original, **kwargs):

@@ -10,6 +10,7 @@ instead and prints the error that re-quantizing the merged weights added.
 from __future__ import annotations
 
 import argparse
+
 from qlorakit.errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")

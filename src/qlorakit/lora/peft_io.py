@@ -198,7 +198,8 @@ def _peft_targets(values: dict[str, Any], where: str) -> str | tuple[str, ...] |
     if targets is None:
         return None
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
-        raise ConfigError(f"{where}: key 'target_modules' = {targets!r:.80}: expected a string or a list of module names")
+        raise ConfigError(f"{where}: key 'target_modules' = {targets!r:.80}: expected a string or a list of "
+                          "module names")
     return tuple(sorted(targets))
 
 
@@ -210,7 +211,8 @@ def lora_config_from_peft(values: dict[str, Any], where: str = ADAPTER_CONFIG) -
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a JSON object (PEFT's LoraConfig), got {type(values).__name__}")
     if values.get("peft_type") != "LORA":
-        raise ConfigError(f"{where}: peft_type = {values.get('peft_type')!r:.80} is not supported; only 'LORA' adapters load")
+        raise ConfigError(f"{where}: peft_type = {values.get('peft_type')!r:.80} is not supported; only 'LORA' "
+                          "adapters load")
     for key, allowed in _UNSUPPORTED_PEFT_OPTIONS.items():
         if values.get(key, allowed) not in (allowed, None, {}, []):
             raise ConfigError(f"{where}: {key} = {values[key]!r:.80} is not supported by qlorakit (needs {allowed!r})")
@@ -265,19 +267,22 @@ def _read_files(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
 def _group_by_layer(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     """``{module path: {"A": (r, in), "B": (out, r)}}`` from PEFT keys, with or without adapter names."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    names: set[str] = set()
+    names: dict[str, str] = {}  # adapter name in the keys -> first key carrying it
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
         if match is None:
             raise StateDictError(f"{where}: key {key!r} is not a LoRA A/B weight; qlorakit loads plain LoRA only")
-        names.update({match["adapter"]} - {None})
+        if match["adapter"] is not None:
+            names.setdefault(match["adapter"], key)
         layers.setdefault(match["path"], {})[match["which"]] = tensor
     if len(names) > 1:
-        raise StateDictError(f"{where}: keys carry several adapter names {sorted(names)}; expected one adapter")
+        raise StateDictError(f"{where}: keys carry several adapter names {sorted(names)} (e.g. key "
+                             f"{list(names.values())[1]!r}); expected one adapter")
     for path, pair in layers.items():
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
-            raise StateDictError(f"{where}: {path} has no lora_{missing} weight")
+            raise StateDictError(f"{where}: {path} has no lora_{missing} weight (tensor "
+                                 f"{PEFT_PREFIX}{path}.lora_{missing}.weight is missing)")
     if not layers:
         raise StateDictError(f"{where}: the file holds no LoRA weights")
     return layers
@@ -304,8 +309,8 @@ def _check_fits(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], r:
             got = tuple(layers[path][which].shape)
             if got != expected[which]:
                 raise StateDictError(
-                    f"{where}: tensor {PEFT_PREFIX}{path}.lora_{which}.weight has shape {list(got)} but this model expects "
-                    f"{list(expected[which])} (r={r}, in_features={module.in_features}, "
+                    f"{where}: tensor {PEFT_PREFIX}{path}.lora_{which}.weight has shape {list(got)} but this model "
+                    f"expects {list(expected[which])} (r={r}, in_features={module.in_features}, "
                     f"out_features={module.out_features}); the adapter was made for another base model"
                 )
     return ordered

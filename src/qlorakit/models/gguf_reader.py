@@ -6,9 +6,10 @@ metadata as ``key: string, type: u32, value``; then per tensor ``name, n_dims: u
 ``general.alignment`` (default 32). Strings are ``u64 length + UTF-8 bytes``.
 
 Only the header is parsed, and string arrays (the 49k-entry vocabulary of a tokenizer) are skipped and
-stored as their length (so are number arrays above ``MAX_ARRAY_ITEMS`` entries): this takes milliseconds, where ``gguf.GGUFReader`` builds a numpy view per
-vocabulary entry. Tensor bytes are read on demand with plain file reads (``read_tensor_bytes``) so only
-the tensor being read is resident. Sizes of block-quantized types come from ``gguf.GGML_QUANT_SIZES``.
+stored as their length (so are number arrays above ``MAX_ARRAY_ITEMS`` entries): this takes
+milliseconds, where ``gguf.GGUFReader`` builds a numpy view per vocabulary entry. Tensor bytes are
+read on demand with plain file reads (``read_tensor_bytes``) so only the tensor being read is resident.
+Sizes of block-quantized types come from ``gguf.GGML_QUANT_SIZES``.
 
 A hostile file is refused before it costs memory: every count and length is checked against the bytes
 left in the file before it is used (a header claiming 2^40 tensors or a 2^60-byte string fails at
