@@ -16,6 +16,7 @@ from fuzz_runner import read_one, warm_up
 from fuzz_targets import TARGETS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from seed_files import join_safetensors
 
 LIMIT_S = 10.0
 #: The seeds are a few KiB; a 200,000-character CSV cell is the largest input. Reading any input
@@ -53,3 +54,27 @@ def test_hostile_inputs_are_refused_with_file_and_position(name):
         assert outcome.peak_bytes < PEAK_BYTES, f"{outcome.peak_bytes} bytes allocated"
 
     check()
+
+
+_DEEP = b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"
+#: Inputs the fuzzing found that once crashed the process (pyarrow segfaults) or escaped as a bare error.
+FOUND = {
+    "first row null (pyarrow segfault)": ("data.jsonl", {"data.jsonl": b"null\n"}),
+    "array holding null (pyarrow segfault)": ("data.json", {"data.json": b'[null, {"text": "a"}]'}),
+    "50,000 nested brackets (pyarrow segfault)": ("data.jsonl", {"data.jsonl": _DEEP}),
+    "an empty object (IndexError)": ("data.json", {"data.json": b"{}"}),
+    "a 5,000-digit integer (ValueError)": ("judgements.pairwise", {"a-vs-b-gpt-4-reviewer.jsonl": b'{"score": '
+                                                                   + b"1" * 5000 + b"}\n"}),
+    "not UTF-8 (UnicodeDecodeError)": ("mmlu", {"x_test.csv": b"Q,a,b,c,d,A\n\xff,a,b,c,d,B\n"}),
+    "a 200,000-byte field (csv.Error)": ("mmlu", {"x_test.csv": b"Q," + b"x" * 200_000 + b",b,c,d,A\n"}),
+    "a header that is a list (AttributeError)": ("safetensors", {"model.safetensors": join_safetensors("[1]", b"")}),
+    "a lone surrogate in a header (SafetensorError)": ("safetensors", {
+        "model.safetensors": join_safetensors('{"__metadata__": {"\\ud800": "x"}}', b"")}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOUND))
+def test_inputs_found_by_fuzzing_are_refused(case):
+    name, files = FOUND[case]
+    outcome = read_one(TARGETS[name], files, LIMIT_S)
+    assert outcome.kind == "refused", outcome.message

@@ -109,7 +109,8 @@ def _read_json(file: Path, shown: str, kind: str) -> Table:
     if not rows:
         raise DataError(f"{shown}: the file has no rows (an empty JSON array)")
     with contextlib.suppress(DataError):  # datasets rejects valid rows only for mixed types: ours stay
-        rows = _load(file, shown, "json")
+        unified = _load(file, shown, "json")  # its rows share one schema (missing fields are None)
+        rows = unified if len(unified) == len(rows) else rows  # it drops rows without fields, e.g. {}
     positions = list(range(1, len(rows) + 1))
     if kind == "jsonl":
         lines = [i + 1 for i, line in enumerate(text.split("\n")) if line.strip()]
