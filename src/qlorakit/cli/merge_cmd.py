@@ -10,7 +10,6 @@ instead and prints the error that re-quantizing the merged weights added.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from qlorakit.errors import ConfigError
 
@@ -38,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from qlorakit.config import QuantConfig
     from qlorakit.lora import check_adapter_dir, load_adapter
     from qlorakit.models import load_model, load_tokenizer
-    from qlorakit.models.export import merge_and_export
+    from qlorakit.models.export import check_output_dir, merge_and_export
 
-    out = Path(args.output)
+    out = check_output_dir(args.output, inputs=[args.model, args.adapter])
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
     check_adapter_dir(args.adapter)  # before the minutes of loading the base

@@ -13,13 +13,20 @@ Positions, used as ``<file>:<position>`` in every error message, are 1-based: th
 JSON Lines (blank lines skipped by the parser are counted) and ``.txt``; the record number for JSON
 arrays, CSV (the header not counted) and Parquet. A ``.json`` file whose first character is not ``[``
 is read as JSON Lines.
+
+Hostile files: JSON and JSON Lines are decoded, checked for nesting deeper than
+``untrusted.MAX_JSON_DEPTH`` and parsed row by row with Python's ``json`` before ``datasets`` sees
+them, so every malformed row fails with its position, and pyarrow's JSON reader never gets the input
+it crashes on (a first row ``null`` or 50,000 nested brackets: a segfault in pyarrow 26). A CSV or
+Parquet file that ``datasets`` cannot parse is parsed again here (``csv`` / ``pyarrow.parquet``, row
+group by row group) to name the line or row group at fault.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
+import io
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.errors import DataError
+from qlorakit.untrusted import check_json_depth, decode_utf8, parse_json
 
+PARQUET_MAGIC = b"PAR1"
 SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".txt": "txt"}
 
 
@@ -81,30 +90,27 @@ def read_table(path: str | Path) -> Table:
 
 
 def _read_txt(file: Path, shown: str) -> Table:
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{shown}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    text = decode_utf8(file.read_bytes(), shown, DataError)
     if not text.strip():
         raise DataError(f"{shown}: the file is empty (only whitespace)")
     return Table(shown, "txt", [{"text": text}], [1])
 
 
 def _read_json(file: Path, shown: str, kind: str) -> Table:
-    text = _decode(file, shown)
+    raw = file.read_bytes()
+    text = decode_utf8(raw, shown, DataError, bom=True)
+    check_json_depth(raw, shown, DataError)  # before pyarrow's parser, which crashes on deep nesting
     stripped = text.lstrip()
     if not stripped:
         raise DataError(f"{shown}: the file is empty (only whitespace)")
     if kind == "json" and stripped[0] != "[":
         kind = "jsonl"
-    try:
-        rows = _load(file, shown, "json")
-    except DataError:
-        rows = _parse_json_ourselves(text, shown, kind)
+    rows = _parse_json_ourselves(text, shown, kind)
     if not rows:
         raise DataError(f"{shown}: the file has no rows (an empty JSON array)")
+    with contextlib.suppress(DataError):  # datasets rejects valid rows only for mixed types: ours stay
+        unified = _load(file, shown, "json")  # its rows share one schema (missing fields are None)
+        rows = unified if len(unified) == len(rows) else rows  # it drops rows without fields, e.g. {}
     positions = list(range(1, len(rows) + 1))
     if kind == "jsonl":
         lines = [i + 1 for i, line in enumerate(text.split("\n")) if line.strip()]
@@ -112,32 +118,17 @@ def _read_json(file: Path, shown: str, kind: str) -> Table:
     return Table(shown, kind, rows, positions)
 
 
-def _decode(file: Path, shown: str) -> str:
-    raw = file.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{shown}:{line}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
-
-
 def _parse_json_ourselves(text: str, shown: str, kind: str) -> list[dict[str, Any]]:
-    """Locate the error ``datasets`` reported; rows it rejected only for mixed types are returned."""
+    """Every row parsed and checked to be an object; the first bad one raises DataError with its position."""
     if kind == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{shown}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+        data = parse_json(text, shown, DataError)
         if not isinstance(data, list):
             raise DataError(f"{shown}: a .json file must hold an array of objects, got {type(data).__name__}")
         return [_object(item, f"{shown}:{i + 1}") for i, item in enumerate(data)]
     rows = []
     for number, line in enumerate(text.split("\n"), start=1):
         if line.strip():
-            try:
-                rows.append(_object(json.loads(line), f"{shown}:{number}"))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{shown}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+            rows.append(_object(parse_json(line, shown, DataError, line_offset=number - 1), f"{shown}:{number}"))
     return rows
 
 
@@ -157,7 +148,7 @@ def _csv_options(file: Path, shown: str) -> dict[str, Any]:
         except (csv.Error, UnicodeDecodeError) as exc:
             raise DataError(f"{shown}:1: cannot read the CSV header ({exc})") from exc
     if not header or not any(name.strip() for name in header):
-        raise DataError(f"{shown}: the CSV file has no header row naming its columns")
+        raise DataError(f"{shown}:1: the CSV file has no header row naming its columns")
     features = datasets.Features({name: datasets.Value("string") for name in header})
     return {"features": features, "keep_default_na": False}
 
@@ -174,8 +165,59 @@ def _load(file: Path, shown: str, builder: str, **options: Any) -> list[dict[str
                 return []
             cause = exc.__cause__ or exc.__context__ or exc
             why = _first_line(cause) or type(cause).__name__
-            raise DataError(f"{shown}: cannot parse as {builder.upper()}: {why}") from exc
+            where = _LOCATORS[builder](file) if builder in _LOCATORS else ""
+            raise DataError(f"{shown}: cannot parse as {builder.upper()}: {why}{where}") from exc
         return table.to_list()
+
+
+def _locate_csv(file: Path) -> str:
+    """Where Python's ``csv`` finds the file malformed: a bad record, or a field count unlike the header's."""
+    text = file.read_bytes().decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return f" (Python's csv reads every line; the header, line 1, names {len(header or [])} columns)"
+        except csv.Error as exc:
+            return f" (line {reader.line_num}: {exc})"
+        if header is None:
+            header = record
+        elif record and len(record) != len(header):
+            return f" (line {reader.line_num}: {len(record)} fields, the header has {len(header)})"
+
+
+def _locate_parquet(file: Path) -> str:
+    """The part of a Parquet file pyarrow cannot read: the magic bytes, the footer, or a row group."""
+    import pyarrow.parquet as pq
+
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(4)
+        f.seek(max(0, size - 8))
+        tail = f.read(8)
+    if size < 12 or head != PARQUET_MAGIC or tail[4:] != PARQUET_MAGIC:
+        return f" (no 'PAR1' magic at byte 0 and at byte {max(0, size - 4)}: not a Parquet file, or truncated)"
+    footer = int.from_bytes(tail[:4], "little")
+    if footer > size - 12:
+        return f" (the footer length at byte {size - 8} claims {footer} bytes; the file has {size})"
+    try:
+        parquet = pq.ParquetFile(file)
+    except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ... on a corrupt footer
+        return f" (the footer, bytes {size - 8 - footer}-{size - 8}: {_first_line(exc)})"
+    start = 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        try:
+            parquet.read_row_group(group)
+        except Exception as exc:  # a corrupt page or column chunk
+            return f" (row group {group}, rows {start + 1}-{start + rows}: {_first_line(exc)})"
+        start += rows
+    return f" (pyarrow reads the footer and all {parquet.num_row_groups} row group(s); rows 1-{start})"
+
+
+_LOCATORS = {"csv": _locate_csv, "parquet": _locate_parquet}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -75,6 +75,11 @@ class Row:
             return ""
         if not isinstance(value, str):
             self.fail(name, f"expected a string, got {type(value).__name__} {_short(value)}")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a JSON escape such as "\ud800": no tokenizer takes it
+                self.fail(name, f"not valid Unicode (a lone surrogate at character {exc.start})")
         if required and not value.strip():
             self.fail(name, "empty")
         return value

@@ -30,7 +30,6 @@ it is tested against.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ import numpy as np
 
 from qlorakit.errors import ConfigError, DataError
 from qlorakit.fileio import save_figure_atomic, write_json_atomic  # noqa: F401  (callers use elo.write_json_atomic)
+from qlorakit.untrusted import decode_utf8, parse_json
 
 INITIAL_RATING = 1000.0
 K_FACTOR = 32.0
@@ -102,17 +102,14 @@ def collect_files(sources: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, row)`` for each non-blank line; a bad line raises DataError naming it."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-            yield number, row
+    text = decode_utf8(path.read_bytes(), str(path), DataError)
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), start=1):
+        if not line.strip():
+            continue
+        row = parse_json(line, str(path), DataError, line_offset=number - 1)
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield number, row
 
 
 def check_models(files: Sequence[JudgementFile], models: Sequence[str] | None) -> None:
@@ -182,7 +179,9 @@ def read_pairwise(sources: Sequence[str | os.PathLike[str]], models: Sequence[st
             else:
                 records.append((jf.first, jf.second, result))
     if not records:
-        raise DataError(f"no countable matches in {len(files)} file(s): every verdict was -1 or the files are empty")
+        names = ", ".join(str(jf.path) for jf in files[:5]) + (", ..." if len(files) > 5 else "")
+        raise DataError(f"no countable matches in {len(files)} file(s) ({names}): every verdict was -1 or the files "
+                        "are empty")
     return Matches.from_records(records, skipped, len(files))
 
 

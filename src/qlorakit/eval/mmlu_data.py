@@ -8,6 +8,8 @@ answer. Two dialects are read, detected per file:
 - a header row ``question,choice0,choice1,choice2,choice3,answer``, the answer a 0-based index ``0``-``3``.
 
 Quoted fields may hold newlines, so files are parsed with ``csv`` (``newline=""``), never split on lines.
+A file that is not UTF-8 or not CSV (a field above ``csv.field_size_limit()``, 128 KiB) fails with
+``DataError`` naming the row and line.
 
 Prompt (Hendrycks et al., 2021; subject underscores become spaces)::
 
@@ -22,11 +24,13 @@ The original harness writes two spaces after "about"; this module writes one (as
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+import io
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlorakit.errors import DataError
+from qlorakit.untrusted import decode_utf8
 
 LETTERS = ("A", "B", "C", "D")
 HEADER = ("question", "choice0", "choice1", "choice2", "choice3", "answer")
@@ -57,10 +61,9 @@ def read_questions(path: str | Path) -> list[Question]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such MMLU file")
-    with path.open(newline="", encoding="utf-8") as handle:
-        records = list(csv.reader(handle))
+    text = decode_utf8(path.read_bytes(), str(path), DataError)
     questions = []
-    for number, record in enumerate(records, start=1):
+    for number, record in _records(text, path):
         where = f"{path}: row {number}"
         if number == 1 and tuple(f.strip().lower() for f in record) == HEADER:
             continue
@@ -73,6 +76,21 @@ def read_questions(path: str | Path) -> list[Question]:
     if not questions:
         raise DataError(f"{path}: no questions in the file")
     return questions
+
+
+def _records(text: str, path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(record number, fields)`` of CSV ``text``; a malformed record raises DataError with its line."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    number = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}: row {number + 1} (line {reader.line_num}): not valid CSV ({exc})") from None
+        number += 1
+        yield number, record
 
 
 def subject_name(path: Path, suffix: str) -> str:

@@ -134,18 +134,28 @@ def infer_reference_ids(rows: Mapping[Path, list[tuple[int, dict[str, Any]]]]) -
     seen: dict[Any, dict[str, set[Path]]] = defaultdict(lambda: defaultdict(set))
     for path, file_rows in rows.items():
         for number, row in file_rows:
-            files_of[row.get("question_id")].add(path)
+            question = _question_id(row, f"{path}:{number}")
+            files_of[question].add(path)
             for answer in _answer_ids(row, f"{path}:{number}"):
-                seen[row.get("question_id")][answer].add(path)
+                seen[question][answer].add(path)
     ids = set()
     for question, answers in seen.items():
         everywhere = [a for a, files in answers.items() if files == files_of[question]]
         if len(everywhere) != 1:
+            judging = sorted(map(str, files_of[question]))
             raise DataError(f"cannot tell the reference's answer to question {question!r} from the files alone "
-                            f"({len(everywhere)} answer ids occur in all {len(files_of[question])} files judging "
-                            "it); pass the reference system's answer file (--reference-answers)")
+                            f"({len(everywhere)} answer ids occur in all {len(judging)} files judging it: "
+                            f"{', '.join(judging[:5])}); pass the reference system's answer file (--reference-answers)")
         ids.add(everywhere[0])
     return frozenset(ids)
+
+
+def _question_id(row: dict[str, Any], where: str) -> Any:
+    """A row's ``question_id`` (a string or number, or absent); DataError for a list or an object."""
+    question = row.get("question_id")
+    if isinstance(question, (list, dict)):
+        raise DataError(f"{where}: field 'question_id': expected a string or number, got {type(question).__name__}")
+    return question
 
 
 def _sides(jf: JudgementFile, reference: str) -> tuple[str, bool]:
@@ -179,24 +189,25 @@ def _judgements(jf: JudgementFile, rows: list[tuple[int, dict[str, Any]]], refer
     return out, skipped, flipped
 
 
-def _percent(judgements: Sequence[Judgement]) -> float | None:
-    """``100 * sum(system) / sum(reference)`` or None without judgements."""
+def _percent(judgements: Sequence[Judgement], where: str) -> float | None:
+    """``100 * sum(system) / sum(reference)`` or None without judgements; ``where`` names the files."""
     if not judgements:
         return None
     reference_total = sum(j.reference_score for j in judgements)
     if reference_total == 0:
-        raise DataError("the reference's scores sum to 0; a percentage of it is undefined")
+        raise DataError(f"{where}: the reference's scores sum to 0; a percentage of it is undefined")
     return 100.0 * sum(j.system_score for j in judgements) / reference_total
 
 
-def _score(model: str, judgements: list[Judgement], skipped: int) -> RelativeScore:
-    percent = _percent(judgements)
+def _score(model: str, judgements: list[Judgement], skipped: int, paths: list[Path]) -> RelativeScore:
+    where = f"'{model}' ({', '.join(map(str, paths[:5]))})"
+    percent = _percent(judgements, where)
     if percent is None:
-        raise DataError(f"no parsed judgements for '{model}' (all {skipped} rows have score -1)")
+        raise DataError(f"no parsed judgements for {where} (all {skipped} rows have score -1)")
     return RelativeScore(
         model, percent,
-        reference_shown_first=_percent([j for j in judgements if j.reference_first]),
-        system_shown_first=_percent([j for j in judgements if not j.reference_first]),
+        reference_shown_first=_percent([j for j in judgements if j.reference_first], where),
+        system_shown_first=_percent([j for j in judgements if not j.reference_first], where),
         judgements=len(judgements), skipped=skipped,
         system_total=sum(j.system_score for j in judgements),
         reference_total=sum(j.reference_score for j in judgements))
@@ -212,15 +223,17 @@ def relative_scores(sources: Sequence[str | os.PathLike[str]], reference: str = 
     rows = {jf.path: list(read_jsonl(jf.path)) for jf in files}
     reference_ids = read_reference_ids(reference_answers) if reference_answers else infer_reference_ids(rows)
     per_model: dict[str, list[Judgement]] = defaultdict(list)
+    paths: dict[str, list[Path]] = defaultdict(list)
     skipped: dict[str, int] = defaultdict(int)
     flipped_files = 0
     for jf in files:
         system, reference_named_first = sides[jf.path]
         judgements, unparsed, flipped = _judgements(jf, rows[jf.path], reference_ids, reference_named_first)
         per_model[system].extend(judgements)
+        paths[system].append(jf.path)
         skipped[system] += unparsed
         flipped_files += flipped
-    scores = sorted((_score(m, js, skipped[m]) for m, js in per_model.items()), key=lambda s: -s.percent)
+    scores = sorted((_score(m, js, skipped[m], paths[m]) for m, js in per_model.items()), key=lambda s: -s.percent)
     return RelativeResult(reference, tuple(scores), sum(skipped.values()), len(files), flipped_files)
 
 

@@ -13,21 +13,28 @@ A directory holds two files:
   prefix. Pickle files (``adapter_model.bin``) are never read.
 
 Saving writes into a temporary directory next to the target and renames it into place, so a crash never
-leaves a half-written adapter. Loading checks every layer and shape before it touches the model.
+leaves a half-written adapter. Loading checks every layer and shape before it touches the model, and
+reads hostile files safely: ``adapter_config.json`` must be UTF-8 JSON whose fields have PEFT's types
+(each error names the key), the weights' safetensors header is validated (``qlorakit.untrusted``)
+before the tensors are loaded, and LoRA weights must be floating point. Adapter names are plain names
+(no path separator, ``..``, NUL or absolute path), as PEFT makes ``<dir>/<name>/`` of a named adapter.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,6 +51,7 @@ from qlorakit.lora.model import (
     set_active_adapter,
 )
 from qlorakit.lora.targets import is_linear
+from qlorakit.untrusted import check_file_name, decode_utf8, parse_json, read_safetensors_header
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -56,6 +64,8 @@ _UNSUPPORTED_PEFT_OPTIONS: dict[str, Any] = {
 }
 #: PEFT initialisations that rewrite the base weights (the adapter is tied to the rewritten base).
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
+#: safetensors dtypes a LoRA weight may have.
+_WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 _KEY = re.compile(r"(?P<path>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
 
 
@@ -137,7 +147,7 @@ def save_adapter(
     ``base_model_name_or_path`` defaults to ``model.config.name_or_path`` when the model has one.
     """
     target = Path(directory)
-    name = _default_adapter(model) if name is None else name
+    name = _default_adapter(model) if name is None else check_file_name(name, "adapter name", ConfigError)
     state = lora_state_dict(model, name)
     if target.exists() and not target.is_dir():
         raise ConfigError(f"{target} exists and is not a directory; choose another adapter directory")
@@ -166,28 +176,62 @@ def save_adapter(
 # --- loading ---------------------------------------------------------------------------------------
 
 
+def _field(values: dict[str, Any], key: str, default: Any, kinds: tuple[type, ...], where: str, need: str,
+           valid: Callable[[Any], bool] = lambda v: True) -> Any:
+    """``values[key]`` (``default`` when absent or null) if it is one of ``kinds`` (a bool only where listed,
+    a finite float) and ``valid``; else ConfigError naming the key."""
+    value = values.get(key)
+    if value is None:
+        return default
+    kind_ok = (bool in kinds) if isinstance(value, bool) else isinstance(value, kinds)
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if not (kind_ok and finite and valid(value)):
+        raise ConfigError(f"{where}: key '{key}' = {value!r:.80}: expected {need}")
+    return value
+
+
+def _peft_targets(values: dict[str, Any], where: str) -> str | tuple[str, ...] | None:
+    """``target_modules``: a regex string (PEFT fullmatch), "all-linear", or a list of module names."""
+    targets = values.get("target_modules")
+    if isinstance(targets, str):
+        return targets if targets == "all-linear" else "re:" + targets
+    if targets is None:
+        return None
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise ConfigError(f"{where}: key 'target_modules' = {targets!r:.80}: expected a string or a list of "
+                          "module names")
+    return tuple(sorted(targets))
+
+
 def lora_config_from_peft(values: dict[str, Any], where: str = ADAPTER_CONFIG) -> LoraConfig:
-    """Our ``LoraConfig`` (init "zeros", for loading) from a PEFT ``adapter_config.json`` mapping."""
+    """Our ``LoraConfig`` (init "zeros", for loading) from a PEFT ``adapter_config.json`` mapping.
+
+    Every field is type-checked first, so a hostile file fails with ``ConfigError`` naming the key.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a JSON object (PEFT's LoraConfig), got {type(values).__name__}")
     if values.get("peft_type") != "LORA":
-        raise ConfigError(f"{where}: peft_type {values.get('peft_type')!r} is not supported; only 'LORA' adapters load")
+        raise ConfigError(f"{where}: peft_type = {values.get('peft_type')!r:.80} is not supported; only 'LORA' "
+                          "adapters load")
     for key, allowed in _UNSUPPORTED_PEFT_OPTIONS.items():
         if values.get(key, allowed) not in (allowed, None, {}, []):
-            raise ConfigError(f"{where}: {key} = {values[key]!r} is not supported by qlorakit (needs {allowed!r})")
-    init = values.get("init_lora_weights", True)
+            raise ConfigError(f"{where}: {key} = {values[key]!r:.80} is not supported by qlorakit (needs {allowed!r})")
+    init = _field(values, "init_lora_weights", True, (bool, str), where, "true, false or a PEFT init name")
     if isinstance(init, str) and init.split("_")[0] in _BASE_CHANGING_INITS:
         raise ConfigError(
             f"{where}: init_lora_weights = {init!r} changes the base weights, so this adapter only works on "
             "that modified base; convert it to a plain LoRA adapter with peft first"
         )
-    targets = values.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = "re:" + targets
-    elif targets is not None and not isinstance(targets, str):
-        targets = tuple(sorted(targets))
-    return LoraConfig(
-        r=values.get("r", 8), alpha=values.get("lora_alpha", 8), dropout=values.get("lora_dropout", 0.0),
-        targets=targets or "all-linear", rslora=bool(values.get("use_rslora", False)), init="zeros",
-    )
+    targets = _peft_targets(values, where)
+    r = _field(values, "r", 8, (int,), where, "a positive integer rank", lambda v: v > 0)
+    alpha = _field(values, "lora_alpha", 8, (int, float), where, "a positive number", lambda v: v > 0)
+    dropout = _field(values, "lora_dropout", 0.0, (int, float), where, "a number in [0, 1)", lambda v: 0 <= v < 1)
+    rslora = _field(values, "use_rslora", False, (bool,), where, "true or false")
+    try:
+        return LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets or "all-linear", rslora=rslora,
+                          init="zeros")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def check_adapter_dir(directory: str | os.PathLike[str]) -> Path:
@@ -203,31 +247,42 @@ def check_adapter_dir(directory: str | os.PathLike[str]) -> Path:
     return directory
 
 
-def _read_files(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _read_files(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The parsed ``adapter_config.json`` and the tensors, the weights' header validated before loading."""
     check_adapter_dir(directory)
+    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    values = parse_json(decode_utf8(config_file.read_bytes(), str(config_file), ConfigError, bom=True),
+                        str(config_file), ConfigError)
+    header = read_safetensors_header(weights_file, StateDictError)
+    not_float = next(((n, e.dtype) for n, e in header.items() if e.dtype not in _WEIGHT_DTYPES), None)
+    if not_float:
+        raise StateDictError(f"{weights_file}: tensor {not_float[0][:80]!r} has dtype {not_float[1]}; LoRA weights "
+                             f"are one of {', '.join(_WEIGHT_DTYPES)}")
     try:
-        values = json.loads((directory / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{directory / ADAPTER_CONFIG}: invalid JSON ({exc})") from exc
-    return values, load_file(str(directory / ADAPTER_WEIGHTS))
+        return values, load_file(str(weights_file))
+    except SafetensorError as exc:  # the header passed our checks; the library found something else
+        raise StateDictError(f"corrupt safetensors file {weights_file}: {exc}") from exc
 
 
 def _group_by_layer(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     """``{module path: {"A": (r, in), "B": (out, r)}}`` from PEFT keys, with or without adapter names."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    names: set[str] = set()
+    names: dict[str, str] = {}  # adapter name in the keys -> first key carrying it
     for key, tensor in tensors.items():
         match = _KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
         if match is None:
             raise StateDictError(f"{where}: key {key!r} is not a LoRA A/B weight; qlorakit loads plain LoRA only")
-        names.update({match["adapter"]} - {None})
+        if match["adapter"] is not None:
+            names.setdefault(match["adapter"], key)
         layers.setdefault(match["path"], {})[match["which"]] = tensor
     if len(names) > 1:
-        raise StateDictError(f"{where}: keys carry several adapter names {sorted(names)}; expected one adapter")
+        raise StateDictError(f"{where}: keys carry several adapter names {sorted(names)} (e.g. key "
+                             f"{list(names.values())[1]!r}); expected one adapter")
     for path, pair in layers.items():
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
-            raise StateDictError(f"{where}: {path} has no lora_{missing} weight")
+            raise StateDictError(f"{where}: {path} has no lora_{missing} weight (tensor "
+                                 f"{PEFT_PREFIX}{path}.lora_{missing}.weight is missing)")
     if not layers:
         raise StateDictError(f"{where}: the file holds no LoRA weights")
     return layers
@@ -254,8 +309,8 @@ def _check_fits(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], r:
             got = tuple(layers[path][which].shape)
             if got != expected[which]:
                 raise StateDictError(
-                    f"{where}: {path}.lora_{which}.weight has shape {list(got)} but this model expects "
-                    f"{list(expected[which])} (r={r}, in_features={module.in_features}, "
+                    f"{where}: tensor {PEFT_PREFIX}{path}.lora_{which}.weight has shape {list(got)} but this model "
+                    f"expects {list(expected[which])} (r={r}, in_features={module.in_features}, "
                     f"out_features={module.out_features}); the adapter was made for another base model"
                 )
     return ordered
@@ -272,6 +327,7 @@ def load_adapter(
     otherwise it is deleted and added again.
     """
     directory = Path(directory)
+    check_file_name(name, "adapter name", ConfigError)
     values, tensors = _read_files(directory)
     config = lora_config_from_peft(values, where=str(directory / ADAPTER_CONFIG))
     layers = _group_by_layer(tensors, where=str(directory / ADAPTER_WEIGHTS))

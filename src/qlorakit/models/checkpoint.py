@@ -3,7 +3,9 @@
 A Hugging Face directory holds either ``model.safetensors`` or ``model.safetensors.index.json`` whose
 ``weight_map`` names the shard of every tensor. ``open_checkpoint`` reads only the headers (8-byte
 little-endian length + JSON) and fails with ``ModelLoadError`` before any weight is read when a shard is
-missing, a header is malformed, or a file is shorter than its header says (a truncated download).
+missing, a header is malformed, or a file is shorter than its header says (a truncated download); the
+checks are ``qlorakit.untrusted.read_safetensors_header``'s. Shard names in an index must be plain file
+names: an index cannot make qlorakit read outside the model directory.
 
 ``Checkpoint.tensors()`` yields ``(name, tensor)`` in file order through ``safetensors.safe_open``. A
 ``safe_open`` handle memory-maps its file and every page read stays resident until the handle closes,
@@ -13,9 +15,7 @@ instead of growing to the whole shard.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,31 +24,13 @@ from pathlib import Path
 import torch
 
 from qlorakit.errors import ModelLoadError
+from qlorakit.untrusted import check_file_name, decode_utf8, parse_json, read_safetensors_header
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 #: Bytes read through one ``safe_open`` handle before it is closed and reopened (bounds resident pages).
 REOPEN_BYTES = 64 * 2**20
-
-#: Bytes per element of each safetensors dtype.
-DTYPE_SIZES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
 
 
 @dataclass(frozen=True)
@@ -108,8 +90,8 @@ def open_checkpoint(directory: Path) -> Checkpoint:
         missing = [s.name for s in shards if not s.is_file()]
         if missing:
             raise ModelLoadError(
-                f"{index} names shard(s) {missing} that are not in {directory}; the download is incomplete — "
-                f"fetch the missing file(s) again"
+                f"{index} names shard(s) {missing} (key 'weight_map') that are not in {directory}; the download is "
+                f"incomplete — fetch the missing file(s) again"
             )
     elif (directory / SINGLE_FILE).is_file():
         weight_map, shards = None, (directory / SINGLE_FILE,)
@@ -130,12 +112,15 @@ def open_checkpoint(directory: Path) -> Checkpoint:
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from exc
+    """``weight_map`` of an index: tensor name -> shard file name (a plain name inside the directory)."""
+    text = decode_utf8(index.read_bytes(), str(index), ModelLoadError, bom=True)
+    values = parse_json(text, str(index), ModelLoadError)
+    weight_map = values.get("weight_map") if isinstance(values, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelLoadError(f"{index}: 'weight_map' must map tensor names to shard files")
+        raise ModelLoadError(f"{index}: key 'weight_map' must be a non-empty object mapping tensor names to shard "
+                             f"files; got {type(weight_map).__name__}")
+    for name, shard in weight_map.items():
+        check_file_name(shard, f"{index}: key 'weight_map', tensor {name[:80]!r}: shard", ModelLoadError)
     return weight_map
 
 
@@ -143,50 +128,15 @@ def _check_index_matches(weight_map: dict[str, str], entries: dict[str, TensorEn
     absent = [k for k, shard in weight_map.items() if k not in entries or entries[k].shard.name != shard]
     if absent:
         raise ModelLoadError(
-            f"{directory / INDEX_FILE} lists {len(absent)} tensor(s) that its shards do not hold, e.g. {absent[:5]} "
-            f"(expected in {weight_map[absent[0]]}); a shard is stale or from another model"
+            f"{directory / INDEX_FILE}: key 'weight_map' lists {len(absent)} tensor(s) that its shards do not hold, "
+            f"e.g. {absent[:5]} (expected in {weight_map[absent[0]]}); a shard is stale or from another model"
         )
 
 
 def read_header(path: Path) -> dict[str, TensorEntry]:
-    """The tensor table of one ``.safetensors`` file; ``ModelLoadError`` names a truncated or corrupt file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ModelLoadError(
-                f"truncated safetensors file {path}: {size} bytes, shorter than its 8-byte header length"
-            )
-        (header_len,) = struct.unpack("<Q", prefix)
-        if 8 + header_len > size:
-            raise ModelLoadError(
-                f"truncated safetensors file {path}: the header alone needs {8 + header_len} bytes, the file has {size}"
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"corrupt safetensors file {path}: its header is not valid JSON ({exc})") from exc
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _entry(path, name, info)
-    data_end = 8 + header_len + max((e.end for e in entries.values()), default=0)
-    if data_end > size:
-        raise ModelLoadError(
-            f"truncated safetensors file {path}: its header describes {data_end} bytes, the file has {size}; "
-            f"download it again"
-        )
-    return entries
+    """The tensor table of one ``.safetensors`` file; ``ModelLoadError`` names a truncated or corrupt file.
 
-
-def _entry(path: Path, name: str, info: dict) -> TensorEntry:
-    try:
-        dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ModelLoadError(f"corrupt safetensors file {path}: bad header entry for {name!r} ({exc})") from exc
-    if dtype not in DTYPE_SIZES or end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
-        raise ModelLoadError(
-            f"corrupt safetensors file {path}: tensor {name!r} ({dtype}, shape {list(shape)}) spans {end - begin} bytes"
-        )
-    return TensorEntry(shard=path, dtype=dtype, shape=shape, begin=begin, end=end)
+    Validated as ``qlorakit.untrusted.read_safetensors_header`` describes, before any weight is read.
+    """
+    entries = read_safetensors_header(path, ModelLoadError)
+    return {name: TensorEntry(path, e.dtype, e.shape, e.begin, e.end) for name, e in entries.items()}

@@ -9,12 +9,17 @@ The result is a plain ``config.json`` + ``model.safetensors`` (sharded with an i
 inference has no LoRA overhead. A merged model is never re-quantized silently: ``quantize=QuantConfig(...)``
 writes the bitsandbytes 4-bit layout instead and reports the error that re-quantization added,
 ``||W_merged - dequant(quant(W_merged))||_F / ||W_merged||_F`` per layer.
+
+Everything is written into a temporary sibling of ``out_dir`` and renamed into place;
+``check_output_dir`` refuses an output path whose replacement could delete anything else (``.``,
+``..``, a root, a symlink, or a directory holding the merge's own inputs).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,6 +153,27 @@ def _export_config(model: nn.Module, dtype: torch.dtype, quant: QuantConfig | No
     return config
 
 
+def check_output_dir(out_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """``out_dir`` as a Path if writing (and, with overwrite, replacing) it can only touch that directory.
+
+    Refused: a path whose last component is empty, ``.`` or ``..`` (the replaced directory would be the
+    working directory or a parent), a filesystem root, a symlink (replacing it would follow it), and a
+    directory that is, or holds, one of ``inputs`` (the base model or the adapter being merged).
+    """
+    out = Path(out_dir)
+    if not out.name or out.name in (".", "..") or out.resolve() == Path(out.resolve().anchor):
+        raise ConfigError(f"output directory {str(out_dir)!r} names no directory of its own; pass a new directory "
+                          "path such as merged/")
+    if out.is_symlink():
+        raise ConfigError(f"output directory {out} is a symbolic link; pass the real directory")
+    target = out.resolve()
+    for source in map(Path, inputs):
+        if source.exists() and (source.resolve() == target or target in source.resolve().parents):
+            raise ConfigError(f"output directory {out} is or contains the input {source}; replacing it would delete "
+                              "the input: choose another output directory")
+    return out
+
+
 def merge_and_export(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -159,7 +185,7 @@ def merge_and_export(
 ) -> ExportReport:
     """Write the merged model to ``out_dir`` (durably, ``fileio.write_dir_atomic``: every file fsynced, the
     directory renamed into place, its parent fsynced; an existing non-empty dir needs ``overwrite``)."""
-    out = Path(out_dir)
+    out = check_output_dir(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     if quantize is not None and quantize.quant_type == "int4":

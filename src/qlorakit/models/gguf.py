@@ -6,6 +6,8 @@ are the same as its own:
 
 - config: metadata keys renamed through ``transformers.integrations.GGUF_CONFIG_MAPPING``; the LM head
   is tied when the file has no ``output.weight``; ``vocab_size`` falls back to the vocabulary length.
+  A renamed hyperparameter that is not a number, or a block count above the file's ``blk.<i>``
+  tensor groups, is refused (``ModelLoadError`` naming the key).
   For architectures whose config needs more than renaming, ``load_gguf_checkpoint(return_tensors=False)``
   itself is called (slower: it parses the whole vocabulary).
 - tensors: each is dequantized to fp32 with ``gguf.quants.dequantize``, passed through the
@@ -16,6 +18,8 @@ are the same as its own:
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +32,9 @@ from qlorakit.models.gguf_reader import GgufHeader, read_tensor_bytes
 
 #: GGUF architectures whose transformers config is a plain renaming of metadata keys.
 RENAME_ONLY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "starcoder2", "gemma2")
+#: Config fields renamed from GGUF metadata that are text; every other one is a number.
+_TEXT_FIELDS = ("model_type", "_model_name_or_path")
+_BLOCK = re.compile(r"blk\.(\d+)\.")
 
 
 def gguf_config_dict(header: GgufHeader) -> dict[str, Any]:
@@ -40,8 +47,9 @@ def gguf_config_dict(header: GgufHeader) -> dict[str, Any]:
 
         try:
             return dict(load_gguf_checkpoint(str(header.path), return_tensors=False)["config"])
-        except (ValueError, NotImplementedError) as exc:
-            raise ModelLoadError(f"{header.path}: transformers cannot read GGUF architecture {arch!r} ({exc})") from exc
+        except Exception as exc:  # gguf.GGUFReader's failures on a corrupt file are of many types
+            raise ModelLoadError(f"{header.path}: transformers cannot read GGUF architecture {arch!r} (key "
+                                 f"'general.architecture'): {type(exc).__name__}: {exc}") from exc
     from transformers.integrations import (
         GGUF_CONFIG_DEFAULTS_MAPPING,
         GGUF_CONFIG_MAPPING,
@@ -57,10 +65,30 @@ def gguf_config_dict(header: GgufHeader) -> dict[str, Any]:
             continue
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
+        if renamed not in _TEXT_FIELDS and not _is_number(value):
+            raise ModelLoadError(f"{header.path}: key {key!r} = {value!r:.80} is not a number (transformers' "
+                                 f"{renamed}); the file is corrupt")
         config[renamed] = value.replace(arch, updated) if isinstance(value, str) and arch in value else value
     if "vocab_size" not in config and isinstance(header.metadata.get("tokenizer.ggml.tokens"), int):
         config["vocab_size"] = header.metadata["tokenizer.ggml.tokens"]
+    _check_block_count(header, config.get("num_hidden_layers"), f"{arch}.block_count")
     return config
+
+
+def _is_number(value: Any) -> bool:
+    """An int or finite float, or a list of them (per-layer values)."""
+    if isinstance(value, list):
+        return all(_is_number(v) and not isinstance(v, list) for v in value)
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _check_block_count(header: GgufHeader, layers: Any, key: str) -> None:
+    """The block count must not exceed the ``blk.<i>.`` tensor groups of the file (a corrupt count would
+    make the model builder loop over billions of layers)."""
+    blocks = {match[1] for t in header.tensors if (match := _BLOCK.match(t.name))}
+    if isinstance(layers, int) and layers > len(blocks):
+        raise ModelLoadError(f"{header.path}: key {key!r} = {layers}, but the file holds tensors of {len(blocks)} "
+                             "blocks (blk.<i>.*); the file is corrupt or truncated")
 
 
 def gguf_config(header: GgufHeader) -> Any:
@@ -71,7 +99,18 @@ def gguf_config(header: GgufHeader) -> Any:
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ModelLoadError(f"{header.path}: transformers has no config class for GGUF model type {model_type!r}")
-    return CONFIG_MAPPING[model_type].from_dict(config)
+    return config_from_dict(header, CONFIG_MAPPING[model_type], config)
+
+
+def config_from_dict(header: GgufHeader, config_class: Any, config: dict[str, Any]) -> Any:
+    """``config_class.from_dict(config)``; transformers' validation of a corrupt value becomes ModelLoadError."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return config_class.from_dict(config)
+    except (StrictDataclassError, TypeError, ValueError) as exc:
+        why = " ".join(str(exc).split())
+        raise ModelLoadError(f"{header.path}: transformers refuses the config built from the metadata: {why}") from exc
 
 
 def check_tensor_types(header: GgufHeader) -> None:

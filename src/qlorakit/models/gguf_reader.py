@@ -6,9 +6,16 @@ metadata as ``key: string, type: u32, value``; then per tensor ``name, n_dims: u
 ``general.alignment`` (default 32). Strings are ``u64 length + UTF-8 bytes``.
 
 Only the header is parsed, and string arrays (the 49k-entry vocabulary of a tokenizer) are skipped and
-stored as their length: this takes milliseconds, where ``gguf.GGUFReader`` builds a numpy view per
-vocabulary entry. Tensor bytes are read on demand with plain file reads (``read_tensor_bytes``) so only
-the tensor being read is resident. Sizes of block-quantized types come from ``gguf.GGML_QUANT_SIZES``.
+stored as their length (so are number arrays above ``MAX_ARRAY_ITEMS`` entries): this takes
+milliseconds, where ``gguf.GGUFReader`` builds a numpy view per vocabulary entry. Tensor bytes are
+read on demand with plain file reads (``read_tensor_bytes``) so only the tensor being read is resident.
+Sizes of block-quantized types come from ``gguf.GGML_QUANT_SIZES``.
+
+A hostile file is refused before it costs memory: every count and length is checked against the bytes
+left in the file before it is used (a header claiming 2^40 tensors or a 2^60-byte string fails at
+once), a tensor has at most 4 dimensions, names are UTF-8, tensor names are unique,
+``general.alignment`` is a power of two, and every tensor's bytes lie inside the file. Each error names
+the byte offset of the field at fault.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import numpy as np
 
@@ -27,6 +34,16 @@ from qlorakit.errors import ModelLoadError
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _VERSIONS = (2, 3)
+_FIXED_HEADER = 24  # magic, version u32, tensor count u64, metadata count u64
+_MIN_TENSOR_BYTES = 8 + 4 + 4 + 8  # empty name, n_dims, type, offset
+_MIN_KV_BYTES = 8 + 4 + 1  # empty key, type, a one-byte value
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+_DEFAULT_ALIGNMENT = 32
+
+#: Metadata arrays of numbers longer than this are skipped like string arrays (their length kept). The
+#: largest in real files, a 262k-token vocabulary's scores, is 16x shorter; the bound keeps the parsed
+#: header's Python objects under ~150 MB whatever the file claims.
+MAX_ARRAY_ITEMS = 2**22
 
 
 @dataclass(frozen=True)
@@ -69,71 +86,133 @@ class GgufHeader:
 
 
 def read_gguf_header(path: Path) -> GgufHeader:
-    """Parse the header of ``path``; a malformed or truncated file raises ``ModelLoadError`` naming it."""
-    try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
-            return _parse(path, blob)
-    except (struct.error, UnicodeDecodeError, ValueError, IndexError) as exc:
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); it may be truncated or corrupt") from exc
+    """Parse the header of ``path``; a malformed or truncated file raises ``ModelLoadError`` naming it.
+
+    Every count and length the file claims is checked against the bytes left in the file before
+    anything is allocated for it, and every error names the byte offset of the field at fault.
+    """
+    if path.stat().st_size < _FIXED_HEADER:
+        raise ModelLoadError(f"{path}: {path.stat().st_size} bytes, shorter than the {_FIXED_HEADER}-byte GGUF "
+                             "header (byte 0); it is not a GGUF file or it is truncated")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as blob:
+        return _parse(_Cursor(path, blob))
 
 
-def _parse(path: Path, blob: mmap.mmap) -> GgufHeader:
-    if blob[:4] != b"GGUF":
-        raise ModelLoadError(f"{path} does not start with the GGUF magic bytes; it is not a GGUF file")
-    version, tensor_count, kv_count = struct.unpack_from("<IQQ", blob, 4)
+class _Cursor:
+    """Little-endian reads from the mapped file; a read past the end names the field and its byte offset."""
+
+    def __init__(self, path: Path, blob: mmap.mmap) -> None:
+        self.path, self.blob, self.pos = path, blob, 0
+
+    def fail(self, problem: str, at: int | None = None) -> NoReturn:
+        at = self.pos if at is None else at
+        raise ModelLoadError(f"{self.path}: {problem} (at byte {at}); the file is truncated or corrupt")
+
+    def left(self) -> int:
+        return len(self.blob) - self.pos
+
+    def unpack(self, fmt: str, what: str) -> tuple[Any, ...]:
+        size = struct.calcsize(fmt)
+        if size > self.left():
+            self.fail(f"{what} runs past the end of the file ({len(self.blob)} bytes)")
+        values = struct.unpack_from(fmt, self.blob, self.pos)
+        self.pos += size
+        return values
+
+    def count(self, fmt: str, what: str, min_bytes: int) -> int:
+        """A u32/u64 count of items of at least ``min_bytes`` each, refused if the rest of the file is too short."""
+        at = self.pos
+        (n,) = self.unpack(fmt, what)
+        if n * min_bytes > self.left():
+            needs = f"{n} bytes" if min_bytes == 1 else f"{n}, at least {n * min_bytes} bytes"
+            self.fail(f"{what} claims {needs}; only {self.left()} bytes are left", at)
+        return n
+
+    def string(self, what: str) -> str:
+        length = self.count("<Q", f"the length of {what}", 1)
+        raw = self.blob[self.pos : self.pos + length]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.fail(f"{what} is not valid UTF-8 ({exc.reason})", self.pos + exc.start)
+        self.pos += length
+        return text
+
+
+def _parse(cur: _Cursor) -> GgufHeader:
+    if cur.blob[:4] != b"GGUF":
+        raise ModelLoadError(f"{cur.path} does not start with the GGUF magic bytes (byte 0); it is not a GGUF file")
+    cur.pos = 4
+    (version,) = cur.unpack("<I", "the version")
     if version not in _VERSIONS:
-        raise ModelLoadError(f"{path} is GGUF version {version}; only versions {_VERSIONS} (little-endian) are read")
-    pos, metadata = 24, {}
+        cur.fail(f"GGUF version {version}; only versions {_VERSIONS} (little-endian) are read", 4)
+    tensor_count = cur.count("<Q", "the tensor count", _MIN_TENSOR_BYTES)
+    kv_count = cur.count("<Q", "the metadata count", _MIN_KV_BYTES)
+    metadata: dict[str, Any] = {}
     for _ in range(kv_count):
-        key, pos = _string(blob, pos)
-        (value_type,) = struct.unpack_from("<I", blob, pos)
-        metadata[key], pos = _value(blob, pos + 4, value_type)
-    if "general.architecture" not in metadata:
-        raise ModelLoadError(f"{path} has no general.architecture in its metadata")
-    tensors = []
-    for _ in range(tensor_count):
-        name, pos = _string(blob, pos)
-        (n_dims,) = struct.unpack_from("<I", blob, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", blob, pos + 4)
-        ggml_type, offset = struct.unpack_from("<IQ", blob, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        shape = tuple(int(d) for d in reversed(dims))
-        tensors.append(GgufTensorInfo(name, shape, ggml_type, offset, _nbytes(path, name, ggml_type, shape)))
-    alignment = int(metadata.get("general.alignment", 32))
-    data_start = -(-pos // alignment) * alignment
+        key = cur.string("a metadata key")
+        (value_type,) = cur.unpack("<I", f"the type of key {key!r}")
+        metadata[key] = _value(cur, value_type, key)
+    _check_metadata(cur, metadata)
+    tensors = [_tensor_info(cur) for _ in range(tensor_count)]
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        cur.fail(f"tensor {duplicate!r} is listed twice in the tensor table")
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    data_start = -(-cur.pos // alignment) * alignment
     end = max((data_start + t.offset + t.nbytes for t in tensors), default=data_start)
-    if end > len(blob):
-        raise ModelLoadError(f"truncated GGUF file {path}: its tensors need {end} bytes, the file has {len(blob)}")
-    return GgufHeader(path=path, metadata=metadata, tensors=tuple(tensors), data_start=data_start)
+    if end > len(cur.blob):
+        raise ModelLoadError(f"truncated GGUF file {cur.path}: its tensors need {end} bytes (data section from byte "
+                             f"{data_start}), the file has {len(cur.blob)}")
+    return GgufHeader(path=cur.path, metadata=metadata, tensors=tuple(tensors), data_start=data_start)
 
 
-def _string(blob: mmap.mmap, pos: int) -> tuple[str, int]:
-    (length,) = struct.unpack_from("<Q", blob, pos)
-    end = pos + 8 + length
-    if end > len(blob):
-        raise ValueError(f"string at byte {pos} runs past the end of the file")
-    return blob[pos + 8 : end].decode("utf-8"), end
+def _check_metadata(cur: _Cursor, metadata: dict[str, Any]) -> None:
+    """``general.architecture`` a non-empty string; ``general.alignment`` (if given) a power-of-two integer."""
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        cur.fail(f"key 'general.architecture' is {arch!r}; the metadata must name the model's architecture")
+    alignment = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        cur.fail(f"key 'general.alignment' is {alignment!r}, not a positive power of two")
 
 
-def _value(blob: mmap.mmap, pos: int, value_type: int) -> tuple[Any, int]:
+def _tensor_info(cur: _Cursor) -> GgufTensorInfo:
+    name = cur.string("a tensor name")
+    at = cur.pos
+    (n_dims,) = cur.unpack("<I", f"the dimension count of tensor {name!r}")
+    if n_dims > _MAX_DIMS:
+        cur.fail(f"tensor {name!r} claims {n_dims} dimensions; GGUF allows at most {_MAX_DIMS}", at)
+    dims = cur.unpack(f"<{n_dims}Q", f"the shape of tensor {name!r}")
+    ggml_type, offset = cur.unpack("<IQ", f"the type and offset of tensor {name!r}")
+    shape = tuple(int(d) for d in reversed(dims))
+    return GgufTensorInfo(name, shape, ggml_type, offset, _nbytes(cur.path, name, ggml_type, shape))
+
+
+def _value(cur: _Cursor, value_type: int, key: str) -> Any:
     if value_type in _SCALARS:
-        fmt = _SCALARS[value_type]
-        return struct.unpack_from(fmt, blob, pos)[0], pos + struct.calcsize(fmt)
+        return cur.unpack(_SCALARS[value_type], f"the value of key {key!r}")[0]
     if value_type == _STRING:
-        return _string(blob, pos)
+        return cur.string(f"the value of key {key!r}")
     if value_type != _ARRAY:
-        raise ValueError(f"unknown metadata value type {value_type} at byte {pos}")
-    element_type, count = struct.unpack_from("<IQ", blob, pos)
-    pos += 12
+        cur.fail(f"key {key!r} has unknown value type {value_type}", cur.pos - 4)
+    at = cur.pos
+    (element_type,) = cur.unpack("<I", f"the element type of key {key!r}")
     if element_type in _SCALARS:
-        fmt = _SCALARS[element_type]
-        return list(struct.unpack_from(f"<{count}{fmt[1]}", blob, pos)), pos + count * struct.calcsize(fmt)
+        size = struct.calcsize(_SCALARS[element_type])
+        count = cur.count("<Q", f"the array length of key {key!r}", size)
+        if count > MAX_ARRAY_ITEMS:  # skipped like a string array: its length kept
+            cur.pos += count * size
+            return count
+        return list(cur.unpack(f"<{count}{_SCALARS[element_type][1]}", f"the array of key {key!r}"))
     if element_type != _STRING:
-        raise ValueError(f"array of value type {element_type} at byte {pos} is not supported")
-    for _ in range(count):  # a vocabulary or merge table: skipped, its length kept
-        (length,) = struct.unpack_from("<Q", blob, pos)
-        pos += 8 + length
-    return count, pos
+        cur.fail(f"key {key!r} is an array of value type {element_type}, which is not supported", at)
+    count = cur.count("<Q", f"the array length of key {key!r}", 8)
+    for i in range(count):  # a vocabulary or merge table: skipped, its length kept
+        length = cur.count("<Q", f"the length of element {i} of key {key!r}", 1)
+        cur.pos += length
+    return count
 
 
 def _nbytes(path: Path, name: str, ggml_type: int, shape: tuple[int, ...]) -> int:

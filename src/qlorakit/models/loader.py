@@ -33,7 +33,7 @@ from qlorakit.models.build import (
 )
 from qlorakit.models.checkpoint import open_checkpoint
 from qlorakit.models.fill import Filler, missing_names, prequantized_layers
-from qlorakit.models.gguf import GgufTensorStream, check_tensor_types, gguf_config_dict
+from qlorakit.models.gguf import GgufTensorStream, check_tensor_types, config_from_dict, gguf_config_dict
 from qlorakit.models.gguf_reader import read_gguf_header
 from qlorakit.models.source import BNB_4BIT, GGUF, ModelSource, resolve_source
 
@@ -97,7 +97,8 @@ def _prepare_gguf(source: ModelSource, compute_dtype: torch.dtype, trust_remote_
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise ModelLoadError(f"{source.path}: transformers has no model class for GGUF model type {model_type!r}")
-    model = build_empty_model(CONFIG_MAPPING[model_type].from_dict(config_dict), compute_dtype, trust_remote_code)
+    config = config_from_dict(header, CONFIG_MAPPING[model_type], config_dict)
+    model = build_empty_model(config, compute_dtype, trust_remote_code)
     return model, GgufTensorStream(header, model, config_dict), {}
 
 
