@@ -72,10 +72,14 @@ def _load(args: argparse.Namespace, source, quantized: bool):
 
 
 def _chat_template(source) -> tuple[str | None, str | None]:
-    """(chat template, EOS token text) of the source, for the Modelfile."""
+    """(chat template, EOS token text) of the source for the Modelfile; (None, None) without a tokenizer."""
+    from qlorakit.errors import ModelLoadError
     from qlorakit.models import load_tokenizer
 
-    tokenizer = load_tokenizer(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except ModelLoadError:
+        return None, None
     return getattr(tokenizer, "chat_template", None), getattr(tokenizer, "eos_token", None)
 
 

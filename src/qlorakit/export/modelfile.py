@@ -75,7 +75,7 @@ def modelfile_text(model: str, chat_template: str | None, eos_token: str | None 
     """The Modelfile text: ``FROM model``, ``ADAPTER adapter`` if given, template, system prompt, stops."""
     lines = ["# Ollama recipe written by qlorakit: ollama create NAME -f THIS_FILE", f"FROM {model}"]
     if adapter is not None:
-        lines.append(f"ADAPTER ./{adapter}")
+        lines.append(f"ADAPTER {adapter}")
     family = template_family(chat_template)
     if family is None:
         lines.append("# no TEMPLATE: the chat template is not ChatML, Llama 3 or [INST]; Ollama detects it from the GGUF")
