@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,7 @@ def export_gguf(
     if source.kind == GGUF:
         header = read_gguf_header(source.path)
         tensors += _source_only_tensors(header, {t.name for t in tensors})
-        metadata = read_source_metadata(source.path)
-        write_source = lambda writer: copy_metadata(writer, metadata)  # noqa: E731
+        write_source = partial(copy_metadata, metadata=read_source_metadata(source.path))
     else:
         write_source = _hf_metadata(model, source)
 
