@@ -1,7 +1,7 @@
 """Real llama.cpp (through ``llama-cpp-python``) as the judge of a GGUF export, and the qlorakit side of each check.
 
-Used by the ``llamacpp`` tests and by ``benchmarks/gguf_parity.py``. Everything runs on the CPU in fp32
-(llama.cpp computes an f32 model in f32; quantized types are dequantized inside its matmuls).
+Used by the ``llamacpp`` tests and by ``benchmarks/gguf_parity.py``. Everything runs on the CPU in fp32:
+llama.cpp computes an f32 model in f32 when its KV cache is f32 too (``KV_F32``; its default is f16).
 
 - logits: ``Llama(..., logits_all=True).eval(ids)``, then ``scores[:n]`` (n, vocab);
 - greedy decoding: the argmax of the last row, appended and evaluated, ``n`` times (no sampler);
@@ -19,6 +19,8 @@ import torch
 
 #: Threads llama.cpp may use (the project's machines have 2 cores).
 THREADS = 2
+#: ``GGML_TYPE_F32``: the KV cache in fp32 (llama.cpp's default f16 cache alone moves SmolLM2's logits by ~2e-2).
+KV_F32 = 0
 
 
 def open_llama(path: str | Path, lora: str | Path | None = None, n_ctx: int = 512):
@@ -26,7 +28,8 @@ def open_llama(path: str | Path, lora: str | Path | None = None, n_ctx: int = 51
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), lora_path=None if lora is None else str(lora), n_ctx=n_ctx, logits_all=True,
-                 n_threads=THREADS, n_threads_batch=THREADS, n_batch=n_ctx, verbose=False, seed=0)  # fmt: skip
+                 n_threads=THREADS, n_threads_batch=THREADS, n_batch=n_ctx, type_k=KV_F32, type_v=KV_F32,
+                 verbose=False, seed=0)  # fmt: skip
 
 
 def llama_logits(llm, ids: list[int]) -> np.ndarray:

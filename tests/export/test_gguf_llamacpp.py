@@ -3,10 +3,11 @@
 Run with ``llama-cpp-python==0.3.36`` installed (docs/export.md: it builds llama.cpp from source, ~12 min on a
 2-core machine, so CI skips these): ``python -m pytest -m llamacpp tests/export``.
 
-Tolerances (measured by benchmarks/gguf_parity.py, then given headroom): f32 export, llama.cpp vs the merged
-qlorakit model, max |logit difference| <= 2e-3 on logits of size ~30 (llama.cpp sums in another order, in
-blocks, and has its own RMSNorm / softmax / rotary code); the adapter GGUF on the f32 base vs the merged f32
-export in llama.cpp, <= 2e-3 (it adds ``x A^T B^T`` instead of merging); q8_0 perplexity within 1% of f32.
+Tolerances (measured 6e-5 and 4e-5, then given headroom): f32 export with an f32 KV cache, llama.cpp vs the
+merged qlorakit model, max |logit difference| <= 5e-4 on logits of size ~30 (llama.cpp sums in another
+order, in blocks, with its own RMSNorm / softmax / rotary code); the adapter GGUF on the f32 base vs the
+merged f32 export in llama.cpp, <= 5e-4 (it adds ``s (x A^T) B^T`` instead of merging); q8_0 perplexity
+within 1% of f32.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tests.export.conftest import PROMPT_IDS
 
 pytestmark = pytest.mark.llamacpp
 
-LOGIT_ATOL = 2e-3
+LOGIT_ATOL = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_chat_completion_in_llama_cpp_uses_the_models_template(smollm2_trained, 
     assert text == tokenizer.decode(ours)
 
 
-def test_q8_0_export_perplexity_in_llama_cpp_is_within_1_percent_of_f32(smollm2_trained, smollm2_path,
+def test_q8_0_export_perplexity_in_llama_cpp_is_within_1_percent_of_f32(smollm2_trained, smollm2_path, f32_llama,
                                                                         smollm2_f32_export, shared_dir, tmp_path):
     model, _ = smollm2_trained
     q8 = export_gguf(model, resolve_source(smollm2_path), tmp_path / "m.q8_0.gguf", "q8_0", progress=False).path
