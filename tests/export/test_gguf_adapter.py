@@ -78,3 +78,16 @@ def test_model_without_an_active_adapter_is_refused(tmp_path):
     model = load_model(write_tiny_llama_gguf(tmp_path / "t.gguf"))
     with pytest.raises(ConfigError, match="no active LoRA adapter"):
         export_gguf_adapter(model, tmp_path / "a.gguf", progress=False)
+
+
+def test_adapter_on_a_tied_head_is_refused(tmp_path):
+    import transformers
+
+    from qlorakit.lora.model import add_lora_at
+    from tests.helpers.tiny_llama import tiny_llama_config
+
+    model = transformers.LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True))
+    add_lora_at(model, ["lm_head", "model.layers.0.self_attn.q_proj"], LoraConfig(r=2, alpha=2), "default")
+    with pytest.raises(ConfigError, match="ties to the input embedding"):
+        export_gguf_adapter(model, tmp_path / "a.gguf", progress=False)
+    assert not list(tmp_path.iterdir())

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from qlorakit.errors import ConfigError
-from qlorakit.export.gguf_arch import TensorNames, permute_rows
+from qlorakit.export.gguf_arch import TensorNames, permute_rows, tied_head
 from qlorakit.export.gguf_file import PlannedTensor, write_gguf
 from qlorakit.export.gguf_types import encode, file_type, tensor_type
 from qlorakit.lora import lora_layers
@@ -72,6 +72,7 @@ def gguf_alpha(layers: dict[str, Any]) -> tuple[float, int]:
 def adapter_tensors(model: nn.Module, out_type: str) -> list[PlannedTensor]:
     """``<base>.lora_a`` / ``<base>.lora_b`` for every layer with an active adapter, in model order."""
     names = TensorNames(model.config)
+    tied_head(model)  # refuses an adapter on a tied head
     planned = []
     for path, layer in _active_layers(model).items():
         base = names.gguf_name(f"{path}.weight")

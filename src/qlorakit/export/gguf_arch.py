@@ -91,6 +91,17 @@ class TensorNames:
         return None
 
 
+def tied_head(model: Any) -> Any:
+    """The output head when it shares its weight with the input embedding (GGUF then has no ``output.weight``)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or getattr(head, "weight", None) is not embedding.weight:
+        return None
+    if getattr(head, "active_adapter", None) is not None:
+        raise ConfigError("the adapter adapts lm_head, which this model ties to the input embedding; GGUF has no "
+                          "separate output tensor to hold it: train the adapter without lm_head")
+    return head
+
+
 def permute_rows(values: np.ndarray, n_head: int | None) -> np.ndarray:
     """llama.cpp's q/k row order (module docstring): values (out, ...) -> (out, ...); ``None``: unchanged."""
     if n_head is None:

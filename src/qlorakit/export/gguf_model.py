@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from qlorakit.export.gguf_arch import TensorNames, permute_rows, write_hyperparameters
+from qlorakit.export.gguf_arch import TensorNames, permute_rows, tied_head, write_hyperparameters
 from qlorakit.export.gguf_file import PlannedTensor, write_gguf
 from qlorakit.export.gguf_meta import copy_metadata, read_source_metadata, write_hf_tokenizer
 from qlorakit.export.gguf_types import encode, file_type, tensor_type
@@ -55,12 +55,11 @@ class GgufExportReport:
 
 def _linear_tensors(model: nn.Module, names: TensorNames, out_type: str, report: GgufExportReport) -> list[PlannedTensor]:
     """Merged linear weights (+ biases), skipping a head tied to the embedding."""
-    tied = model.get_output_embeddings() is not None and (
-        model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+    tied = tied_head(model)
     planned = []
     for path in linear_names(model):
         module = model.get_submodule(path)
-        if tied and module is model.get_output_embeddings():
+        if module is tied:
             continue
         gguf_name = names.gguf_name(f"{path}.weight")
         shape = (module.out_features, module.in_features)
