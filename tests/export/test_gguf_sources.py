@@ -39,6 +39,33 @@ def test_hf_source_export_carries_the_tokenizer_and_loads_back(hf_smol_dir, smol
         torch.testing.assert_close(load_model(out, quant=None)(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def smol_tokenizer(smollm2_path):
+    return load_tokenizer(smollm2_path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_each_supported_architecture_round_trips_through_transformers_gguf_reader(arch, smol_tokenizer, tmp_path,
+                                                                                   monkeypatch):
+    """Names, q/k permutation (llama, mistral), q/k/v biases (qwen2) and hyper-parameters, read back by the
+    GGUF loader that qlorakit shares with transformers; logits equal in fp32 (1e-5).
+
+    Under a qwen2 config transformers loads SmolLM2's tokenizer.json as a Qwen2Tokenizer with Qwen2's own
+    pre-tokenizer, whose hash the export rightly does not take for smollm's; that case names it qwen2."""
+    from tests.helpers import tiny_models
+
+    if arch == "qwen2":
+        monkeypatch.setattr("qlorakit.export.gguf_meta.pre_tokenizer", lambda tokenizer: "qwen2")
+
+    directory = tiny_models.save(tiny_models.make_model(arch, vocab_size=49152), tmp_path / f"tiny-{arch}")
+    smol_tokenizer.save_pretrained(directory)
+    model = load_model(directory, quant=None)
+    out = export_gguf(model, resolve_source(directory), tmp_path / f"{arch}.gguf", "f32", progress=False).path
+    ids = torch.tensor([[5, 900, 17, 4000, 2, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(out, quant=None)(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
 def test_hf_source_without_a_bpe_tokenizer_json_is_refused(save_tiny_llama, tmp_path):
     directory = save_tiny_llama("no-tokenizer")
     (directory / "tokenizer.model").write_bytes(b"spm")
