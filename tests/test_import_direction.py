@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "lora": BASE | {"config", "quant"},
     "untrusted": {"errors"},
     "models": BASE | {"config", "fileio", "quant", "lora"},
+    "export": BASE | {"config", "fileio", "quant", "lora", "models"},
     "data": BASE | {"config"},
     "generate": BASE | {"quant", "lora"},
     "eval": BASE | {"config", "fileio", "lora", "models"},
