@@ -12,11 +12,12 @@ On the shared SmolLM2 with an r=8, alpha=16 adapter whose B is random (std 0.02,
   ``shared/data/text/wiki_demo.txt`` in ``--n-ctx`` chunks, in llama.cpp, per type, and its distance to f32;
 - the adapter GGUF on the f32 base export vs the merged f32 export, both in llama.cpp;
 - llama.cpp's chat completion over the export vs the reference's greedy reply to the template's prompt;
-- time and peak RSS (``ru_maxrss`` of a fresh child) of ``qlorakit export gguf`` (default: NF4 base) for
+- time and peak RSS (``VmHWM`` of a fresh child) of ``qlorakit export gguf`` (default: NF4 base) for
   SmolLM2 and for a random Llama of 1.1B parameters (TinyLlama's shape with SmolLM2's 49152-token vocabulary
   and tokenizer, bf16 safetensors, adapter r=8 on every linear), beside the peak of loading that model alone.
 
-Prints one table and writes ``benchmarks/results/gguf_parity.json``; asserts nothing.
+``--parts memory`` (or ``parity``) runs one half and keeps the other from the existing JSON. Prints one table
+and writes ``benchmarks/results/gguf_parity.json``; asserts nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +43,17 @@ PROMPT = "The capital of France is Paris. The capital of Italy is"
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident set: ``VmHWM``, which exec resets (``ru_maxrss`` keeps the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(mode: str, args: list[str]) -> dict[str, Any]:
     """In a fresh interpreter: ``export`` runs the CLI on ``args``; ``load`` loads model ``args[0]`` (NF4) +
-    adapter ``args[1]``. Returns wall seconds and ``ru_maxrss``."""
+    adapter ``args[1]``. Returns wall seconds and the peak RSS (``_peak_rss_mib``)."""
     start = time.perf_counter()
     if mode == "export":
         from qlorakit.cli.main import main
@@ -56,7 +65,7 @@ def child(mode: str, args: list[str]) -> dict[str, Any]:
         from qlorakit.models import load_model
 
         load_adapter(load_model(args[0]), args[1])
-    return {"seconds": time.perf_counter() - start, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()}
 
 
 def _export(source: Path, adapter: Path | None, out: Path, out_type: str, *extra: str) -> dict[str, Any]:
@@ -182,11 +191,11 @@ def print_table(result: dict[str, Any]) -> None:
           f"greedy 32 equal: {p['greedy_32_equal']}; adapter on base vs merged: "
           f"{p['adapter_on_base_max_abs_logit_diff_vs_merged']:.2e}; chat ({p['chat_format']}) equal: {p['chat_equal']}")
     print(f"perplexity, first {p['ppl_tokens']} wiki tokens, n_ctx {p['n_ctx']} (qlorakit fp32: {p['ppl_qlorakit_fp32']:.4f})")
-    print(f"{'type':<7}{'MiB':>8}{'ppl':>10}{'vs f32':>9}{'export s':>10}")
+    print(f"{'type':<7}{'MiB':>8}{'ppl':>14}{'vs f32':>14}{'export s':>10}")
     for t, ppl in p["ppl"].items():
         e = p["exports"][t]
-        print(f"{t:<7}{e['file_mib']:>8.1f}{ppl:>10.4f}{p['ppl_rel_to_f32'][t]:>+9.2%}{e['seconds']:>10.1f}")
-    for name, m in result["memory"].items():
+        print(f"{t:<7}{e['file_mib']:>8.1f}{ppl:>14.4f}{p['ppl_rel_to_f32'][t]:>+14.2%}{e['seconds']:>10.1f}")
+    for name, m in ((k, v) for k, v in result["memory"].items() if k != "commit"):
         load, export = m["load_nf4_plus_adapter"], m["export_q8_0"]
         print(f"{name}: load NF4+adapter {load['seconds']:.1f} s / peak {load['peak_rss_mib']:.0f} MiB; export q8_0 "
               f"{export['seconds']:.1f} s / peak {export['peak_rss_mib']:.0f} MiB / file {export['file_mib']:.0f} MiB")
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=1024)
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--skip-1b", action="store_true")
+    parser.add_argument("--parts", default="memory,parity", help="comma-separated: memory, parity")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -208,9 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     adapter = prepare_adapter(args.workdir)
-    result = {"commit": git_head(), "llama_cpp_python": llama_cpp.__version__,
-              "parity": parity(args.workdir, adapter, args.ppl_tokens, args.n_ctx),
-              "memory": memory(args.workdir, adapter, args.skip_1b)}  # fmt: skip
+    result = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    parts = args.parts.split(",")
+    if "memory" in parts:  # first: the children's peaks do not depend on this process, but keep it small anyway
+        result["memory"] = {"commit": git_head(), **memory(args.workdir, adapter, args.skip_1b)}
+    if "parity" in parts:
+        result["parity"] = {"commit": git_head(), "llama_cpp_python": llama_cpp.__version__,
+                            **parity(args.workdir, adapter, args.ppl_tokens, args.n_ctx)}  # fmt: skip
     print_table(result)
     write_result(args.output, result)
     return 0
