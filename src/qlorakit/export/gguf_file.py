@@ -22,6 +22,7 @@ import numpy as np
 
 from qlorakit.errors import ConfigError
 from qlorakit.export.gguf_types import encoded_nbytes
+from qlorakit.fileio import fsync_path
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,6 @@ def _declare(writer: Any, tensor: PlannedTensor) -> None:
     dtype = np.float16 if tensor.qtype == types.F16 else np.float32
     raw = None if tensor.qtype in (types.F32, types.F16) else tensor.qtype
     writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(dtype), tensor.nbytes, raw_dtype=raw)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_gguf(
@@ -100,7 +93,7 @@ def write_gguf(
         os.fsync(fout.fileno())
         writer.close()
         os.replace(tmp, path)
-        _fsync_directory(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
