@@ -149,7 +149,8 @@ def parity(workdir: Path, adapter: Path, ppl_tokens: int, n_ctx: int) -> dict[st
     f32 = judge.open_llama(workdir / "smollm2.f32.gguf")
     ids = f32.tokenize(PROMPT.encode(), add_bos=False)
     theirs, ours = judge.llama_logits(f32, ids), judge.qlorakit_logits(reference, ids)
-    with_lora = judge.llama_logits(judge.open_llama(workdir / "smollm2-base.f32.gguf", lora=workdir / "adapter.gguf"), ids)
+    base_with_lora = judge.open_llama(workdir / "smollm2-base.f32.gguf", lora=workdir / "adapter.gguf")
+    with_lora = judge.llama_logits(base_with_lora, ids)
     greedy = (judge.llama_greedy(f32, ids, 32), judge.qlorakit_greedy(reference, ids, 32))
     tokenizer = load_tokenizer(SMOLLM2)
     text, chat_format = judge.chat_completion(f32, CHAT, 16)
@@ -157,12 +158,15 @@ def parity(workdir: Path, adapter: Path, ppl_tokens: int, n_ctx: int) -> dict[st
     reply = judge.qlorakit_greedy(reference, prompt, 16)
     reply = reply[: reply.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in reply else reply
     wiki = f32.tokenize(WIKI.read_text(encoding="utf-8").encode(), add_bos=False)[:ppl_tokens]
-    ppl = {t: judge.perplexity(lambda c, llm=judge.open_llama(workdir / f"smollm2.{t}.gguf", n_ctx=n_ctx):
-                               judge.llama_logits(llm, c), wiki, n_ctx) for t in TYPES}  # fmt: skip
+    ppl = {}
+    for t in TYPES:
+        llm = judge.open_llama(workdir / f"smollm2.{t}.gguf", n_ctx=n_ctx)
+        ppl[t] = judge.perplexity(lambda c, llm=llm: judge.llama_logits(llm, c), wiki, n_ctx)
     ppl_ref = judge.perplexity(lambda c: judge.qlorakit_logits(reference, c), wiki, n_ctx)
     return {
         "prompt_tokens": len(ids), "f32_max_abs_logit_diff": float(np.abs(theirs - ours).max()),
-        "logit_scale": float(np.abs(ours).max()), "f32_argmax_agree": float((theirs.argmax(1) == ours.argmax(1)).mean()),
+        "logit_scale": float(np.abs(ours).max()),
+        "f32_argmax_agree": float((theirs.argmax(1) == ours.argmax(1)).mean()),
         "greedy_32_equal": greedy[0] == greedy[1], "greedy_llama_cpp": greedy[0], "greedy_qlorakit": greedy[1],
         "adapter_on_base_max_abs_logit_diff_vs_merged": float(np.abs(with_lora - theirs).max()),
         "chat_format": chat_format, "chat_llama_cpp": text, "chat_qlorakit": tokenizer.decode(reply),
@@ -187,10 +191,12 @@ def memory(workdir: Path, adapter: Path, skip_1b: bool) -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     p = result["parity"]
-    print(f"f32 export in llama.cpp: max |logit diff| {p['f32_max_abs_logit_diff']:.2e} (logits up to {p['logit_scale']:.1f}), "
-          f"greedy 32 equal: {p['greedy_32_equal']}; adapter on base vs merged: "
-          f"{p['adapter_on_base_max_abs_logit_diff_vs_merged']:.2e}; chat ({p['chat_format']}) equal: {p['chat_equal']}")
-    print(f"perplexity, first {p['ppl_tokens']} wiki tokens, n_ctx {p['n_ctx']} (qlorakit fp32: {p['ppl_qlorakit_fp32']:.4f})")
+    print(f"f32 export in llama.cpp: max |logit diff| {p['f32_max_abs_logit_diff']:.2e} "
+          f"(logits up to {p['logit_scale']:.1f}), greedy 32 equal: {p['greedy_32_equal']}; adapter on base vs "
+          f"merged: {p['adapter_on_base_max_abs_logit_diff_vs_merged']:.2e}; "
+          f"chat ({p['chat_format']}) equal: {p['chat_equal']}")
+    print(f"perplexity, first {p['ppl_tokens']} wiki tokens, n_ctx {p['n_ctx']} "
+          f"(qlorakit fp32: {p['ppl_qlorakit_fp32']:.4f})")
     print(f"{'type':<7}{'MiB':>8}{'ppl':>14}{'vs f32':>14}{'export s':>10}")
     for t, ppl in p["ppl"].items():
         e = p["exports"][t]

@@ -38,7 +38,8 @@ def test_adapter_gguf_has_llama_cpps_names_shapes_and_alpha(tiny_trained, tmp_pa
     assert tensors["blk.0.attn_k.weight.lora_b"].shape == (32, 4)  # B (out, r): ggml ne [r, out]
     assert tensors["blk.1.ffn_down.weight.lora_a"].shape == (4, 256)
     layer = lora_layers(model)["model.layers.1.mlp.down_proj"]
-    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight.lora_b"], layer.lora_B["default"].weight.detach().numpy())
+    lora_b = layer.lora_B["default"].weight.detach().numpy()
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight.lora_b"], lora_b)
 
 
 def test_adapter_on_the_base_gguf_gives_the_merged_export(tiny_trained, tmp_path):

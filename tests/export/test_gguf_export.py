@@ -49,7 +49,8 @@ def test_gguf_source_metadata_and_tokenizer_are_copied(smollm2_f32_export, smoll
 
     written = read_source_metadata(smollm2_f32_export)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.pre",
-                "tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base", "llama.context_length"):
+                "tokenizer.chat_template", "tokenizer.ggml.eos_token_id", "llama.rope.freq_base",
+                "llama.context_length"):
         assert written[key][0] == smollm2_metadata[key][0], key
     assert set(smollm2_metadata) <= set(written)
     assert read_gguf_header(smollm2_f32_export).metadata["general.file_type"] == int(gguf.LlamaFileType.ALL_F32)
@@ -58,7 +59,8 @@ def test_gguf_source_metadata_and_tokenizer_are_copied(smollm2_f32_export, smoll
 def test_f32_tensors_are_the_permuted_merged_weights_and_names_match_the_source(smollm2_trained, smollm2_f32_export,
                                                                                 smollm2_path):
     model, _ = smollm2_trained
-    assert {t.name for t in read_gguf_header(smollm2_f32_export).tensors} == {t.name for t in read_gguf_header(smollm2_path).tensors}
+    exported = {t.name for t in read_gguf_header(smollm2_f32_export).tensors}
+    assert exported == {t.name for t in read_gguf_header(smollm2_path).tensors}
     written = _tensors(smollm2_f32_export)
     names = TensorNames(model.config)
     for path in ("model.layers.0.self_attn.q_proj", "model.layers.7.self_attn.k_proj", "model.layers.29.mlp.down_proj"):
@@ -82,7 +84,8 @@ def test_each_tensor_is_converted_once_from_the_fp32_merge(tiny_trained, tmp_pat
         merged = permute_rows(merged_weight(model.get_submodule(path)).numpy(), names.row_heads(gguf_name))
         qtype, raw = written[gguf_name]
         assert qtype == tensor_type(gguf_name, merged.shape, out_type) == gguf.GGMLQuantizationType[out_type.upper()]
-        np.testing.assert_array_equal(raw.reshape(-1).view(np.uint8), gguf.quants.quantize(merged, qtype).reshape(-1).view(np.uint8))
+        expected = gguf.quants.quantize(merged, qtype).reshape(-1).view(np.uint8)
+        np.testing.assert_array_equal(raw.reshape(-1).view(np.uint8), expected)
     assert written["blk.0.attn_norm.weight"][0] == T.F32
     assert written["token_embd.weight"][0] == (T.Q8_0 if out_type in ("q4_0", "q5_1") else T[out_type.upper()])
 

@@ -44,7 +44,9 @@ def test_f32_export_greedy_32_tokens_in_llama_cpp_equal_the_merged_models(smollm
     assert judge.llama_greedy(f32_llama, PROMPT_IDS, 32) == judge.qlorakit_greedy(model, PROMPT_IDS, 32)
 
 
-def test_adapter_gguf_on_the_f32_base_gives_the_merged_exports_logits(smollm2_trained, smollm2_path, f32_llama, tmp_path):
+def test_adapter_gguf_on_the_f32_base_gives_the_merged_exports_logits(
+    smollm2_trained, smollm2_path, f32_llama, tmp_path
+):
     model, _ = smollm2_trained
     with disable_adapters(model):
         base = export_gguf(model, resolve_source(smollm2_path), tmp_path / "base.f32.gguf", "f32", progress=False).path

@@ -81,13 +81,15 @@ def test_chatml_modelfile_has_the_go_template_system_prompt_and_stops(smollm2_me
     assert path.name == "m.gguf.Modelfile"
     text = path.read_text()
     assert text.splitlines()[1] == "FROM ./m.gguf"
-    assert "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n" in text
+    chatml = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    assert chatml in text
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     assert text.count('PARAMETER stop "<|im_end|>"') == 1 and 'PARAMETER stop "<|im_start|>"' in text
 
 
 def test_adapter_modelfile_points_at_the_base_and_the_adapter(tmp_path):
-    path = write_modelfile(tmp_path / "a.gguf", "{{ '[INST] ' + m + ' [/INST]' }}", "</s>", base_gguf=tmp_path / "b.gguf")
+    template = "{{ '[INST] ' + m + ' [/INST]' }}"
+    path = write_modelfile(tmp_path / "a.gguf", template, "</s>", base_gguf=tmp_path / "b.gguf")
     lines = path.read_text().splitlines()
     assert lines[1] == f"FROM {(tmp_path / 'b.gguf').resolve()}" and lines[2] == "ADAPTER ./a.gguf"
     assert any(line.startswith('TEMPLATE """{{- range $i, $m := .Messages }}') for line in lines)

@@ -27,7 +27,8 @@ def add_parser(subparsers) -> None:
     model.add_argument("--adapter", help="adapter directory (PEFT layout); without it the base alone is exported")
     model.add_argument("--type", default="f16", help=f"GGUF type: {', '.join(OUTPUT_TYPES)} (default: f16)")
     model.add_argument("--no-quant", action="store_true",
-                       help="merge into the source's own weights (loaded in fp32) instead of the 4-bit base of training")
+                       help="merge into the source's own weights (loaded in fp32) instead of the 4-bit base of "
+                       "training")
     model.add_argument("--no-modelfile", action="store_true", help="do not write FILE.gguf.Modelfile")
     model.set_defaults(func=run_model)
     adapter = formats.add_parser("gguf-adapter", help="the adapter alone as a llama.cpp LoRA GGUF")

@@ -77,7 +77,10 @@ def adapter_tensors(model: nn.Module, out_type: str) -> list[PlannedTensor]:
     for path, layer in _active_layers(model).items():
         base = names.gguf_name(f"{path}.weight")
         name = layer.active_adapter
-        pairs = (("lora_a", layer.lora_A[name].weight, None), ("lora_b", layer.lora_B[name].weight, names.row_heads(base)))
+        pairs = (
+            ("lora_a", layer.lora_A[name].weight, None),
+            ("lora_b", layer.lora_B[name].weight, names.row_heads(base)),
+        )
         for suffix, weight, heads in pairs:
             shape = tuple(weight.shape)  # A (r, in), B (out, r)
             qtype = tensor_type(f"{base}.{suffix}", shape, out_type)
@@ -108,5 +111,7 @@ def export_gguf_adapter(
         writer.add_file_type(file_type(out_type))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    path = write_gguf(Path(output), names.arch.gguf_name, write_metadata, tensors, overwrite=overwrite, progress=progress)
+    path = write_gguf(
+        Path(output), names.arch.gguf_name, write_metadata, tensors, overwrite=overwrite, progress=progress
+    )
     return AdapterExportReport(path, len(layers), rank, alpha, path.stat().st_size, time.perf_counter() - start)

@@ -26,7 +26,12 @@ _TENSOR_KEYS = ("general.file_type", "general.quantization_version", "general.al
 
 #: The probe text of llama.cpp's ``convert_hf_to_gguf.py`` (``get_vocab_base_pre``, MIT licence): its token
 #: ids identify a BPE pre-tokenizer.
-CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+CHKTXT = (
+    '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated)'
+    ' ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～'
+    ' ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s'
+    " there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
 
 #: sha256 of ``str(tokenizer.encode(CHKTXT))`` -> ``tokenizer.ggml.pre``, from the same function of llama.cpp.
 PRE_TOKENIZERS = {

@@ -48,12 +48,14 @@ class GgufExportReport:
 
     def format(self) -> str:
         types = ", ".join(f"{n} {t}" for t, n in sorted(self.tensor_types.items()))
-        lines = [f"wrote {self.path} ({self.nbytes / 2**20:.1f} MiB, {self.out_type}: {types}) in {self.seconds:.1f} s; "
-                 f"merged {self.merged_layers} adapted layers"]
+        lines = [f"wrote {self.path} ({self.nbytes / 2**20:.1f} MiB, {self.out_type}: {types}) "
+                 f"in {self.seconds:.1f} s; merged {self.merged_layers} adapted layers"]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def _linear_tensors(model: nn.Module, names: TensorNames, out_type: str, report: GgufExportReport) -> list[PlannedTensor]:
+def _linear_tensors(
+    model: nn.Module, names: TensorNames, out_type: str, report: GgufExportReport
+) -> list[PlannedTensor]:
     """Merged linear weights (+ biases), skipping a head tied to the embedding."""
     tied = tied_head(model)
     planned = []

@@ -33,9 +33,11 @@ _LLAMA3 = """<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_he
 {{ .Content }}<|eot_id|>{{ end }}<|start_header_id|>assistant<|end_header_id|>
 
 """
-_INST = """{{- range $i, $m := .Messages }}{{- if eq $m.Role "user" }}[INST] {{ if and (eq $i 0) $.System }}{{ $.System }}
-
-{{ end }}{{ $m.Content }} [/INST]{{- else if eq $m.Role "assistant" }} {{ $m.Content }}</s>{{- end }}{{- end }}"""
+_INST = (
+    '{{- range $i, $m := .Messages }}{{- if eq $m.Role "user" }}[INST] {{ if and (eq $i 0) $.System }}{{ $.System }}'
+    "\n\n"
+    '{{ end }}{{ $m.Content }} [/INST]{{- else if eq $m.Role "assistant" }} {{ $m.Content }}</s>{{- end }}{{- end }}'
+)
 
 #: family -> (marker in the Jinja template, Go template, stop strings, regex of the default system prompt).
 FAMILIES: dict[str, tuple[str, str, tuple[str, ...], str]] = {
@@ -71,14 +73,18 @@ def _quote(text: str) -> str:
     return '"""' + text + '"""'
 
 
-def modelfile_text(model: str, chat_template: str | None, eos_token: str | None = None, adapter: str | None = None) -> str:
+def modelfile_text(
+    model: str, chat_template: str | None, eos_token: str | None = None, adapter: str | None = None
+) -> str:
     """The Modelfile text: ``FROM model``, ``ADAPTER adapter`` if given, template, system prompt, stops."""
     lines = ["# Ollama recipe written by qlorakit: ollama create NAME -f THIS_FILE", f"FROM {model}"]
     if adapter is not None:
         lines.append(f"ADAPTER {adapter}")
     family = template_family(chat_template)
     if family is None:
-        lines.append("# no TEMPLATE: the chat template is not ChatML, Llama 3 or [INST]; Ollama detects it from the GGUF")
+        lines.append(
+            "# no TEMPLATE: the chat template is not ChatML, Llama 3 or [INST]; Ollama detects it from the GGUF"
+        )
         stops: tuple[str, ...] = ()
     else:
         _marker, go_template, stops, _system = FAMILIES[family]
