@@ -123,3 +123,20 @@ def test_hub_id_offline_says_the_hub_is_unreachable(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     with pytest.raises(ModelLoadError, match=r"Hub is unreachable.*pass its local directory"):
         load_model("acme-org/tiny-model")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"[" * 100_000, r"config\.json:1: not valid JSON \(arrays or objects nested deeper than"),
+        (b'{"vocab_size": ' + b"9" * 5000 + b"}", r"config\.json:1: not valid JSON \(an integer too long"),
+        (b'{"model_type": "llama",\n "x": \xff}', r"config\.json:2: not valid UTF-8"),
+        (b'{"model_type": "llama",\n "x": }', r"config\.json:2: not valid JSON"),
+    ],
+)
+def test_hostile_config_json_is_a_model_load_error_with_its_line(saved_model, tmp_path, no_build, content, why):
+    directory = _copy(saved_model("llama"), tmp_path)
+    (directory / "config.json").write_bytes(content)
+    with pytest.raises(ModelLoadError, match=why):
+        load_model(directory)
+

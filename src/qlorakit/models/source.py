@@ -16,7 +16,6 @@ Anything else (a path that does not exist, a file that is neither) fails with ``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from typing import Any
 
 from qlorakit.errors import ModelLoadError
 from qlorakit.models import registry
+from qlorakit.untrusted import check_json_depth, decode_utf8, parse_json
 
 SAFETENSORS, BNB_4BIT, GGUF = "safetensors", "bnb-4bit", "gguf"
 
@@ -110,11 +110,13 @@ def read_config_json(directory: Path) -> dict[str, Any]:
     """``directory/config.json`` as a dict; ``ModelLoadError`` if it is missing or not a JSON object."""
     path = directory / "config.json"
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ModelLoadError(f"{directory} has no config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{path} cannot be read ({exc.strerror or exc})") from None
+    check_json_depth(raw, str(path), ModelLoadError)
+    config = parse_json(decode_utf8(raw, str(path), ModelLoadError, bom=True), str(path), ModelLoadError)
     if not isinstance(config, dict):
         raise ModelLoadError(f"{path} must hold a JSON object")
     return config
