@@ -78,3 +78,16 @@ def test_inputs_found_by_fuzzing_are_refused(case):
     name, files = FOUND[case]
     outcome = read_one(TARGETS[name], files, LIMIT_S)
     assert outcome.kind == "refused", outcome.message
+
+
+def test_check_error_takes_a_key_quoted_either_way_and_refuses_a_message_without_a_position(tmp_path):
+    from fuzz_targets import check_error
+
+    from qlorakit.errors import StateDictError
+
+    shown = tmp_path / "adapter_model.safetensors"
+    # repr() quotes a key that holds a single quote with double quotes (fuzz input 9031 of the adapter reader).
+    assert check_error(StateDictError(f"{shown}: key \"a.lora_A.wei'ht\" is not a LoRA A/B weight"), tmp_path) is None
+    assert check_error(StateDictError(f"{shown}: key 'a.lora_A.weiht' is not a LoRA A/B weight"), tmp_path) is None
+    assert "no position" in check_error(StateDictError(f"{shown}: something is wrong"), tmp_path)
+    assert "not a QlorakitError" in check_error(ValueError(f"{shown}: key 'x'"), tmp_path)
