@@ -107,7 +107,8 @@ class LoraConfig:
     module-name suffixes (``["q_proj", "v_proj"]``), or a regular expression matched against full
     module names (given as ``"re:<pattern>"``). ``rslora`` scales by ``alpha / sqrt(r)`` instead.
     ``init``: ``default`` (A Kaiming-uniform, B zeros), ``gaussian`` (A ~ N(0, 1/r), B zeros),
-    ``zeros`` (both zero; for loading).
+    ``zeros`` (both zero; for loading). ``dora`` adds DoRA's magnitude vector (``y = b + m/||W + s B A||_row *
+    (W x + s B A x)``, the norm detached; ``lora/dora.py``), saved as PEFT's ``lora_magnitude_vector``.
     """
 
     r: int = opt(64, "LoRA rank")
@@ -117,8 +118,10 @@ class LoraConfig:
     rslora: bool = opt(False, "scale by alpha / sqrt(r) (rank-stabilized LoRA)")
     init: str = opt("default", "adapter init: default (Kaiming A, zero B), gaussian, zeros")
     bias: str = opt("none", "bias training: only 'none' (biases stay frozen)")
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA, a trained magnitude per output feature (docs/design.md)")
 
     def __post_init__(self) -> None:
+        _bool_fields(self, "dora")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         _int_field(self, "r", 1, "the rank must be a positive integer")
