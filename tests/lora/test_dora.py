@@ -233,3 +233,14 @@ def test_use_dora_without_magnitudes_is_refused(tiny_llama, tmp_path):
     with pytest.raises(StateDictError, match="has no DoRA magnitude.*lora_magnitude_vector is missing"):
         load_adapter(tiny_llama(), tmp_path / "a")
     assert (tmp_path / "a" / ADAPTER_WEIGHTS).exists()
+
+
+def test_llama_cpp_adapter_export_refuses_dora(tiny_llama, tmp_path):
+    pytest.importorskip("gguf")
+    from qlorakit.errors import ConfigError
+    from qlorakit.export.gguf_adapter import export_gguf_adapter
+
+    model = _dora_model(tiny_llama)
+    with pytest.raises(ConfigError, match="DoRA adapter; llama.cpp's LoRA GGUF has no magnitude"):
+        export_gguf_adapter(model, tmp_path / "a.gguf", progress=False)
+    assert not (tmp_path / "a.gguf").exists()
