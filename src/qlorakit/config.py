@@ -28,6 +28,7 @@ from qlorakit.constants import (
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_TYPES,
+    REPORT_TARGETS,
     SCHEDULERS,
 )
 from qlorakit.errors import ConfigError
@@ -55,6 +56,22 @@ def _bool_fields(config: Any, *names: str) -> None:
     for name in names:
         if not isinstance(getattr(config, name), bool):
             _fail(type(config).__name__, name, getattr(config, name), "must be true or false")
+
+
+def _report_targets(value: Any) -> tuple[str, ...]:
+    """``TrainConfig.report_to`` as a tuple of known tracker names: strings may be comma-separated, "none"
+    alone means no tracker, duplicates are dropped (first order kept)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        _fail("TrainConfig", "report_to", value, "expected tracker names (a string or a list of strings)")
+    names = [n.strip().lower() for v in items for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TARGETS]
+    if unknown:
+        _fail("TrainConfig", "report_to", value, f"unknown tracker {unknown[0]!r}; choose from {tuple(REPORT_TARGETS)}")
+    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
+    if chosen and "none" in names:
+        _fail("TrainConfig", "report_to", value, "'none' cannot be combined with a tracker")
+    return chosen or ("none",)
 
 
 def _choice_field(config: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -212,9 +229,12 @@ class TrainConfig:
                                 "130/143 (docs/reliability.md); off = Python's default handling")
     max_bad_steps: int = opt(3, "stop with an error after this many steps in a row whose update was skipped for a "
                              "non-finite loss or gradient norm")
+    report_to: tuple[str, ...] = opt(("none",), "run trackers besides metrics.jsonl: none, tensorboard, wandb, mlflow "
+                                     "(comma-separated or repeated; the 'tracking' extra; docs/design.md)")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "save_on_preempt")
+        object.__setattr__(self, "report_to", _report_targets(self.report_to))
         for name in ("batch_size", "grad_accum", "logging_steps", "max_bad_steps"):
             _int_field(self, name, 1)
         for name in ("max_steps", "save_steps", "save_total_limit"):
