@@ -28,6 +28,7 @@ from qlorakit.constants import (
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_TYPES,
+    REPORT_TARGETS,
     SCHEDULERS,
 )
 from qlorakit.errors import ConfigError
@@ -55,6 +56,22 @@ def _bool_fields(config: Any, *names: str) -> None:
     for name in names:
         if not isinstance(getattr(config, name), bool):
             _fail(type(config).__name__, name, getattr(config, name), "must be true or false")
+
+
+def _report_targets(value: Any) -> tuple[str, ...]:
+    """``TrainConfig.report_to`` as a tuple of known tracker names: strings may be comma-separated, "none"
+    alone means no tracker, duplicates are dropped (first order kept)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        _fail("TrainConfig", "report_to", value, "expected tracker names (a string or a list of strings)")
+    names = [n.strip().lower() for v in items for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TARGETS]
+    if unknown:
+        _fail("TrainConfig", "report_to", value, f"unknown tracker {unknown[0]!r}; choose from {tuple(REPORT_TARGETS)}")
+    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
+    if chosen and "none" in names:
+        _fail("TrainConfig", "report_to", value, "'none' cannot be combined with a tracker")
+    return chosen or ("none",)
 
 
 def _choice_field(config: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -107,7 +124,8 @@ class LoraConfig:
     module-name suffixes (``["q_proj", "v_proj"]``), or a regular expression matched against full
     module names (given as ``"re:<pattern>"``). ``rslora`` scales by ``alpha / sqrt(r)`` instead.
     ``init``: ``default`` (A Kaiming-uniform, B zeros), ``gaussian`` (A ~ N(0, 1/r), B zeros),
-    ``zeros`` (both zero; for loading).
+    ``zeros`` (both zero; for loading). ``dora`` adds DoRA's magnitude vector (``y = b + m/||W + s B A||_row *
+    (W x + s B A x)``, the norm detached; ``lora/dora.py``), saved as PEFT's ``lora_magnitude_vector``.
     """
 
     r: int = opt(64, "LoRA rank")
@@ -117,8 +135,10 @@ class LoraConfig:
     rslora: bool = opt(False, "scale by alpha / sqrt(r) (rank-stabilized LoRA)")
     init: str = opt("default", "adapter init: default (Kaiming A, zero B), gaussian, zeros")
     bias: str = opt("none", "bias training: only 'none' (biases stay frozen)")
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA, a trained magnitude per output feature (docs/design.md)")
 
     def __post_init__(self) -> None:
+        _bool_fields(self, "dora")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         _int_field(self, "r", 1, "the rank must be a positive integer")
@@ -209,9 +229,12 @@ class TrainConfig:
                                 "130/143 (docs/reliability.md); off = Python's default handling")
     max_bad_steps: int = opt(3, "stop with an error after this many steps in a row whose update was skipped for a "
                              "non-finite loss or gradient norm")
+    report_to: tuple[str, ...] = opt(("none",), "run trackers besides metrics.jsonl: none, tensorboard, wandb, mlflow "
+                                     "(comma-separated or repeated; the 'tracking' extra; docs/design.md)")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "save_on_preempt")
+        object.__setattr__(self, "report_to", _report_targets(self.report_to))
         for name in ("batch_size", "grad_accum", "logging_steps", "max_bad_steps"):
             _int_field(self, name, 1)
         for name in ("max_steps", "save_steps", "save_total_limit"):

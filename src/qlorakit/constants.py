@@ -33,3 +33,6 @@ RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 #: transformers MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (``train.recompute``).
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+#: Run trackers ``TrainConfig.report_to`` may name (``qlorakit.train.tracking``), with the module each needs.
+REPORT_TARGETS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}

@@ -71,7 +71,8 @@ def test_json_has_one_bytes_field_per_part_and_they_sum_to_the_total(llama):
     assert sum(parts.values()) == d["total_bytes"] and d["fits"] is True and d["budget"] == 24 * 10**9
 
 
-def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_llama_dir):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_llama_dir, dora):
     """Slow reference: build the model, quantize it, add adapters, take an AdamW step, count the bytes."""
     import transformers
 
@@ -81,7 +82,7 @@ def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_ll
 
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     quantize_model(model, QuantConfig())
-    add_lora(model, LoraConfig(r=4))
+    add_lora(model, LoraConfig(r=4, dora=dora))
     layers = [m for m in model.modules() if hasattr(m, "qweight")]
     packed = sum(m.qweight.packed.numel() for m in layers)
     constants = sum(t.numel() * t.element_size() for m in layers for t in m.qweight.tensors()) - packed
@@ -90,7 +91,9 @@ def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_ll
     for p in trainable:
         p.grad = torch.ones_like(p)
     optimizer.step()
-    p = plan(model_shape(tiny_llama_dir, "all-linear"), PlanSettings(lora_r=4, optim="adamw", device="cpu"))
+    settings = PlanSettings(lora_r=4, optim="adamw", device="cpu", lora_dora=dora)
+    p = plan(model_shape(tiny_llama_dir, "all-linear"), settings)
+    assert any(p.ndim == 1 for p in trainable) == dora  # DoRA's magnitude vectors are trained
     assert p.part("weights_4bit") == packed
     assert p.part("quant_constants") == pytest.approx(constants, abs=4 * len(layers))  # offset scalar per weight
     assert p.part("lora_params") == sum(t.numel() * 4 for t in trainable)

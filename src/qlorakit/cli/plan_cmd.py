@@ -31,6 +31,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--r", type=int, default=64, help="LoRA rank (default: %(default)s)")
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear, q_proj,v_proj or re:<regex>")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default: %(default)s)")
+    p.add_argument("--lora-dora", action="store_true", help="DoRA adapters: count the magnitude vectors too")
     p.add_argument("--optim", default="paged_adamw", help=f"one of {', '.join(OPTIMIZER_NAMES)} (default: %(default)s)")
     p.add_argument("--optim-budget", type=int, default=0, metavar="MIB",
                    help="resident MiB of paged optimizer state (0 = twice the largest tensor's state)")
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_size(args.gpu_mem) if args.gpu_mem else None
     settings = PlanSettings(
         seq_len=args.seq, batch_size=args.batch, lora_r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
+        lora_dora=args.lora_dora,
         optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt, device=args.device,
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
         mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,

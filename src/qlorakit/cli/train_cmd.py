@@ -91,6 +91,9 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
     from qlorakit.train.rewrites import fix_allocator
+    from qlorakit.train.tracking import check_available
+
+    check_available(cfg.train.report_to)  # a missing tracker library fails before anything loads
 
     # Before anything large is allocated: set after the model has loaded, the same threshold left the
     # training peak bimodal (docs/memory.md); train()'s rewrite table sets it again (idempotent).

@@ -11,7 +11,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   plus the code tables (16 and 256 fp32 values) of each weight;
 - ``embeddings``        input embeddings, an untied ``lm_head`` and other unquantized parameters at ``c``
   (the loader keeps them in the compute dtype); ``norms`` at 4 bytes (kept fp32);
-- ``lora_params`` / ``lora_grads``  ``sum_adapted r (in + out) l`` each;
+- ``lora_params`` / ``lora_grads``  ``sum_adapted r (in + out) l`` each (DoRA: ``(r (in + out) + out) l``);
+- ``dora_norm_workspace`` (DoRA only)  ``2 * 4 n_max``: the fp32 dequantized ``W`` and ``W + s B A`` whose
+  row norms DoRA takes, one layer at a time;
 - ``optimizer_state``   AdamW: two fp32 moments (8 bytes/value) or 8-bit (codes + fp32 absmax per 256);
   paged: only the resident budget of the paged tensors (the rest is ``offloaded_bytes``, host memory);
 - ``activations``       tensors saved for backward. One Llama block saves per token
@@ -52,6 +54,7 @@ measured peak RSS 1,090 / 1,051 / 1,433 MiB for SmolLM2-135M / llama-350m / llam
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +87,7 @@ class PlanSettings:
     batch_size: int = 1
     lora_r: int = 64
     lora_dropout: float = 0.05
+    lora_dora: bool = False  # DoRA: one magnitude value per output feature of each adapted linear
     optim: str = "paged_adamw"
     optim_budget_mib: int = 0  # resident MiB of paged state; 0 = twice the largest paged tensor's state
     gradient_checkpointing: bool = True
@@ -170,7 +174,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
     s, c, lb = settings, DTYPE_BYTES[settings.compute], DTYPE_BYTES[settings.lora_dtype]
     quantized = [lin for lin in shape.linears if lin.quantized]
     adapted = [lin for lin in shape.linears if lin.adapted]
-    lora_values = sum(s.lora_r * (lin.in_features + lin.out_features) for lin in adapted)
+    lora_values = sum(math.prod(shape) for lin in adapted for shape in adapter_shapes(lin, s))
     resident_optim, offloaded = optimizer_bytes(adapted, s)
     act_ckpt, act_full = activation_bytes(shape, s, True), activation_bytes(shape, s, False)
     n_max = max((lin.numel for lin in quantized), default=0)
@@ -180,7 +184,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("embeddings", (shape.embedding_params + shape.other_params) * c,
              f"embeddings, lm_head{' (tied)' if shape.tied_embeddings else ''}, biases in {s.compute}"),
         Part("norms", shape.norm_params * 4, "normalization weights, fp32"),
-        Part("lora_params", lora_values * lb, f"{lora_values:,} adapter values (r {s.lora_r}) in {s.lora_dtype}"),
+        Part("lora_params", lora_values * lb, f"{lora_values:,} adapter values (r {s.lora_r}"
+             f"{', DoRA magnitudes' if s.lora_dora else ''}) in {s.lora_dtype}"),
         Part("lora_grads", lora_values * lb, "their gradients"),
         Part("optimizer_state", resident_optim, _optim_note(s, offloaded)),
         Part("activations", act_ckpt if s.gradient_checkpointing else act_full,
@@ -188,6 +193,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("logits", logits_bytes(shape, s), _logits_note(s)),
         Part("dequant_workspace", dequant_workspace_bytes(n_max, c, s.device), "one dequantize of the largest weight"),
     ]  # fmt: skip
+    if s.lora_dora:  # the norm ||W + s B A||_row: the fp32 dequantized W and the sum, one layer at a time
+        parts.append(Part("dora_norm_workspace", 2 * n_max * 4, "fp32 W and W + s B A of the largest weight (DoRA)"))
     if s.device == "cpu":
         parts += cpu_parts(shape, s, parts, resident_optim + offloaded, lora_values * lb, quantized)
     alternatives = {
@@ -266,8 +273,14 @@ def quant_constant_bytes(quantized: list[LinearShape], quant: QuantConfig) -> in
     return total
 
 
+def adapter_shapes(lin: LinearShape, s: PlanSettings) -> tuple[tuple[int, ...], ...]:
+    """The trained tensors on one adapted linear: ``A (r, in)``, ``B (out, r)`` and, with DoRA, ``m (out,)``."""
+    shapes: tuple[tuple[int, ...], ...] = ((s.lora_r, lin.in_features), (lin.out_features, s.lora_r))
+    return shapes + ((lin.out_features,),) if s.lora_dora else shapes
+
+
 def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, int]:
-    """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)`` and ``B (out, r)``."""
+    """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)``, ``B (out, r)`` (and DoRA's ``m``)."""
     from qlorakit.optim.adamw import PAGE_MIN_SIZE, AdamW
     from qlorakit.optim.paged import pack_block
     from qlorakit.optim.paging_backends import FileBackend, PinnedBackend
@@ -277,8 +290,8 @@ def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, i
     granularity = (FileBackend if s.device == "cpu" else PinnedBackend).granularity
     resident, paged = 0, []
     for lin in adapted:
-        for shape in ((s.lora_r, lin.in_features), (lin.out_features, s.lora_r)):
-            numel = shape[0] * shape[1]
+        for shape in adapter_shapes(lin, s):
+            numel = math.prod(shape)
             if s.optim.endswith("8bit") and numel >= min_8bit:
                 layout = layout_8bit(torch.Size(shape))
             else:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlorakit.config import RunConfig
+from qlorakit.config import RunConfig, as_dict
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.errors import ConfigError, TrainingDivergedError
@@ -208,6 +208,7 @@ def train(
                     break
         if stop.requested and state.step < run.last_step:
             run.result.stopped_by = stop.name
+        run.log.close()  # the trackers' runs end (metrics.jsonl is flushed row by row)
     run.result.steps, run.result.tokens, run.result.train_seconds = state.step, state.tokens, state.elapsed_s
     run.result.total_steps, run.result.bad_steps = state.total_steps, state.bad_steps
     run.result.peak_rss_mb = peak_rss_mb()
@@ -226,7 +227,8 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     if resume_from is None:
         torch.manual_seed(cfg.train.seed)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
-    log = MetricsLog(run_dir, resume_step=state.step if resume_from is not None else None)
+    log = MetricsLog(run_dir, resume_step=state.step if resume_from is not None else None,
+                     report_to=cfg.train.report_to, config=as_dict(cfg))
     result = TrainResult(run_dir=run_dir, steps=state.step, tokens=state.tokens, train_seconds=state.elapsed_s)
     last_step = state.total_steps if stop_after_steps is None else min(state.total_steps, state.step + stop_after_steps)
     warning = check_free_space(run_dir, model, _checkpoints_at_once(cfg, state.total_steps))
