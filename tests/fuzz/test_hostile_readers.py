@@ -57,6 +57,23 @@ def test_hostile_inputs_are_refused_with_file_and_position(name):
 
 
 _DEEP = b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"
+
+
+def _parquet_with_bad_utf8() -> bytes:
+    """A Parquet ``string`` column whose second value is not UTF-8 (pyarrow does not check on write or read)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = b"fine" + b"\xe6bad"
+    offsets = pa.py_buffer(pa.array([0, 4, 8], type=pa.int32()).buffers()[1])
+    text = pa.StringArray.from_buffers(2, offsets, pa.py_buffer(data))
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"text": text}), sink)
+    return sink.getvalue()
+
+
 #: Inputs the fuzzing found that once crashed the process (pyarrow segfaults) or escaped as a bare error.
 FOUND = {
     "first row null (pyarrow segfault)": ("data.jsonl", {"data.jsonl": b"null\n"}),
@@ -70,6 +87,8 @@ FOUND = {
     "a header that is a list (AttributeError)": ("safetensors", {"model.safetensors": join_safetensors("[1]", b"")}),
     "a lone surrogate in a header (SafetensorError)": ("safetensors", {
         "model.safetensors": join_safetensors('{"__metadata__": {"\\ud800": "x"}}', b"")}),
+    "a Parquet string that is not UTF-8 (UnicodeDecodeError)": ("data.parquet", {
+        "data.parquet": _parquet_with_bad_utf8()}),
 }
 
 
