@@ -41,7 +41,8 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   the heap, which grows during the first step and keeps the freed blocks resident:
   ``CPU_SMALL_BLOCK_HEAP_ROWS * L * B T d c`` (measured on a shape that is not a benchmark case); with
   glibc's dynamic threshold (``mmap_threshold_kib = 0``) ``heap_retention`` instead
-  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated); see ``planner.constants``.
+  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated; times ``CPU_TRIM_RETENTION_FRACTION``
+  with ``malloc_trim`` after each step); see ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 On the CPU, ``benchmarks/plan_accuracy.py`` (256 tokens, r 16, paged AdamW, 1 MiB threshold; docs/memory.md)
@@ -65,6 +66,7 @@ from qlorakit.planner.constants import (
     CPU_FRAMEWORK_BYTES,
     CPU_HEAP_RETENTION_PER_QPARAM,
     CPU_SMALL_BLOCK_HEAP_ROWS,
+    CPU_TRIM_RETENTION_FRACTION,
     LOGITS_FP32_COPIES,
 )
 from qlorakit.planner.shapes import LinearShape, ModelShape
@@ -92,6 +94,7 @@ class PlanSettings:
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
     loss_chunk: int = LOSS_CHUNK_TOKENS  # rows of logits at once (the trainer's default); 0 = full logits
     mmap_threshold_kib: int = MemoryConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
+    malloc_trim: bool = MemoryConfig().malloc_trim  # the trainer's: free heap pages returned after each step
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     quant: QuantConfig = field(default_factory=QuantConfig)
 
@@ -221,8 +224,14 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
                 "(only the excess counts)"),
            Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
     if s.mmap_threshold_kib == 0:
-        retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
-        out.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
+        retention = CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized)
+        if s.malloc_trim:
+            out.append(Part("heap_retention", int(CPU_TRIM_RETENTION_FRACTION * retention),
+                            "glibc heap kept at the peak with a dynamic mmap threshold, trimmed after each step "
+                            "(calibrated)"))
+        else:
+            out.append(Part("heap_retention", int(retention),
+                            "glibc heap kept with a dynamic mmap threshold (calibrated)"))
         return out
     row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
     if row < s.mmap_threshold_kib * 1024:

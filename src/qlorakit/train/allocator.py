@@ -31,9 +31,44 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: ``M_MMAP_THRESHOLD`` of glibc's ``<malloc.h>``.
 _M_MMAP_THRESHOLD = -3
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 — only glibc has it (musl's mallopt is a stub)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)``: give every free page of glibc's heaps back to the OS; True if glibc released memory."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(ctypes.c_size_t(0))) if libc is not None else False
+
+
+@contextmanager
+def trim_after_each_step(enabled: bool) -> Iterator[bool]:
+    """Inside the block, ``trim_heap()`` after every ``torch.optim.Optimizer.step`` (a global step hook, removed
+    on exit); yields whether it is on (``enabled`` and glibc)."""
+    if not enabled or _glibc() is None:
+        yield False
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: trim_heap())
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 def fix_mmap_threshold(kib: int) -> bool:
@@ -41,11 +76,5 @@ def fix_mmap_threshold(kib: int) -> bool:
 
     ``kib`` 0 leaves the allocator alone. The setting lasts for the process (glibc cannot undo it).
     """
-    if kib <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 — only glibc has it (musl's mallopt is a stub)
-    except (OSError, AttributeError):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(kib * 1024)))
+    libc = _glibc() if kib > 0 else None
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(kib * 1024))) if libc is not None else False
