@@ -91,7 +91,7 @@ def test_config_fields_map_to_knobs_and_choices_are_written_back():
     cfg = RunConfig(memory=MemoryConfig(gradient_checkpointing=True), optim=OptimConfig(optim="paged_adamw"))
     chosen = apply_choices(cfg, _with(settings_for(cfg), **FASTEST))
     assert (chosen.memory.gradient_checkpointing, chosen.memory.malloc_trim, chosen.memory.malloc_mmap_threshold_kib,
-            chosen.optim.optim) == (False, True, 0, "adamw")  # fmt: skip
+            chosen.optim.optim) == (False, False, 0, "adamw")  # fmt: skip
     assert settings_for(chosen).gradient_checkpointing is False and chosen.lora == cfg.lora
 
 

@@ -16,8 +16,9 @@ merges see exactly what they saw before (``unfuse`` restores plain ``nn.Linear``
 weights).
 
 The group reuses its product only for the very tensor object it computed it from (``x is cached_input``)
-and only until every member has taken its slice; any other input is computed unfused. 16-bit bases with
-fp32 adapters are not fused (each layer casts ``h`` to a new tensor, so no input object is shared).
+and only until every member has taken its slice; any other input is computed unfused. The group is handed
+each layer's input before the cast to the adapter dtype, so a 16-bit base with fp32 adapters fuses too: the
+shared ``h`` is cast once per group instead of once per layer.
 
 Dropout. Unfused, each layer draws its own mask: ``u_i = (m_i * h) A_i^T`` with independent
 ``m_i ~ Bernoulli(1 - p) / (1 - p)`` (PEFT's semantics). Fused, the group draws ONE mask ``m`` for its
@@ -57,10 +58,11 @@ class SharedInputA(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._group = group  # a plain object, not a submodule
 
-    def forward(self, h: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:  # h: (..., in) -> (..., r)
-        """This member's slice of ``dropout(h) @ [A_1; ...; A_k]^T``; ``dropout`` (the calling layer's) is
-        applied once per group input (``None`` or ``nn.Identity``: no dropout)."""
-        return self._group.down(self, h, dropout)
+    def forward(self, x: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:  # x: (..., in) -> (..., r)
+        """This member's slice of ``dropout(h) @ [A_1; ...; A_k]^T`` with ``h`` = ``x`` in the adapter dtype;
+        the cast and ``dropout`` (the calling layer's) happen once per group input (``None`` or
+        ``nn.Identity``: no dropout)."""
+        return self._group.down(self, x, dropout)
 
     def as_linear(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
@@ -77,19 +79,23 @@ class _Group:
         self._slices: dict[int, torch.Tensor] = {}
         self.products = 0  # fused matmuls computed (tests read it)
 
-    def down(self, member: SharedInputA, h: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
-        if h is not self._input:  # a new input: one mask and one matmul for every member
+    def down(self, member: SharedInputA, x: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+        if x is not self._input:  # a new input: one cast, one mask and one matmul for every member
             weights = [m.weight for m in self.members]
-            fused = down_product(_drop(h, dropout), torch.cat(weights))  # (..., sum r)
+            fused = down_product(_drop(_cast(x, member), dropout), torch.cat(weights))  # (..., sum r)
             parts = fused.split([w.shape[0] for w in weights], dim=-1)  # (..., r_i) each
             self.products += 1
-            self._input, self._slices = h, {id(m): p for m, p in zip(self.members, parts, strict=True)}
+            self._input, self._slices = x, {id(m): p for m, p in zip(self.members, parts, strict=True)}
         elif id(member) not in self._slices:  # the same input again for a member that took its slice
-            return down_product(_drop(h, dropout), member.weight)  # (..., r): its own mask, as unfused
+            return down_product(_drop(_cast(x, member), dropout), member.weight)  # (..., r): its own mask
         out = self._slices.pop(id(member))
         if not self._slices:
             self._input = None
         return out
+
+
+def _cast(x: torch.Tensor, member: SharedInputA) -> torch.Tensor:
+    return x if x.dtype == member.weight.dtype else x.to(member.weight.dtype)  # (..., in) in the adapter dtype
 
 
 def _drop(h: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
@@ -100,21 +106,14 @@ def _dropout_kind(module: nn.Module) -> tuple[type, float | None]:
     return type(module), getattr(module, "p", None)
 
 
-def _base_dtype(layer: LoraLinear) -> torch.dtype | None:
-    base = layer.base_layer
-    return base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
-
-
 def _fusable(layers: list[LoraLinear], name: str) -> bool:
     """Siblings that carry ``name`` unmerged, with one dropout (type and ``p``), as plain ``nn.Linear`` A's of one
-    dtype, which is also the dtype their input arrives in (else each layer casts the input to its own tensor)."""
+    dtype and device."""
     if len(layers) < 2 or any(name not in m.lora_A or m.merged_adapter is not None for m in layers):
         return False
     if len({_dropout_kind(m.lora_dropout[name]) for m in layers}) != 1:
         return False  # the group's one mask could not stand for every member's dropout
-    weights = [m.lora_A[name].weight for m in layers]
-    kinds = {(w.dtype, w.device) for w in weights}
-    kinds |= {(_base_dtype(m), w.device) for m, w in zip(layers, weights, strict=True)}
+    kinds = {(m.lora_A[name].weight.dtype, m.lora_A[name].weight.device) for m in layers}
     return all(type(m.lora_A[name]) is nn.Linear for m in layers) and len(kinds) == 1
 
 

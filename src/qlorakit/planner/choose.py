@@ -3,8 +3,9 @@
 A pure function of the model's shape, the run's settings, the budget and which settings the user gave
 explicitly: ``choose(shape, settings, budget_bytes, explicit)``. Four knobs, each listed fastest value first:
 
-- ``allocator``: ``trim`` (glibc's dynamic mmap threshold + ``malloc_trim`` after each step) before ``fixed``
-  (a fixed 1 MiB threshold: every large buffer is fresh pages, page faults) — ``ALLOCATORS``;
+- ``allocator``: ``dynamic`` (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
+  more resident) before ``fixed`` (a fixed 1 MiB threshold: every large buffer is fresh pages, page faults)
+  — ``ALLOCATORS``; ``benchmarks/allocator_policies.py`` measured the alternatives (docs/memory.md);
 - ``gradient_checkpointing``: off (each block's activations kept) before on (recomputed in backward);
 - ``optim``: ``adamw`` (all state resident) before ``paged_adamw`` (state beyond a small budget paged to a
   file) — only when the optimizer is one of these two; an 8-bit optimizer is left as given;
@@ -33,7 +34,7 @@ from qlorakit.planner.estimate import MemoryPlan, PlanSettings, plan
 from qlorakit.planner.shapes import ModelShape
 
 #: allocator policy -> (``mmap_threshold_kib``, ``malloc_trim``): the planner's and the trainer's settings.
-ALLOCATORS: dict[str, tuple[int, bool]] = {"trim": (0, True), "fixed": (1024, False)}
+ALLOCATORS: dict[str, tuple[int, bool]] = {"dynamic": (0, False), "fixed": (1024, False)}
 
 #: The knobs, each with its values fastest first, in the order of their rank.
 KNOBS: dict[str, tuple[Any, ...]] = {
@@ -45,7 +46,7 @@ KNOBS: dict[str, tuple[Any, ...]] = {
 
 #: Why a value was picked, per knob and value (the fastest value is picked when it fits).
 FASTER = {
-    "allocator": "no page faults for freed activations, free heap pages returned after each step",
+    "allocator": "glibc's dynamic mmap threshold: freed activation buffers reused, few page faults",
     "gradient_checkpointing": "no recomputation in backward",
     "optim": "optimizer state resident, no paging",
     "loss_chunk": "fewer head + cross-entropy chunks",

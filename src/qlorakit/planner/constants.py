@@ -47,12 +47,3 @@ CPU_HEAP_RETENTION_PER_QPARAM = 4.93
 #: 18.7, 26.1, 23.9, 22.7, 27.3 (median 23.9). Not a law: at 128 tokens the same shape gave 31 blocks (old
 #: trainer), and at 512 tokens (1 MiB blocks, mmapped) 2.5.
 CPU_SMALL_BLOCK_HEAP_ROWS = 19.5
-
-#: Fraction of ``CPU_HEAP_RETENTION_PER_QPARAM`` that stays resident at the peak when the trainer also calls
-#: ``malloc_trim`` after every optimizer step (``MemoryConfig.malloc_trim`` with the dynamic threshold): the
-#: trim returns the free heap pages between steps, but the peak is inside a step, so only part of the
-#: retention goes. Measured on SmolLM2-135M (seq 512 x batch 2, r 16, dropout 0.05, checkpointing on, fp32,
-#: paged AdamW, 1 thread): peak RSS fixed 1 MiB / dynamic / dynamic + trim = 1,175 / 1,949 / 1,702 MiB (round 1
-#: of ``benchmarks/allocator_policies.py --policies fixed-1m,dynamic,trim,thp-1m,thp-trim --rounds 2 --steps 3``,
-#: docs/memory.md), so the trim keeps (1,702 - 1,175) / (1,949 - 1,175) = 0.68 of the dynamic heap's excess.
-CPU_TRIM_RETENTION_FRACTION = 0.68

@@ -41,8 +41,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   the heap, which grows during the first step and keeps the freed blocks resident:
   ``CPU_SMALL_BLOCK_HEAP_ROWS * L * B T d c`` (measured on a shape that is not a benchmark case); with
   glibc's dynamic threshold (``mmap_threshold_kib = 0``) ``heap_retention`` instead
-  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated; times ``CPU_TRIM_RETENTION_FRACTION``
-  with ``malloc_trim`` after each step); see ``planner.constants``.
+  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated; the same with ``malloc_trim`` after
+  each step, which returns pages between steps but did not lower the peak, docs/memory.md); see
+  ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 On the CPU, ``benchmarks/plan_accuracy.py`` (256 tokens, r 16, paged AdamW, 1 MiB threshold; docs/memory.md)
@@ -66,7 +67,6 @@ from qlorakit.planner.constants import (
     CPU_FRAMEWORK_BYTES,
     CPU_HEAP_RETENTION_PER_QPARAM,
     CPU_SMALL_BLOCK_HEAP_ROWS,
-    CPU_TRIM_RETENTION_FRACTION,
     LOGITS_FP32_COPIES,
 )
 from qlorakit.planner.shapes import LinearShape, ModelShape
@@ -224,14 +224,10 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
                 "(only the excess counts)"),
            Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
     if s.mmap_threshold_kib == 0:
-        retention = CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized)
-        if s.malloc_trim:
-            out.append(Part("heap_retention", int(CPU_TRIM_RETENTION_FRACTION * retention),
-                            "glibc heap kept at the peak with a dynamic mmap threshold, trimmed after each step "
-                            "(calibrated)"))
-        else:
-            out.append(Part("heap_retention", int(retention),
-                            "glibc heap kept with a dynamic mmap threshold (calibrated)"))
+        retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
+        trimmed = " (malloc_trim after each step does not lower the peak: measured)" if s.malloc_trim else ""
+        out.append(Part("heap_retention", retention,
+                        f"glibc heap kept with a dynamic mmap threshold (calibrated){trimmed}"))
         return out
     row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
     if row < s.mmap_threshold_kib * 1024:
