@@ -279,7 +279,7 @@ class MemoryConfig:
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
     malloc_trim: bool = opt(False, "glibc: after each optimizer step return the heap's free pages to the OS "
-                            "(malloc_trim; with the dynamic threshold: fast and lean, docs/memory.md)")
+                            "(malloc_trim; between steps only: it did not lower the peak, docs/memory.md)")
     memory_budget: str = opt("", "peak memory the run may use, e.g. 8GB or 6GiB; qlorakit train picks the fastest "
                              "memory settings that fit ('' = available memory minus a margin; on CUDA the device's "
                              "free memory); settings given explicitly are kept")
