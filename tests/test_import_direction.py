@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "generate": BASE | {"quant", "lora"},
     "eval": BASE | {"config", "fileio", "lora", "models"},
     "train": BASE | {"config", "fileio", "hardware", "quant", "lora", "optim", "data"},
-    "planner": BASE | {"config", "quant", "lora", "models", "optim"},
+    "planner": BASE | {"config", "hardware", "quant", "lora", "models", "optim"},
     "cli": None,  # may import everything; nothing imports cli
     "__main__": {"cli"},
     "__init__": set(),

@@ -301,12 +301,19 @@ class MemoryConfig:
                          "(Linear4bit.use_gemv; evaluation)")
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
+    malloc_trim: bool = opt(False, "glibc: after each optimizer step return the heap's free pages to the OS "
+                            "(malloc_trim; between steps only: it did not lower the peak, docs/memory.md)")
+    memory_budget: str = opt("", "peak memory the run may use, e.g. 8GB or 6GiB; qlorakit train picks the fastest "
+                             "memory settings that fit ('' = available memory minus a margin; on CUDA the device's "
+                             "free memory); settings given explicitly are kept")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
-                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv")
+                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim")
         _int_field(self, "loss_chunk_tokens", 0)
         _int_field(self, "malloc_mmap_threshold_kib", 0)
+        if not isinstance(self.memory_budget, str):
+            _fail("MemoryConfig", "memory_budget", self.memory_budget, "a size such as 8GB or 6GiB, or ''")
 
 
 @dataclass(frozen=True)

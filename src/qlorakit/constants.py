@@ -27,6 +27,11 @@ DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct"
 #: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``).
 LOSS_CHUNK_TOKENS = 256
 
+#: What ``qlorakit train``'s default memory budget leaves free of the available memory (``hardware.available_memory``):
+#: this fraction of it, and at least ``MEMORY_BUDGET_MARGIN_MIN_BYTES`` (the planner's stated error is ~15%).
+MEMORY_BUDGET_MARGIN_FRACTION = 0.15
+MEMORY_BUDGET_MARGIN_MIN_BYTES = 512 * 2**20
+
 #: transformers norm classes computing ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` with ``variance_epsilon``
 #: (``train.rmsnorm`` fuses them for training, ``generate.lean`` calls ``F.rms_norm`` for them).
 RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")

@@ -90,6 +90,7 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
+    cfg, memory_lines = choose_memory(cfg, args, checkpoint)  # before anything large is allocated
     from qlorakit.train.rewrites import fix_allocator
     from qlorakit.train.tracking import check_available
 
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
     print(summary.format())
     print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+    print("\n".join(memory_lines))
     if args.dry_run:
         return 0
     import torch
@@ -125,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
     if checkpoint is None:
         _prepare_run_dir(run_dir, args.overwrite)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        why = "".join(f"# {line.strip()}\n" for line in memory_lines)  # the planner's reasons, as comments
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg) + why)
     try:
         result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
                        progress=not args.no_progress, evaluator=evaluator)
@@ -137,6 +140,27 @@ def run(args: argparse.Namespace) -> int:
         return exit_code(signal.Signals[result.stopped_by])
     print(finish_run(model, tokenizer, result, summary))
     return 0
+
+
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """``section.field`` of every setting the user gave: a flag, or a key of the ``--config`` file."""
+    given = {dest.removeprefix("cfg__").replace("__", ".") for dest in vars(args) if dest.startswith("cfg__")}
+    if args.config:
+        values = load_config_file(args.config)
+        given |= {f"{section}.{key}" for section, keys in values.items() if isinstance(keys, dict) for key in keys}
+    return given
+
+
+def choose_memory(cfg: RunConfig, args: argparse.Namespace, checkpoint: Path | None) -> tuple[RunConfig, list[str]]:
+    """The fastest memory settings that fit the budget (``planner.budget``), for the plan and ``config.yaml``;
+    a resumed run keeps its ``config.yaml``'s (its optimizer state has that layout). Raises before any
+    weight is loaded when the explicit settings cannot fit."""
+    if checkpoint is not None:
+        return cfg, ["memory     as in the resumed run's config.yaml (no new choice)"]
+    from qlorakit.planner.budget import choose_for_run
+
+    cfg, choices = choose_for_run(cfg, given_fields(args), device="cpu")  # qlorakit train loads on the CPU
+    return cfg, choices.lines()
 
 
 def _resume_hint(run_dir: Path) -> str:

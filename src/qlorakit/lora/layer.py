@@ -218,16 +218,18 @@ class LoraLinear(nn.Module):
         ``addmm`` fold (``fuse_up_projection``) writes into it. A plain ``nn.Linear`` A or B is applied by
         its functional form (``down_product``, ``F.linear``: its forward without the few microseconds of a
         module call, which decoding pays per projection); ``lora.fused.SharedInputA`` hands out its slice of
-        a product shared with sibling layers.
+        a product shared with sibling layers: it is handed ``x`` itself and this layer's dropout, and casts
+        and drops the shared input once for the whole group (one mask; see ``lora.fused``).
         """
         if name in self.lora_magnitude_vector:
             return self._add_dora_delta(name, x, result)
         lora_a, lora_b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dtype, dropout = lora_a.weight.dtype, self.lora_dropout[name]
-        h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
-        if type(dropout) is not nn.Identity:
-            h = dropout(h)
-        u = down_product(h, lora_a.weight) if type(lora_a) is nn.Linear else lora_a(h)  # (..., r)
+        if type(lora_a) is nn.Linear:
+            h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
+            u = down_product(h if type(dropout) is nn.Identity else dropout(h), lora_a.weight)  # (..., r)
+        else:  # a shared-input A (lora.fused) casts and drops the shared x once per group: one mask per input
+            u = lora_a(x, dropout)  # (..., r)
         lead = x.shape[:-1]
         if self.fuse_up_projection and _addmm_fusable(result, u, lora_b):
             out = _add_up_projection(result, u, lora_b.weight, scale)  # (N, out)

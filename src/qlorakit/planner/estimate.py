@@ -20,9 +20,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   ``7d + 2k + 4f`` values at ``c`` (layer input, both norm outputs, q, k, v, attention output and its
   re-laid copy, the residual, gate, SiLU(gate), up and their product; ``3f`` with the trainer's default
   ``recompute_swiglu``, which keeps gate and up and recomputes SiLU(gate) in backward), ``r`` at ``l`` per
-  adapter, and, when
-  the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte mask with
-  dropout). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
+  adapter, and, when the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte
+  mask with dropout), one per shared-input group (q/k/v, gate/up) with ``fuse_lora``, which casts and drops
+  once. Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
   block being recomputed (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
@@ -43,7 +43,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   the heap, which grows during the first step and keeps the freed blocks resident:
   ``CPU_SMALL_BLOCK_HEAP_ROWS * L * B T d c`` (measured on a shape that is not a benchmark case); with
   glibc's dynamic threshold (``mmap_threshold_kib = 0``) ``heap_retention`` instead
-  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated); see ``planner.constants``.
+  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated; the same with ``malloc_trim`` after
+  each step, which returns pages between steps but did not lower the peak, docs/memory.md); see
+  ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 On the CPU, ``benchmarks/plan_accuracy.py`` (256 tokens, r 16, paged AdamW, 1 MiB threshold; docs/memory.md)
@@ -63,6 +65,7 @@ import torch
 from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig
 from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
 from qlorakit.errors import ConfigError
+from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
     CPU_FRAMEWORK_BYTES,
@@ -96,7 +99,9 @@ class PlanSettings:
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
     loss_chunk: int = LOSS_CHUNK_TOKENS  # rows of logits at once (the trainer's default); 0 = full logits
     mmap_threshold_kib: int = MemoryConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
+    malloc_trim: bool = MemoryConfig().malloc_trim  # the trainer's: free heap pages returned after each step
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
+    fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
     quant: QuantConfig = field(default_factory=QuantConfig)
 
     def __post_init__(self) -> None:
@@ -229,7 +234,9 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
            Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
     if s.mmap_threshold_kib == 0:
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
-        out.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
+        trimmed = " (malloc_trim after each step does not lower the peak: measured)" if s.malloc_trim else ""
+        out.append(Part("heap_retention", retention,
+                        f"glibc heap kept with a dynamic mmap threshold (calibrated){trimmed}"))
         return out
     row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
     if row < s.mmap_threshold_kib * 1024:
@@ -331,14 +338,27 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
     own_copy = s.lora_dropout > 0 or lb != c
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
-    adapters = sum(
-        s.lora_r * lb + (lin.in_features * lb if own_copy else 0) + (lin.in_features if s.lora_dropout > 0 else 0)
-        for lin in per_layer_adapters
+    adapters = sum(s.lora_r * lb for lin in per_layer_adapters)
+    adapters += sum(
+        (width * lb if own_copy else 0) + (width if s.lora_dropout > 0 else 0)
+        for width in input_copies(per_layer_adapters, s.fuse_lora)
     )  # fmt: skip
     block += tokens * adapters // max(1, shape.num_layers)
     if checkpointing:
         return shape.num_layers * tokens * d * c + block
     return shape.num_layers * block
+
+
+def input_copies(adapted: list[LinearShape], fused: bool) -> list[int]:
+    """The widths of the adapter-input copies (cast and/or dropped) that backward keeps: one per adapter, or,
+    with shared-input fusion, one per group of ``lora.fused.SHARED_INPUT_GROUPS`` siblings (one cast, one mask)."""
+    groups: dict[tuple[str, int], int] = {}
+    for i, lin in enumerate(adapted):
+        parent, _, child = lin.path.rpartition(".")
+        group = next((g for g, names in enumerate(SHARED_INPUT_GROUPS) if child in names), None)
+        key = (parent, group) if fused and group is not None else (lin.path, -1 - i)
+        groups[key] = lin.in_features
+    return list(groups.values())
 
 
 def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
