@@ -33,3 +33,9 @@ RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 #: transformers MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (``train.recompute``).
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+#: Distributed strategies (``ParallelConfig.distributed``, ``qlorakit.parallel``): ``auto`` picks with the planner.
+DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")
+
+#: Seconds a collective may wait for the other ranks before the process group gives up (a dead or hung rank).
+DIST_TIMEOUT_S = 600
