@@ -79,7 +79,7 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
             if calls["n"] >= scenario.die_at_forward:
                 os._exit(3)
 
-        model.register_forward_pre_hook(die)
+        model.get_input_embeddings().register_forward_pre_hook(die)  # every forward pass, eval ones too
     report = out / f"{scenario.name}.rank{rank}.json"
     try:
         resume = Path(scenario.resume_from) if scenario.resume_from else None
