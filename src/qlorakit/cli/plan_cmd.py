@@ -50,6 +50,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="plan one rank of an N-rank job; --batch is then the job's micro-batch (default: 1)")
+    p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
+                   help="with --world-size > 1: ddp (whole replica per rank) or fsdp (base sharded; planned only)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="memory budget to check against, e.g. 48GB, 24GiB, 16000MiB")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object with <part>_bytes and total_bytes")
@@ -76,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
-    result = plan(shape, settings, budget)
+    if args.world_size != 1:
+        from qlorakit.planner.distributed import per_rank_plan
+
+        result = per_rank_plan(shape, settings, args.world_size, args.distributed, budget)
+    else:
+        result = plan(shape, settings, budget)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
     return 1 if result.fits is False else 0
