@@ -81,6 +81,7 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
 
         model.get_input_embeddings().register_forward_pre_hook(die)  # every forward pass, eval ones too
     report = out / f"{scenario.name}.rank{rank}.json"
+    started = time.monotonic()
     try:
         resume = Path(scenario.resume_from) if scenario.resume_from else None
         result = train(model, train_set, val_set, collate, cfg, Path(cfg.train.output_dir), resume, progress=False)
@@ -89,7 +90,7 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
         report.write_text(json.dumps({"ok": True, "rank_peak_rss_mb": result.rank_peak_rss_mb}))
     except Exception as exc:  # the test reads the error: that is what it checks
         report.write_text(json.dumps({"ok": False, "type": type(exc).__name__, "error": str(exc),
-                                      "trace": traceback.format_exc()}))
+                                      "trace": traceback.format_exc(), "seconds": time.monotonic() - started}))
 
 
 def run_ranks(world: int, args: tuple, timeout_s: float) -> list[int | None]:

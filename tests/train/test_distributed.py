@@ -1,8 +1,9 @@
-"""Data parallelism on CPU with gloo: 2 ranks x batch b train exactly as 1 process x batch 2b.
+"""Data parallelism on CPU with gloo: 2 ranks x batch b train exactly as 1 process x batch 2b; failures.
 
-One job of 2 spawned ranks (one thread each) runs every scenario below in turn; the 1-process references run
-in the test process. Tolerance: rtol 1e-5 (fp32; the two differ only in the order of the sums: one batch of
-2b rows against two of b rows added by the all-reduce). LoRA dropout is 0: its masks are drawn per rank and
+One job of 2 spawned ranks (one thread each) runs every scenario below in turn (last: ranks that disagree,
+then a rank that dies); the 1-process references run in the test process. Tolerance: rtol 1e-5 (fp32; the
+two differ only in the order of the sums: one batch of 2b rows against two of b rows added by the
+all-reduce). LoRA dropout is 0: its masks are drawn per rank and
 depend on how the batch is split (docs/distributed.md).
 """
 
@@ -72,15 +73,21 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     cfg_12 = dataclasses.replace(two[RESUMED], train=dataclasses.replace(two[RESUMED].train,
                                                                           output_dir=str(resumed_12.parent)))
     scenarios.append(Scenario("resume-1to2", cfg_12, resume_from=str(resumed_12)))
+    plain = two["plain"]
+    scenarios.append(Scenario("mismatch", dataclasses.replace(plain, train=dataclasses.replace(
+        plain.train, output_dir=str(root / "mismatch"))), rank_overrides={1: {"lr": 2e-2}}))
+    # rank 1 dies at its 3rd forward pass: the held-out batch at step 0, step 2, step 3 (step 1 is all rank 0's)
+    scenarios.append(Scenario("dead", dataclasses.replace(plain, train=dataclasses.replace(
+        plain.train, output_dir=str(root / "dead"))), die_on_rank=1, die_at_forward=3))
     out = root / "reports"
     out.mkdir()
     codes = run_ranks(2, (scenarios, train_set, val_set, sets[2], vocab, str(out)), timeout_s=300)
-    assert codes == [0, 0], [read_report(out, s.name, r) for s in scenarios for r in (0, 1)]
+    assert codes == [0, 3], [read_report(out, s.name, r) for s in scenarios for r in (0, 1)]  # 3: the dead rank
     resumed_21 = _copy_until(root / f"{RESUMED}-2", root / "resume-2to1", 2)
     cfg_21 = dataclasses.replace(cfgs[RESUMED], train=dataclasses.replace(cfgs[RESUMED].train,
                                                                            output_dir=str(resumed_21.parent)))
     _one_process(cfg_21, sets, vocab, resume=resumed_21)
-    return root, out
+    return root, out, codes
 
 
 def _rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -99,7 +106,7 @@ def _final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_two_ranks_give_the_losses_grad_norms_and_adapter_of_one_process(job, name):
-    root, out = job
+    root, out, _ = job
     one, two = root / f"{name}-1", root / f"{name}-2"
     for key in ("loss", "grad_norm", "eval_loss"):
         _assert_close_rows(_rows(two, key), _rows(one, key))
@@ -111,7 +118,7 @@ def test_two_ranks_give_the_losses_grad_norms_and_adapter_of_one_process(job, na
 
 
 def test_the_replicas_stay_identical_and_rank_0_alone_writes_the_run(job):
-    root, out = job
+    root, out, _ = job
     for name in SCENARIOS:
         r0, r1 = load_file(str(out / f"{name}.rank0.safetensors")), load_file(str(out / f"{name}.rank1.safetensors"))
         assert all(torch.equal(r0[k], r1[k]) for k in r0)  # rank 1 started from other random adapters: broadcast
@@ -124,7 +131,7 @@ def test_the_replicas_stay_identical_and_rank_0_alone_writes_the_run(job):
 
 @pytest.mark.parametrize("resumed", ["resume-1to2", "resume-2to1"])
 def test_resume_across_world_sizes_continues_the_uninterrupted_losses(job, resumed):
-    root, _ = job
+    root, _, _ = job
     want = _rows(root / f"{RESUMED}-1", "loss")
     got = _rows(root / resumed, "loss")
     assert [s for s, _ in got] == [1, 2, 3]  # steps 1-2 kept from the stopped run, 3 trained after the resume
@@ -132,3 +139,22 @@ def test_resume_across_world_sizes_continues_the_uninterrupted_losses(job, resum
     a, b = _final_adapter(root / f"{RESUMED}-1"), _final_adapter(root / resumed)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
+
+
+def test_ranks_that_disagree_are_refused_before_any_step(job):
+    root, out, _ = job
+    for rank in (0, 1):  # every rank refuses
+        report = read_report(out, "mismatch", rank)
+        assert report["type"] == "DistributedError", report
+        assert "rank(s) [1] have a config or training data different from rank 0's" in report["error"]
+    assert not (root / "mismatch" / "metrics.jsonl").exists()
+
+
+def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
+    root, out, codes = job
+    assert codes[1] == 3  # rank 1 died (os._exit(3)) in step 3 ...
+    assert codes[0] == 0  # ... and rank 0 did not hang: it stopped with an error (the worker reports it, exits 0)
+    survivor = read_report(out, "dead", 0)
+    assert survivor["type"] == "DistributedError", survivor
+    assert "Another rank has most likely died or hung" in survivor["error"] and "--resume" in survivor["error"]
+    assert [r["step"] for r in read_metrics(root / "dead" / "metrics.jsonl") if "loss" in r] == [1, 2]
