@@ -37,6 +37,7 @@ class Scenario:
     rank_overrides: dict[int, dict] = dataclasses.field(default_factory=dict)  # rank -> optim fields changed
     die_on_rank: int | None = None  # this rank exits (os._exit) at its ``die_at_forward``-th forward pass
     die_at_forward: int = 3
+    cli_args: list[str] | None = None  # run ``qlorakit train`` with these arguments instead of ``train()``
 
 
 def worker(rank: int, world: int, port: int, scenarios: list[Scenario], train_set, val_set, collate,
@@ -56,6 +57,12 @@ def worker(rank: int, world: int, port: int, scenarios: list[Scenario], train_se
 
 
 def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_size: int, out: Path) -> None:
+    if scenario.cli_args is not None:
+        from qlorakit.cli.main import main
+
+        code = main(scenario.cli_args)
+        (out / f"{scenario.name}.rank{rank}.json").write_text(json.dumps({"ok": code == 0, "code": code}))
+        return
     import torch
     from safetensors.torch import save_file
 

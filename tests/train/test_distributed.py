@@ -18,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlorakit.cli.main import main
 from qlorakit.data import build_datasets, collate_fn
 from qlorakit.train import read_metrics, train
 from tests.helpers.distributed import Scenario, read_report, run_ranks
+from tests.helpers.tiny_llama import save_tiny_llama
 from tests.helpers.train import run_config, tiny_qlora_model
 
 RTOL = 1e-5
@@ -44,6 +46,13 @@ def _one_process(cfg, sets, vocab, resume: Path | None = None):
     train_set, val_set, collate = sets
     model = tiny_qlora_model(vocab, cfg.lora, seed=0)
     train(model, train_set, val_set, collate, cfg, Path(cfg.train.output_dir), resume, progress=False)
+
+
+def _cli_args(model: Path, data: Path, out: Path) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
+            "--grad-accum", "1", "--lora-r", "4", "--lora-dropout", "0", "--val-size", "4", "--compute-dtype",
+            "float32", "--no-progress", "--source-max-len", "64", "--target-max-len", "32", "--lr", "1e-2",
+            "--no-gradient-checkpointing", "--max-steps", "2", "--dist-timeout-s", "60"]
 
 
 def _copy_until(src: Path, dst: Path, step: int) -> Path:
@@ -74,6 +83,9 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
                                                                           output_dir=str(resumed_12.parent)))
     scenarios.append(Scenario("resume-1to2", cfg_12, resume_from=str(resumed_12)))
     plain = two["plain"]
+    model_dir = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=vocab, tie_word_embeddings=True)
+    assert main(_cli_args(model_dir, data, root / "cli-1")) == 0
+    scenarios.append(Scenario("cli", plain, cli_args=_cli_args(model_dir, data, root / "cli-2")))
     scenarios.append(Scenario("mismatch", dataclasses.replace(plain, train=dataclasses.replace(
         plain.train, output_dir=str(root / "mismatch"))), rank_overrides={1: {"lr": 2e-2}}))
     # rank 1 dies at its 3rd forward pass: the held-out batch at step 0, step 2, step 3 (step 1 is all rank 0's)
@@ -158,3 +170,15 @@ def test_a_dead_rank_stops_the_others_with_a_clear_error(job):
     assert survivor["type"] == "DistributedError", survivor
     assert "Another rank has most likely died or hung" in survivor["error"] and "--resume" in survivor["error"]
     assert [r["step"] for r in read_metrics(root / "dead" / "metrics.jsonl") if "loss" in r] == [1, 2]
+
+
+def test_qlorakit_train_on_two_ranks_writes_the_run_of_one_process(job):
+    root, out, _ = job
+    assert read_report(out, "cli", 0)["ok"] and read_report(out, "cli", 1)["ok"]
+    one, two = root / "cli-1", root / "cli-2"
+    _assert_close_rows(_rows(two, "loss"), _rows(one, "loss"))
+    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}  # adapter, plot, config, checkpoint
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)

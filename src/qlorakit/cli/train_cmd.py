@@ -94,13 +94,11 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
-    from qlorakit.parallel import Replicas, choose_strategy, init_from_env, shutdown
+    from qlorakit.parallel import Replicas, choose_strategy, process_group
 
-    replicas = Replicas(init_from_env(cfg.parallel.distributed, cfg.parallel.dist_timeout_s))
-    try:
-        return _run(args, cfg, checkpoint, replicas, choose_strategy(cfg.parallel.distributed, replicas.dist))
-    finally:
-        shutdown()
+    with process_group(cfg.parallel.distributed, cfg.parallel.dist_timeout_s) as dist_info:
+        replicas = Replicas(dist_info)
+        return _run(args, cfg, checkpoint, replicas, choose_strategy(cfg.parallel.distributed, dist_info))
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas, strategy) -> int:

@@ -4,9 +4,9 @@ choice of strategy (``strategy``).
 See docs/distributed.md for the launch commands and the data and loss rules.
 """
 
-from qlorakit.parallel.group import SINGLE, Dist, current, init_from_env, launched, shutdown
+from qlorakit.parallel.group import SINGLE, Dist, current, init_from_env, launched, process_group, shutdown
 from qlorakit.parallel.replicas import Replicas, run_fingerprint
 from qlorakit.parallel.strategy import choose_strategy
 
-__all__ = ["SINGLE", "Dist", "Replicas", "choose_strategy", "current", "init_from_env", "launched", "run_fingerprint",
-           "shutdown"]
+__all__ = ["SINGLE", "Dist", "Replicas", "choose_strategy", "current", "init_from_env", "launched", "process_group",
+           "run_fingerprint", "shutdown"]

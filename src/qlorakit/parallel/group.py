@@ -118,3 +118,16 @@ def shutdown() -> None:
     """Leave the process group (at the end of a run; safe to call when none is up)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(strategy: str, timeout_s: int = DIST_TIMEOUT_S) -> Iterator[Dist]:
+    """``init_from_env`` for the duration of a command; the group is left at the end only if this joined it
+    (a caller that had already joined one, a test or a notebook, keeps it)."""
+    joined_here = launched() and not (dist.is_available() and dist.is_initialized())
+    info = init_from_env(strategy, timeout_s)
+    try:
+        yield info
+    finally:
+        if joined_here:
+            shutdown()
