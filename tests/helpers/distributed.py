@@ -14,6 +14,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import traceback
@@ -37,6 +38,7 @@ class Scenario:
     rank_overrides: dict[int, dict] = dataclasses.field(default_factory=dict)  # rank -> optim fields changed
     die_on_rank: int | None = None  # this rank exits (os._exit) at its ``die_at_forward``-th forward pass
     die_at_forward: int = 3
+    sigterm_on_rank: int | None = None  # this rank sends itself SIGTERM at its first forward pass
     cli_args: list[str] | None = None  # run ``qlorakit train`` with these arguments instead of ``train()``
 
 
@@ -87,6 +89,14 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
                 os._exit(3)
 
         model.get_input_embeddings().register_forward_pre_hook(die)  # every forward pass, eval ones too
+    if scenario.sigterm_on_rank == rank:
+        sent = []
+
+        def terminate(_module, _args):
+            if not sent:
+                sent.append(os.kill(os.getpid(), signal.SIGTERM))
+
+        model.get_input_embeddings().register_forward_pre_hook(terminate)
     report = out / f"{scenario.name}.rank{rank}.json"
     started = time.monotonic()
     try:
@@ -94,7 +104,8 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
         result = train(model, train_set, val_set, collate, cfg, Path(cfg.train.output_dir), resume, progress=False)
         adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         save_file(adapters, str(out / f"{scenario.name}.rank{rank}.safetensors"))
-        report.write_text(json.dumps({"ok": True, "rank_peak_rss_mb": result.rank_peak_rss_mb}))
+        report.write_text(json.dumps({"ok": True, "rank_peak_rss_mb": result.rank_peak_rss_mb,
+                                      "stopped_by": result.stopped_by, "steps": result.steps}))
     except Exception as exc:  # the test reads the error: that is what it checks
         report.write_text(json.dumps({"ok": False, "type": type(exc).__name__, "error": str(exc),
                                       "trace": traceback.format_exc(), "seconds": time.monotonic() - started}))

@@ -86,6 +86,9 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     model_dir = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=vocab, tie_word_embeddings=True)
     assert main(_cli_args(model_dir, data, root / "cli-1")) == 0
     scenarios.append(Scenario("cli", plain, cli_args=_cli_args(model_dir, data, root / "cli-2")))
+    # rank 1 gets SIGTERM at its first forward pass (held-out loss at step 0): both ranks stop after step 1
+    scenarios.append(Scenario("sigterm", dataclasses.replace(plain, train=dataclasses.replace(
+        plain.train, output_dir=str(root / "sigterm"))), sigterm_on_rank=1))
     scenarios.append(Scenario("mismatch", dataclasses.replace(plain, train=dataclasses.replace(
         plain.train, output_dir=str(root / "mismatch"))), rank_overrides={1: {"lr": 2e-2}}))
     # rank 1 dies at its 3rd forward pass: the held-out batch at step 0, step 2, step 3 (step 1 is all rank 0's)
@@ -182,3 +185,11 @@ def test_qlorakit_train_on_two_ranks_writes_the_run_of_one_process(job):
     b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step_with_a_checkpoint(job):
+    root, out, _ = job
+    for rank in (0, 1):  # rank 0 got no signal: it learns of rank 1's in the step's all-reduce
+        report = read_report(out, "sigterm", rank)
+        assert report["ok"] and report["stopped_by"] == "SIGTERM" and report["steps"] == 1, report
+    assert [p.name for p in (root / "sigterm").iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-1"]

@@ -87,6 +87,14 @@ class Replicas:
         self._call(f"the all-reduce of {what}", dist.all_reduce, t)
         return t.tolist()
 
+    def max(self, value: int, what: str) -> int:
+        """The largest ``value`` over the ranks."""
+        if not self.dist.enabled:
+            return int(value)
+        t = torch.tensor([value], dtype=torch.int64, device=self._device())
+        self._call(f"the all-reduce of {what}", dist.all_reduce, t, dist.ReduceOp.MAX)
+        return int(t.item())
+
     def gather(self, value: float, what: str) -> list[float]:
         """``value`` of every rank, in rank order."""
         if not self.dist.enabled:

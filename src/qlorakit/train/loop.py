@@ -32,6 +32,7 @@ no periodic checkpoint is written at a skipped step, so the last one before the 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -174,12 +175,17 @@ class Run:
     stop: StopSignals  # the first SIGINT/SIGTERM received, if any
     evaluator: Callable[[torch.nn.Module], dict] | None = None
     replicas: Replicas = field(default_factory=Replicas)  # the other ranks (a no-op for one process)
-    stop_agreed: bool = False  # several ranks: a stop signal reached some rank before this step's all-reduce
+    stop_agreed: int = 0  # several ranks: the stop signal that reached some rank before this step's all-reduce
 
     @property
     def stopping(self) -> bool:
         """Whether this session ends after the current step: the signal itself, or the ranks' agreement on it."""
-        return self.stop_agreed if self.replicas.dist.enabled else self.stop.requested
+        return self.stop_agreed > 0 if self.replicas.dist.enabled else self.stop.requested
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The stop signal's name: this rank's own, or the one another rank received."""
+        return self.stop.name or (signal.Signals(self.stop_agreed).name if self.stop_agreed else None)
 
 
 def train(
@@ -224,7 +230,7 @@ def train(
                 if run.stopping:  # step() has written the checkpoint
                     break
         if run.stopping and state.step < run.last_step:
-            run.result.stopped_by = stop.name
+            run.result.stopped_by = run.stopped_by
     run.result.steps, run.result.tokens, run.result.train_seconds = state.step, state.tokens, state.elapsed_s
     run.result.total_steps, run.result.bad_steps = state.total_steps, state.bad_steps
     run.result.peak_rss_mb = peak_rss_mb()
@@ -327,8 +333,8 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
         tokens += int(batch["attention_mask"].sum())
     if replicas.dist.enabled:
         replicas.reduce_grads([p for g in run.optimizer.param_groups for p in g["params"]])
-        total, tokens, stops = replicas.sum([total, tokens, run.stop.requested], "the step's loss and tokens")
-        tokens, run.stop_agreed = int(tokens), stops > 0
+        total, tokens = replicas.sum([total, tokens], "the step's loss and tokens")
+        tokens, run.stop_agreed = int(tokens), replicas.max(run.stop.signum or 0, "the stop signals")
     return total, tokens
 
 
