@@ -105,7 +105,8 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
         adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         save_file(adapters, str(out / f"{scenario.name}.rank{rank}.safetensors"))
         report.write_text(json.dumps({"ok": True, "rank_peak_rss_mb": result.rank_peak_rss_mb,
-                                      "stopped_by": result.stopped_by, "steps": result.steps}))
+                                      "stopped_by": result.stopped_by, "steps": result.steps,
+                                      "losses": result.losses}))
     except Exception as exc:  # the test reads the error: that is what it checks
         report.write_text(json.dumps({"ok": False, "type": type(exc).__name__, "error": str(exc),
                                       "trace": traceback.format_exc(), "seconds": time.monotonic() - started}))

@@ -86,6 +86,11 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     model_dir = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=vocab, tie_word_embeddings=True)
     assert main(_cli_args(model_dir, data, root / "cli-1")) == 0
     scenarios.append(Scenario("cli", plain, cli_args=_cli_args(model_dir, data, root / "cli-2")))
+    # LoRA dropout on: each rank draws its own masks; a resume on 2 ranks continues them exactly
+    dropout = dataclasses.replace(plain, lora=dataclasses.replace(plain.lora, dropout=0.1),
+                                  train=dataclasses.replace(plain.train, output_dir=str(root / "dropout")))
+    scenarios.append(Scenario("dropout", dropout))
+    scenarios.append(Scenario("dropout-resumed", dropout, resume_from=str(root / "dropout" / "checkpoint-2")))
     # rank 1 gets SIGTERM at its first forward pass (held-out loss at step 0): both ranks stop after step 1
     scenarios.append(Scenario("sigterm", dataclasses.replace(plain, train=dataclasses.replace(
         plain.train, output_dir=str(root / "sigterm"))), sigterm_on_rank=1))
@@ -193,3 +198,15 @@ def test_a_stop_signal_on_one_rank_stops_every_rank_after_the_same_step_with_a_c
         report = read_report(out, "sigterm", rank)
         assert report["ok"] and report["stopped_by"] == "SIGTERM" and report["steps"] == 1, report
     assert [p.name for p in (root / "sigterm").iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-1"]
+
+
+def test_with_dropout_each_rank_draws_its_own_masks_and_a_resume_continues_them_exactly(job):
+    root, out, _ = job
+    rng = load_file(str(root / "dropout" / "checkpoint-2" / "rng.safetensors"))
+    assert not torch.equal(rng["torch_cpu"], rng["torch_cpu.rank1"])  # two streams, both saved
+    full, resumed = read_report(out, "dropout", 0), read_report(out, "dropout-resumed", 0)
+    assert resumed["losses"] == full["losses"][2:]  # step 3 again, from checkpoint-2: bit-identical on CPU
+    for rank in (0, 1):
+        a = load_file(str(out / f"dropout.rank{rank}.safetensors"))
+        b = load_file(str(out / f"dropout-resumed.rank{rank}.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)

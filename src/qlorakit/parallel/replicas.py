@@ -104,6 +104,15 @@ class Replicas:
                    torch.tensor([value], dtype=torch.float64, device=self._device()))
         return [float(p) for p in parts]
 
+    def gather_tensors(self, tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
+        """``tensor`` (the same shape and dtype on every rank) of every rank, in rank order, on the CPU."""
+        if not self.dist.enabled:
+            return [tensor]
+        mine = tensor.to(self._device())
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        self._call(f"the all-gather of {what}", dist.all_gather, parts, mine)
+        return [p.cpu() for p in parts]
+
     def reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Sum every parameter's gradient over the ranks, one flat buffer per dtype (a missing grad counts 0)."""
         if not self.dist.enabled:

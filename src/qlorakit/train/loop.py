@@ -55,6 +55,7 @@ from qlorakit.train.checkpoint import (
     check_free_space,
     list_checkpoints,
     load_checkpoint,
+    rank_rng_key,
     save_checkpoint,
 )
 from qlorakit.train.faults import pause_point
@@ -249,9 +250,10 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed, cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
     replicas.broadcast_params([p for g in optimizer.param_groups for p in g["params"]])  # rank 0's adapters
-    state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
-    if resume_from is None:
-        torch.manual_seed(cfg.train.seed)
+    rank = replicas.dist.rank
+    state = load_checkpoint(resume_from, model, optimizer, rank) if resume_from is not None else TrainerState()
+    if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
+        torch.manual_seed(cfg.train.seed + rank)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
     resume_step = state.step if resume_from is not None else None
     log = MetricsLog(run_dir, resume_step=resume_step) if replicas.is_main else NoLog()
@@ -424,10 +426,26 @@ def _maybe_eval_and_save(run: Run) -> None:
         run.log.write({"step": state.step, **run.evaluator(run.model)})
     periodic = t.save_steps and state.step % t.save_steps == 0 and state.bad_streak == 0
     if periodic or state.step == run.last_step or run.stopping:
+        rank_rng = _rank_rng(run.replicas)  # every rank's generators, for rank 0 to save
         if run.replicas.is_main:  # the replicas are equal: rank 0's state is the whole (consolidated) checkpoint
             run.log.sync()  # the rows up to this step reach the disk before the checkpoint that implies them
-            save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit)
+            save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit, rank_rng)
         run.replicas.barrier(f"the barrier after checkpoint-{state.step}")
+
+
+def _rank_rng(replicas: Replicas) -> dict[str, torch.Tensor]:
+    """The generator states of ranks 1..N-1 under their checkpoint keys (empty for one process)."""
+    if not replicas.dist.enabled:
+        return {}
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    out = {}
+    for name, mine in states.items():
+        for rank, theirs in enumerate(replicas.gather_tensors(mine, "the generator states")):
+            if rank:
+                out[rank_rng_key(name, rank)] = theirs
+    return out
 
 
 def _eval_and_log(run: Run) -> None:
