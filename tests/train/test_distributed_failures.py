@@ -23,3 +23,13 @@ def test_fsdp_without_a_process_group_is_refused(monkeypatch):
     with pytest.raises(ConfigError, match="--distributed fsdp needs a process group: start the run with torchrun"):
         init_from_env("fsdp")
     assert not init_from_env("auto").enabled and not init_from_env("ddp").enabled  # one process: nothing changes
+
+
+def test_a_failed_collective_becomes_a_distributed_error_naming_the_operation_and_the_fix():
+    from qlorakit.errors import DistributedError
+    from qlorakit.parallel.group import collective
+
+    with pytest.raises(DistributedError, match=r"the all-reduce of x failed: Connection closed by peer\. Another "
+                                               r"rank has most likely died or hung \(the group waits at most 7 s"):
+        with collective("the all-reduce of x", 7):
+            raise RuntimeError("Connection closed by peer\nmore backend detail")

@@ -4,8 +4,9 @@ MODEL is ``7b`` / ``13b`` / ``33b`` / ``65b`` (the LLaMA-1 shapes of the QLoRA p
 a model directory, a ``.gguf`` file, an alias or a Hub id; only its config is read. The breakdown covers
 the 4-bit weights, their quantization constants, the unquantized embeddings/head and norms, the LoRA
 parameters, their gradients and optimizer state, activations, logits and the dequantization workspace
-(see ``qlorakit.planner.estimate`` for every formula). Exit code: 0 when it fits or no budget is given,
-1 when it does not fit, 2 on bad input.
+(see ``qlorakit.planner.estimate`` for every formula). ``--world-size N --distributed ddp|fsdp`` plans one
+rank of an N-rank job (``--batch`` is then the job's micro-batch; ``qlorakit.planner.distributed``). Exit
+code: 0 when it fits or no budget is given, 1 when it does not fit, 2 on bad input.
 """
 
 from __future__ import annotations
