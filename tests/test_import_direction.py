@@ -29,7 +29,8 @@ ALLOWED: dict[str, set[str]] = {
     "data": BASE | {"config"},
     "generate": BASE | {"quant", "lora"},
     "eval": BASE | {"config", "fileio", "lora", "models"},
-    "train": BASE | {"config", "fileio", "hardware", "quant", "lora", "optim", "data"},
+    "parallel": BASE | {"config", "quant", "lora", "optim"},
+    "train": BASE | {"config", "fileio", "hardware", "quant", "lora", "optim", "data", "parallel"},
     "planner": BASE | {"config", "hardware", "quant", "lora", "models", "optim"},
     "cli": None,  # may import everything; nothing imports cli
     "__main__": {"cli"},

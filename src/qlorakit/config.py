@@ -2,8 +2,9 @@
 
 A run's config (``RunConfig``) has one section per concern: ``quant`` (the 4-bit base), ``lora`` (the
 adapters), ``data``, ``train`` (the loop: steps, batch, seed, saving, logging, compute dtype), ``optim``
-(optimizer and schedule), ``memory`` (memory and speed choices inside a step) and ``eval`` (evaluation
-during training). Each section validates itself on construction and names the offending field;
+(optimizer and schedule), ``memory`` (memory and speed choices inside a step), ``eval`` (evaluation
+during training) and ``parallel`` (several processes under torchrun). Each section validates itself on
+construction and names the offending field;
 ``from_dict`` builds one from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. A file written
 before the sections existed (optimizer, memory and evaluation keys under ``train:``) still loads:
 ``upgrade_layout`` moves each such key to its section with one deprecation message. Defaults follow the
@@ -24,6 +25,8 @@ from qlorakit.constants import (
     BLOCKSIZES,
     COMPUTE_DTYPES,
     DATA_FORMATS,
+    DIST_TIMEOUT_S,
+    DISTRIBUTED_STRATEGIES,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
@@ -218,7 +221,7 @@ class TrainConfig:
     output_dir: str = opt("runs/qlorakit", "run directory (config, metrics, checkpoints, adapter, plot)")
     max_steps: int = opt(0, "optimizer steps; 0 = run for --epochs")
     epochs: float = opt(1.0, "passes over the data when max_steps is 0")
-    batch_size: int = opt(1, "examples per micro-batch")
+    batch_size: int = opt(1, "examples per micro-batch of the whole job (with N ranks each takes batch_size / N)")
     grad_accum: int = opt(16, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
     seed: int = opt(42, "seed of initialization and dropout")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
@@ -343,11 +346,27 @@ class EvalConfig:
                 _fail("EvalConfig", name, getattr(self, name), "must be a path or ''")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Several processes (``torchrun``; docs/distributed.md). Used only when ``WORLD_SIZE`` is set: ``auto``
+    picks with the planner (DDP when a whole replica fits each rank, else FSDP), ``ddp`` replicates the 4-bit
+    base and all-reduces the adapter gradients, ``fsdp`` shards the base per decoder block."""
+
+    distributed: str = opt("auto", "under torchrun: auto, ddp or fsdp (ignored without WORLD_SIZE)")
+    dist_timeout_s: int = opt(DIST_TIMEOUT_S, "seconds a collective waits for the other ranks before the run stops "
+                              "with an error (a dead or hung rank)")
+
+    def __post_init__(self) -> None:
+        _choice_field(self, "distributed", DISTRIBUTED_STRATEGIES)
+        _int_field(self, "dist_timeout_s", 1)
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 #: The sections of ``RunConfig`` (and of a config file), in the order ``config.yaml`` writes them.
 SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
-                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig}
+                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig,
+                             "parallel": ParallelConfig}
 
 #: Keys that lived under ``train:`` before the config had sections -> their section now.
 MOVED_FROM_TRAIN: dict[str, str] = {f.name: section for section in ("optim", "memory", "eval")
@@ -368,6 +387,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
@@ -428,6 +448,7 @@ __all__ = [
     "LoraConfig",
     "MemoryConfig",
     "OptimConfig",
+    "ParallelConfig",
     "QuantConfig",
     "RunConfig",
     "TrainConfig",

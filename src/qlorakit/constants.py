@@ -41,3 +41,9 @@ SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
 #: Run trackers ``TrainConfig.report_to`` may name (``qlorakit.train.tracking``), with the module each needs.
 REPORT_TARGETS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+#: Distributed strategies (``ParallelConfig.distributed``, ``qlorakit.parallel``): ``auto`` picks with the planner.
+DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")
+
+#: Seconds a collective may wait for the other ranks before the process group gives up (a dead or hung rank).
+DIST_TIMEOUT_S = 600

@@ -8,6 +8,10 @@ Exit status: 0 done; 2 an error (the message says why; a run stopped by the nume
 disk keeps its last good checkpoint); 130 stopped by SIGINT, 143 by SIGTERM (after writing a checkpoint;
 a second Ctrl-C stops at once, keeping the last complete one). Continue a stopped run with ``--resume``;
 it starts from the newest checkpoint that verifies (docs/reliability.md).
+
+Under ``torchrun`` (``WORLD_SIZE`` set) every rank runs this command: the process group is joined first,
+``--batch-size`` is the micro-batch of the whole job, and rank 0 alone prints the plan and writes the run
+directory (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -90,11 +94,21 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
-    cfg, memory_lines = choose_memory(cfg, args, checkpoint)  # before anything large is allocated
-    from qlorakit.train.rewrites import fix_allocator
     from qlorakit.train.tracking import check_available
 
     check_available(cfg.train.report_to)  # a missing tracker library fails before anything loads
+    cfg, memory_lines = choose_memory(cfg, args, checkpoint)  # before anything large is allocated
+    from qlorakit.parallel import Replicas, choose_strategy, process_group
+
+    with process_group(cfg.parallel.distributed, cfg.parallel.dist_timeout_s) as dist_info:
+        replicas = Replicas(dist_info)
+        strategy = choose_strategy(cfg.parallel.distributed, dist_info)
+        return _run(args, cfg, checkpoint, replicas, strategy, memory_lines)
+
+
+def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas, strategy,
+         memory_lines: list[str]) -> int:
+    from qlorakit.train.rewrites import fix_allocator
 
     # Before anything large is allocated: set after the model has loaded, the same threshold left the
     # training peak bimodal (docs/memory.md); train()'s rewrite table sets it again (idempotent).
@@ -108,13 +122,18 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.train.output_dir)
     if checkpoint is None:
         check_output_dir(run_dir, args.overwrite)
+    replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch: refused now
     tokenizer = load_tokenizer(cfg.model)
     train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
     # perplexity / MMLU inputs checked now
     evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
-    print(summary.format())
-    print(_plan(cfg, len(train_set), len(val_set), checkpoint))
-    print("\n".join(memory_lines))
+    if replicas.is_main:
+        print(summary.format())
+        print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+        print("\n".join(memory_lines))
+        if strategy is not None:
+            print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
+                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch")
     if args.dry_run:
         return 0
     import torch
@@ -125,10 +144,12 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
     model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
-    if checkpoint is None:
+    replicas.barrier("the barrier before the run directory is written")  # every rank has checked it
+    if checkpoint is None and replicas.is_main:
         _prepare_run_dir(run_dir, args.overwrite)
         why = "".join(f"# {line.strip()}\n" for line in memory_lines)  # the planner's reasons, as comments
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg) + why)
+    replicas.barrier("the barrier after the run directory is written")
     try:
         result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
                        progress=not args.no_progress, evaluator=evaluator)
@@ -138,7 +159,11 @@ def run(args: argparse.Namespace) -> int:
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} after step {result.steps}/{result.total_steps}; {_resume_hint(run_dir)}")
         return exit_code(signal.Signals[result.stopped_by])
-    print(finish_run(model, tokenizer, result, summary))
+    if replicas.is_main:
+        print(finish_run(model, tokenizer, result, summary))
+        if replicas.world > 1:
+            print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
+    replicas.barrier("the barrier after the final adapter")
     return 0
 
 

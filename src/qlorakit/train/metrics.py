@@ -54,6 +54,19 @@ class MetricsLog:
             fsync_path(self.path)
 
 
+class NoLog:
+    """The log of a rank other than 0 in a multi-process run: rank 0 alone writes ``metrics.jsonl``."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        """Nothing to close: this rank writes no rows."""
+
+    def sync(self) -> None:
+        pass
+
+
 def _readable_rows(path: Path) -> list[dict]:
     """The rows of ``path`` that parse (a process killed mid-write leaves a torn last line)."""
     rows = []
