@@ -1,4 +1,5 @@
-"""A tiny NF4 Llama with SmolLM2's tokenizer, three random adapters, and servers on 127.0.0.1 (ephemeral port).
+"""A tiny NF4 Llama with a small chat tokenizer (``tests.helpers.tiny_tokenizer``), three random adapters,
+and servers on 127.0.0.1 with an ephemeral port.
 
 ``server`` has adapters ``x`` and ``y`` and an API key; ``reference`` is a second copy of the same base and
 adapters for decoding requests one at a time (``generate_text``), the oracle of the server's answers.
@@ -23,19 +24,17 @@ from qlorakit.models import load_model, load_tokenizer  # noqa: E402
 from qlorakit.serve.config import ServeConfig  # noqa: E402
 from qlorakit.serve.runner import BackgroundServer, build_engine  # noqa: E402
 from tests.helpers.lora import randomize_lora_b  # noqa: E402
+from tests.helpers.tiny_tokenizer import tiny_chat_tokenizer  # noqa: E402
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KEY = "test-key"
 BASE_ID = "tiny"
 LIMITS = {"max_body_bytes": 32_768, "max_prompt_tokens": 200, "max_tokens_limit": 1500, "default_max_tokens": 12}
 
 
 @pytest.fixture(scope="session")
-def base_dir(shared_dir, save_tiny_llama) -> Path:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(shared_dir / "models" / "smollm2-135m-instruct"), gguf_file=GGUF)
-    return save_tiny_llama("serve-base", tokenizer, vocab_size=len(tokenizer))
+def base_dir(save_tiny_llama) -> Path:
+    tokenizer = tiny_chat_tokenizer()
+    return save_tiny_llama("serve-base", tokenizer, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
 
 
 @pytest.fixture(scope="session")
