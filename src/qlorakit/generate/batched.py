@@ -96,6 +96,9 @@ class BatchDecoder:
     """Prefill one sequence at a time, then decode any set of sequences one token each per ``step``."""
 
     def __init__(self, model: Any) -> None:
+        reason = unsupported_reason(model, 1)
+        if reason is not None:
+            raise ConfigError(f"the batched decoder cannot run this model: {reason}")
         self.model = model
         self.rows = RowAdapters()
         self.lean = LeanDecoder(model, 0, bind=lambda module: bind_rows(module, self.rows))

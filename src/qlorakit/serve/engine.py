@@ -184,8 +184,10 @@ class Engine:
             for function, future in commands:
                 self._run_command(function, future)
             self._turn(admit)
-        for active in self._running:
-            active.job.emit(("error", "the server is shutting down"))
+        with self._cond:
+            left, self._pending = [a.job for a in self._running] + list(self._pending), deque()
+        for job in left:
+            job.emit(("error", "the server is shutting down"))
         self._running = []
 
     def _run_command(self, function: Callable[[], Any], future: Future) -> None:
