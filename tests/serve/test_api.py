@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import openai
@@ -121,8 +122,12 @@ def test_an_adapter_that_does_not_fit_the_base_is_refused(server, tmp_path):
     assert httpx.get(server.url + "/health").json()["adapters"] == ["x", "y"]
 
 
-def test_health_and_prometheus_metrics(client, server):
+def test_health_metrics_and_one_log_line_per_request(client, server, caplog):
+    caplog.set_level(logging.INFO, logger="qlorakit.serve")
     _chat(client, BASE_ID, max_tokens=3)
+    lines = [r.getMessage() for r in caplog.records if r.name == "qlorakit.serve"]
+    assert len(lines) == 1 and lines[0].startswith(f"chat adapter={BASE_ID} status=200 prompt_tokens=")
+    assert "completion_tokens=" in lines[0] and "latency_ms=" in lines[0] and "queue_ms=" in lines[0]
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["adapters"] == ["x", "y"]
     text = httpx.get(server.url + "/metrics").text

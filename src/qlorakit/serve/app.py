@@ -110,9 +110,9 @@ class _Server:
         """One log line and the request counter for every answered request."""
         self.metrics.add("qlorakit_requests_total", endpoint=endpoint, model=model, status=str(status))
         if outcome is None:
-            log.info("%s model=%s status=%d %s", endpoint, model, status, note)
+            log.info("%s adapter=%s status=%d %s", endpoint, model, status, note)
             return
-        log.info("%s model=%s status=%d prompt_tokens=%d completion_tokens=%d latency_ms=%.1f queue_ms=%.1f "
+        log.info("%s adapter=%s status=%d prompt_tokens=%d completion_tokens=%d latency_ms=%.1f queue_ms=%.1f "
                  "finish=%s%s", endpoint, model, status, outcome.prompt_tokens, outcome.completion_tokens,
                  outcome.seconds * 1000, outcome.queue_seconds * 1000, outcome.finish_reason,
                  f" {note}" if note else "")
