@@ -23,13 +23,15 @@ from qlorakit.cli import (
     plan_cmd,
     plot_cmd,
     quant_report,
+    serve_cmd,
     train_cmd,
 )
 from qlorakit.errors import QlorakitError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[ModuleType, ...] = (
-    train_cmd, merge_cmd, export_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd, plan_cmd,
+    train_cmd, merge_cmd, export_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd, serve_cmd,
+    plan_cmd,
 )
 
 
