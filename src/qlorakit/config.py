@@ -2,10 +2,10 @@
 
 A run's config (``RunConfig``) has one section per concern: ``quant`` (the 4-bit base), ``lora`` (the
 adapters), ``data``, ``train`` (the loop: steps, batch, seed, saving, logging, compute dtype), ``optim``
-(optimizer and schedule), ``memory`` (memory and speed choices inside a step) and ``eval`` (evaluation
-during training). Each section validates itself on construction and names the offending field;
-``from_dict`` builds one from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. A file written
-before the sections existed (optimizer, memory and evaluation keys under ``train:``) still loads:
+(optimizer and schedule), ``memory`` (memory and speed choices inside a step), ``eval`` (evaluation
+during training) and ``objective`` (SFT, DPO or ORPO). Each section validates itself on construction and
+names the offending field; ``from_dict`` builds one from a plain mapping (YAML/JSON/CLI) and rejects unknown
+keys. A file written before the sections existed (optimizer, memory and evaluation keys under ``train:``) still loads:
 ``upgrade_layout`` moves each such key to its section with one deprecation message. Defaults follow the
 QLoRA paper's released training script (see DESIGN.md, "Training defaults"); allowed values live in
 ``qlorakit.constants``.
@@ -24,11 +24,13 @@ from qlorakit.constants import (
     BLOCKSIZES,
     COMPUTE_DTYPES,
     DATA_FORMATS,
+    DPO_REFERENCES,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_TYPES,
     SCHEDULERS,
+    TRAIN_METHODS,
 )
 from qlorakit.errors import ConfigError
 
@@ -158,7 +160,7 @@ class DataConfig:
     paths: tuple[str, ...] = opt(
         (), "training data files (JSON, JSONL, CSV, Parquet, TXT); default: the bundled OASST1 sample"
     )
-    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text")
+    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text, preference")
     source_max_len: int = opt(1024, "max prompt tokens (longer prompts are truncated and counted)")
     target_max_len: int = opt(256, "max answer tokens per assistant turn (truncated and counted)")
     max_seq_len: int = opt(0, "max tokens of a whole example, 0 = source + target max (truncated and counted)")
@@ -313,11 +315,34 @@ class EvalConfig:
                 _fail("EvalConfig", name, getattr(self, name), "must be a path or ''")
 
 
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What a step minimizes (``train.preference``, docs/preference.md): ``sft`` (the token-mean cross-entropy of
+    the answers), ``dpo`` (Rafailov et al. 2023, sigmoid loss, the reference being the base with the adapters
+    off) or ``orpo`` (Hong et al. 2024: the chosen answers' cross-entropy plus ``orpo_beta`` times the
+    odds-ratio term; no reference). DPO and ORPO train on ``preference`` data (prompt, chosen, rejected)."""
+
+    method: str = opt("sft", "training objective: sft, dpo or orpo (dpo/orpo need preference data)")
+    dpo_beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL penalty towards the reference")
+    dpo_reference: str = opt("cached", "DPO reference log-probs: cached (once, before the first step, for every "
+                             "pair) or same-step (a no-grad forward with adapters off in every step)")
+    orpo_beta: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term beside the chosen answers' NLL")
+
+    def __post_init__(self) -> None:
+        _choice_field(self, "method", TRAIN_METHODS)
+        _choice_field(self, "dpo_reference", DPO_REFERENCES)
+        for name in ("dpo_beta", "orpo_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                _fail("ObjectiveConfig", name, value, "must be a number > 0")
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 #: The sections of ``RunConfig`` (and of a config file), in the order ``config.yaml`` writes them.
 SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
-                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig}
+                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig,
+                             "objective": ObjectiveConfig}
 
 #: Keys that lived under ``train:`` before the config had sections -> their section now.
 MOVED_FROM_TRAIN: dict[str, str] = {f.name: section for section in ("optim", "memory", "eval")
@@ -338,6 +363,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
@@ -397,6 +423,7 @@ __all__ = [
     "EvalConfig",
     "LoraConfig",
     "MemoryConfig",
+    "ObjectiveConfig",
     "OptimConfig",
     "QuantConfig",
     "RunConfig",

@@ -166,6 +166,7 @@ class Run:
     last_step: int  # this session ends after this step (total_steps, or earlier with stop_after_steps)
     stop: StopSignals  # the first SIGINT/SIGTERM received, if any
     evaluator: Callable[[torch.nn.Module], dict] | None = None
+    objective: object | None = None  # a train.objective.PreferenceObjective for dpo / orpo; None = SFT
 
 
 def train(
@@ -179,6 +180,7 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     evaluator: Callable[[torch.nn.Module], dict] | None = None,
+    objective=None,
 ) -> TrainResult:
     """Train ``model``'s trainable (LoRA) parameters; see the module docstring for the loss.
 
@@ -187,7 +189,8 @@ def train(
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
     logged with the step at each evaluation after a step. A SIGINT/SIGTERM (``cfg.train.save_on_preempt``)
     ends the session after the current step and its checkpoint, with ``TrainResult.stopped_by`` set
-    (``train.preempt``).
+    (``train.preempt``). ``objective`` (``train.objective.PreferenceObjective``) replaces the SFT loss with DPO /
+    ORPO on pairs (``data.pairs``); everything else in the loop stays the same.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +200,9 @@ def train(
         applied.report(run_dir)  # every model/process rewrite, listed and logged (train.rewrites)
         run = _start(model, train_set, val_set, collate, cfg, run_dir, resume_from=resume_from,
                      stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop)
+        if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0
+            run.objective = objective
+            objective.prepare(model, [train_set, val_set], collate, run.device)
         if val_set and resume_from is None:
             _eval_and_log(run)  # the held-out loss before any update (step 0)
         model.train()
@@ -219,7 +225,8 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log;
     fails before the first step when one checkpoint does not fit on the disk."""
     device = next(p for p in model.parameters()).device
-    stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], cfg.train.batch_size, cfg.data.seed,
+    lengths = train_set.lengths if hasattr(train_set, "lengths") else [len(x["input_ids"]) for x in train_set]
+    stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed,
                               cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
     state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
@@ -287,6 +294,8 @@ def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
 
 def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens); returns (loss, input tokens)."""
+    if run.objective is not None:  # DPO / ORPO: the mean loss over the step's pairs (train.objective)
+        return run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches], run.train_set)
     n_target = max(sum(target_tokens(b) for b in batches), 1)
     total, tokens = 0.0, 0
     for batch in batches:
@@ -346,6 +355,8 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     state = run.state
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
+    if run.objective is not None:
+        row.update(run.objective.last_metrics)  # rewards/..., logps/... under TRL's names
     if skipped:
         row["skipped"] = skipped
     if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped:
@@ -386,6 +397,11 @@ def _maybe_eval_and_save(run: Run) -> None:
 
 
 def _eval_and_log(run: Run) -> None:
+    if run.objective is not None:  # eval_loss and eval_rewards/... over the held-out pairs
+        metrics = run.objective.evaluate(run.model, run.val_set, run.collate, run.device)
+        run.result.eval_losses.append((run.state.step, metrics["eval_loss"]))
+        run.log.write({"step": run.state.step, **metrics})
+        return
     loss, count = evaluate(run.model, run.val_set, run.collate, run.cfg.train.batch_size, run.device)
     run.result.eval_losses.append((run.state.step, loss))
     run.log.write({"step": run.state.step, "eval_loss": loss, "eval_tokens": count})
