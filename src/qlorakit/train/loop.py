@@ -202,7 +202,9 @@ def train(
                      stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop)
         if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0
             run.objective = objective
-            objective.prepare(model, [train_set, val_set], collate, run.device)
+            prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
+            if prepared:
+                run.log.write({"step": run.state.step, **prepared})
         if val_set and resume_from is None:
             _eval_and_log(run)  # the held-out loss before any update (step 0)
         model.train()

@@ -14,6 +14,7 @@ docs/preference.md has the measured speeds of both.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -39,10 +40,12 @@ class PreferenceObjective:
     def cached(self) -> bool:
         return self.cfg.method == "dpo" and self.cfg.dpo_reference == "cached"
 
-    def prepare(self, model, datasets: Sequence[Sequence[dict]], collate: Callable, device) -> None:
-        """Score the reference log-probs of every pair of ``datasets`` once (``cached`` DPO only)."""
+    def prepare(self, model, datasets: Sequence[Sequence[dict]], collate: Callable, device) -> dict[str, float]:
+        """Score the reference log-probs of every pair of ``datasets`` once (``cached`` DPO only); returns what
+        it did (``reference_pairs``, ``reference_cache_s``) for the metrics log, or {} when nothing was cached."""
         if not self.cached:
-            return
+            return {}
+        started, pairs = time.perf_counter(), 0
         for dataset in datasets:
             if not len(dataset) or id(dataset) in self.cache:
                 continue
@@ -50,6 +53,8 @@ class PreferenceObjective:
             for batch in _batches(dataset, collate, self.eval_batch, device):
                 table[batch["pair_index"].cpu()] = self._reference(model, batch, eval_mode=True).cpu()
             self.cache[id(dataset)] = table
+            pairs += len(dataset)
+        return {"reference_pairs": pairs, "reference_cache_s": round(time.perf_counter() - started, 4)}
 
     def _reference(self, model, batch: Batch, eval_mode: bool = False) -> torch.Tensor:
         """(B, 2) reference log-probs of a batch's pairs: the base alone, no grad."""
