@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig
-from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
+from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, TRAIN_METHODS
 from qlorakit.errors import ConfigError
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
@@ -94,8 +94,11 @@ class PlanSettings:
     mmap_threshold_kib: int = MemoryConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     quant: QuantConfig = field(default_factory=QuantConfig)
+    method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
 
     def __post_init__(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(f"PlanSettings.method = {self.method!r}: choose one of {TRAIN_METHODS}")
         for name in ("seq_len", "batch_size", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,6 +119,11 @@ class PlanSettings:
                               f"choose from {COMPUTE_DTYPES} (compute_dtype may also be auto)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"PlanSettings.lora_dropout = {self.lora_dropout!r}: must be in [0, 1)")
+
+    @property
+    def rows(self) -> int:
+        """Sequences in one micro-batch: ``batch_size``, twice that for DPO / ORPO pairs (``data.pairs``)."""
+        return self.batch_size * (1 if self.method == "sft" else 2)
 
     @property
     def compute(self) -> str:
@@ -224,7 +232,7 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
         out.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
         return out
-    row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
+    row = s.rows * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
     if row < s.mmap_threshold_kib * 1024:
         out.append(Part("small_block_heap", int(CPU_SMALL_BLOCK_HEAP_ROWS * shape.num_layers * row),
                         f"glibc heap kept after step 1: (B, T, d) blocks of {row / 1024:,.0f} KiB are under the "
@@ -305,14 +313,14 @@ def lora_input_bytes_per_layer(shape: ModelShape, s: PlanSettings) -> int:
     """Adapter inputs one block keeps for backward (each adapter's own copy) and the ``r``-wide middles."""
     lb = DTYPE_BYTES[s.lora_dtype]
     adapted = [lin for lin in shape.linears if lin.adapted and lin.quantized]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     return tokens * sum((lin.in_features + s.lora_r) * lb for lin in adapted) // max(1, shape.num_layers)
 
 
 def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) -> int:
     """Tensors saved for backward (see the module docstring), with or without gradient checkpointing."""
     c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
     mlp = 3 if s.recompute_swiglu else 4  # gate, up, their product (+ SiLU(gate) without the recompute)
     block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
@@ -330,7 +338,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
 
 def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
     """The loss: one chunk of fp32 logits (+ temporary) and the target rows with their gradient, or full logits."""
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     if s.loss_chunk == 0:
         return LOGITS_FP32_COPIES * tokens * shape.vocab_size * 4
     rows = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.compute]
