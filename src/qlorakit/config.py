@@ -324,8 +324,9 @@ class ObjectiveConfig:
 
     method: str = opt("sft", "training objective: sft, dpo or orpo (dpo/orpo need preference data)")
     dpo_beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL penalty towards the reference")
-    dpo_reference: str = opt("cached", "DPO reference log-probs: cached (once, before the first step, for every "
-                             "pair) or same-step (a no-grad forward with adapters off in every step)")
+    dpo_reference: str = opt("auto", "DPO reference log-probs: cached (once, before the first step, for every "
+                             "pair), same-step (a no-grad forward with adapters off in every step and evaluation), "
+                             "or auto: whichever scores fewer pairs for this run (printed in the plan)")
     orpo_beta: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term beside the chosen answers' NLL")
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct"
 TRAIN_METHODS = ("sft", "dpo", "orpo")
 
 #: Where DPO's reference log-probabilities come from (``ObjectiveConfig.dpo_reference``).
-DPO_REFERENCES = ("cached", "same-step")
+DPO_REFERENCES = ("auto", "cached", "same-step")
 
 #: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``).
 LOSS_CHUNK_TOKENS = 256

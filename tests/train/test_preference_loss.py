@@ -145,3 +145,14 @@ def test_sequence_logps_equal_trl_get_batch_logps():
         trl_avg = orpo.ORPOTrainer.get_batch_logps(logits, batch["labels"], average_log_prob=True)
     torch.testing.assert_close(sums, trl_sum, **TOL)
     torch.testing.assert_close(sums / counts, trl_avg, **TOL)
+
+
+def test_auto_reference_picks_the_mode_with_fewer_reference_forwards():
+    from qlorakit.config import EvalConfig, RunConfig, TrainConfig
+    from qlorakit.train.objective import choose_reference
+
+    short = RunConfig(train=TrainConfig(max_steps=16, batch_size=4, grad_accum=1))  # 64 pairs visited
+    assert choose_reference(short, 128, 32)[0] == "same-step"  # 64 + 2 x 32 = 128 < 160
+    long = RunConfig(train=TrainConfig(epochs=2, batch_size=4, grad_accum=1), eval=EvalConfig(eval_steps=16))
+    choice, note = choose_reference(long, 128, 32)  # 64 steps x 4 + 5 evaluations x 32 = 416 > 160
+    assert choice == "cached" and "64 steps x 4 pairs + 5 evaluations x 32" in note

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
     print(summary.format())
     print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+    if objective is not None and objective.note:
+        print(objective.note)
     if args.dry_run:
         return 0
     import torch

@@ -14,6 +14,8 @@ docs/preference.md has the measured speeds of both.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,6 +37,7 @@ class PreferenceObjective:
         self.cfg, self.chunk_tokens, self.eval_batch = cfg, chunk_tokens, eval_batch
         self.cache: dict[int, torch.Tensor] = {}  # id(dataset) -> (n_pairs, 2) reference logps (chosen, rejected)
         self.last_metrics: dict[str, float] = {}
+        self.note = ""  # how an automatic choice was made (the reference mode), for the plan
 
     @property
     def cached(self) -> bool:
@@ -155,5 +158,27 @@ def preference_run_inputs(cfg, tokenizer) -> tuple[Sequence[dict], Sequence[dict
     from qlorakit.data.pairs import build_pair_datasets, pair_collate_fn
 
     train_set, val_set, summary = build_pair_datasets(cfg.data, tokenizer)
-    objective = PreferenceObjective(cfg.objective, cfg.memory.loss_chunk_tokens, eval_batch=cfg.train.batch_size)
+    objective_cfg, note = cfg.objective, ""
+    if cfg.objective.method == "dpo" and cfg.objective.dpo_reference == "auto":
+        reference, note = choose_reference(cfg, len(train_set), len(val_set))
+        objective_cfg = dataclasses.replace(cfg.objective, dpo_reference=reference)
+    objective = PreferenceObjective(objective_cfg, cfg.memory.loss_chunk_tokens, eval_batch=cfg.train.batch_size)
+    objective.note = note
     return train_set, val_set, summary, pair_collate_fn(tokenizer), objective
+
+
+def choose_reference(cfg, n_train: int, n_val: int) -> tuple[str, str]:
+    """``dpo_reference: auto``: the mode with fewer reference forwards, and why.
+
+    cached scores every train and held-out pair once; same-step scores each pair the steps visit, and the held-out
+    pairs at every evaluation. One pair costs about the same in both (docs/preference.md, benchmarks/dpo_reference.py).
+    """
+    t = cfg.train
+    per_step = t.batch_size * t.grad_accum
+    steps = t.max_steps or math.ceil(t.epochs * math.ceil(n_train / t.batch_size) / t.grad_accum)
+    every = cfg.eval.eval_steps
+    evals = (1 + (steps // every + (steps % every != 0) if every else 1)) if n_val else 0  # step 0, ..., the end
+    cached, same_step = n_train + n_val, steps * per_step + evals * n_val
+    choice = "cached" if cached <= same_step else "same-step"
+    return choice, (f"reference  {choice} (auto): cached scores {cached:,} pairs once, same-step {same_step:,} "
+                    f"({steps} steps x {per_step} pairs + {evals} evaluations x {n_val} held-out pairs)")
