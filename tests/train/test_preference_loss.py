@@ -156,3 +156,53 @@ def test_auto_reference_picks_the_mode_with_fewer_reference_forwards():
     long = RunConfig(train=TrainConfig(epochs=2, batch_size=4, grad_accum=1), eval=EvalConfig(eval_steps=16))
     choice, note = choose_reference(long, 128, 32)  # 64 steps x 4 + 5 evaluations x 32 = 416 > 160
     assert choice == "cached" and "64 steps x 4 pairs + 5 evaluations x 32" in note
+
+
+class _Gather:
+    device = torch.device("cpu")
+
+    def gather_for_metrics(self, x):
+        return x
+
+    gather = gather_for_metrics
+
+
+def test_dpo_loss_rewards_and_gradients_equal_trl_dpo_trainer():
+    """TRL 1.16 has no DPO loss function of log-probs: its ``DPOTrainer._compute_loss`` runs on a stub trainer
+    and a stub model that returns the per-token log-probs (``precompute_ref_logps`` gives the reference)."""
+    from collections import defaultdict
+
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    beta, pairs, width = 0.1, 3, 7
+    g = torch.Generator().manual_seed(11)
+    token_logps = -torch.rand(2 * pairs, width - 1, generator=g, dtype=torch.float64).float() * 3  # (2B, T-1)
+    completion = torch.zeros(2 * pairs, width, dtype=torch.long)
+    completion[:, 3:] = 1
+    completion[1, 5:] = 0  # a shorter completion
+    shift = completion[:, 1:].float()  # (2B, T-1)
+    ref = -torch.rand(2 * pairs, generator=g) * 10
+    leaf = token_logps.clone().requires_grad_(True)
+
+    def fake_model(**kwargs):
+        zeros = torch.zeros_like(leaf)
+        return SimpleNamespace(log_probs=leaf * shift, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    fake_model.training = True
+    stub = SimpleNamespace(model=fake_model, accelerator=_Gather(), aux_loss_enabled=False, ld_alpha=None,
+                           precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=["sigmoid"],
+                           loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
+                           _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    inputs = {"input_ids": torch.zeros(2 * pairs, width, dtype=torch.long),
+              "attention_mask": torch.ones_like(completion), "completion_mask": completion, "ref_chosen_logps": ref[:pairs], "ref_rejected_logps": ref[pairs:]}
+    trl_loss = trl_dpo.DPOTrainer._compute_loss(stub, fake_model, inputs, return_outputs=False)
+    trl_loss.backward()
+    trl_grad, leaf.grad = leaf.grad.clone(), None
+    sums = (leaf * shift).sum(1)  # (2B,)
+    losses, r_w, r_l = dpo_loss(sums[:pairs], sums[pairs:], ref[:pairs], ref[pairs:], beta)
+    losses.mean().backward()
+    torch.testing.assert_close(losses.mean(), trl_loss, **TOL)
+    torch.testing.assert_close(leaf.grad, trl_grad, **TOL)
+    metrics = stub._metrics["train"]
+    for name, ours in (("rewards/chosen", r_w.mean()), ("rewards/rejected", r_l.mean()),
+                       ("rewards/margins", (r_w - r_l).mean()), ("rewards/accuracies", (r_w > r_l).float().mean())):
+        assert metrics[name][-1] == pytest.approx(float(ours), rel=1e-5, abs=1e-6), name
