@@ -193,7 +193,8 @@ def test_dpo_loss_rewards_and_gradients_equal_trl_dpo_trainer():
                            loss_weights=[1.0], beta=beta, use_weighting=False, label_smoothing=0.0,
                            _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros(2 * pairs, width, dtype=torch.long),
-              "attention_mask": torch.ones_like(completion), "completion_mask": completion, "ref_chosen_logps": ref[:pairs], "ref_rejected_logps": ref[pairs:]}
+              "attention_mask": torch.ones_like(completion), "completion_mask": completion,
+              "ref_chosen_logps": ref[:pairs], "ref_rejected_logps": ref[pairs:]}
     trl_loss = trl_dpo.DPOTrainer._compute_loss(stub, fake_model, inputs, return_outputs=False)
     trl_loss.backward()
     trl_grad, leaf.grad = leaf.grad.clone(), None
