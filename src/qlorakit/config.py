@@ -3,8 +3,8 @@
 A run's config (``RunConfig``) has one section per concern: ``quant`` (the 4-bit base), ``lora`` (the
 adapters), ``data``, ``train`` (the loop: steps, batch, seed, saving, logging, compute dtype), ``optim``
 (optimizer and schedule), ``memory`` (memory and speed choices inside a step), ``eval`` (evaluation
-during training) and ``parallel`` (several processes under torchrun). Each section validates itself on
-construction and names the offending field;
+during training), ``parallel`` (several processes under torchrun) and ``objective`` (SFT, DPO or ORPO).
+Each section validates itself on construction and names the offending field;
 ``from_dict`` builds one from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. A file written
 before the sections existed (optimizer, memory and evaluation keys under ``train:``) still loads:
 ``upgrade_layout`` moves each such key to its section with one deprecation message. Defaults follow the
@@ -27,12 +27,14 @@ from qlorakit.constants import (
     DATA_FORMATS,
     DIST_TIMEOUT_S,
     DISTRIBUTED_STRATEGIES,
+    DPO_REFERENCES,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_TYPES,
     REPORT_TARGETS,
     SCHEDULERS,
+    TRAIN_METHODS,
 )
 from qlorakit.errors import ConfigError
 
@@ -181,7 +183,7 @@ class DataConfig:
     paths: tuple[str, ...] = opt(
         (), "training data files (JSON, JSONL, CSV, Parquet, TXT); default: the bundled OASST1 sample"
     )
-    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text")
+    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text, preference")
     source_max_len: int = opt(1024, "max prompt tokens (longer prompts are truncated and counted)")
     target_max_len: int = opt(256, "max answer tokens per assistant turn (truncated and counted)")
     max_seq_len: int = opt(0, "max tokens of a whole example, 0 = source + target max (truncated and counted)")
@@ -361,12 +363,35 @@ class ParallelConfig:
         _int_field(self, "dist_timeout_s", 1)
 
 
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What a step minimizes (``train.preference``, docs/preference.md): ``sft`` (the token-mean cross-entropy of
+    the answers), ``dpo`` (Rafailov et al. 2023, sigmoid loss, the reference being the base with the adapters
+    off) or ``orpo`` (Hong et al. 2024: the chosen answers' cross-entropy plus ``orpo_beta`` times the
+    odds-ratio term; no reference). DPO and ORPO train on ``preference`` data (prompt, chosen, rejected)."""
+
+    method: str = opt("sft", "training objective: sft, dpo or orpo (dpo/orpo need preference data)")
+    dpo_beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL penalty towards the reference")
+    dpo_reference: str = opt("auto", "DPO reference log-probs: cached (once, before the first step, for every "
+                             "pair), same-step (a no-grad forward with adapters off in every step and evaluation), "
+                             "or auto: whichever scores fewer pairs for this run (printed in the plan)")
+    orpo_beta: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term beside the chosen answers' NLL")
+
+    def __post_init__(self) -> None:
+        _choice_field(self, "method", TRAIN_METHODS)
+        _choice_field(self, "dpo_reference", DPO_REFERENCES)
+        for name in ("dpo_beta", "orpo_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                _fail("ObjectiveConfig", name, value, "must be a number > 0")
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 #: The sections of ``RunConfig`` (and of a config file), in the order ``config.yaml`` writes them.
 SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
                              "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig,
-                             "parallel": ParallelConfig}
+                             "parallel": ParallelConfig, "objective": ObjectiveConfig}
 
 #: Keys that lived under ``train:`` before the config had sections -> their section now.
 MOVED_FROM_TRAIN: dict[str, str] = {f.name: section for section in ("optim", "memory", "eval")
@@ -388,6 +413,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
@@ -447,6 +473,7 @@ __all__ = [
     "EvalConfig",
     "LoraConfig",
     "MemoryConfig",
+    "ObjectiveConfig",
     "OptimConfig",
     "ParallelConfig",
     "QuantConfig",

@@ -22,7 +22,13 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LORA_INITS = ("default", "gaussian", "zeros")
 
 #: Training data formats (``DataConfig.format``; ``qlorakit.data.formats``).
-DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
+DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text", "preference")
+
+#: Training objectives (``ObjectiveConfig.method``; ``qlorakit.train.preference``): supervised fine-tuning, DPO, ORPO.
+TRAIN_METHODS = ("sft", "dpo", "orpo")
+
+#: Where DPO's reference log-probabilities come from (``ObjectiveConfig.dpo_reference``).
+DPO_REFERENCES = ("auto", "cached", "same-step")
 
 #: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``).
 LOSS_CHUNK_TOKENS = 256

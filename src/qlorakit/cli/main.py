@@ -15,6 +15,7 @@ from types import ModuleType
 from qlorakit import __version__
 from qlorakit.cli import (
     chat_cmd,
+    data_cmd,
     eval_cmd,
     export_cmd,
     generate_cmd,
@@ -31,7 +32,7 @@ from qlorakit.errors import QlorakitError
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[ModuleType, ...] = (
     train_cmd, merge_cmd, export_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd, serve_cmd,
-    plan_cmd,
+    plan_cmd, data_cmd,
 )
 
 

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from qlorakit.config import MemoryConfig
-from qlorakit.constants import COMPUTE_DTYPES, LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, QUANT_TYPES
+from qlorakit.constants import COMPUTE_DTYPES, LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, QUANT_TYPES, TRAIN_METHODS
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,6 +29,8 @@ def add_parser(subparsers: Any) -> None:
                    help="7b|13b|33b|65b, config.json, directory, .gguf, alias")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default: %(default)s)")
+    p.add_argument("--method", choices=TRAIN_METHODS, default="sft",
+                   help="sft, or dpo / orpo: --batch counts pairs, each two sequences (default: %(default)s)")
     p.add_argument("--r", type=int, default=64, help="LoRA rank (default: %(default)s)")
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear, q_proj,v_proj or re:<regex>")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default: %(default)s)")
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
         mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
+        method=args.method,
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
     if args.world_size != 1:

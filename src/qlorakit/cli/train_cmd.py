@@ -124,12 +124,20 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         check_output_dir(run_dir, args.overwrite)
     replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch: refused now
     tokenizer = load_tokenizer(cfg.model)
-    train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
+    if cfg.objective.method == "sft":
+        train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
+        collate, objective = collate_fn(tokenizer), None
+    else:  # dpo / orpo on preference pairs (train.objective, docs/preference.md)
+        from qlorakit.train.objective import preference_run_inputs
+
+        train_set, val_set, summary, collate, objective = preference_run_inputs(cfg, tokenizer)
     # perplexity / MMLU inputs checked now
     evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
     if replicas.is_main:
         print(summary.format())
         print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+        if objective is not None and objective.note:
+            print(objective.note)
         print("\n".join(memory_lines))
         if strategy is not None:
             print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
@@ -151,8 +159,8 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg) + why)
     replicas.barrier("the barrier after the run directory is written")
     try:
-        result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
-                       progress=not args.no_progress, evaluator=evaluator)
+        result = train(model, train_set, val_set, collate, cfg, run_dir, checkpoint,
+                       progress=not args.no_progress, evaluator=evaluator, objective=objective)
     except KeyboardInterrupt:
         print(f"stopped at once; {_resume_hint(run_dir)}")
         return exit_code(signal.SIGINT)
@@ -207,6 +215,7 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
+        _objective_line(cfg),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
         (f"safety     checkpoint {f'every {t.save_steps} steps' if t.save_steps else 'at the end'}, keep "
          f"{t.save_total_limit or 'all'}; "
@@ -214,6 +223,14 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
          f"stop after {t.max_bad_steps} non-finite steps in a row"),
     ]
     return "\n".join(lines)
+
+
+def _objective_line(cfg: RunConfig) -> str:
+    o = cfg.objective
+    detail = {"sft": "token-mean cross-entropy of the answers",
+              "dpo": f"DPO sigmoid loss, beta {o.dpo_beta}, reference = base with adapters off ({o.dpo_reference})",
+              "orpo": f"ORPO, chosen NLL + {o.orpo_beta} x odds-ratio term, no reference"}[o.method]
+    return f"objective  {o.method}: {detail}"
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

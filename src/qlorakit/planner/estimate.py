@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig
-from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
+from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, TRAIN_METHODS
 from qlorakit.errors import ConfigError
 from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
@@ -103,8 +103,11 @@ class PlanSettings:
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
     quant: QuantConfig = field(default_factory=QuantConfig)
+    method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
 
     def __post_init__(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(f"PlanSettings.method = {self.method!r}: choose one of {TRAIN_METHODS}")
         for name in ("seq_len", "batch_size", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -125,6 +128,11 @@ class PlanSettings:
                               f"choose from {COMPUTE_DTYPES} (compute_dtype may also be auto)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"PlanSettings.lora_dropout = {self.lora_dropout!r}: must be in [0, 1)")
+
+    @property
+    def rows(self) -> int:
+        """Sequences in one micro-batch: ``batch_size``, twice that for DPO / ORPO pairs (``data.pairs``)."""
+        return self.batch_size * (1 if self.method == "sft" else 2)
 
     @property
     def compute(self) -> str:
@@ -238,7 +246,7 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
         out.append(Part("heap_retention", retention,
                         f"glibc heap kept with a dynamic mmap threshold (calibrated){trimmed}"))
         return out
-    row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
+    row = s.rows * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
     if row < s.mmap_threshold_kib * 1024:
         out.append(Part("small_block_heap", int(CPU_SMALL_BLOCK_HEAP_ROWS * shape.num_layers * row),
                         f"glibc heap kept after step 1: (B, T, d) blocks of {row / 1024:,.0f} KiB are under the "
@@ -325,14 +333,14 @@ def lora_input_bytes_per_layer(shape: ModelShape, s: PlanSettings) -> int:
     """Adapter inputs one block keeps for backward (each adapter's own copy) and the ``r``-wide middles."""
     lb = DTYPE_BYTES[s.lora_dtype]
     adapted = [lin for lin in shape.linears if lin.adapted and lin.quantized]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     return tokens * sum((lin.in_features + s.lora_r) * lb for lin in adapted) // max(1, shape.num_layers)
 
 
 def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) -> int:
     """Tensors saved for backward (see the module docstring), with or without gradient checkpointing."""
     c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
     mlp = 3 if s.recompute_swiglu else 4  # gate, up, their product (+ SiLU(gate) without the recompute)
     block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
@@ -363,7 +371,7 @@ def input_copies(adapted: list[LinearShape], fused: bool) -> list[int]:
 
 def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
     """The loss: one chunk of fp32 logits (+ temporary) and the target rows with their gradient, or full logits."""
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     if s.loss_chunk == 0:
         return LOGITS_FP32_COPIES * tokens * shape.vocab_size * 4
     rows = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.compute]

@@ -187,6 +187,7 @@ class Run:
     def stopped_by(self) -> str | None:
         """The stop signal's name: this rank's own, or the one another rank received."""
         return self.stop.name or (signal.Signals(self.stop_agreed).name if self.stop_agreed else None)
+    objective: object | None = None  # a train.objective.PreferenceObjective for dpo / orpo; None = SFT
 
 
 def train(
@@ -200,6 +201,7 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     evaluator: Callable[[torch.nn.Module], dict] | None = None,
+    objective=None,
 ) -> TrainResult:
     """Train ``model``'s trainable (LoRA) parameters; see the module docstring for the loss.
 
@@ -208,7 +210,8 @@ def train(
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
     logged with the step at each evaluation after a step. A SIGINT/SIGTERM (``cfg.train.save_on_preempt``)
     ends the session after the current step and its checkpoint, with ``TrainResult.stopped_by`` set
-    (``train.preempt``).
+    (``train.preempt``). ``objective`` (``train.objective.PreferenceObjective``) replaces the SFT loss with DPO /
+    ORPO on pairs (``data.pairs``); everything else in the loop stays the same.
     """
     run_dir = Path(run_dir)
     replicas = Replicas(current(cfg.parallel.dist_timeout_s))  # rank 0 alone writes the run directory
@@ -220,6 +223,14 @@ def train(
             applied.report(run_dir)  # every model/process rewrite, listed and logged (train.rewrites)
         run = _start(model, train_set, val_set, collate, cfg, run_dir, resume_from=resume_from,
                      stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop, replicas=replicas)
+        if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0
+            if replicas.dist.enabled:
+                raise ConfigError(f"--method {cfg.objective.method} under torchrun is not supported yet: "
+                                  "train preference pairs in one process")
+            run.objective = objective
+            prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
+            if prepared:
+                run.log.write({"step": run.state.step, **prepared})
         if val_set and resume_from is None:
             _eval_and_log(run)  # the held-out loss before any update (step 0)
         model.train()
@@ -245,7 +256,7 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log;
     fails before the first step when one checkpoint does not fit on the disk, or when the ranks disagree."""
     device = next(p for p in model.parameters()).device
-    lengths = [len(x["input_ids"]) for x in train_set]
+    lengths = train_set.lengths if hasattr(train_set, "lengths") else [len(x["input_ids"]) for x in train_set]
     replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch is refused
     replicas.check_same(run_fingerprint(cfg, lengths))  # every rank has the same config and data
     stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed, cfg.data.group_by_length)
@@ -323,6 +334,8 @@ def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor] | None]:
 def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -> tuple[float, int]:
     """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens, of all ranks); returns the
     step's (loss, input tokens), summed over the ranks, whose adapter gradients are summed too."""
+    if run.objective is not None:  # DPO / ORPO (one process): the mean loss over the step's pairs (train.objective)
+        return run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches], run.train_set)
     replicas, batches = run.replicas, [b for b in batches if b is not None]
     n_target = sum(target_tokens(b) for b in batches)
     if replicas.dist.enabled:
@@ -390,6 +403,8 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     state = run.state
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
+    if run.objective is not None:
+        row.update(run.objective.last_metrics)  # rewards/..., logps/... under TRL's names
     if skipped:
         row["skipped"] = skipped
     if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped:
@@ -451,6 +466,11 @@ def _rank_rng(replicas: Replicas) -> dict[str, torch.Tensor]:
 
 
 def _eval_and_log(run: Run) -> None:
+    if run.objective is not None:  # eval_loss and eval_rewards/... over the held-out pairs
+        metrics = run.objective.evaluate(run.model, run.val_set, run.collate, run.device)
+        run.result.eval_losses.append((run.state.step, metrics["eval_loss"]))
+        run.log.write({"step": run.state.step, **metrics})
+        return
     replicas, batch_size = run.replicas, run.cfg.train.batch_size
     if replicas.dist.enabled:  # each rank scores every world-th example; the token-weighted sums are added up
         mine = [run.val_set[i] for i in range(replicas.dist.rank, len(run.val_set), replicas.world)]
