@@ -71,6 +71,7 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
             raise ConfigError(f"--resume {run_dir}: {why}; nothing to resume from: start the run again")
         base = load_config_file(run_dir / "config.yaml")
         base.setdefault("train", {})["output_dir"] = str(run_dir)
+        base.setdefault("data", {}).setdefault("packing", False)  # a run from before packing resumes unpacked
         return run_config_from_args(args, base), checkpoint
     return run_config_from_args(args, QUICKSTART if _is_quickstart(args) else None), None
 

@@ -10,7 +10,8 @@ the gradient of ``L``.
 
 The data is one stream of micro-batches across epochs: epoch ``e`` is ``batch_order(..., epoch=e)``, and
 the trainer's only data position is ``micro_index`` (micro-batches consumed), so resuming from a
-checkpoint continues the same stream, even across an epoch boundary.
+checkpoint continues the same stream, even across an epoch boundary. With packing (``train.packed``) the
+items of the stream are packed rows, which depend only on the data and ``max_seq_len``, so this still holds.
 
 Read it in order: ``train`` applies the rewrites (``train.rewrites``) and installs the stop signals
 (``train.preempt``), ``_start`` builds the ``Run`` (the state every step reads and updates), and ``step`` is
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from qlorakit.config import RunConfig
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
+from qlorakit.data.packing import real_tokens
 from qlorakit.errors import ConfigError, TrainingDivergedError
 from qlorakit.fileio import remove_stale
 from qlorakit.hardware import peak_rss_mb
@@ -53,6 +55,7 @@ from qlorakit.train.checkpoint import (
 from qlorakit.train.faults import pause_point
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog
+from qlorakit.train.packed import pack_for_training
 from qlorakit.train.preempt import StopSignals
 
 
@@ -166,6 +169,8 @@ class Run:
     last_step: int  # this session ends after this step (total_steps, or earlier with stop_after_steps)
     stop: StopSignals  # the first SIGINT/SIGTERM received, if any
     evaluator: Callable[[torch.nn.Module], dict] | None = None
+    train_collate: Callable | None = None  # packed rows' collate (train.packed); None: ``collate``
+    padding_fraction: float = 0.0  # padding share of the last step's micro-batches
 
 
 def train(
@@ -219,7 +224,9 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log;
     fails before the first step when one checkpoint does not fit on the disk."""
     device = next(p for p in model.parameters()).device
-    stream = MicroBatchStream([len(x["input_ids"]) for x in train_set], cfg.train.batch_size, cfg.data.seed,
+    train_set, train_collate = pack_for_training(model, train_set, collate, cfg, run_dir)  # rows, or as given
+    lengths = getattr(train_set, "lengths", None) or [len(x["input_ids"]) for x in train_set]
+    stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed,
                               cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
     state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
@@ -234,7 +241,7 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               stop=stop, evaluator=evaluator)
+               stop=stop, evaluator=evaluator, train_collate=train_collate)
 
 
 def _checkpoints_at_once(cfg: RunConfig, total_steps: int) -> int:
@@ -278,23 +285,26 @@ def _set_lr(run: Run) -> None:
 
 def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
     batches = []
+    collate = run.train_collate or run.collate
     for _ in range(run.cfg.train.grad_accum):
         _, indices = run.stream.at(run.state.micro_index)
-        batches.append(run.collate([run.train_set[i] for i in indices]))
+        batches.append(collate([run.train_set[i] for i in indices]))
         run.state.micro_index += 1
     return batches
 
 
 def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens); returns (loss, input tokens)."""
+    """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens); returns (loss, input tokens),
+    the tokens without padding; sets ``run.padding_fraction``."""
     n_target = max(sum(target_tokens(b) for b in batches), 1)
-    total, tokens = 0.0, 0
+    total, tokens, slots = 0.0, 0, 0
     for batch in batches:
         batch = _to(batch, run.device)
         loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
         (loss_sum / n_target).backward()
         total += float(loss_sum.detach()) / n_target
-        tokens += int(batch["attention_mask"].sum())
+        tokens, slots = tokens + real_tokens(batch), slots + batch["input_ids"].numel()
+    run.padding_fraction = 1.0 - tokens / max(slots, 1)
     return total, tokens
 
 
@@ -346,6 +356,7 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     state = run.state
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
+    row["padding_fraction"] = round(run.padding_fraction, 4)
     if skipped:
         row["skipped"] = skipped
     if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped:
