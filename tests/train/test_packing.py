@@ -18,6 +18,7 @@ from qlorakit.lora import lora_layers
 from qlorakit.train.loop import target_tokens, token_loss_sum
 from qlorakit.train.loss import model_inputs
 from qlorakit.train.packed import packing_problem
+from qlorakit.train.varlen import VARLEN, register
 from tests.helpers.lora import randomize_lora_b
 from tests.helpers.train import tiny_qlora_model
 
@@ -65,7 +66,16 @@ def _lora_grads(model) -> dict[str, torch.Tensor]:
     return grads
 
 
-def test_packed_batch_has_the_per_example_losses_and_lora_gradients_of_one_by_one(model):
+@pytest.fixture(params=["sdpa", VARLEN])
+def attention(request, model):
+    """The model with transformers' block-diagonal mask (sdpa) or the per-span path of ``train.varlen``."""
+    old = model.config._attn_implementation
+    model.config._attn_implementation = register() if request.param == VARLEN else request.param
+    yield request.param
+    model.config._attn_implementation = old
+
+
+def test_packed_batch_has_the_per_example_losses_and_lora_gradients_of_one_by_one(model, attention):
     examples = _examples()
     packed = PackedDataset(examples, ROW)
     assert packed.stats.cut_examples == 1 and len(packed) < len(LENGTHS)
@@ -95,7 +105,7 @@ def test_packed_batch_has_the_per_example_losses_and_lora_gradients_of_one_by_on
         single, _ = token_loss_sum(model, _pad([x]))
         single.backward()
         total += float(single.detach())
-    assert float(loss) == pytest.approx(total, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(total, rel=1e-5)
     one_by_one = _lora_grads(model)
     model.zero_grad(set_to_none=True)
     assert len(packed_grads) == 28  # 2 layers x 7 projections x (A, B)
@@ -104,7 +114,7 @@ def test_packed_batch_has_the_per_example_losses_and_lora_gradients_of_one_by_on
         torch.testing.assert_close(grad, one_by_one[name], rtol=1e-5, atol=1e-5 * float(grad.abs().max()))
 
 
-def test_a_token_of_example_two_ignores_the_tokens_of_example_one_in_its_row(model):
+def test_a_token_of_example_two_ignores_the_tokens_of_example_one_in_its_row(model, attention):
     first = {"input_ids": list(range(10, 17)), "labels": list(range(10, 17))}
     second = {"input_ids": [5, 9, 2, 44, 7], "labels": [5, 9, 2, 44, 7]}
     changed = {"input_ids": [99, 98, 97, 96, 95, 94, 93], "labels": list(range(10, 17))}
@@ -149,6 +159,23 @@ class _IgnoresPositions(torch.nn.Module):
 class _NoPositions(_IgnoresPositions):
     def forward(self, input_ids, use_cache=None):
         return self.inner(input_ids=input_ids, use_cache=False)
+
+
+def test_varlen_attention_equals_the_block_diagonal_mask(model):
+    packed = PackedDataset(_examples(), ROW)
+    batch = collate_packed([packed[r] for r in range(len(packed))], _pad)
+    with torch.no_grad():
+        masked = model(**model_inputs(batch)).logits  # transformers builds the (B, 1, T, T) block mask
+        old, model.config._attn_implementation = model.config._attn_implementation, register()
+        try:
+            spans = model(**model_inputs(batch)).logits
+            padded = _pad([packed[0], packed[1]])  # an unpacked, padded batch goes to SDPA with its mask
+            plain = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+        finally:
+            model.config._attn_implementation = old
+        reference = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    torch.testing.assert_close(spans, masked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, reference, rtol=0, atol=0)
 
 
 def test_the_packing_check_reports_attention_that_crosses_examples(model):

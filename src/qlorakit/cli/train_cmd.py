@@ -156,6 +156,8 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
+        (f"packing    rows of {cfg.data.seq_limit} tokens (batch counts rows) if the model passes the packing check "
+         "at the start of training" if cfg.data.packing else "packing    off"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
         (f"safety     checkpoint {f'every {t.save_steps} steps' if t.save_steps else 'at the end'}, keep "
          f"{t.save_total_limit or 'all'}; "
