@@ -1,20 +1,26 @@
-"""QLoRA training throughput on CPU: qlorakit vs transformers + bitsandbytes + peft (a script).
+"""QLoRA training throughput on CPU: ``qlorakit train`` defaults vs transformers + bitsandbytes + peft (a script).
 
-    python benchmarks/train_throughput.py [--steps 10 --warmup 2 --repeats 3 --seq-len 128 --batch-size 2
-                                           --dtype float32 --ours-checkpointing on ...]
+    python benchmarks/train_throughput.py [--steps 10 --warmup 2 --repeats 3 --seq-len 512 --batch-size 2
+                                           --dtype float32 --threads 1 --ours-mode cli ...]
 
-Both stacks train LoRA (r 16, alpha 16, dropout 0, q/k/v/o/gate/up/down of every block) on SmolLM2-135M
-in NF4 + double quant (block 64), the same compute dtype (``--dtype``), AdamW (lr 2e-4 constant, no warmup,
-weight decay 0, grad-norm clip 0.3), loss = summed next-token CE / target tokens:
+Both stacks train LoRA (r 16, alpha 16, dropout ``--lora-dropout`` = 0.05, q/k/v/o/gate/up/down of every block)
+on SmolLM2-135M in NF4 + double quant (block 64), the same compute dtype (``--dtype``), lr 2e-4 constant, no
+warmup, weight decay 0, grad-norm clip 0.3, loss = summed next-token CE / target tokens:
 
-- ours: ``qlorakit.models.load_model(dir, QuantConfig(), LoraConfig(...), compute_dtype)`` trained by
-  ``qlorakit.train.train`` itself (``optim="adamw"``: fp32 state, torch's single-tensor AdamW math) with its
-  defaults (chunked head + loss over target rows, fixed glibc mmap threshold) unless ``--ours-*`` says
-  otherwise; gradient checkpointing per ``--ours-checkpointing``;
-- theirs: ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(nf4, double
-  quant, compute dtype))``, ``peft.prepare_model_for_kbit_training`` (gradient checkpointing ON,
+- ours, the headline (``--ours-mode cli``): ``qlorakit train`` itself (``qlorakit.cli.main.main`` in the
+  child) with only model, data, shape (seq, batch, r, alpha), dtype, step and warmup flags: everything else is
+  its default, i.e. what its memory-budget planner picks for this machine (checkpointing, allocator, optimizer
+  paging, loss chunk; printed and in the run's ``config.yaml``, kept in the result JSON);
+- ours with ``--ours-mode library``: ``qlorakit.models.load_model`` + ``qlorakit.train.train`` (``optim="adamw"``)
+  with the ``--ours-*`` settings (checkpointing per ``--ours-checkpointing``);
+- theirs, the standard stack: ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(nf4,
+  double quant, compute dtype))``, ``peft.prepare_model_for_kbit_training`` (gradient checkpointing ON,
   non-reentrant) + ``get_peft_model``, ``torch.optim.AdamW`` and a plain loop written like qlorakit's
   ``_one_step`` with the standard full-logits loss (``qlorakit.train.loss.reference_loss_sum``).
+
+With dropout > 0 the two stacks draw different masks (qlorakit one per shared-input group, peft one per
+layer, from different RNG streams), so their loss curves agree only statistically: the result reports the
+per-step |diff| and the spread between repeats of one stack, which is zero (both are seeded).
 
 Same inputs: the GGUF (``--model``) is converted once by transformers to fp32 safetensors that BOTH stacks
 load; the data is tokenized once (``build_datasets``, ``max_seq_len = --seq-len``) and the micro-batch
@@ -101,8 +107,16 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     train_set, _, _ = build_datasets(data_cfg, tokenizer)
     stream = MicroBatchStream(train_set.lengths, args.batch_size, SEED, group_by_length=True)
     order = [stream.at(i)[1] for i in range(args.steps * args.grad_accum)]
-    data = {"pad_id": pad_id_of(tokenizer), "examples": list(train_set), "order": order}
+    data = {"pad_id": pad_id_of(tokenizer), "examples": list(train_set), "order": order, "data_path": data_path}
     (args.workdir / "data.json").write_text(json.dumps(data))
+    if args.ours_mode == "cli":  # `qlorakit train` seeds train.seed (42) right before load_model: the same A here
+        from qlorakit.config import LoraConfig, QuantConfig
+        from qlorakit.models import load_model
+
+        torch.manual_seed(SEED)
+        lora_cfg = LoraConfig(r=RANK, alpha=ALPHA, dropout=args.lora_dropout)
+        _share_initial_a(load_model(out, quant=QuantConfig(), lora=lora_cfg, compute_dtype=getattr(torch, args.dtype)),
+                         args.workdir)  # fmt: skip
     cfg = model.config
     attn_width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     lengths = [len(x["input_ids"]) for x in data["examples"]]
@@ -167,7 +181,7 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
 
     baseline = current_rss_mb()
     torch.manual_seed(SEED)  # the adapter initialization, as `qlorakit train` seeds it
-    lora = LoraConfig(r=RANK, alpha=ALPHA, dropout=0.0, targets=TARGETS)
+    lora = LoraConfig(r=RANK, alpha=ALPHA, dropout=args.lora_dropout, targets=TARGETS)
     start = time.perf_counter()
     model = load_model(model_dir, quant=QuantConfig(), lora=lora, compute_dtype=getattr(torch, args.dtype))
     load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
@@ -193,7 +207,37 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
             "same_initial_a": same_init}
 
 
-def _peer_model(model_dir: str, workdir: Path | None, dtype: str) -> Any:
+def run_ours_cli(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> dict[str, Any]:
+    """``qlorakit train`` itself (``qlorakit.cli.main.main`` in this process) with only model, data, shape, dtype
+    and step flags: its defaults otherwise (memory budget planner, allocator, fused LoRA with dropout 0.05,
+    paged or resident AdamW as the planner picks); per-step times from its metrics.jsonl."""
+    from qlorakit.cli.main import main as qlorakit_main
+    from qlorakit.hardware import current_rss_mb
+
+    baseline = current_rss_mb()
+    with tempfile.TemporaryDirectory() as run_dir:
+        argv = ["train", "--model", model_dir, "--data", data["data_path"], "--output-dir", run_dir, "--overwrite",
+                "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum",
+                str(args.grad_accum), "--max-seq-len", str(args.seq_len), "--lora-r", str(RANK), "--lora-alpha",
+                str(ALPHA), "--warmup-ratio", "0", "--compute-dtype", args.dtype, "--no-progress"]  # fmt: skip
+        if args.ours_memory_budget:
+            argv += ["--memory-budget", args.ours_memory_budget]
+        start = time.perf_counter()
+        status = qlorakit_main(argv)
+        if status != 0:
+            raise RuntimeError(f"qlorakit train exited with {status}")
+        wall_s = time.perf_counter() - start
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        chosen = (Path(run_dir) / "config.yaml").read_text()
+    rows = [r for r in rows if "loss" in r]
+    previous = [{"elapsed_s": 0.0, "tokens": 0}] + rows[:-1]
+    steps = [{"loss": r["loss"], "seconds": r["elapsed_s"] - p["elapsed_s"], "tokens": r["tokens"] - p["tokens"],
+              "grad_norm": r["grad_norm"]} for r, p in zip(rows, previous, strict=True)]
+    return {"baseline_rss_mib": baseline, "load_s": 0.0, "peak_after_load_mib": 0.0, "steps": steps,
+            "wall_s": wall_s, "argv": argv[1:], "config_yaml": chosen}  # fmt: skip
+
+
+def _peer_model(model_dir: str, workdir: Path | None, dtype: str, dropout: float = 0.0) -> Any:
     """transformers + bitsandbytes NF4 (DQ, compute dtype), prepare_model_for_kbit_training, peft LoRA, our A.
 
     ``workdir`` None keeps peft's own initial A (for memory probes, where the values do not matter).
@@ -210,7 +254,7 @@ def _peer_model(model_dir: str, workdir: Path | None, dtype: str) -> Any:
         model_dir, quantization_config=bnb, dtype=getattr(torch, dtype), device_map={"": "cpu"})
     model = peft.prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS), bias="none",
+    config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=list(TARGETS), bias="none",
                              task_type="CAUSAL_LM")  # fmt: skip
     model = peft.get_peft_model(model, config)
     if workdir is None:
@@ -241,7 +285,7 @@ def run_theirs(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -
     )
 
     baseline, start = current_rss_mb(), time.perf_counter()
-    model = _peer_model(model_dir, args.workdir, args.dtype)
+    model = _peer_model(model_dir, args.workdir, args.dtype, args.lora_dropout)
     load_s, load_peak = time.perf_counter() - start, peak_rss_mb()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -279,7 +323,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.hardware import peak_rss_mb
 
     data = json.loads((args.workdir / "data.json").read_text())
-    run = (run_ours if args.worker == "ours" else run_theirs)(args, data, args.model_dir)
+    ours = run_ours_cli if args.ours_mode == "cli" else run_ours
+    run = (ours if args.worker == "ours" else run_theirs)(args, data, args.model_dir)
     timed = run["steps"][args.warmup :]
     seconds, tokens = sum(s["seconds"] for s in timed), sum(s["tokens"] for s in timed)
     return {**run, "kind": args.worker, "tokens_per_s": tokens / seconds, "s_per_step": seconds / len(timed),
@@ -322,7 +367,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], prep: dict[str, Any], peak_
     return {"median": median, "ratio_ours_over_theirs": ratio, "loss_curves": curves,
             "final_loss": {k: c[-1] for k, c in curves.items()}, "loss_abs_diff_per_step": diff,
             "loss_max_abs_diff": max(diff), "loss_max_abs_diff_between_repeats": spread,
-            "peak_gflops": peak_gflops}  # fmt: skip
+            "peak_gflops": peak_gflops, "ours_choices": _choices(runs["ours"][0])}  # fmt: skip
+
+
+def _choices(run: dict[str, Any]) -> list[str]:
+    """The memory choices ``qlorakit train`` wrote as comments at the end of its config.yaml (cli mode)."""
+    return [line[2:].strip() for line in run.get("config_yaml", "").splitlines() if line.startswith("# ")]
 
 
 COLUMNS = (("tok/s", "tokens_per_s", ".1f"), ("s/step", "s_per_step", ".2f"), ("MFU %", "mfu", ".1%"),
@@ -344,10 +394,12 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"{'ours / theirs':<22}{cells}")
     loss_chunk = "default" if args.ours_loss_chunk is None else args.ours_loss_chunk
     mmap_kib = "default" if args.ours_mmap_kib is None else args.ours_mmap_kib
+    ours = (f"ours: qlorakit train defaults, planner chose: {'; '.join(summary['ours_choices'][1:])}"
+            if args.ours_mode == "cli" else f"ours: library, checkpointing {args.ours_checkpointing}, loss chunk "
+            f"{loss_chunk}, mmap threshold {mmap_kib} KiB")  # fmt: skip
     print(f"median of {args.repeats} runs each; {args.steps} steps, first {args.warmup} untimed; batch "
-          f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; {args.dtype} "
-          f"(ours: checkpointing {args.ours_checkpointing}, loss chunk {loss_chunk}, mmap "
-          f"threshold {mmap_kib} KiB); matmul peak "
+          f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; {args.dtype}; "
+          f"dropout {args.lora_dropout} ({ours}); matmul peak "
           f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
 
 
@@ -385,12 +437,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per run")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
     p.add_argument("--repeats", type=int, default=3, help="runs per stack, alternating ours/theirs (median)")
-    p.add_argument("--seq-len", type=int, default=128, help="max tokens per example (max_seq_len)")
+    p.add_argument("--seq-len", type=int, default=512, help="max tokens per example (max_seq_len)")
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in both children")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul for the peak")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="compute dtype of BOTH stacks")
+    p.add_argument("--ours-mode", choices=("cli", "library"), default="cli",
+                   help="cli: `qlorakit train` with its defaults (the headline); library: qlorakit.train.train with "
+                        "the --ours-* settings below")
+    p.add_argument("--ours-memory-budget", default="",
+                   help="cli mode: pass --memory-budget SIZE to qlorakit train (default: its own, the available "
+                        "memory minus a margin)")
+    p.add_argument("--lora-dropout", type=float, default=0.05,
+                   help="LoRA dropout of both stacks (the paper's and qlorakit's default 0.05)")
     p.add_argument("--ours-checkpointing", choices=("on", "off"), default="on",
                    help="qlorakit's gradient checkpointing (the peer's is always on, the standard QLoRA recipe)")
     p.add_argument("--ours-loss-chunk", type=int, default=None,
@@ -453,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         "environment": _environment(args), "loadavg_start": load_start, "loadavg_end": load_end,
         "config": {"model": args.model, "data": prep["data"], "steps": args.steps, "warmup_steps": args.warmup,
                    "repeats": args.repeats, "seq_len": args.seq_len, "batch_size": args.batch_size,
-                   "grad_accum": args.grad_accum, "lora_r_alpha_dropout": [RANK, ALPHA, 0.0], "targets": TARGETS,
+                   "grad_accum": args.grad_accum, "lora_r_alpha_dropout": [RANK, ALPHA, args.lora_dropout],
+                   "targets": TARGETS, "ours_mode": args.ours_mode, "ours_memory_budget": args.ours_memory_budget,
                    "adamw_lr_clip_wd": [LR, CLIP, 0.0], "seed": SEED, "dtype": args.dtype,
                    "ours_checkpointing": args.ours_checkpointing, "ours_loss_chunk_tokens": args.ours_loss_chunk,
                    "ours_malloc_mmap_threshold_kib": args.ours_mmap_kib},

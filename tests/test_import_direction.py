@@ -29,8 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "data": BASE | {"config"},
     "generate": BASE | {"quant", "lora"},
     "eval": BASE | {"config", "fileio", "lora", "models"},
-    "train": BASE | {"config", "fileio", "hardware", "quant", "lora", "optim", "data"},
-    "planner": BASE | {"config", "quant", "lora", "models", "optim"},
+    "parallel": BASE | {"config", "quant", "lora", "optim"},
+    "train": BASE | {"config", "fileio", "hardware", "quant", "lora", "optim", "data", "parallel"},
+    "planner": BASE | {"config", "hardware", "quant", "lora", "models", "optim"},
+    "serve": BASE | {"generate", "lora"},
     "cli": None,  # may import everything; nothing imports cli
     "__main__": {"cli"},
     "__init__": set(),
@@ -75,3 +77,9 @@ def test_nothing_outside_cli_imports_cli():
     outside = [p for p in PACKAGE.rglob("*.py") if _package_of(p) not in ("cli", "__main__")]
     users = [p for p in outside if "cli" in _imported_packages(p)]
     assert not users, f"modules importing qlorakit.cli: {users}"
+
+
+def test_only_cli_imports_serve():
+    outside = [p for p in PACKAGE.rglob("*.py") if _package_of(p) not in ("cli", "serve")]
+    users = [p for p in outside if "serve" in _imported_packages(p)]
+    assert not users, f"modules importing qlorakit.serve (only cli may): {users}"

@@ -2,8 +2,9 @@
 
 A run's config (``RunConfig``) has one section per concern: ``quant`` (the 4-bit base), ``lora`` (the
 adapters), ``data``, ``train`` (the loop: steps, batch, seed, saving, logging, compute dtype), ``optim``
-(optimizer and schedule), ``memory`` (memory and speed choices inside a step) and ``eval`` (evaluation
-during training). Each section validates itself on construction and names the offending field;
+(optimizer and schedule), ``memory`` (memory and speed choices inside a step), ``eval`` (evaluation
+during training), ``parallel`` (several processes under torchrun) and ``objective`` (SFT, DPO or ORPO).
+Each section validates itself on construction and names the offending field;
 ``from_dict`` builds one from a plain mapping (YAML/JSON/CLI) and rejects unknown keys. A file written
 before the sections existed (optimizer, memory and evaluation keys under ``train:``) still loads:
 ``upgrade_layout`` moves each such key to its section with one deprecation message. Defaults follow the
@@ -24,11 +25,16 @@ from qlorakit.constants import (
     BLOCKSIZES,
     COMPUTE_DTYPES,
     DATA_FORMATS,
+    DIST_TIMEOUT_S,
+    DISTRIBUTED_STRATEGIES,
+    DPO_REFERENCES,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_TYPES,
+    REPORT_TARGETS,
     SCHEDULERS,
+    TRAIN_METHODS,
 )
 from qlorakit.errors import ConfigError
 
@@ -55,6 +61,22 @@ def _bool_fields(config: Any, *names: str) -> None:
     for name in names:
         if not isinstance(getattr(config, name), bool):
             _fail(type(config).__name__, name, getattr(config, name), "must be true or false")
+
+
+def _report_targets(value: Any) -> tuple[str, ...]:
+    """``TrainConfig.report_to`` as a tuple of known tracker names: strings may be comma-separated, "none"
+    alone means no tracker, duplicates are dropped (first order kept)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        _fail("TrainConfig", "report_to", value, "expected tracker names (a string or a list of strings)")
+    names = [n.strip().lower() for v in items for n in v.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REPORT_TARGETS]
+    if unknown:
+        _fail("TrainConfig", "report_to", value, f"unknown tracker {unknown[0]!r}; choose from {tuple(REPORT_TARGETS)}")
+    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
+    if chosen and "none" in names:
+        _fail("TrainConfig", "report_to", value, "'none' cannot be combined with a tracker")
+    return chosen or ("none",)
 
 
 def _choice_field(config: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -107,7 +129,8 @@ class LoraConfig:
     module-name suffixes (``["q_proj", "v_proj"]``), or a regular expression matched against full
     module names (given as ``"re:<pattern>"``). ``rslora`` scales by ``alpha / sqrt(r)`` instead.
     ``init``: ``default`` (A Kaiming-uniform, B zeros), ``gaussian`` (A ~ N(0, 1/r), B zeros),
-    ``zeros`` (both zero; for loading).
+    ``zeros`` (both zero; for loading). ``dora`` adds DoRA's magnitude vector (``y = b + m/||W + s B A||_row *
+    (W x + s B A x)``, the norm detached; ``lora/dora.py``), saved as PEFT's ``lora_magnitude_vector``.
     """
 
     r: int = opt(64, "LoRA rank")
@@ -117,8 +140,10 @@ class LoraConfig:
     rslora: bool = opt(False, "scale by alpha / sqrt(r) (rank-stabilized LoRA)")
     init: str = opt("default", "adapter init: default (Kaiming A, zero B), gaussian, zeros")
     bias: str = opt("none", "bias training: only 'none' (biases stay frozen)")
+    dora: bool = opt(False, "DoRA: weight-decomposed LoRA, a trained magnitude per output feature (docs/design.md)")
 
     def __post_init__(self) -> None:
+        _bool_fields(self, "dora")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
         _int_field(self, "r", 1, "the rank must be a positive integer")
@@ -160,7 +185,7 @@ class DataConfig:
     paths: tuple[str, ...] = opt(
         (), "training data files (JSON, JSONL, CSV, Parquet, TXT); default: the bundled OASST1 sample"
     )
-    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text")
+    format: str = opt("auto", "data format: auto, alpaca, dolly, oasst1, messages, self-instruct, text, preference")
     source_max_len: int = opt(1024, "max prompt tokens (longer prompts are truncated and counted)")
     target_max_len: int = opt(256, "max answer tokens per assistant turn (truncated and counted)")
     max_seq_len: int = opt(0, "max tokens of a whole example, 0 = source + target max (truncated and counted)")
@@ -204,7 +229,7 @@ class TrainConfig:
     output_dir: str = opt("runs/qlorakit", "run directory (config, metrics, checkpoints, adapter, plot)")
     max_steps: int = opt(0, "optimizer steps; 0 = run for --epochs")
     epochs: float = opt(1.0, "passes over the data when max_steps is 0")
-    batch_size: int = opt(1, "examples per micro-batch")
+    batch_size: int = opt(1, "examples per micro-batch of the whole job (with N ranks each takes batch_size / N)")
     grad_accum: int = opt(16, "micro-batches per optimizer step (effective batch = batch_size x grad_accum)")
     seed: int = opt(42, "seed of initialization and dropout")
     save_steps: int = opt(0, "checkpoint every N steps (0 = only at the end)")
@@ -215,9 +240,12 @@ class TrainConfig:
                                 "130/143 (docs/reliability.md); off = Python's default handling")
     max_bad_steps: int = opt(3, "stop with an error after this many steps in a row whose update was skipped for a "
                              "non-finite loss or gradient norm")
+    report_to: tuple[str, ...] = opt(("none",), "run trackers besides metrics.jsonl: none, tensorboard, wandb, mlflow "
+                                     "(comma-separated or repeated; the 'tracking' extra; docs/design.md)")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "save_on_preempt")
+        object.__setattr__(self, "report_to", _report_targets(self.report_to))
         for name in ("batch_size", "grad_accum", "logging_steps", "max_bad_steps"):
             _int_field(self, name, 1)
         for name in ("max_steps", "save_steps", "save_total_limit"):
@@ -284,12 +312,19 @@ class MemoryConfig:
                          "(Linear4bit.use_gemv; evaluation)")
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
+    malloc_trim: bool = opt(False, "glibc: after each optimizer step return the heap's free pages to the OS "
+                            "(malloc_trim; between steps only: it did not lower the peak, docs/memory.md)")
+    memory_budget: str = opt("", "peak memory the run may use, e.g. 8GB or 6GiB; qlorakit train picks the fastest "
+                             "memory settings that fit ('' = available memory minus a margin; on CUDA the device's "
+                             "free memory); settings given explicitly are kept")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
-                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv")
+                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim")
         _int_field(self, "loss_chunk_tokens", 0)
         _int_field(self, "malloc_mmap_threshold_kib", 0)
+        if not isinstance(self.memory_budget, str):
+            _fail("MemoryConfig", "memory_budget", self.memory_budget, "a size such as 8GB or 6GiB, or ''")
 
 
 @dataclass(frozen=True)
@@ -319,11 +354,50 @@ class EvalConfig:
                 _fail("EvalConfig", name, getattr(self, name), "must be a path or ''")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Several processes (``torchrun``; docs/distributed.md). Used only when ``WORLD_SIZE`` is set: ``auto``
+    picks with the planner (DDP when a whole replica fits each rank, else FSDP), ``ddp`` replicates the 4-bit
+    base and all-reduces the adapter gradients, ``fsdp`` shards the base per decoder block."""
+
+    distributed: str = opt("auto", "under torchrun: auto, ddp or fsdp (ignored without WORLD_SIZE)")
+    dist_timeout_s: int = opt(DIST_TIMEOUT_S, "seconds a collective waits for the other ranks before the run stops "
+                              "with an error (a dead or hung rank)")
+
+    def __post_init__(self) -> None:
+        _choice_field(self, "distributed", DISTRIBUTED_STRATEGIES)
+        _int_field(self, "dist_timeout_s", 1)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What a step minimizes (``train.preference``, docs/preference.md): ``sft`` (the token-mean cross-entropy of
+    the answers), ``dpo`` (Rafailov et al. 2023, sigmoid loss, the reference being the base with the adapters
+    off) or ``orpo`` (Hong et al. 2024: the chosen answers' cross-entropy plus ``orpo_beta`` times the
+    odds-ratio term; no reference). DPO and ORPO train on ``preference`` data (prompt, chosen, rejected)."""
+
+    method: str = opt("sft", "training objective: sft, dpo or orpo (dpo/orpo need preference data)")
+    dpo_beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL penalty towards the reference")
+    dpo_reference: str = opt("auto", "DPO reference log-probs: cached (once, before the first step, for every "
+                             "pair), same-step (a no-grad forward with adapters off in every step and evaluation), "
+                             "or auto: whichever scores fewer pairs for this run (printed in the plan)")
+    orpo_beta: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term beside the chosen answers' NLL")
+
+    def __post_init__(self) -> None:
+        _choice_field(self, "method", TRAIN_METHODS)
+        _choice_field(self, "dpo_reference", DPO_REFERENCES)
+        for name in ("dpo_beta", "orpo_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                _fail("ObjectiveConfig", name, value, "must be a number > 0")
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 #: The sections of ``RunConfig`` (and of a config file), in the order ``config.yaml`` writes them.
 SECTIONS: dict[str, type] = {"quant": QuantConfig, "lora": LoraConfig, "data": DataConfig, "train": TrainConfig,
-                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig}
+                             "optim": OptimConfig, "memory": MemoryConfig, "eval": EvalConfig,
+                             "parallel": ParallelConfig, "objective": ObjectiveConfig}
 
 #: Keys that lived under ``train:`` before the config had sections -> their section now.
 MOVED_FROM_TRAIN: dict[str, str] = {f.name: section for section in ("optim", "memory", "eval")
@@ -344,6 +418,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
@@ -403,7 +479,9 @@ __all__ = [
     "EvalConfig",
     "LoraConfig",
     "MemoryConfig",
+    "ObjectiveConfig",
     "OptimConfig",
+    "ParallelConfig",
     "QuantConfig",
     "RunConfig",
     "TrainConfig",

@@ -22,10 +22,21 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 LORA_INITS = ("default", "gaussian", "zeros")
 
 #: Training data formats (``DataConfig.format``; ``qlorakit.data.formats``).
-DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
+DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct", "text", "preference")
+
+#: Training objectives (``ObjectiveConfig.method``; ``qlorakit.train.preference``): supervised fine-tuning, DPO, ORPO.
+TRAIN_METHODS = ("sft", "dpo", "orpo")
+
+#: Where DPO's reference log-probabilities come from (``ObjectiveConfig.dpo_reference``).
+DPO_REFERENCES = ("auto", "cached", "same-step")
 
 #: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``).
 LOSS_CHUNK_TOKENS = 256
+
+#: What ``qlorakit train``'s default memory budget leaves free of the available memory (``hardware.available_memory``):
+#: this fraction of it, and at least ``MEMORY_BUDGET_MARGIN_MIN_BYTES`` (the planner's stated error is ~15%).
+MEMORY_BUDGET_MARGIN_FRACTION = 0.15
+MEMORY_BUDGET_MARGIN_MIN_BYTES = 512 * 2**20
 
 #: transformers norm classes computing ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` with ``variance_epsilon``
 #: (``train.rmsnorm`` fuses them for training, ``generate.lean`` calls ``F.rms_norm`` for them).
@@ -33,3 +44,12 @@ RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 #: transformers MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (``train.recompute``).
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+#: Run trackers ``TrainConfig.report_to`` may name (``qlorakit.train.tracking``), with the module each needs.
+REPORT_TARGETS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+#: Distributed strategies (``ParallelConfig.distributed``, ``qlorakit.parallel``): ``auto`` picks with the planner.
+DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")
+
+#: Seconds a collective may wait for the other ranks before the process group gives up (a dead or hung rank).
+DIST_TIMEOUT_S = 600

@@ -31,3 +31,7 @@ class StorageError(QlorakitError, OSError):
 
 class TrainingDivergedError(QlorakitError, RuntimeError):
     """Training stopped after too many optimizer steps in a row with a non-finite loss or gradient norm."""
+
+
+class DistributedError(QlorakitError, RuntimeError):
+    """A multi-process run cannot continue: a rank died or hung, or the ranks disagree on the run."""

@@ -68,6 +68,22 @@ def current_rss_mb() -> float:
         return 0.0
 
 
+def available_memory(device: torch.device | str = "cpu") -> int:
+    """Bytes a new allocation can get: ``MemAvailable`` of /proc/meminfo on the CPU (0 where unreadable), the
+    free memory of the device on CUDA (``torch.cuda.mem_get_info``)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @contextmanager
 def flush_denormals() -> Iterator[None]:
     """Flush fp32 denormals to zero inside the block (x86 FTZ/DAZ), then switch it off again.

@@ -32,9 +32,10 @@ from qlorakit.errors import QlorakitError
 Files = dict[str, bytes]
 
 #: A position in a message: ``file:line``, a row, line, record, byte offset, row group, a field, key or
-#: tensor by name (``field 'x'``, ``key 'x'``, ``x = value`` for a JSON config key), or the header/footer.
+#: tensor by name (``field 'x'``, ``key 'x'``, or ``key "x'y"`` when repr() picks double quotes; ``x = value``
+#: for a JSON config key), or the header/footer.
 POSITION = re.compile(r":\d+\b|\b(?:row|line|record|byte|bytes|offset|row group|rows|element|entry) \d+|"
-                      r"\b(?:field|key|tensor|column|value of) ['\w]|\b[a-z_]+ = |\b(?:header|footer)\b")
+                      r"\b(?:field|key|tensor|column|value of) ['\"\w]|\b[a-z_]+ = |\b(?:header|footer)\b")
 #: Conditions of a whole file (or of all the files of an input), where no position applies.
 WHOLE_FILE = re.compile(r"the file is empty|has no rows|no rows \(|no questions in the file|no countable matches|"
                         r"holds no LoRA weights|no parsed judgements|no answer ids|sum to 0|cannot tell the data "

@@ -57,6 +57,23 @@ def test_hostile_inputs_are_refused_with_file_and_position(name):
 
 
 _DEEP = b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}\n"
+
+
+def _parquet_with_bad_utf8() -> bytes:
+    """A Parquet ``string`` column whose second value is not UTF-8 (pyarrow does not check on write or read)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = b"fine" + b"\xe6bad"
+    offsets = pa.py_buffer(pa.array([0, 4, 8], type=pa.int32()).buffers()[1])
+    text = pa.StringArray.from_buffers(2, offsets, pa.py_buffer(data))
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"text": text}), sink)
+    return sink.getvalue()
+
+
 #: Inputs the fuzzing found that once crashed the process (pyarrow segfaults) or escaped as a bare error.
 FOUND = {
     "first row null (pyarrow segfault)": ("data.jsonl", {"data.jsonl": b"null\n"}),
@@ -70,6 +87,8 @@ FOUND = {
     "a header that is a list (AttributeError)": ("safetensors", {"model.safetensors": join_safetensors("[1]", b"")}),
     "a lone surrogate in a header (SafetensorError)": ("safetensors", {
         "model.safetensors": join_safetensors('{"__metadata__": {"\\ud800": "x"}}', b"")}),
+    "a Parquet string that is not UTF-8 (UnicodeDecodeError)": ("data.parquet", {
+        "data.parquet": _parquet_with_bad_utf8()}),
 }
 
 
@@ -78,3 +97,16 @@ def test_inputs_found_by_fuzzing_are_refused(case):
     name, files = FOUND[case]
     outcome = read_one(TARGETS[name], files, LIMIT_S)
     assert outcome.kind == "refused", outcome.message
+
+
+def test_check_error_takes_a_key_quoted_either_way_and_refuses_a_message_without_a_position(tmp_path):
+    from fuzz_targets import check_error
+
+    from qlorakit.errors import StateDictError
+
+    shown = tmp_path / "adapter_model.safetensors"
+    # repr() quotes a key that holds a single quote with double quotes (fuzz input 9031 of the adapter reader).
+    assert check_error(StateDictError(f"{shown}: key \"a.lora_A.wei'ht\" is not a LoRA A/B weight"), tmp_path) is None
+    assert check_error(StateDictError(f"{shown}: key 'a.lora_A.weiht' is not a LoRA A/B weight"), tmp_path) is None
+    assert "no position" in check_error(StateDictError(f"{shown}: something is wrong"), tmp_path)
+    assert "not a QlorakitError" in check_error(ValueError(f"{shown}: key 'x'"), tmp_path)

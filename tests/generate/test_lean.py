@@ -178,3 +178,19 @@ def test_lean_with_a_bf16_compute_model_from_load_model(arch, tmp_path):
             # observed: equal
             torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=1e-3 * float(want.abs().max()))
             ids = want.argmax().view(1, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lean_applies_a_dora_adapter_and_switches(arch):
+    model = _model(arch)
+    _add_adapter(model, "plain", seed=4)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, dora=True), name="dora")
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.lora_B["dora"].weight.normal_(0, 0.2, generator=generator)
+                module.lora_magnitude_vector["dora"].weight.mul_(1.5)  # visible after the row normalisation
+    for active in ("dora", "plain", "dora"):  # the cached DoRA norm survives the switch back
+        _set_active(model, active)
+        _assert_steps_match(model, prompt_len=9, steps=3)

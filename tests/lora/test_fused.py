@@ -66,14 +66,90 @@ def test_fused_outputs_and_gradients_equal_unfused(tiny_llama, input_ids, checkp
         torch.testing.assert_close(got_grads[name], grad, rtol=RTOL, atol=ATOL, msg=name)
 
 
-def test_adapters_with_dropout_are_not_fused_and_outputs_are_unchanged(tiny_llama, input_ids):
+class _RecordedDropout(torch.nn.Module):
+    """Inverted dropout that keeps every mask it draws (the fused run's masks, for the reference)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p, self.masks = p, []
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: (..., in)
+        mask = (torch.rand_like(h) >= self.p).to(h.dtype) / (1 - self.p)  # (..., in)
+        self.masks.append(mask)
+        return h * mask
+
+
+class _FixedMask(torch.nn.Module):
+    """The reference's dropout: multiply by one given mask (the same one may be handed to several layers)."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.p, self.mask = 0.3, mask
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.mask
+
+
+def _group_leader(path: str) -> str:
+    """The member of a shared-input group whose dropout draws the group's mask (the first caller)."""
+    parent, _, child = path.rpartition(".")
+    leader = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(child, child)
+    return f"{parent}.{leader}"
+
+
+def test_fused_dropout_draws_one_mask_per_group_and_equals_that_mask_applied_to_each_member(tiny_llama, input_ids):
+    """Fused with dropout: q/k/v share one mask and gate/up another; the reference applies the recorded mask
+    of each group to each member separately, unfused (forward and every LoRA gradient, fp32 tolerance)."""
     model = _adapted(tiny_llama, dropout=0.3)
-    torch.manual_seed(5)
-    ref_out, _ = _loss_and_grads(model, input_ids)
-    assert fuse_shared_inputs(model) == []  # each layer draws its own mask: nothing to share
-    torch.manual_seed(5)
-    got_out, _ = _loss_and_grads(model, input_ids)
+    reference = _adapted(tiny_llama, dropout=0.3)
+    reference.load_state_dict(model.state_dict())
+    layers = lora_layers(model)
+    for layer in layers.values():
+        layer.lora_dropout["default"] = _RecordedDropout(0.3)
+    assert len(fuse_shared_inputs(model)) == 4  # dropout 0.3 everywhere: every group fuses
+    got_out, got_grads = _loss_and_grads(model, input_ids)
+    drawn = {p: len(layer.lora_dropout["default"].masks) for p, layer in layers.items()}
+    assert drawn == {p: int(_group_leader(p) == p) for p in layers}  # one draw per group, none by k/v/up
+    for path, layer in lora_layers(reference).items():
+        layer.lora_dropout["default"] = _FixedMask(layers[_group_leader(path)].lora_dropout["default"].masks[0])
+    ref_out, ref_grads = _loss_and_grads(reference, input_ids)
     torch.testing.assert_close(got_out, ref_out, rtol=RTOL, atol=ATOL)
+    assert got_grads.keys() == ref_grads.keys() and len(got_grads) == 2 * 7 * 2
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_fused_dropout_masks_differ_between_steps_and_are_recomputed_under_checkpointing(tiny_llama, input_ids):
+    """``nn.Dropout`` fused: a new mask each forward; checkpointing's recompute draws the same one again."""
+    model = _adapted(tiny_llama, dropout=0.3)
+    fuse_shared_inputs(model)
+    torch.manual_seed(5)
+    first, grads = _loss_and_grads(model, input_ids)
+    second, _ = _loss_and_grads(model, input_ids)
+    assert not torch.allclose(first, second)  # dropout is on: another mask
+    torch.manual_seed(5)
+    again, grads_ckpt = _loss_and_grads(model, input_ids, checkpointing=True)
+    torch.testing.assert_close(again, first, rtol=RTOL, atol=ATOL)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_siblings_with_different_dropout_are_not_fused(tiny_llama):
+    model = _adapted(tiny_llama, dropout=0.3)
+    for path, layer in lora_layers(model).items():
+        if path.endswith("k_proj"):
+            layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    groups = fuse_shared_inputs(model)
+    assert [g[0].rsplit(".", 1)[-1] for g in groups] == ["gate_proj"] * 2
+
+
+def test_fused_dropout_in_eval_mode_equals_unfused(tiny_llama, input_ids):
+    model = _adapted(tiny_llama, dropout=0.3)
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=input_ids).logits
+        fuse_shared_inputs(model)
+        torch.testing.assert_close(model(input_ids=input_ids).logits, ref, rtol=RTOL, atol=ATOL)
 
 
 def test_fused_model_saves_the_same_peft_adapter_and_loads_back(tiny_llama, input_ids, tmp_path):
@@ -97,10 +173,18 @@ def test_fused_model_saves_the_same_peft_adapter_and_loads_back(tiny_llama, inpu
     assert all(torch.equal(lora_state_dict(fresh, "default")[k], ref[k]) for k in ref)
 
 
-def test_16bit_base_with_fp32_adapters_is_not_fused(tiny_llama):
+def test_16bit_base_with_fp32_adapters_fuses_and_equals_unfused(tiny_llama, input_ids):
+    """The group casts the shared bf16 input to fp32 once; the adapters' fp32 sums are reordered only, so the
+    bf16 logits agree within one bf16 rounding (rtol 2^-7) and the fp32 gradients within bf16-propagated error."""
     model = tiny_llama().to(torch.bfloat16)
-    add_lora(model, LoraConfig(r=4, alpha=8, targets="all-linear"), dtype=torch.float32)
-    assert fuse_shared_inputs(model) == []
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, targets="all-linear"), dtype=torch.float32)
+    randomize_lora_b(model)
+    ref_out, ref_grads = _loss_and_grads(model, input_ids)
+    assert len(fuse_shared_inputs(model)) == 4
+    got_out, got_grads = _loss_and_grads(model, input_ids)
+    torch.testing.assert_close(got_out, ref_out, rtol=2**-7, atol=1e-3)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=2e-2, atol=1e-3, msg=name)
 
 
 def test_unfuse_restores_plain_linears_around_the_same_parameters(tiny_llama):

@@ -91,7 +91,7 @@ def test_pickle_weights_are_never_loaded(tiny_llama, tmp_path):
 @pytest.mark.parametrize(
     "key, value, message",
     [
-        ("use_dora", True, "use_dora = True is not supported"),
+        ("fan_in_fan_out", True, "fan_in_fan_out = True is not supported"),
         ("rank_pattern", {"q_proj": 8}, "rank_pattern = .* is not supported"),
         ("init_lora_weights", "pissa_niter_4", "changes the base weights"),
         ("peft_type", "IA3", "only 'LORA' adapters load"),

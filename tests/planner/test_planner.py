@@ -71,7 +71,8 @@ def test_json_has_one_bytes_field_per_part_and_they_sum_to_the_total(llama):
     assert sum(parts.values()) == d["total_bytes"] and d["fits"] is True and d["budget"] == 24 * 10**9
 
 
-def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_llama_dir):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_llama_dir, dora):
     """Slow reference: build the model, quantize it, add adapters, take an AdamW step, count the bytes."""
     import transformers
 
@@ -81,7 +82,7 @@ def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_ll
 
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     quantize_model(model, QuantConfig())
-    add_lora(model, LoraConfig(r=4))
+    add_lora(model, LoraConfig(r=4, dora=dora))
     layers = [m for m in model.modules() if hasattr(m, "qweight")]
     packed = sum(m.qweight.packed.numel() for m in layers)
     constants = sum(t.numel() * t.element_size() for m in layers for t in m.qweight.tensors()) - packed
@@ -90,25 +91,31 @@ def test_counts_equal_a_real_quantized_model_with_adapters_and_optimizer(tiny_ll
     for p in trainable:
         p.grad = torch.ones_like(p)
     optimizer.step()
-    p = plan(model_shape(tiny_llama_dir, "all-linear"), PlanSettings(lora_r=4, optim="adamw", device="cpu"))
+    settings = PlanSettings(lora_r=4, optim="adamw", device="cpu", lora_dora=dora)
+    p = plan(model_shape(tiny_llama_dir, "all-linear"), settings)
+    assert any(p.ndim == 1 for p in trainable) == dora  # DoRA's magnitude vectors are trained
     assert p.part("weights_4bit") == packed
     assert p.part("quant_constants") == pytest.approx(constants, abs=4 * len(layers))  # offset scalar per weight
     assert p.part("lora_params") == sum(t.numel() * 4 for t in trainable)
     assert p.part("optimizer_state") == optimizer.state_nbytes()["unpaged"]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-dropout"])
 @pytest.mark.parametrize("recompute", [False, True], ids=["module-forward", "swiglu-recompute"])
-def test_activations_without_checkpointing_match_the_tensors_autograd_saves(tiny_llama_dir, recompute):
+def test_activations_without_checkpointing_match_the_tensors_autograd_saves(tiny_llama_dir, recompute, fused):
     """Reference: sum the distinct storages autograd saves for backward in one forward (parameters excluded)."""
     import transformers
 
     from qlorakit.lora import add_lora
+    from qlorakit.lora.fused import fuse_shared_inputs
     from qlorakit.models import quantize_model
     from qlorakit.train.recompute import swiglu_recompute
 
     model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     quantize_model(model, QuantConfig())
     add_lora(model, LoraConfig(r=4, dropout=0.05))
+    if fused:  # one dropped copy and one mask per q/k/v and gate/up group
+        assert fuse_shared_inputs(model)
     model.train()
     fixed = {t.data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     saved: dict[int, int] = {}
@@ -122,10 +129,15 @@ def test_activations_without_checkpointing_match_the_tensors_autograd_saves(tiny
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), swiglu_recompute(model, recompute):
         model(input_ids=torch.randint(0, 256, (1, seq)))
     settings = PlanSettings(seq_len=seq, lora_r=4, lora_dropout=0.05, device="cpu", gradient_checkpointing=False,
-                            recompute_swiglu=recompute)
+                            recompute_swiglu=recompute, fuse_lora=fused)
     predicted = plan(model_shape(tiny_llama_dir), settings).part("activations")
-    # The formula ignores the final norm and lm_head input (one d-vector per token): within 5%.
-    assert predicted == pytest.approx(sum(saved.values()), rel=0.05)
+    # The formula ignores the final norm and lm_head input (one d-vector per token): within 5%. Fused with
+    # dropout it counts one input copy and mask per group and lands 6% above what autograd keeps (measured
+    # 786,432 vs 832,512 bytes here; unfused 943,104 vs 955,392): high, the safe side for a budget, not exact.
+    if fused:
+        assert sum(saved.values()) <= predicted <= 1.07 * sum(saved.values())
+    else:
+        assert predicted == pytest.approx(sum(saved.values()), rel=0.05)
 
 
 def test_paged_budget_too_small_names_the_tensor_and_the_minimum(llama):

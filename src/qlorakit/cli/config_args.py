@@ -47,6 +47,8 @@ def _arg_kwargs(f: dataclasses.Field, default: Any) -> dict[str, Any]:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif f.name == "paths":
         kwargs.update(nargs="+", metavar="FILE")
+    elif f.name == "report_to":
+        kwargs.update(action="append", metavar="TRACKER")  # repeatable; each may be comma-separated
     elif f.name == "targets":
         kwargs.update(type=parse_targets, metavar="SPEC")
     elif isinstance(default, (int, float, str)):

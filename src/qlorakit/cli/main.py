@@ -15,6 +15,7 @@ from types import ModuleType
 from qlorakit import __version__
 from qlorakit.cli import (
     chat_cmd,
+    data_cmd,
     eval_cmd,
     export_cmd,
     generate_cmd,
@@ -23,13 +24,15 @@ from qlorakit.cli import (
     plan_cmd,
     plot_cmd,
     quant_report,
+    serve_cmd,
     train_cmd,
 )
 from qlorakit.errors import QlorakitError
 
 #: Subcommand modules, in the order ``--help`` lists them.
 SUBCOMMANDS: tuple[ModuleType, ...] = (
-    train_cmd, merge_cmd, export_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd, plan_cmd,
+    train_cmd, merge_cmd, export_cmd, inspect_cmd, plot_cmd, quant_report, eval_cmd, generate_cmd, chat_cmd, serve_cmd,
+    plan_cmd, data_cmd,
 )
 
 

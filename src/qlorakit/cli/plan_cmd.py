@@ -4,8 +4,9 @@ MODEL is ``7b`` / ``13b`` / ``33b`` / ``65b`` (the LLaMA-1 shapes of the QLoRA p
 a model directory, a ``.gguf`` file, an alias or a Hub id; only its config is read. The breakdown covers
 the 4-bit weights, their quantization constants, the unquantized embeddings/head and norms, the LoRA
 parameters, their gradients and optimizer state, activations, logits and the dequantization workspace
-(see ``qlorakit.planner.estimate`` for every formula). Exit code: 0 when it fits or no budget is given,
-1 when it does not fit, 2 on bad input.
+(see ``qlorakit.planner.estimate`` for every formula). ``--world-size N --distributed ddp|fsdp`` plans one
+rank of an N-rank job (``--batch`` is then the job's micro-batch; ``qlorakit.planner.distributed``). Exit
+code: 0 when it fits or no budget is given, 1 when it does not fit, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from typing import Any
 
 from qlorakit.config import MemoryConfig
-from qlorakit.constants import COMPUTE_DTYPES, LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, QUANT_TYPES
+from qlorakit.constants import COMPUTE_DTYPES, LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, QUANT_TYPES, TRAIN_METHODS
 
 
 def add_parser(subparsers: Any) -> None:
@@ -28,9 +29,12 @@ def add_parser(subparsers: Any) -> None:
                    help="7b|13b|33b|65b, config.json, directory, .gguf, alias")
     p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default: %(default)s)")
+    p.add_argument("--method", choices=TRAIN_METHODS, default="sft",
+                   help="sft, or dpo / orpo: --batch counts pairs, each two sequences (default: %(default)s)")
     p.add_argument("--r", type=int, default=64, help="LoRA rank (default: %(default)s)")
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear, q_proj,v_proj or re:<regex>")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default: %(default)s)")
+    p.add_argument("--lora-dora", action="store_true", help="DoRA adapters: count the magnitude vectors too")
     p.add_argument("--optim", default="paged_adamw", help=f"one of {', '.join(OPTIMIZER_NAMES)} (default: %(default)s)")
     p.add_argument("--optim-budget", type=int, default=0, metavar="MIB",
                    help="resident MiB of paged optimizer state (0 = twice the largest tensor's state)")
@@ -50,6 +54,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="plan one rank of an N-rank job; --batch is then the job's micro-batch (default: 1)")
+    p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
+                   help="with --world-size > 1: ddp (whole replica per rank) or fsdp (base sharded; planned only)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="memory budget to check against, e.g. 48GB, 24GiB, 16000MiB")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object with <part>_bytes and total_bytes")
@@ -70,12 +78,19 @@ def run(args: argparse.Namespace) -> int:
     budget = parse_size(args.gpu_mem) if args.gpu_mem else None
     settings = PlanSettings(
         seq_len=args.seq, batch_size=args.batch, lora_r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
+        lora_dora=args.lora_dora,
         optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt, device=args.device,
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
         mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
+        method=args.method,
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
-    result = plan(shape, settings, budget)
+    if args.world_size != 1:
+        from qlorakit.planner.distributed import per_rank_plan
+
+        result = per_rank_plan(shape, settings, args.world_size, args.distributed, budget)
+    else:
+        result = plan(shape, settings, budget)
     print(json.dumps(result.as_dict(), indent=2) if args.json else format_plan(result))
     return 1 if result.fits is False else 0

@@ -8,6 +8,10 @@ Exit status: 0 done; 2 an error (the message says why; a run stopped by the nume
 disk keeps its last good checkpoint); 130 stopped by SIGINT, 143 by SIGTERM (after writing a checkpoint;
 a second Ctrl-C stops at once, keeping the last complete one). Continue a stopped run with ``--resume``;
 it starts from the newest checkpoint that verifies (docs/reliability.md).
+
+Under ``torchrun`` (``WORLD_SIZE`` set) every rank runs this command: the process group is joined first,
+``--batch-size`` is the micro-batch of the whole job, and rank 0 alone prints the plan and writes the run
+directory (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -91,6 +95,20 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, checkpoint = build_config(args)
+    from qlorakit.train.tracking import check_available
+
+    check_available(cfg.train.report_to)  # a missing tracker library fails before anything loads
+    cfg, memory_lines = choose_memory(cfg, args, checkpoint)  # before anything large is allocated
+    from qlorakit.parallel import Replicas, choose_strategy, process_group
+
+    with process_group(cfg.parallel.distributed, cfg.parallel.dist_timeout_s) as dist_info:
+        replicas = Replicas(dist_info)
+        strategy = choose_strategy(cfg.parallel.distributed, dist_info)
+        return _run(args, cfg, checkpoint, replicas, strategy, memory_lines)
+
+
+def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas, strategy,
+         memory_lines: list[str]) -> int:
     from qlorakit.train.rewrites import fix_allocator
 
     # Before anything large is allocated: set after the model has loaded, the same threshold left the
@@ -105,12 +123,26 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.train.output_dir)
     if checkpoint is None:
         check_output_dir(run_dir, args.overwrite)
+    replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch: refused now
     tokenizer = load_tokenizer(cfg.model)
-    train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
+    if cfg.objective.method == "sft":
+        train_set, val_set, summary = build_datasets(cfg.data, tokenizer)
+        collate, objective = collate_fn(tokenizer), None
+    else:  # dpo / orpo on preference pairs (train.objective, docs/preference.md)
+        from qlorakit.train.objective import preference_run_inputs
+
+        train_set, val_set, summary, collate, objective = preference_run_inputs(cfg, tokenizer)
     # perplexity / MMLU inputs checked now
     evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
-    print(summary.format())
-    print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+    if replicas.is_main:
+        print(summary.format())
+        print(_plan(cfg, len(train_set), len(val_set), checkpoint))
+        if objective is not None and objective.note:
+            print(objective.note)
+        print("\n".join(memory_lines))
+        if strategy is not None:
+            print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
+                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch")
     if args.dry_run:
         return 0
     import torch
@@ -121,20 +153,48 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
     model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
-    if checkpoint is None:
+    replicas.barrier("the barrier before the run directory is written")  # every rank has checked it
+    if checkpoint is None and replicas.is_main:
         _prepare_run_dir(run_dir, args.overwrite)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+        why = "".join(f"# {line.strip()}\n" for line in memory_lines)  # the planner's reasons, as comments
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg) + why)
+    replicas.barrier("the barrier after the run directory is written")
     try:
-        result = train(model, train_set, val_set, collate_fn(tokenizer), cfg, run_dir, checkpoint,
-                       progress=not args.no_progress, evaluator=evaluator)
+        result = train(model, train_set, val_set, collate, cfg, run_dir, checkpoint,
+                       progress=not args.no_progress, evaluator=evaluator, objective=objective)
     except KeyboardInterrupt:
         print(f"stopped at once; {_resume_hint(run_dir)}")
         return exit_code(signal.SIGINT)
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} after step {result.steps}/{result.total_steps}; {_resume_hint(run_dir)}")
         return exit_code(signal.Signals[result.stopped_by])
-    print(finish_run(model, tokenizer, result, summary))
+    if replicas.is_main:
+        print(finish_run(model, tokenizer, result, summary))
+        if replicas.world > 1:
+            print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
+    replicas.barrier("the barrier after the final adapter")
     return 0
+
+
+def given_fields(args: argparse.Namespace) -> set[str]:
+    """``section.field`` of every setting the user gave: a flag, or a key of the ``--config`` file."""
+    given = {dest.removeprefix("cfg__").replace("__", ".") for dest in vars(args) if dest.startswith("cfg__")}
+    if args.config:
+        values = load_config_file(args.config)
+        given |= {f"{section}.{key}" for section, keys in values.items() if isinstance(keys, dict) for key in keys}
+    return given
+
+
+def choose_memory(cfg: RunConfig, args: argparse.Namespace, checkpoint: Path | None) -> tuple[RunConfig, list[str]]:
+    """The fastest memory settings that fit the budget (``planner.budget``), for the plan and ``config.yaml``;
+    a resumed run keeps its ``config.yaml``'s (its optimizer state has that layout). Raises before any
+    weight is loaded when the explicit settings cannot fit."""
+    if checkpoint is not None:
+        return cfg, ["memory     as in the resumed run's config.yaml (no new choice)"]
+    from qlorakit.planner.budget import choose_for_run
+
+    cfg, choices = choose_for_run(cfg, given_fields(args), device="cpu")  # qlorakit train loads on the CPU
+    return cfg, choices.lines()
 
 
 def _resume_hint(run_dir: Path) -> str:
@@ -156,8 +216,9 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
+        _objective_line(cfg),
         (f"packing    rows of {cfg.data.seq_limit} tokens (batch counts rows) if the model passes the packing check "
-         "at the start of training" if cfg.data.packing else "packing    off"),
+         "at the start of training" if cfg.data.packing and cfg.objective.method == "sft" else "packing    off"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
         (f"safety     checkpoint {f'every {t.save_steps} steps' if t.save_steps else 'at the end'}, keep "
          f"{t.save_total_limit or 'all'}; "
@@ -165,6 +226,14 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
          f"stop after {t.max_bad_steps} non-finite steps in a row"),
     ]
     return "\n".join(lines)
+
+
+def _objective_line(cfg: RunConfig) -> str:
+    o = cfg.objective
+    detail = {"sft": "token-mean cross-entropy of the answers",
+              "dpo": f"DPO sigmoid loss, beta {o.dpo_beta}, reference = base with adapters off ({o.dpo_reference})",
+              "orpo": f"ORPO, chosen NLL + {o.orpo_beta} x odds-ratio term, no reference"}[o.method]
+    return f"objective  {o.method}: {detail}"
 
 
 def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:

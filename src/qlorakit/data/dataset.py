@@ -137,6 +137,10 @@ def split_indices(n: int, val_size: float, seed: int) -> tuple[list[int], list[i
 def build_datasets(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedDataset, TokenizedDataset, DataSummary]:
     """Train and validation sets and their summary (see the module docstring)."""
     conversions = load_examples(cfg.paths, cfg.format)
+    for c in conversions:
+        if c.format == "preference":
+            raise DataError(f"{c.path}: preference pairs (prompt, chosen, rejected) train with --method dpo or orpo; "
+                            "supervised fine-tuning needs one answer per prompt")
     conversations = [ex for c in conversions for ex in c.examples if not ex.is_text]
     documents = [ex for c in conversions for ex in c.examples if ex.is_text]
     items, truncation, dropped = tokenize_conversations(conversations, tokenizer, cfg)

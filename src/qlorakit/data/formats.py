@@ -10,8 +10,10 @@
 |                 | or a whole Guanaco dialogue in `text`                            | 1                 |
 |                 | or OASST message trees: `message_id`, `parent_id`, `role`, `text`| see `oasst.py`    |
 | `text`          | `text` (or a `.txt` file)                                        | 1 document        |
+| `preference`    | `prompt` (or `messages`), `chosen`, `rejected` (`preference.py`) | 1 pair            |
 
-Detection, first match wins: `.txt` -> text; `messages` -> messages; `message_id` + `parent_id` + `role`
+Detection, first match wins: `.txt` -> text; `chosen` + `rejected` + (`prompt` or `messages`) ->
+preference; `messages` -> messages; `message_id` + `parent_id` + `role`
 + `text` -> oasst1 trees; `instruction` + `instances` -> self-instruct; `instruction` + `response` ->
 dolly; `instruction` + `output` -> alpaca; `input` + `output` with the first `input` starting with
 `### Human:` -> oasst1; `text` -> oasst1 if it starts with `### Human:`, else text. An explicit format
@@ -34,11 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from qlorakit.data.oasst import guanaco_row, tree_examples
+from qlorakit.data.preference import (
+    PREFERENCE_FIELDS,
+    is_preference,
+    preference_row,
+    required_preference_fields,
+)
 from qlorakit.data.readers import Table, read_table
 from qlorakit.data.schema import ROLES, Conversion, Example, Row, Turn, check_turns
 from qlorakit.errors import DataError
 
-FORMATS = ("alpaca", "dolly", "oasst1", "messages", "self-instruct", "text")
+FORMATS = ("alpaca", "dolly", "oasst1", "messages", "self-instruct", "text", "preference")
 GUANACO_HUMAN_MARK = "### Human:"
 TREE_FIELDS = ("message_id", "parent_id", "role", "text")
 EXPECTED_FIELDS = {
@@ -48,6 +56,7 @@ EXPECTED_FIELDS = {
     "messages": "messages [{role, content}]",
     "oasst1": "input ('### Human: ... ### Assistant:') + output, or text, or message_id/parent_id/role/text",
     "text": "text",
+    "preference": PREFERENCE_FIELDS,
 }
 
 
@@ -99,6 +108,8 @@ def detect_format(columns: Sequence[str], first_row: dict[str, Any], kind: str =
     cols = set(columns)
     if kind == "txt":
         return "text"
+    if is_preference(cols):
+        return "preference"
     if "messages" in cols:
         return "messages"
     if set(TREE_FIELDS) <= cols:
@@ -126,6 +137,8 @@ def required_fields(fmt: str, columns: Sequence[str]) -> tuple[str, ...]:
         if "role" in columns:
             return TREE_FIELDS
         return ("input", "output") if "input" in columns or "output" in columns else ("text",)
+    if fmt == "preference":
+        return required_preference_fields(columns)
     return {
         "alpaca": ("instruction", "output"),
         "dolly": ("instruction", "response"),
@@ -141,6 +154,7 @@ ROW_CONVERTERS: dict[str, Callable[[Row], list[Example]]] = {
     "self-instruct": self_instruct_row,
     "messages": messages_row,
     "text": text_row,
+    "preference": preference_row,
 }
 
 

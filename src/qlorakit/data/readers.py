@@ -167,7 +167,23 @@ def _load(file: Path, shown: str, builder: str, **options: Any) -> list[dict[str
             why = _first_line(cause) or type(cause).__name__
             where = _LOCATORS[builder](file) if builder in _LOCATORS else ""
             raise DataError(f"{shown}: cannot parse as {builder.upper()}: {why}{where}") from exc
-        return table.to_list()
+        try:
+            return table.to_list()
+        except UnicodeDecodeError as exc:  # Parquet strings are not checked for UTF-8 until they become str
+            row, field = _first_bad_text(table.data)
+            raise DataError(f"{shown}: row {row}, field {field!r}: not valid UTF-8 text ({exc.reason})") from None
+
+
+def _first_bad_text(arrow_table: Any) -> tuple[int, str]:
+    """(1-based row, column) of the first value that does not decode as UTF-8 (the slow path of an error)."""
+    for name in arrow_table.column_names:
+        column = arrow_table.column(name)
+        for index in range(len(column)):
+            try:
+                column[index].as_py()
+            except UnicodeDecodeError:
+                return index + 1, name
+    return 1, arrow_table.column_names[0]  # not reached: to_list() failed on some value
 
 
 def _locate_csv(file: Path) -> str:

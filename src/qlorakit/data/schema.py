@@ -36,10 +36,16 @@ class Example:
     turns: tuple[Turn, ...] = ()
     context: str = ""
     text: str = ""
+    rejected: tuple[Turn, ...] = ()  # preference rows: the rejected conversation (``turns`` is the chosen one)
+    prompt_turns: int = 0  # preference rows: how many leading turns both conversations share (the prompt)
 
     @property
     def is_text(self) -> bool:
         return self.format == "text"
+
+    @property
+    def is_preference(self) -> bool:
+        return self.format == "preference"
 
     @property
     def is_instruction(self) -> bool:

@@ -51,6 +51,10 @@ def _active_layers(model: nn.Module) -> dict[str, Any]:
     layers = {p: m for p, m in lora_layers(model).items() if m.active_adapter is not None}
     if not layers:
         raise ConfigError("the model has no active LoRA adapter to export; load one with load_adapter first")
+    dora = next((p for p, m in layers.items() if m.active_adapter in m.lora_magnitude_vector), None)
+    if dora is not None:
+        raise ConfigError(f"{dora} carries a DoRA adapter; llama.cpp's LoRA GGUF has no magnitude vector. Export "
+                          "the merged model instead (qlorakit export gguf merges DoRA exactly)")
     return layers
 
 

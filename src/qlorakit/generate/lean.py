@@ -32,6 +32,7 @@ architecture, a sliding window shorter than the request, tensor-parallel layouts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,50 +102,93 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Layer:
-    """One decoder layer's bound projections, norms and KV cache."""
+    """One decoder layer's bound projections and norms, and (for ``LeanDecoder``) its KV cache.
 
-    def __init__(self, layer: nn.Module, config: Any, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    ``bind`` turns each projection module into its bound call (``_bind`` by default; the batched decoder,
+    ``generate.batched``, passes one that adds each row's own adapter). ``__call__`` runs the positions of one
+    sequence; ``step_rows`` one new position of each of several sequences, each with its own cache, composing
+    the same pieces (``_rope``, ``_attend``, ``_mlp``).
+    """
+
+    def __init__(self, layer: nn.Module, config: Any, max_len: int, dtype: torch.dtype, device: torch.device,
+                 bind: Callable[[nn.Module], Projection] = _bind) -> None:
         attn, mlp = layer.self_attn, layer.mlp
-        self.q, self.k, self.v, self.o = (_bind(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.gate, self.up, self.down = (_bind(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.q, self.k, self.v, self.o = (bind(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.gate, self.up, self.down = (bind(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
         self.act = mlp.act_fn
         self.norm1, self.norm2 = _bind_norm(layer.input_layernorm), _bind_norm(layer.post_attention_layernorm)
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = getattr(attn, "scaling", self.head_dim**-0.5)
-        shape = (1, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (1, kv_heads, max_len, head_dim)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.keys, self.values = self.new_cache(max_len, dtype, device)
 
-    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
-        t = h.shape[1]  # h: (1, t, d)
-        a = self.norm1(h)[0]  # (t, d)
-        q = self.q(a).view(t, self.heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, H, t, hd)
-        k = self.k(a).view(t, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, t, hd)
-        v = self.v(a).view(t, self.kv_heads, self.head_dim).transpose(0, 1).unsqueeze(0)  # (1, KV, t, hd)
-        q = q * cos + _rotate_half(q) * sin  # cos/sin: (1, 1, t, hd)
-        k = k * cos + _rotate_half(k) * sin
-        end = start + t
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        keys, values = self.keys[:, :, :end], self.values[:, :, :end]  # (1, KV, end, hd)
+    def new_cache(self, max_len: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty keys and values for ``max_len`` positions: two (1, kv_heads, max_len, head_dim) tensors."""
+        shape = (1, self.kv_heads, max_len, self.head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def _qkv(self, a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """a (t, d) normed rows, cos/sin (t, 1, hd) -> rope'd q (t, H, hd), k (t, KV, hd) and v (t, KV, hd)."""
+        t = a.shape[0]
+        q = self.q(a).view(t, self.heads, self.head_dim)
+        k = self.k(a).view(t, self.kv_heads, self.head_dim)
+        v = self.v(a).view(t, self.kv_heads, self.head_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """One sequence's new positions start..start+t-1: q (t, H, hd), k/v (t, KV, hd) -> o (t, H * hd)."""
+        t, end = q.shape[0], start + q.shape[0]
+        keys, values = cache  # (1, KV, max_len, hd)
+        keys[0, :, start:end] = k.transpose(0, 1)
+        values[0, :, start:end] = v.transpose(0, 1)
         mask, causal = None, False
         if t > 1 and start == 0:
             causal = True
         elif t > 1:  # new rows i see cached positions j <= start + i
-            mask = torch.ones(t, end, dtype=torch.bool, device=h.device).tril(diagonal=start)  # (t, end)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scaling,
+            mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=start)  # (t, end)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), keys[:, :, :end], values[:, :, :end],
+                                           attn_mask=mask, is_causal=causal, scale=self.scaling,
                                            enable_gqa=self.kv_heads != self.heads)  # (1, H, t, hd)
-        h = h + self.o(o[0].transpose(0, 1).reshape(t, -1)).unsqueeze(0)  # (1, t, d)
-        m = self.norm2(h)[0]  # (t, d)
-        return h + self.down(self.act(self.gate(m)) * self.up(m)).unsqueeze(0)
+        return o[0].transpose(0, 1).reshape(t, -1)
+
+    def _mlp(self, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """h (t, d) residual, o (t, H * hd) attention output -> the layer's output (t, d)."""
+        h = h + self.o(o)
+        m = self.norm2(h)  # (t, d)
+        return h + self.down(self.act(self.gate(m)) * self.up(m))
+
+    def __call__(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
+                 cache: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """h (1, t, d) at positions start..start+t-1, cos/sin (1, t, hd) -> (1, t, d), through ``cache`` (keys,
+        values; default: this layer's own)."""
+        h = h[0]  # (t, d)
+        q, k, v = self._qkv(self.norm1(h), cos[0].unsqueeze(1), sin[0].unsqueeze(1))
+        cache = (self.keys, self.values) if cache is None else cache
+        return self._mlp(h, self._attend(q, k, v, start, cache)).unsqueeze(0)
+
+    def step_rows(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, starts: list[int],
+                  caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """One new position per sequence: h (N, d), cos/sin (N, hd), row i at ``starts[i]`` in ``caches[i]``.
+
+        The projections, norms and MLP take all N rows at once; attention runs per row over that row's own
+        cache (no padding, no mask), so each row sees exactly what ``__call__`` would show it alone.
+        """
+        q, k, v = self._qkv(self.norm1(h), cos.unsqueeze(1), sin.unsqueeze(1))  # (N, H, hd), (N, KV, hd) x 2
+        o = torch.cat([self._attend(q[i : i + 1], k[i : i + 1], v[i : i + 1], starts[i], caches[i])
+                       for i in range(h.shape[0])])  # (N, H * hd)
+        return self._mlp(h, o)
 
 
 class LeanDecoder:
-    """Prefill and per-token steps of a supported model with a preallocated KV cache of ``max_len``."""
+    """Prefill and per-token steps of a supported model with a preallocated KV cache of ``max_len``.
 
-    def __init__(self, model: Any, max_len: int) -> None:
+    ``bind`` makes each projection's bound call (default ``_bind``; ``generate.batched`` passes its per-row
+    adapter binding); ``forward`` runs positions of one sequence through any cache, ``step`` through its own.
+    """
+
+    def __init__(self, model: Any, max_len: int, bind: Callable[[nn.Module], Projection] = _bind) -> None:
         reason = unsupported_reason(model, max_len)
         if reason is not None:
             raise ValueError(f"LeanDecoder cannot run this model: {reason}")
@@ -153,9 +197,21 @@ class LeanDecoder:
         self.head = _bind(model.get_output_embeddings())
         self.max_len = max_len
         weight = self.embed.weight
-        self.layers = [_Layer(layer, model.config, max_len, weight.dtype, weight.device)
+        self.layers = [_Layer(layer, model.config, max_len, weight.dtype, weight.device, bind)
                        for layer in inner.layers[: model.config.num_hidden_layers]]
         self.length = 0  # positions already in the cache
+
+    def forward(self, ids: torch.Tensor, start: int, caches: list | None = None) -> torch.Tensor:
+        """``ids (1, t)`` at positions start..start+t-1 through ``caches`` (one (keys, values) per layer; default:
+        the layers' own) -> the logits of the last position, ``(vocab,)``."""
+        t = ids.shape[1]
+        h = self.embed(ids)  # (1, t, d)
+        positions = torch.arange(start, start + t, device=ids.device).unsqueeze(0)  # (1, t)
+        cos, sin = self.rotary(h, positions)  # (1, t, hd) each
+        for index, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, start, None if caches is None else caches[index])
+        last = self.norm(h[:, -1:])[0]  # (1, d)
+        return self.head(last)[0]  # (vocab,)
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -164,12 +220,6 @@ class LeanDecoder:
         start = self.length
         if start + t > self.max_len:
             raise ValueError(f"{start + t} positions exceed the decoder's max_len of {self.max_len}")
-        h = self.embed(ids)  # (1, t, d)
-        positions = torch.arange(start, start + t, device=ids.device).unsqueeze(0)  # (1, t)
-        cos, sin = self.rotary(h, positions)  # (1, t, hd) each
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, t, hd)
-        for layer in self.layers:
-            h = layer(h, cos, sin, start)
+        logits = self.forward(ids, start)
         self.length = start + t
-        last = self.norm(h[:, -1:])[0]  # (1, d)
-        return self.head(last)[0]  # (vocab,)
+        return logits

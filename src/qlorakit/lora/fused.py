@@ -16,11 +16,22 @@ merges see exactly what they saw before (``unfuse`` restores plain ``nn.Linear``
 weights).
 
 The group reuses its product only for the very tensor object it computed it from (``x is cached_input``)
-and only until every member has taken its slice; any other input is computed unfused. Groups whose
-adapters have dropout > 0 are not fused at all (each layer draws its own mask, so no input is shared and
-a fused product would be computed once per member), nor are 16-bit bases with fp32 adapters (each layer
-casts ``h`` to a new tensor), so fusing never changes what is computed, only how: tests hold fused to
-unfused outputs and gradients within fp32 rounding.
+and only until every member has taken its slice; any other input is computed unfused. The group is handed
+each layer's input before the cast to the adapter dtype, so a 16-bit base with fp32 adapters fuses too: the
+shared ``h`` is cast once per group instead of once per layer.
+
+Dropout. Unfused, each layer draws its own mask: ``u_i = (m_i * h) A_i^T`` with independent
+``m_i ~ Bernoulli(1 - p) / (1 - p)`` (PEFT's semantics). Fused, the group draws ONE mask ``m`` for its
+shared input, with the dropout module of the member that computes the product (the first caller; every
+member must have the same dropout type and ``p``, else the group is not fused):
+
+    [u_1 | ... | u_k] = (m * h) @ [A_1; ...; A_k]^T        m: (..., in), one draw per group and forward
+
+so q/k/v see one mask and gate/up another (each member's expected update and its variance are those of
+the unfused layer; only the masks of siblings are correlated). Gradient checkpointing recomputes the same
+mask (torch's checkpoint restores the RNG state). ``memory.fuse_lora: false`` keeps the independent masks.
+Tests hold the fused group to a reference that applies the group's mask to each member separately
+(forward and gradients within fp32 rounding); without dropout, fused equals unfused within fp32 rounding.
 """
 
 from __future__ import annotations
@@ -47,8 +58,11 @@ class SharedInputA(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._group = group  # a plain object, not a submodule
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:  # h: (..., in) -> (..., r)
-        return self._group.down(self, h)
+    def forward(self, x: torch.Tensor, dropout: nn.Module | None = None) -> torch.Tensor:  # x: (..., in) -> (..., r)
+        """This member's slice of ``dropout(h) @ [A_1; ...; A_k]^T`` with ``h`` = ``x`` in the adapter dtype;
+        the cast and ``dropout`` (the calling layer's) happen once per group input (``None`` or
+        ``nn.Identity``: no dropout)."""
+        return self._group.down(self, x, dropout)
 
     def as_linear(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
@@ -65,36 +79,41 @@ class _Group:
         self._slices: dict[int, torch.Tensor] = {}
         self.products = 0  # fused matmuls computed (tests read it)
 
-    def down(self, member: SharedInputA, h: torch.Tensor) -> torch.Tensor:
-        if h is not self._input:  # a new input: one matmul for every member
+    def down(self, member: SharedInputA, x: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+        if x is not self._input:  # a new input: one cast, one mask and one matmul for every member
             weights = [m.weight for m in self.members]
-            fused = down_product(h, torch.cat(weights))  # (..., sum r)
+            fused = down_product(_drop(_cast(x, member), dropout), torch.cat(weights))  # (..., sum r)
             parts = fused.split([w.shape[0] for w in weights], dim=-1)  # (..., r_i) each
             self.products += 1
-            self._input, self._slices = h, {id(m): p for m, p in zip(self.members, parts, strict=True)}
+            self._input, self._slices = x, {id(m): p for m, p in zip(self.members, parts, strict=True)}
         elif id(member) not in self._slices:  # the same input again for a member that took its slice
-            return down_product(h, member.weight)  # (..., r)
+            return down_product(_drop(_cast(x, member), dropout), member.weight)  # (..., r): its own mask
         out = self._slices.pop(id(member))
         if not self._slices:
             self._input = None
         return out
 
 
-def _base_dtype(layer: LoraLinear) -> torch.dtype | None:
-    base = layer.base_layer
-    return base.weight.dtype if isinstance(base, nn.Linear) else base.compute_dtype
+def _cast(x: torch.Tensor, member: SharedInputA) -> torch.Tensor:
+    return x if x.dtype == member.weight.dtype else x.to(member.weight.dtype)  # (..., in) in the adapter dtype
+
+
+def _drop(h: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+    return h if dropout is None or type(dropout) is nn.Identity else dropout(h)  # (..., in)
+
+
+def _dropout_kind(module: nn.Module) -> tuple[type, float | None]:
+    return type(module), getattr(module, "p", None)
 
 
 def _fusable(layers: list[LoraLinear], name: str) -> bool:
-    """Siblings that carry ``name`` unmerged, without dropout, as plain ``nn.Linear`` A's of one dtype, which is
-    also the dtype their input arrives in (else each layer casts the input to its own new tensor)."""
+    """Siblings that carry ``name`` unmerged, with one dropout (type and ``p``), as plain ``nn.Linear`` A's of one
+    dtype and device."""
     if len(layers) < 2 or any(name not in m.lora_A or m.merged_adapter is not None for m in layers):
         return False
-    if any(not isinstance(m.lora_dropout[name], nn.Identity) for m in layers):
-        return False  # each layer draws its own dropout mask: no input is shared, fusing would only add work
-    weights = [m.lora_A[name].weight for m in layers]
-    kinds = {(w.dtype, w.device) for w in weights}
-    kinds |= {(_base_dtype(m), w.device) for m, w in zip(layers, weights, strict=True)}
+    if len({_dropout_kind(m.lora_dropout[name]) for m in layers}) != 1:
+        return False  # the group's one mask could not stand for every member's dropout
+    kinds = {(m.lora_A[name].weight.dtype, m.lora_A[name].weight.device) for m in layers}
     return all(type(m.lora_A[name]) is nn.Linear for m in layers) and len(kinds) == 1
 
 

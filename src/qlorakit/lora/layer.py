@@ -18,6 +18,10 @@ The adapter's part has one home, ``LoraLinear.add_delta``: ``forward`` adds it t
 (the decoding projection ``generate.lean`` composes) to the base's bound projection (``quant.linear.bind_linear``),
 and ``lora.fused`` only replaces ``lora_A[name]`` by a module that shares the ``A`` product between siblings.
 
+With ``LoraConfig.dora`` the adapter also has a magnitude vector ``lora_magnitude_vector[name].weight``
+(out,) and ``add_delta`` computes DoRA's ``b + m/||W + s B A||_row * (x W^T + s B A x)`` instead
+(``lora.dora`` has the math and PEFT's dropout rule); ``merge`` then writes ``m/n * (W + s B A)``.
+
 ``merge()`` writes ``W + scale * B @ A`` (computed in fp32, stored in W's dtype) into a 16/32-bit
 ``nn.Linear`` base; ``unmerge()`` subtracts it again. A 4-bit base is never merged in place: re-quantizing
 would silently change the base, so that is ``merge_and_export``'s job.
@@ -33,6 +37,7 @@ from torch import nn
 
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, QlorakitError
+from qlorakit.lora.dora import DoraMagnitude, base_version, dora_output, weight_norm
 from qlorakit.quant.linear import Linear4bit, Projection, bind_linear
 
 
@@ -86,6 +91,9 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.ModuleDict()  # name -> Linear(in, r): weight (r, in)
         self.lora_B = nn.ModuleDict()  # name -> Linear(r, out): weight (out, r)
         self.lora_dropout = nn.ModuleDict()  # name -> Dropout(p) or Identity
+        self.lora_magnitude_vector = nn.ModuleDict()  # name -> DoraMagnitude: weight (out,), DoRA adapters only
+        self._dora_norms: dict[str, tuple[tuple, torch.Tensor]] = {}  # name -> (what it was computed from, (out,))
+        self._merged_norm: torch.Tensor | None = None  # n of a merged DoRA adapter, for unmerge: (out,)
         self.configs: dict[str, LoraConfig] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
@@ -134,6 +142,9 @@ class LoraLinear(nn.Module):
             lora_b.weight.zero_()
         self.lora_A[name], self.lora_B[name] = lora_a, lora_b
         self._set_config(name, config)
+        if config.dora:  # m = ||W + s B A||_row of the starting weights: the adapter starts as the identity
+            norm = weight_norm(self.base_layer, lora_a.weight, lora_b.weight, self.scaling[name])  # (out,)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(dtype))
 
     def _set_config(self, name: str, config: LoraConfig) -> None:
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -145,6 +156,9 @@ class LoraLinear(nn.Module):
         if config.r != self.configs[name].r:
             raise ConfigError(f"adapter {name!r} has rank {self.configs[name].r}; a config with r={config.r} "
                               "needs a new adapter (delete it and add it again)")
+        if config.dora != self.configs[name].dora:
+            raise ConfigError(f"adapter {name!r} has dora={self.configs[name].dora}; a config with "
+                              f"dora={config.dora} needs a new adapter (delete it and add it again)")
         self._check_unmerged(f"change the config of adapter {name!r}")
         self._set_config(name, config)
 
@@ -176,6 +190,9 @@ class LoraLinear(nn.Module):
             self._check_unmerged(f"delete adapter {name!r}")
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
             del table[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._dora_norms.pop(name, None)
         del self.configs[name], self.scaling[name]
         if self.active_adapter == name:
             self.active_adapter = None
@@ -201,14 +218,18 @@ class LoraLinear(nn.Module):
         ``addmm`` fold (``fuse_up_projection``) writes into it. A plain ``nn.Linear`` A or B is applied by
         its functional form (``down_product``, ``F.linear``: its forward without the few microseconds of a
         module call, which decoding pays per projection); ``lora.fused.SharedInputA`` hands out its slice of
-        a product shared with sibling layers.
+        a product shared with sibling layers: it is handed ``x`` itself and this layer's dropout, and casts
+        and drops the shared input once for the whole group (one mask; see ``lora.fused``).
         """
+        if name in self.lora_magnitude_vector:
+            return self._add_dora_delta(name, x, result)
         lora_a, lora_b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
         dtype, dropout = lora_a.weight.dtype, self.lora_dropout[name]
-        h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
-        if type(dropout) is not nn.Identity:
-            h = dropout(h)
-        u = down_product(h, lora_a.weight) if type(lora_a) is nn.Linear else lora_a(h)  # (..., r)
+        if type(lora_a) is nn.Linear:
+            h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
+            u = down_product(h if type(dropout) is nn.Identity else dropout(h), lora_a.weight)  # (..., r)
+        else:  # a shared-input A (lora.fused) casts and drops the shared x once per group: one mask per input
+            u = lora_a(x, dropout)  # (..., r)
         lead = x.shape[:-1]
         if self.fuse_up_projection and _addmm_fusable(result, u, lora_b):
             out = _add_up_projection(result, u, lora_b.weight, scale)  # (N, out)
@@ -217,6 +238,40 @@ class LoraLinear(nn.Module):
         up = F.linear(u, lora_b.weight, lora_b.bias) if type(lora_b) is nn.Linear else lora_b(u)  # (..., out)
         delta = up * scale
         return result + (delta if delta.dtype == result.dtype else delta.to(result.dtype))  # (..., out): the reference
+
+    def _add_dora_delta(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA's ``add_delta`` (``lora.dora``): ``result + (m/n - 1) (x_d W^T) + (m/n) s B A x_d``, x_d the adapter
+        input after dropout; x (..., in), result (N, out) -> (..., out). Without active dropout ``x_d W^T`` is
+        ``result`` less the bias, so the base is not run twice."""
+        lora_a, lora_b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        dtype, dropout = lora_a.weight.dtype, self.lora_dropout[name]
+        dropped = type(dropout) is not nn.Identity and dropout.training
+        x_d = dropout(x) if dropped else x  # (..., in)
+        h = x_d if x_d.dtype == dtype else x_d.to(dtype)  # (..., in)
+        u = down_product(h, lora_a.weight) if type(lora_a) is nn.Linear else lora_a(h)  # (..., r)
+        up = F.linear(u, lora_b.weight, lora_b.bias) if type(lora_b) is nn.Linear else lora_b(u)  # (..., out)
+        result = result.view(*x.shape[:-1], self.out_features)  # (..., out)
+        base_part = self.base_layer(x_d) if dropped else result  # (..., out)
+        if self.bias is not None:
+            base_part = base_part - self.bias
+        factor = self.lora_magnitude_vector[name].weight / self.dora_norm(name)  # (out,): m / n, n detached
+        return dora_output(result, base_part, up, factor, scale)
+
+    def dora_norm(self, name: str) -> torch.Tensor:
+        """``n = ||W + s B A||_row`` of DoRA adapter ``name`` (fp32, detached): (out,). Without grad it is cached
+        until A, B, the scale or the base weight change (tensor identity and in-place version)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if torch.is_grad_enabled():
+            self._dora_norms.pop(name, None)
+            return weight_norm(self.base_layer, a, b, self.scaling[name])
+        key = (a, a._version, b, b._version, self.scaling[name], base_version(self.base_layer))
+        cached = self._dora_norms.get(name)
+        if cached is not None and len(cached[0]) == len(key) and all(
+                k is c if isinstance(k, torch.Tensor) else k == c for k, c in zip(key, cached[0], strict=True)):
+            return cached[1]
+        norm = weight_norm(self.base_layer, a, b, self.scaling[name])
+        self._dora_norms[name] = (key, norm)
+        return norm
 
     def bind(self) -> Projection:
         """This forward for decoding, ``x (rows, in) -> (rows, out)``: the base's bound projection
@@ -242,15 +297,18 @@ class LoraLinear(nn.Module):
         a = self.lora_A[name].weight.detach().float()  # (r, in)
         return self.scaling[name] * (b @ a)
 
-    def _write_base(self, sign: float, name: str) -> None:
-        base = self.base_layer
-        if isinstance(base, Linear4bit):
-            raise MergeError(
-                "cannot merge a LoRA adapter into a 4-bit (Linear4bit) base in place: it would have to be "
-                "re-quantized, which silently changes the base; use merge_and_export to write a 16-bit merged model"
-            )
-        weight = base.weight  # (out, in)
-        new = (weight.detach().float() + sign * self.delta_weight(name)).to(weight.dtype)
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 ``(out, in)`` weight of adapter ``name`` folded into ``weight`` (the unmerged base, fp32):
+        ``W + s B A``, or for DoRA ``m/n * (W + s B A)`` with ``n = ||W + s B A||_row``."""
+        combined = weight + self.delta_weight(name)  # (out, in)
+        if name not in self.lora_magnitude_vector:
+            return combined
+        magnitude = self.lora_magnitude_vector[name].weight.detach().float()  # (out,)
+        return (magnitude / torch.linalg.vector_norm(combined, dim=1)).unsqueeze(1) * combined  # (out, in)
+
+    def _write_base(self, name: str, new: torch.Tensor) -> None:
+        weight = self.base_layer.weight  # (out, in)
+        new = new.to(weight.dtype)
         if not torch.isfinite(new).all():
             raise MergeError(
                 f"merging adapter {name!r} gives non-finite weights in {weight.dtype} (overflow or NaN in the "
@@ -260,21 +318,36 @@ class LoraLinear(nn.Module):
             weight.copy_(new)
 
     def merge(self) -> None:
-        """Fold the active adapter into the base weight: ``W <- W + scale * B @ A``."""
+        """Fold the active adapter into the base weight: ``W <- W + scale * B @ A`` (DoRA: ``m/n * (W + s B A)``)."""
         if self.merged_adapter is not None:
             raise MergeError(f"adapter {self.merged_adapter!r} is already merged")
-        if self.active_adapter is None:
+        name = self.active_adapter
+        if name is None:
             raise MergeError(f"no active adapter to merge; adapters: {self.adapter_names}")
-        self._write_base(+1.0, self.active_adapter)
-        self.merged_adapter = self.active_adapter
+        if isinstance(self.base_layer, Linear4bit):
+            raise MergeError(
+                "cannot merge a LoRA adapter into a 4-bit (Linear4bit) base in place: it would have to be "
+                "re-quantized, which silently changes the base; use merge_and_export to write a 16-bit merged model"
+            )
+        weight = self.base_layer.weight.detach().float()  # (out, in)
+        if name in self.lora_magnitude_vector:
+            self._merged_norm = torch.linalg.vector_norm(weight + self.delta_weight(name), dim=1)  # (out,)
+        self._write_base(name, self.merged_weight(name, weight))
+        self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Undo ``merge``: ``W <- W - scale * B @ A`` (exact in fp32 up to rounding)."""
-        if self.merged_adapter is None:
+        """Undo ``merge``: ``W <- W - scale * B @ A`` (DoRA: ``W' n/m - s B A``), exact in fp32 up to rounding."""
+        name = self.merged_adapter
+        if name is None:
             raise MergeError("no adapter is merged")
-        self._write_base(-1.0, self.merged_adapter)
-        self.merged_adapter = None
+        weight = self.base_layer.weight.detach().float()  # (out, in)
+        if name in self.lora_magnitude_vector:
+            factor = self.lora_magnitude_vector[name].weight.detach().float() / self._merged_norm  # (out,)
+            weight = weight / factor.unsqueeze(1)
+        self._write_base(name, weight - self.delta_weight(name))
+        self.merged_adapter, self._merged_norm = None, None
 
     def extra_repr(self) -> str:
         ranks = {name: cfg.r for name, cfg in self.configs.items()}
-        return f"adapters={ranks}, active={self.active_adapter!r}, enabled={self.enabled}"
+        dora = [name for name in self.configs if name in self.lora_magnitude_vector]
+        return f"adapters={ranks}, dora={dora}, active={self.active_adapter!r}, enabled={self.enabled}"

@@ -7,7 +7,8 @@ frozen, which is what QLoRA trains.
 
 ``lora_state_dict(model, name)`` gives that adapter's weights under PEFT's saved key names,
 ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (PEFT drops the adapter name on
-save), so the dict can be written as ``adapter_model.safetensors`` unchanged.
+save), plus ``.lora_magnitude_vector`` (out,) for a DoRA adapter, so the dict can be written as
+``adapter_model.safetensors`` unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def _freeze_all_but_active(model: nn.Module) -> None:
         if layer.active_adapter is not None:
             layer.lora_A[layer.active_adapter].weight.requires_grad_(True)
             layer.lora_B[layer.active_adapter].weight.requires_grad_(True)
+            if layer.active_adapter in layer.lora_magnitude_vector:
+                layer.lora_magnitude_vector[layer.active_adapter].weight.requires_grad_(True)
 
 
 def base_module_names(model: nn.Module) -> dict[str, nn.Module]:
@@ -167,11 +170,15 @@ def unmerge_adapters(model: nn.Module) -> None:
 
 
 def lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter ``name``'s weights, keyed ``base_model.model.<path>.lora_{A,B}.weight`` (detached copies)."""
+    """Adapter ``name``'s weights, keyed ``base_model.model.<path>.lora_{A,B}.weight`` and, for DoRA,
+    ``<path>.lora_magnitude_vector`` (PEFT's saved names; detached copies)."""
     state: dict[str, torch.Tensor] = {}
     for path, layer in _check_known(model, name).items():
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].weight.detach().clone()  # (r, in)
         state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].weight.detach().clone()  # (out, r)
+        if name in layer.lora_magnitude_vector:
+            magnitude = layer.lora_magnitude_vector[name].weight
+            state[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = magnitude.detach().clone()  # (out,)
     return state
 
 

@@ -8,7 +8,8 @@ A directory holds two files:
   names (PEFT matches a name ``t`` to a module path equal to ``t`` or ending in ``".t"``), else a regex of
   the escaped full paths (PEFT ``re.fullmatch``-es a string against each module path).
 - ``adapter_model.safetensors``: ``base_model.model.<module path>.lora_A.weight`` (r, in) and
-  ``.lora_B.weight`` (out, r). PEFT removes the adapter name from keys when saving; loading here also
+  ``.lora_B.weight`` (out, r), and for a DoRA adapter (``use_dora: true``) ``.lora_magnitude_vector`` (out,).
+  PEFT removes the adapter name from keys when saving; loading here also
   accepts keys that still carry it (``lora_A.<name>.weight``) and keys without the ``base_model.model.``
   prefix. Pickle files (``adapter_model.bin``) are never read.
 
@@ -58,7 +59,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 #: PEFT options qlorakit cannot reproduce: each must be absent or equal to the value given here.
 _UNSUPPORTED_PEFT_OPTIONS: dict[str, Any] = {
-    "use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False, "bias": "none",
+    "fan_in_fan_out": False, "lora_bias": False, "use_qalora": False, "bias": "none",
     "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "layer_replication": None,
     "trainable_token_indices": None, "target_parameters": None, "layers_to_transform": None,
 }
@@ -67,6 +68,9 @@ _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda")
 #: safetensors dtypes a LoRA weight may have.
 _WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")
 _KEY = re.compile(r"(?P<path>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight")
+#: DoRA's magnitude: PEFT saves ``<path>.lora_magnitude_vector``; older files and unsaved state dicts carry the
+#: adapter name and / or ``.weight`` after it.
+_MAGNITUDE_KEY = re.compile(r"(?P<path>.+)\.lora_magnitude_vector(?:\.(?!weight$)(?P<adapter>[^.]+))?(?:\.weight)?")
 
 
 # --- saving ----------------------------------------------------------------------------------------
@@ -99,7 +103,7 @@ def peft_config_dict(config: LoraConfig, target_modules: str | list[str], base_m
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
         "inference_mode": True, "r": config.r, "lora_alpha": alpha, "lora_dropout": config.dropout,
         "use_rslora": config.rslora, "target_modules": target_modules, "exclude_modules": None,
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": config.dora,
         "lora_bias": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
         "loftq_config": {}, "layer_replication": None, "auto_mapping": None,
@@ -227,9 +231,10 @@ def lora_config_from_peft(values: dict[str, Any], where: str = ADAPTER_CONFIG) -
     alpha = _field(values, "lora_alpha", 8, (int, float), where, "a positive number", lambda v: v > 0)
     dropout = _field(values, "lora_dropout", 0.0, (int, float), where, "a number in [0, 1)", lambda v: 0 <= v < 1)
     rslora = _field(values, "use_rslora", False, (bool,), where, "true or false")
+    dora = _field(values, "use_dora", False, (bool,), where, "true or false")
     try:
         return LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=targets or "all-linear", rslora=rslora,
-                          init="zeros")
+                          init="zeros", dora=dora)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
@@ -264,25 +269,35 @@ def _read_files(directory: Path) -> tuple[Any, dict[str, torch.Tensor]]:
         raise StateDictError(f"corrupt safetensors file {weights_file}: {exc}") from exc
 
 
-def _group_by_layer(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module path: {"A": (r, in), "B": (out, r)}}`` from PEFT keys, with or without adapter names."""
+def _group_by_layer(tensors: dict[str, torch.Tensor], where: str,
+                    dora: bool) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module path: {"A": (r, in), "B": (out, r)[, "M": (out,)]}}`` from PEFT keys, with or without adapter
+    names; ``M`` (DoRA's magnitude) is required on every layer when ``dora`` and refused otherwise."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     names: dict[str, str] = {}  # adapter name in the keys -> first key carrying it
     for key, tensor in tensors.items():
-        match = _KEY.fullmatch(key.removeprefix(PEFT_PREFIX))
+        short = key.removeprefix(PEFT_PREFIX)
+        match = _KEY.fullmatch(short) or _MAGNITUDE_KEY.fullmatch(short)
         if match is None:
-            raise StateDictError(f"{where}: key {key!r} is not a LoRA A/B weight; qlorakit loads plain LoRA only")
+            raise StateDictError(f"{where}: key {key!r} is not a LoRA A/B weight or a DoRA lora_magnitude_vector")
+        which = match["which"] if match.re is _KEY else "M"
+        if which == "M" and not dora:
+            raise StateDictError(f"{where}: key {key!r} is a DoRA magnitude but adapter_config.json has no "
+                                 "use_dora: true")
         if match["adapter"] is not None:
             names.setdefault(match["adapter"], key)
-        layers.setdefault(match["path"], {})[match["which"]] = tensor
+        layers.setdefault(match["path"], {})[which] = tensor
     if len(names) > 1:
         raise StateDictError(f"{where}: keys carry several adapter names {sorted(names)} (e.g. key "
                              f"{list(names.values())[1]!r}); expected one adapter")
     for path, pair in layers.items():
-        if set(pair) != {"A", "B"}:
-            missing = ({"A", "B"} - set(pair)).pop()
-            raise StateDictError(f"{where}: {path} has no lora_{missing} weight (tensor "
-                                 f"{PEFT_PREFIX}{path}.lora_{missing}.weight is missing)")
+        missing = sorted({"A", "B"} - set(pair))
+        if missing:
+            raise StateDictError(f"{where}: {path} has no lora_{missing[0]} weight (tensor "
+                                 f"{PEFT_PREFIX}{path}.lora_{missing[0]}.weight is missing)")
+        if dora and "M" not in pair:
+            raise StateDictError(f"{where}: {path} has no DoRA magnitude (tensor {PEFT_PREFIX}{path}."
+                                 "lora_magnitude_vector is missing) although adapter_config.json has use_dora: true")
     if not layers:
         raise StateDictError(f"{where}: the file holds no LoRA weights")
     return layers
@@ -304,12 +319,13 @@ def _check_fits(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], r:
     ordered = [p for p in modules if p in layers]
     for path in ordered:
         module = modules[path]
-        expected = {"A": (r, module.in_features), "B": (module.out_features, r)}
-        for which in ("A", "B"):
+        expected = {"A": (r, module.in_features), "B": (module.out_features, r), "M": (module.out_features,)}
+        for which in layers[path]:
             got = tuple(layers[path][which].shape)
             if got != expected[which]:
+                key = "lora_magnitude_vector" if which == "M" else f"lora_{which}.weight"
                 raise StateDictError(
-                    f"{where}: tensor {PEFT_PREFIX}{path}.lora_{which}.weight has shape {list(got)} but this model "
+                    f"{where}: tensor {PEFT_PREFIX}{path}.{key} has shape {list(got)} but this model "
                     f"expects {list(expected[which])} (r={r}, in_features={module.in_features}, "
                     f"out_features={module.out_features}); the adapter was made for another base model"
                 )
@@ -330,7 +346,7 @@ def load_adapter(
     check_file_name(name, "adapter name", ConfigError)
     values, tensors = _read_files(directory)
     config = lora_config_from_peft(values, where=str(directory / ADAPTER_CONFIG))
-    layers = _group_by_layer(tensors, where=str(directory / ADAPTER_WEIGHTS))
+    layers = _group_by_layer(tensors, where=str(directory / ADAPTER_WEIGHTS), dora=config.dora)
     paths = _check_fits(model, layers, config.r, where=str(directory))
     existing = {p: m for p, m in lora_layers(model).items() if name in m.lora_A}
     if existing and not replace:
@@ -341,7 +357,8 @@ def load_adapter(
     merged = [p for p, m in existing.items() if m.merged_adapter == name]
     if merged:
         raise MergeError(f"adapter {name!r} is merged into {merged[0]}; unmerge it before replacing it")
-    in_place = list(existing) == paths and all(m.configs[name].r == config.r for m in existing.values())
+    in_place = list(existing) == paths and all((m.configs[name].r, m.configs[name].dora) == (config.r, config.dora)
+                                               for m in existing.values())
     if in_place:
         for layer in existing.values():
             layer.update_config(name, config)
@@ -355,4 +372,6 @@ def load_adapter(
             layer: LoraLinear = model.get_submodule(path)
             layer.lora_A[name].weight.copy_(layers[path]["A"])
             layer.lora_B[name].weight.copy_(layers[path]["B"])
+            if config.dora:
+                layer.lora_magnitude_vector[name].weight.copy_(layers[path]["M"])
     return paths

@@ -56,12 +56,12 @@ class ExportReport:
 
 
 def merged_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 ``(out, in)`` weight of a linear with its active adapter folded in."""
+    """The fp32 ``(out, in)`` weight of a linear with its active adapter folded in (DoRA: ``m/n (W + s B A)``)."""
     base = module.base_layer if isinstance(module, LoraLinear) else module
     weight = (dequantize_4bit(base.qweight, torch.float32) if isinstance(base, Linear4bit)
               else base.weight.detach().float())
     if _adds_adapter(module):
-        weight = weight + module.delta_weight(module.active_adapter)  # (out, in) fp32
+        weight = module.merged_weight(module.active_adapter, weight)  # (out, in) fp32
     if not torch.isfinite(weight).all():
         raise StateDictError("merged weight has non-finite values; refusing to export")
     return weight

@@ -11,16 +11,18 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   plus the code tables (16 and 256 fp32 values) of each weight;
 - ``embeddings``        input embeddings, an untied ``lm_head`` and other unquantized parameters at ``c``
   (the loader keeps them in the compute dtype); ``norms`` at 4 bytes (kept fp32);
-- ``lora_params`` / ``lora_grads``  ``sum_adapted r (in + out) l`` each;
+- ``lora_params`` / ``lora_grads``  ``sum_adapted r (in + out) l`` each (DoRA: ``(r (in + out) + out) l``);
+- ``dora_norm_workspace`` (DoRA only)  ``2 * 4 n_max``: the fp32 dequantized ``W`` and ``W + s B A`` whose
+  row norms DoRA takes, one layer at a time;
 - ``optimizer_state``   AdamW: two fp32 moments (8 bytes/value) or 8-bit (codes + fp32 absmax per 256);
   paged: only the resident budget of the paged tensors (the rest is ``offloaded_bytes``, host memory);
 - ``activations``       tensors saved for backward. One Llama block saves per token
   ``7d + 2k + 4f`` values at ``c`` (layer input, both norm outputs, q, k, v, attention output and its
   re-laid copy, the residual, gate, SiLU(gate), up and their product; ``3f`` with the trainer's default
   ``recompute_swiglu``, which keeps gate and up and recomputes SiLU(gate) in backward), ``r`` at ``l`` per
-  adapter, and, when
-  the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte mask with
-  dropout). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
+  adapter, and, when the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte
+  mask with dropout), one per shared-input group (q/k/v, gate/up) with ``fuse_lora``, which casts and drops
+  once. Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
   block being recomputed (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
@@ -41,7 +43,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   the heap, which grows during the first step and keeps the freed blocks resident:
   ``CPU_SMALL_BLOCK_HEAP_ROWS * L * B T d c`` (measured on a shape that is not a benchmark case); with
   glibc's dynamic threshold (``mmap_threshold_kib = 0``) ``heap_retention`` instead
-  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated); see ``planner.constants``.
+  (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated; the same with ``malloc_trim`` after
+  each step, which returns pages between steps but did not lower the peak, docs/memory.md); see
+  ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 On the CPU, ``benchmarks/plan_accuracy.py`` (256 tokens, r 16, paged AdamW, 1 MiB threshold; docs/memory.md)
@@ -52,14 +56,16 @@ measured peak RSS 1,090 / 1,051 / 1,433 MiB for SmolLM2-135M / llama-350m / llam
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig
-from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES
+from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, TRAIN_METHODS
 from qlorakit.errors import ConfigError
+from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
     CPU_FRAMEWORK_BYTES,
@@ -84,6 +90,7 @@ class PlanSettings:
     batch_size: int = 1
     lora_r: int = 64
     lora_dropout: float = 0.05
+    lora_dora: bool = False  # DoRA: one magnitude value per output feature of each adapted linear
     optim: str = "paged_adamw"
     optim_budget_mib: int = 0  # resident MiB of paged state; 0 = twice the largest paged tensor's state
     gradient_checkpointing: bool = True
@@ -92,10 +99,15 @@ class PlanSettings:
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
     loss_chunk: int = LOSS_CHUNK_TOKENS  # rows of logits at once (the trainer's default); 0 = full logits
     mmap_threshold_kib: int = MemoryConfig().malloc_mmap_threshold_kib  # the trainer's; 0 = glibc's dynamic one
+    malloc_trim: bool = MemoryConfig().malloc_trim  # the trainer's: free heap pages returned after each step
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
+    fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
     quant: QuantConfig = field(default_factory=QuantConfig)
+    method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
 
     def __post_init__(self) -> None:
+        if self.method not in TRAIN_METHODS:
+            raise ConfigError(f"PlanSettings.method = {self.method!r}: choose one of {TRAIN_METHODS}")
         for name in ("seq_len", "batch_size", "lora_r"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -116,6 +128,11 @@ class PlanSettings:
                               f"choose from {COMPUTE_DTYPES} (compute_dtype may also be auto)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"PlanSettings.lora_dropout = {self.lora_dropout!r}: must be in [0, 1)")
+
+    @property
+    def rows(self) -> int:
+        """Sequences in one micro-batch: ``batch_size``, twice that for DPO / ORPO pairs (``data.pairs``)."""
+        return self.batch_size * (1 if self.method == "sft" else 2)
 
     @property
     def compute(self) -> str:
@@ -170,7 +187,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
     s, c, lb = settings, DTYPE_BYTES[settings.compute], DTYPE_BYTES[settings.lora_dtype]
     quantized = [lin for lin in shape.linears if lin.quantized]
     adapted = [lin for lin in shape.linears if lin.adapted]
-    lora_values = sum(s.lora_r * (lin.in_features + lin.out_features) for lin in adapted)
+    lora_values = sum(math.prod(shape) for lin in adapted for shape in adapter_shapes(lin, s))
     resident_optim, offloaded = optimizer_bytes(adapted, s)
     act_ckpt, act_full = activation_bytes(shape, s, True), activation_bytes(shape, s, False)
     n_max = max((lin.numel for lin in quantized), default=0)
@@ -180,7 +197,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("embeddings", (shape.embedding_params + shape.other_params) * c,
              f"embeddings, lm_head{' (tied)' if shape.tied_embeddings else ''}, biases in {s.compute}"),
         Part("norms", shape.norm_params * 4, "normalization weights, fp32"),
-        Part("lora_params", lora_values * lb, f"{lora_values:,} adapter values (r {s.lora_r}) in {s.lora_dtype}"),
+        Part("lora_params", lora_values * lb, f"{lora_values:,} adapter values (r {s.lora_r}"
+             f"{', DoRA magnitudes' if s.lora_dora else ''}) in {s.lora_dtype}"),
         Part("lora_grads", lora_values * lb, "their gradients"),
         Part("optimizer_state", resident_optim, _optim_note(s, offloaded)),
         Part("activations", act_ckpt if s.gradient_checkpointing else act_full,
@@ -188,6 +206,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("logits", logits_bytes(shape, s), _logits_note(s)),
         Part("dequant_workspace", dequant_workspace_bytes(n_max, c, s.device), "one dequantize of the largest weight"),
     ]  # fmt: skip
+    if s.lora_dora:  # the norm ||W + s B A||_row: the fp32 dequantized W and the sum, one layer at a time
+        parts.append(Part("dora_norm_workspace", 2 * n_max * 4, "fp32 W and W + s B A of the largest weight (DoRA)"))
     if s.device == "cpu":
         parts += cpu_parts(shape, s, parts, resident_optim + offloaded, lora_values * lb, quantized)
     alternatives = {
@@ -222,9 +242,11 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
            Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
     if s.mmap_threshold_kib == 0:
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
-        out.append(Part("heap_retention", retention, "glibc heap kept with a dynamic mmap threshold (calibrated)"))
+        trimmed = " (malloc_trim after each step does not lower the peak: measured)" if s.malloc_trim else ""
+        out.append(Part("heap_retention", retention,
+                        f"glibc heap kept with a dynamic mmap threshold (calibrated){trimmed}"))
         return out
-    row = s.batch_size * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
+    row = s.rows * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]  # one (B, T, d) block
     if row < s.mmap_threshold_kib * 1024:
         out.append(Part("small_block_heap", int(CPU_SMALL_BLOCK_HEAP_ROWS * shape.num_layers * row),
                         f"glibc heap kept after step 1: (B, T, d) blocks of {row / 1024:,.0f} KiB are under the "
@@ -266,8 +288,14 @@ def quant_constant_bytes(quantized: list[LinearShape], quant: QuantConfig) -> in
     return total
 
 
+def adapter_shapes(lin: LinearShape, s: PlanSettings) -> tuple[tuple[int, ...], ...]:
+    """The trained tensors on one adapted linear: ``A (r, in)``, ``B (out, r)`` and, with DoRA, ``m (out,)``."""
+    shapes: tuple[tuple[int, ...], ...] = ((s.lora_r, lin.in_features), (lin.out_features, s.lora_r))
+    return shapes + ((lin.out_features,),) if s.lora_dora else shapes
+
+
 def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, int]:
-    """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)`` and ``B (out, r)``."""
+    """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)``, ``B (out, r)`` (and DoRA's ``m``)."""
     from qlorakit.optim.adamw import PAGE_MIN_SIZE, AdamW
     from qlorakit.optim.paged import pack_block
     from qlorakit.optim.paging_backends import FileBackend, PinnedBackend
@@ -277,8 +305,8 @@ def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, i
     granularity = (FileBackend if s.device == "cpu" else PinnedBackend).granularity
     resident, paged = 0, []
     for lin in adapted:
-        for shape in ((s.lora_r, lin.in_features), (lin.out_features, s.lora_r)):
-            numel = shape[0] * shape[1]
+        for shape in adapter_shapes(lin, s):
+            numel = math.prod(shape)
             if s.optim.endswith("8bit") and numel >= min_8bit:
                 layout = layout_8bit(torch.Size(shape))
             else:
@@ -305,22 +333,23 @@ def lora_input_bytes_per_layer(shape: ModelShape, s: PlanSettings) -> int:
     """Adapter inputs one block keeps for backward (each adapter's own copy) and the ``r``-wide middles."""
     lb = DTYPE_BYTES[s.lora_dtype]
     adapted = [lin for lin in shape.linears if lin.adapted and lin.quantized]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     return tokens * sum((lin.in_features + s.lora_r) * lb for lin in adapted) // max(1, shape.num_layers)
 
 
 def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) -> int:
     """Tensors saved for backward (see the module docstring), with or without gradient checkpointing."""
     c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
     mlp = 3 if s.recompute_swiglu else 4  # gate, up, their product (+ SiLU(gate) without the recompute)
     block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
     own_copy = s.lora_dropout > 0 or lb != c
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
-    adapters = sum(
-        s.lora_r * lb + (lin.in_features * lb if own_copy else 0) + (lin.in_features if s.lora_dropout > 0 else 0)
-        for lin in per_layer_adapters
+    adapters = sum(s.lora_r * lb for lin in per_layer_adapters)
+    adapters += sum(
+        (width * lb if own_copy else 0) + (width if s.lora_dropout > 0 else 0)
+        for width in input_copies(per_layer_adapters, s.fuse_lora)
     )  # fmt: skip
     block += tokens * adapters // max(1, shape.num_layers)
     if checkpointing:
@@ -328,9 +357,21 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     return shape.num_layers * block
 
 
+def input_copies(adapted: list[LinearShape], fused: bool) -> list[int]:
+    """The widths of the adapter-input copies (cast and/or dropped) that backward keeps: one per adapter, or,
+    with shared-input fusion, one per group of ``lora.fused.SHARED_INPUT_GROUPS`` siblings (one cast, one mask)."""
+    groups: dict[tuple[str, int], int] = {}
+    for i, lin in enumerate(adapted):
+        parent, _, child = lin.path.rpartition(".")
+        group = next((g for g, names in enumerate(SHARED_INPUT_GROUPS) if child in names), None)
+        key = (parent, group) if fused and group is not None else (lin.path, -1 - i)
+        groups[key] = lin.in_features
+    return list(groups.values())
+
+
 def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
     """The loss: one chunk of fp32 logits (+ temporary) and the target rows with their gradient, or full logits."""
-    tokens = s.batch_size * s.seq_len
+    tokens = s.rows * s.seq_len
     if s.loss_chunk == 0:
         return LOGITS_FP32_COPIES * tokens * shape.vocab_size * 4
     rows = 2 * tokens * shape.hidden_size * DTYPE_BYTES[s.compute]

@@ -40,7 +40,8 @@ def format_plan(p: MemoryPlan) -> str:
     s = p.settings
     lines = [
         f"model     {p.model}",
-        (f"settings  {s.device}, compute {s.compute}, batch {s.batch_size} x seq {s.seq_len}, LoRA r {s.lora_r} "
+        (f"settings  {s.device}, compute {s.compute}, batch {s.batch_size}{_pair_note(s)} x seq {s.seq_len}, "
+         f"LoRA r {s.lora_r} "
         f"({s.lora_dtype}), {s.optim}, gradient checkpointing {'on' if s.gradient_checkpointing else 'off'}"),
         "",
         f"{'part':<20}{'MiB':>12}  note",
@@ -71,3 +72,7 @@ def verdict(p: MemoryPlan) -> str:
     word = "FITS" if spare >= 0 else "DOES NOT FIT"
     return (f"verdict: {word} in {mib(p.budget_bytes)} MiB ({p.budget_bytes / 1e9:,.2f} GB): "
             f"{mib(abs(spare))} MiB {'spare' if spare >= 0 else 'short'}")
+
+
+def _pair_note(s) -> str:
+    return "" if s.method == "sft" else f" {s.method} pairs = {s.rows} rows (chosen + rejected)"

@@ -19,8 +19,13 @@ faults: at 128 KiB a profiled step took 56 s against 40 s with the dynamic thres
 2 x 512-token step (checkpointing off) took 2.0 M minor faults, 2.7-3.4 s of system time in a 12 s step,
 against 0.1 s with the dynamic threshold; 4 MiB already lost the saving (3,153 MiB). So the trainer cuts
 the step's full-size temporaries instead (fused LoRA up-projection, SwiGLU recompute, fused RMSNorm, a
-reused dequantization buffer; docs/benchmarks.md, issue 8). The trainer's default is 1 MiB
-(``MemoryConfig.malloc_mmap_threshold_kib``; 0 leaves glibc alone). No-op outside glibc.
+reused dequantization buffer; docs/benchmarks.md, issue 8). ``MemoryConfig.malloc_mmap_threshold_kib``
+defaults to 1 MiB (0 leaves glibc alone); ``qlorakit train`` picks 0 (glibc's dynamic threshold: 1.26x less
+CPU time per step, 1.7x the peak RSS on SmolLM2 at 512 x 2 tokens) whenever the planner predicts that it fits
+the run's memory budget (``planner.choose``; the measurements of ``benchmarks/allocator_policies.py`` are in
+docs/memory.md, with the candidates that did not help: transparent huge pages, ``malloc_trim`` after each step).
+``trim_after_each_step`` is ``memory.malloc_trim``: ``malloc_trim(0)`` after each optimizer step returns the
+heap's free pages between steps (not at the peak, which is inside the step). No-op outside glibc.
 Its one entry point is ``train.rewrites.fix_allocator``: ``qlorakit train`` calls it before the model loads and
 ``train()``'s rewrite table again (a repeat changes nothing): set only after loading, the same threshold left
 the training peak bimodal across identical runs (docs/memory.md).
@@ -31,9 +36,44 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: ``M_MMAP_THRESHOLD`` of glibc's ``<malloc.h>``.
 _M_MMAP_THRESHOLD = -3
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018 — only glibc has it (musl's mallopt is a stub)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trim_heap() -> bool:
+    """``malloc_trim(0)``: give every free page of glibc's heaps back to the OS; True if glibc released memory."""
+    libc = _glibc()
+    return bool(libc.malloc_trim(ctypes.c_size_t(0))) if libc is not None else False
+
+
+@contextmanager
+def trim_after_each_step(enabled: bool) -> Iterator[bool]:
+    """Inside the block, ``trim_heap()`` after every ``torch.optim.Optimizer.step`` (a global step hook, removed
+    on exit); yields whether it is on (``enabled`` and glibc)."""
+    if not enabled or _glibc() is None:
+        yield False
+        return
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: trim_heap())
+    try:
+        yield True
+    finally:
+        handle.remove()
 
 
 def fix_mmap_threshold(kib: int) -> bool:
@@ -41,11 +81,5 @@ def fix_mmap_threshold(kib: int) -> bool:
 
     ``kib`` 0 leaves the allocator alone. The setting lasts for the process (glibc cannot undo it).
     """
-    if kib <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018 — only glibc has it (musl's mallopt is a stub)
-    except (OSError, AttributeError):
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(kib * 1024)))
+    libc = _glibc() if kib > 0 else None
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(kib * 1024))) if libc is not None else False

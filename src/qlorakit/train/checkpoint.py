@@ -6,7 +6,8 @@ Everything is safetensors or JSON (never pickle). A checkpoint is written durabl
 
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the active adapter (``lora.save_adapter``);
 - ``optimizer.safetensors``: ``state.<param index>.<key>`` tensors, ``param_groups`` as JSON metadata;
-- ``rng.safetensors``: the torch CPU (and CUDA) generator states;
+- ``rng.safetensors``: the torch CPU (and CUDA) generator states; of a multi-process run also every other
+  rank's (``torch_cpu.rank<r>``, ``torch_cuda.rank<r>``: each rank draws its own dropout masks);
 - ``trainer_state.json``: ``TrainerState`` (step, data position, token count, elapsed time, ...);
 - ``manifest.json``: every other file's size and sha256 (``train.manifest``), checked before a resume;
   ``newest_verified`` picks the newest checkpoint that matches its manifest and reports the others.
@@ -14,6 +15,7 @@ Everything is safetensors or JSON (never pickle). A checkpoint is written durabl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -82,7 +84,8 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
                              "trained; resume with the run's own config.yaml settings, or start a new run)") from exc
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, keep: int,
+                    rank_rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoint-<step>`` durably (``fileio.write_dir_atomic``) and keep the newest ``keep`` (0 = all).
 
     A failed write (disk full, I/O error) leaves every earlier checkpoint as it was and raises
@@ -94,6 +97,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, keep: 
     rng = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["torch_cuda"] = torch.cuda.get_rng_state()
+    rng.update(rank_rng or {})  # the other ranks' generators (``rank_rng_key``)
 
     def fill(directory: Path) -> None:
         save_adapter(model, directory / "adapter", overwrite=True)
@@ -210,8 +214,23 @@ def newest_verified(run_dir: Path) -> tuple[Path | None, list[str]]:
     return legacy, reports
 
 
-def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
-    """Restore adapter weights, optimizer state and RNG from ``path``; return its ``TrainerState``.
+def rank_rng_key(name: str, rank: int) -> str:
+    """The key of rank ``rank``'s generator state ``name`` (``torch_cpu``, ``torch_cuda``) in rng.safetensors."""
+    return name if rank == 0 else f"{name}.rank{rank}"
+
+
+def _rank_state(rng: dict[str, torch.Tensor], name: str, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s saved state; for a rank the checkpoint has none (resumed on more ranks), rank 0's state
+    after seeding from it and the rank (deterministic, distinct per rank)."""
+    key = rank_rng_key(name, rank)
+    if key in rng or rank == 0:
+        return rng[key]
+    seed = int.from_bytes(hashlib.sha256(bytes(rng[name].tolist()) + rank.to_bytes(4, "little")).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed % 2**63).get_state()
+
+
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0) -> TrainerState:
+    """Restore adapter weights, optimizer state and RNG (``rank``'s own) from ``path``; return its ``TrainerState``.
 
     ``path`` must verify against its manifest (a checkpoint without one is loaded as it is).
     """
@@ -221,7 +240,7 @@ def load_checkpoint(path: Path, model, optimizer) -> TrainerState:
     load_adapter(model, path / "adapter", name="default", replace=True)
     load_optimizer_tensors(optimizer, path / "optimizer.safetensors")
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch_cpu"])
+    torch.set_rng_state(_rank_state(rng, "torch_cpu", rank))
     if "torch_cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
+        torch.cuda.set_rng_state(_rank_state(rng, "torch_cuda", rank))
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))

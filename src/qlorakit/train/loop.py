@@ -18,6 +18,11 @@ Read it in order: ``train`` applies the rewrites (``train.rewrites``) and instal
 one optimizer step, one commented line per phase: lr, micro-batches, forward/backward, clip, guard,
 optimizer step, log, divergence, eval/save.
 
+Several processes (``torchrun``; ``qlorakit.parallel``): ``batch_size`` is the micro-batch of the whole job,
+each rank takes its slice of every global micro-batch, ``N`` above is all-reduced over the ranks and the adapter
+gradients are summed, so every rank takes the same update as one process with the whole batch would; rank 0
+writes the run directory. The data and loss rules are in ``parallel.replicas``'s docstring.
+
 The numerical guard: a step whose loss or gradient norm is not finite skips its update (no optimizer
 step; the gradients are dropped) but still counts as a step and keeps its micro-batches consumed, so the
 schedule, the data position (``micro_index = step * grad_accum``) and a resume stay exactly as in a run
@@ -28,6 +33,7 @@ no periodic checkpoint is written at a skipped step, so the last one before the 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlorakit.config import RunConfig
+from qlorakit.config import RunConfig, as_dict
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.data.packing import real_tokens
@@ -44,17 +50,19 @@ from qlorakit.errors import ConfigError, TrainingDivergedError
 from qlorakit.fileio import remove_stale
 from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
+from qlorakit.parallel import Replicas, current, run_fingerprint
 from qlorakit.train import rewrites
 from qlorakit.train.checkpoint import (
     TrainerState,
     check_free_space,
     list_checkpoints,
     load_checkpoint,
+    rank_rng_key,
     save_checkpoint,
 )
 from qlorakit.train.faults import pause_point
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
-from qlorakit.train.metrics import MetricsLog
+from qlorakit.train.metrics import MetricsLog, NoLog
 from qlorakit.train.packed import pack_for_training
 from qlorakit.train.preempt import StopSignals
 
@@ -73,6 +81,7 @@ class TrainResult:
     total_steps: int = 0
     bad_steps: int = 0  # updates skipped by the numerical guard, in the whole run
     stopped_by: str | None = None  # "SIGINT" / "SIGTERM" when a stop signal ended the run early (with a checkpoint)
+    rank_peak_rss_mb: list[float] = field(default_factory=list)  # every rank's peak RSS, in rank order
 
     @property
     def tokens_per_s(self) -> float:
@@ -169,8 +178,21 @@ class Run:
     last_step: int  # this session ends after this step (total_steps, or earlier with stop_after_steps)
     stop: StopSignals  # the first SIGINT/SIGTERM received, if any
     evaluator: Callable[[torch.nn.Module], dict] | None = None
+    replicas: Replicas = field(default_factory=Replicas)  # the other ranks (a no-op for one process)
+    stop_agreed: int = 0  # several ranks: the stop signal that reached some rank before this step's all-reduce
+
+    @property
+    def stopping(self) -> bool:
+        """Whether this session ends after the current step: the signal itself, or the ranks' agreement on it."""
+        return self.stop_agreed > 0 if self.replicas.dist.enabled else self.stop.requested
+
+    @property
+    def stopped_by(self) -> str | None:
+        """The stop signal's name: this rank's own, or the one another rank received."""
+        return self.stop.name or (signal.Signals(self.stop_agreed).name if self.stop_agreed else None)
+    objective: object | None = None  # a train.objective.PreferenceObjective for dpo / orpo; None = SFT
     train_collate: Callable | None = None  # packed rows' collate (train.packed); None: ``collate``
-    padding_fraction: float = 0.0  # padding share of the last step's micro-batches
+    padding_fraction: float = 0.0  # padding share of the last step's micro-batches (this rank)
 
 
 def train(
@@ -184,6 +206,7 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     evaluator: Callable[[torch.nn.Module], dict] | None = None,
+    objective=None,
 ) -> TrainResult:
     """Train ``model``'s trainable (LoRA) parameters; see the module docstring for the loss.
 
@@ -192,56 +215,78 @@ def train(
     ``evaluator(model)`` (e.g. ``qlorakit.eval.during_training``) returns extra metrics (perplexity, MMLU)
     logged with the step at each evaluation after a step. A SIGINT/SIGTERM (``cfg.train.save_on_preempt``)
     ends the session after the current step and its checkpoint, with ``TrainResult.stopped_by`` set
-    (``train.preempt``).
+    (``train.preempt``). ``objective`` (``train.objective.PreferenceObjective``) replaces the SFT loss with DPO /
+    ORPO on pairs (``data.pairs``); everything else in the loop stays the same.
     """
     run_dir = Path(run_dir)
+    replicas = Replicas(current(cfg.parallel.dist_timeout_s))  # rank 0 alone writes the run directory
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in remove_stale(run_dir):  # what a killed run left: .checkpoint-N.tmp-PID and the like
+    for name in remove_stale(run_dir) if replicas.is_main else ():  # what a killed run left: .checkpoint-N.tmp-PID
         print(f"removed {name} (left by a process that no longer runs)")
     with rewrites.apply(model, cfg) as applied, StopSignals(cfg.train.save_on_preempt) as stop:
-        applied.report(run_dir)  # every model/process rewrite, listed and logged (train.rewrites)
+        if replicas.is_main:
+            applied.report(run_dir)  # every model/process rewrite, listed and logged (train.rewrites)
         run = _start(model, train_set, val_set, collate, cfg, run_dir, resume_from=resume_from,
-                     stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop)
+                     stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop, replicas=replicas)
+        if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0
+            if replicas.dist.enabled:
+                raise ConfigError(f"--method {cfg.objective.method} under torchrun is not supported yet: "
+                                  "train preference pairs in one process")
+            run.objective = objective
+            prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
+            if prepared:
+                run.log.write({"step": run.state.step, **prepared})
         if val_set and resume_from is None:
             _eval_and_log(run)  # the held-out loss before any update (step 0)
         model.train()
         state = run.state
-        with tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step", disable=not progress) as bar:
+        with tqdm(total=state.total_steps, initial=state.step, desc="train", unit="step",
+                  disable=not progress or not replicas.is_main) as bar:
             while state.step < run.last_step:
                 step(run, bar)
-                if stop.requested:  # step() has written the checkpoint
+                if run.stopping:  # step() has written the checkpoint
                     break
-        if stop.requested and state.step < run.last_step:
-            run.result.stopped_by = stop.name
+        if run.stopping and state.step < run.last_step:
+            run.result.stopped_by = run.stopped_by
+        run.log.close()  # the trackers' runs end (metrics.jsonl is flushed row by row)
     run.result.steps, run.result.tokens, run.result.train_seconds = state.step, state.tokens, state.elapsed_s
     run.result.total_steps, run.result.bad_steps = state.total_steps, state.bad_steps
     run.result.peak_rss_mb = peak_rss_mb()
+    run.result.rank_peak_rss_mb = replicas.gather(run.result.peak_rss_mb, "the peak RSS of every rank")
     return run.result
 
 
 def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *, resume_from: Path | None,
-           stop_after_steps: int | None, evaluator, stop: StopSignals) -> Run:
+           stop_after_steps: int | None, evaluator, stop: StopSignals, replicas: Replicas) -> Run:
     """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log;
-    fails before the first step when one checkpoint does not fit on the disk."""
+    fails before the first step when one checkpoint does not fit on the disk, or when the ranks disagree."""
     device = next(p for p in model.parameters()).device
-    train_set, train_collate = pack_for_training(model, train_set, collate, cfg, run_dir)  # rows, or as given
-    lengths = getattr(train_set, "lengths", None) or [len(x["input_ids"]) for x in train_set]
-    stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed,
-                              cfg.data.group_by_length)
+    train_collate = None
+    if cfg.objective.method == "sft":  # preference pairs are never packed
+        train_set, train_collate = pack_for_training(model, train_set, collate, cfg, run_dir, replicas.is_main)
+    lengths = train_set.lengths if hasattr(train_set, "lengths") else [len(x["input_ids"]) for x in train_set]
+    replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch is refused
+    replicas.check_same(run_fingerprint(cfg, lengths))  # every rank has the same config and data
+    stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed, cfg.data.group_by_length)
     optimizer = build_optimizer(model, cfg)
-    state = load_checkpoint(resume_from, model, optimizer) if resume_from is not None else TrainerState()
-    if resume_from is None:
-        torch.manual_seed(cfg.train.seed)
+    replicas.broadcast_params([p for g in optimizer.param_groups for p in g["params"]])  # rank 0's adapters
+    rank = replicas.dist.rank
+    state = load_checkpoint(resume_from, model, optimizer, rank) if resume_from is not None else TrainerState()
+    if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
+        torch.manual_seed(cfg.train.seed + rank)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
-    log = MetricsLog(run_dir, resume_step=state.step if resume_from is not None else None)
+    resume_step = state.step if resume_from is not None else None
+    log = (MetricsLog(run_dir, resume_step=resume_step, report_to=cfg.train.report_to, config=as_dict(cfg))
+           if replicas.is_main else NoLog())
     result = TrainResult(run_dir=run_dir, steps=state.step, tokens=state.tokens, train_seconds=state.elapsed_s)
     last_step = state.total_steps if stop_after_steps is None else min(state.total_steps, state.step + stop_after_steps)
-    warning = check_free_space(run_dir, model, _checkpoints_at_once(cfg, state.total_steps))
+    at_once = _checkpoints_at_once(cfg, state.total_steps)
+    warning = check_free_space(run_dir, model, at_once) if replicas.is_main else None
     if warning:
         print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               stop=stop, evaluator=evaluator, train_collate=train_collate)
+               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate)
 
 
 def _checkpoints_at_once(cfg: RunConfig, total_steps: int) -> int:
@@ -283,20 +328,29 @@ def _set_lr(run: Run) -> None:
         group["lr"] = lr_at(s.step, s.total_steps, o.lr, o.scheduler, o.warmup_ratio)
 
 
-def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor]]:
+def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor] | None]:
+    """This rank's share of each (None: an empty share of an epoch's short last micro-batch)."""
     batches = []
     collate = run.train_collate or run.collate
     for _ in range(run.cfg.train.grad_accum):
         _, indices = run.stream.at(run.state.micro_index)
-        batches.append(collate([run.train_set[i] for i in indices]))
+        indices = run.replicas.share(indices, run.cfg.train.batch_size)
+        batches.append(collate([run.train_set[i] for i in indices]) if indices else None)
         run.state.micro_index += 1
     return batches
 
 
-def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
-    """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens); returns (loss, input tokens),
-    the tokens without padding; sets ``run.padding_fraction``."""
-    n_target = max(sum(target_tokens(b) for b in batches), 1)
+def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -> tuple[float, int]:
+    """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens, of all ranks); returns the
+    step's (loss, input tokens without padding), summed over the ranks, whose adapter gradients are summed too;
+    sets ``run.padding_fraction`` (this rank's micro-batches)."""
+    if run.objective is not None:  # DPO / ORPO (one process): the mean loss over the step's pairs (train.objective)
+        return run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches], run.train_set)
+    replicas, batches = run.replicas, [b for b in batches if b is not None]
+    n_target = sum(target_tokens(b) for b in batches)
+    if replicas.dist.enabled:
+        n_target = int(replicas.sum([n_target], "the step's target-token count")[0])
+    n_target = max(n_target, 1)
     total, tokens, slots = 0.0, 0, 0
     for batch in batches:
         batch = _to(batch, run.device)
@@ -305,6 +359,10 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor]]) -> tuple
         total += float(loss_sum.detach()) / n_target
         tokens, slots = tokens + real_tokens(batch), slots + batch["input_ids"].numel()
     run.padding_fraction = 1.0 - tokens / max(slots, 1)
+    if replicas.dist.enabled:
+        replicas.reduce_grads([p for g in run.optimizer.param_groups for p in g["params"]])
+        total, tokens = replicas.sum([total, tokens], "the step's loss and tokens")
+        tokens, run.stop_agreed = int(tokens), replicas.max(run.stop.signum or 0, "the stop signals")
     return total, tokens
 
 
@@ -357,13 +415,18 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
     row["padding_fraction"] = round(run.padding_fraction, 4)
+    if run.objective is not None:
+        row.update(run.objective.last_metrics)  # rewards/..., logps/... under TRL's names
     if skipped:
         row["skipped"] = skipped
     if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped:
+        if run.replicas.dist.enabled:  # the job's tokens/s is in the row; memory per rank too
+            row["rank_peak_rss_mb"] = [round(x, 1) for x in run.replicas.gather(row["peak_rss_mb"], "peak RSS")]
         run.log.write(row)
         note = f" (update skipped: {skipped}; {state.bad_streak} in a row)" if skipped else ""
-        bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
-                  f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}{note}")
+        if run.replicas.is_main:
+            bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
+                      f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}{note}")
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.update(1)
 
@@ -391,12 +454,42 @@ def _maybe_eval_and_save(run: Run) -> None:
     if run.evaluator is not None and evaluate_now:
         run.log.write({"step": state.step, **run.evaluator(run.model)})
     periodic = t.save_steps and state.step % t.save_steps == 0 and state.bad_streak == 0
-    if periodic or state.step == run.last_step or run.stop.requested:
-        run.log.sync()  # the rows up to this step reach the disk before the checkpoint that implies them
-        save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit)
+    if periodic or state.step == run.last_step or run.stopping:
+        rank_rng = _rank_rng(run.replicas)  # every rank's generators, for rank 0 to save
+        if run.replicas.is_main:  # the replicas are equal: rank 0's state is the whole (consolidated) checkpoint
+            run.log.sync()  # the rows up to this step reach the disk before the checkpoint that implies them
+            save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit, rank_rng)
+        run.replicas.barrier(f"the barrier after checkpoint-{state.step}")
+
+
+def _rank_rng(replicas: Replicas) -> dict[str, torch.Tensor]:
+    """The generator states of ranks 1..N-1 under their checkpoint keys (empty for one process)."""
+    if not replicas.dist.enabled:
+        return {}
+    states = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    out = {}
+    for name, mine in states.items():
+        for rank, theirs in enumerate(replicas.gather_tensors(mine, "the generator states")):
+            if rank:
+                out[rank_rng_key(name, rank)] = theirs
+    return out
 
 
 def _eval_and_log(run: Run) -> None:
-    loss, count = evaluate(run.model, run.val_set, run.collate, run.cfg.train.batch_size, run.device)
+    if run.objective is not None:  # eval_loss and eval_rewards/... over the held-out pairs
+        metrics = run.objective.evaluate(run.model, run.val_set, run.collate, run.device)
+        run.result.eval_losses.append((run.state.step, metrics["eval_loss"]))
+        run.log.write({"step": run.state.step, **metrics})
+        return
+    replicas, batch_size = run.replicas, run.cfg.train.batch_size
+    if replicas.dist.enabled:  # each rank scores every world-th example; the token-weighted sums are added up
+        mine = [run.val_set[i] for i in range(replicas.dist.rank, len(run.val_set), replicas.world)]
+        loss, count = evaluate(run.model, mine, run.collate, replicas.per_rank_batch(batch_size), run.device)
+        total, count = replicas.sum([loss * count, count], "the held-out loss")
+        loss, count = total / max(count, 1), int(count)
+    else:
+        loss, count = evaluate(run.model, run.val_set, run.collate, batch_size, run.device)
     run.result.eval_losses.append((run.state.step, loss))
     run.log.write({"step": run.state.step, "eval_loss": loss, "eval_tokens": count})

@@ -70,10 +70,12 @@ def packing_problem(model: torch.nn.Module) -> str | None:
 
 
 def pack_for_training(
-    model: torch.nn.Module, train_set: Sequence[dict], collate: Callable, cfg: RunConfig, run_dir: Path
+    model: torch.nn.Module, train_set: Sequence[dict], collate: Callable, cfg: RunConfig, run_dir: Path,
+    report: bool = True,
 ) -> tuple[Sequence[dict], Callable | None]:
     """The training items and their collate: packed rows when asked and the check passes, else ``(train_set,
-    None)`` (the unpacked collate stays). Prints the decision and writes ``<run>/packing.json``."""
+    None)`` (the unpacked collate stays). ``report`` (rank 0 of several): print the decision and write
+    ``<run>/packing.json``."""
     record: dict = {"requested": cfg.data.packing, "enabled": False, "row_len": cfg.data.seq_limit}
     problem = packing_problem(model) if cfg.data.packing else "off (--no-packing)"
     items: Sequence[dict] = train_set
@@ -86,13 +88,15 @@ def pack_for_training(
         after = _first_epoch_padding(items.lengths, cfg)
         record.update(enabled=True, examples=stats.examples, rows=stats.rows, cut_examples=stats.cut_examples,
                       padding_unpacked=round(before, 4), padding_packed=round(after, 4))
-        print(f"packing    on: {stats.examples:,} examples in {stats.rows:,} rows of {stats.row_len} tokens "
-              f"({stats.cut_examples} cut at a row end); padding of the first epoch {before:.1%} -> {after:.1%}; "
-              f"batch_size {cfg.train.batch_size} counts rows")
+        line = (f"packing    on: {stats.examples:,} examples in {stats.rows:,} rows of {stats.row_len} tokens "
+                f"({stats.cut_examples} cut at a row end); padding of the first epoch {before:.1%} -> {after:.1%}; "
+                f"batch_size {cfg.train.batch_size} counts rows")
     else:
         record["reason"] = problem
-        print(f"packing    {problem if not cfg.data.packing else 'off: ' + problem + '; training unpacked'}")
-    write_json_atomic(Path(run_dir) / PACKING_FILE, record)
+        line = f"packing    {problem if not cfg.data.packing else 'off: ' + problem + '; training unpacked'}"
+    if report:
+        print(line)
+        write_json_atomic(Path(run_dir) / PACKING_FILE, record)
     return items, train_collate
 
 

@@ -80,6 +80,12 @@ def _allocator(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
 
 
 @contextmanager
+def _trim(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
+    with allocator.trim_after_each_step(cfg.memory.malloc_trim) as on:
+        yield "after each optimizer step" if on else ("off" if not cfg.memory.malloc_trim else "not glibc: off")
+
+
+@contextmanager
 def _fusion(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
     with shared_input_fusion(model, cfg.memory.fuse_lora) as groups:
         yield f"{len(groups)} groups"
@@ -181,6 +187,9 @@ REWRITES: tuple[Rewrite, ...] = (
             _denormals),
     Rewrite("malloc_mmap_threshold", "memory.malloc_mmap_threshold_kib",
             "glibc returns freed blocks of this size or more to the OS (lower peak RSS)", PROCESS, _allocator),
+    Rewrite("malloc_trim", "memory.malloc_trim",
+            "glibc's free heap pages returned to the OS after each optimizer step (a global step hook)", UNDONE,
+            _trim),
     Rewrite("shared_input_fusion", "memory.fuse_lora",
             "q/k/v and gate/up share one LoRA A product (lora_A ModuleDict entries swapped)", UNDONE, _fusion),
     Rewrite("swiglu_recompute", "memory.recompute_swiglu",

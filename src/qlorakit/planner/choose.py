@@ -1,0 +1,148 @@
+"""Pick the fastest memory settings of a training run that fit a memory budget (``qlorakit train --memory-budget``).
+
+A pure function of the model's shape, the run's settings, the budget and which settings the user gave
+explicitly: ``choose(shape, settings, budget_bytes, explicit)``. Four knobs, each listed fastest value first:
+
+- ``allocator``: ``dynamic`` (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
+  more resident) before ``fixed`` (a fixed 1 MiB threshold: every large buffer is fresh pages, page faults)
+  — ``ALLOCATORS``; ``benchmarks/allocator_policies.py`` measured the alternatives (docs/memory.md);
+- ``gradient_checkpointing``: off (each block's activations kept) before on (recomputed in backward);
+- ``optim``: ``adamw`` (all state resident) before ``paged_adamw`` (state beyond a small budget paged to a
+  file) — only when the optimizer is one of these two; an 8-bit optimizer is left as given;
+- ``loss_chunk``: the trainer's default chunk (``LOSS_CHUNK_TOKENS``) before a quarter of it (``loss_chunk``
+  rows of fp32 logits live at once).
+
+Candidates are the product of the knobs not given explicitly, ranked lexicographically in that order
+(the allocator and checkpointing moved the step time most in the measurements of docs/benchmarks.md; the
+optimizer and loss-chunk orders are the direction of less work, not measured). The first candidate whose
+predicted peak (``planner.estimate.plan``: peak RSS on the CPU, device memory on a GPU) is at most the
+budget wins; every knob is reported with its value and why. When even the leanest candidate exceeds the
+budget, ``choose`` raises ``PlanDoesNotFitError`` naming the explicit settings and the predicted peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any
+
+from qlorakit.constants import LOSS_CHUNK_TOKENS
+from qlorakit.errors import ConfigError
+from qlorakit.planner.estimate import MemoryPlan, PlanSettings, plan
+from qlorakit.planner.shapes import ModelShape
+
+#: allocator policy -> (``mmap_threshold_kib``, ``malloc_trim``): the planner's and the trainer's settings.
+ALLOCATORS: dict[str, tuple[int, bool]] = {"dynamic": (0, False), "fixed": (1024, False)}
+
+#: The knobs, each with its values fastest first, in the order of their rank.
+KNOBS: dict[str, tuple[Any, ...]] = {
+    "allocator": tuple(ALLOCATORS),
+    "gradient_checkpointing": (False, True),
+    "optim": ("adamw", "paged_adamw"),
+    "loss_chunk": (LOSS_CHUNK_TOKENS, LOSS_CHUNK_TOKENS // 4),
+}
+
+#: Why a value was picked, per knob and value (the fastest value is picked when it fits).
+FASTER = {
+    "allocator": "glibc's dynamic mmap threshold: freed activation buffers reused, few page faults",
+    "gradient_checkpointing": "no recomputation in backward",
+    "optim": "optimizer state resident, no paging",
+    "loss_chunk": "fewer head + cross-entropy chunks",
+}
+
+
+class PlanDoesNotFitError(ConfigError):
+    """The settings the user gave (or the leanest choice) need more memory than the budget."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    knob: str
+    value: Any
+    reason: str
+
+
+@dataclass(frozen=True)
+class Choices:
+    """The chosen settings, their plan, the budget, and one ``Choice`` per knob."""
+
+    settings: PlanSettings
+    plan: MemoryPlan
+    budget_bytes: int
+    choices: tuple[Choice, ...]
+
+    def lines(self) -> list[str]:
+        """One line per knob for the run's plan: ``memory    <knob> = <value>  (<reason>)``."""
+        peak, budget = self.plan.total_bytes / 2**20, self.budget_bytes / 2**20
+        head = f"memory     predicted peak {peak:,.0f} MiB of a {budget:,.0f} MiB budget"
+        return [head] + [f"           {c.knob} = {c.value}  ({c.reason})" for c in self.choices]
+
+
+def knob_value(settings: PlanSettings, knob: str) -> Any:
+    """The value of ``knob`` in ``settings``."""
+    if knob == "allocator":
+        pair = (settings.mmap_threshold_kib, settings.malloc_trim)
+        return next((name for name, value in ALLOCATORS.items() if value == pair), f"custom {pair}")
+    return getattr(settings, knob)
+
+
+def with_knob(settings: PlanSettings, knob: str, value: Any) -> PlanSettings:
+    """``settings`` with ``knob`` set to ``value``."""
+    if knob == "allocator":
+        kib, trim = ALLOCATORS[value]
+        return dataclasses.replace(settings, mmap_threshold_kib=kib, malloc_trim=trim)
+    if knob == "optim":
+        budget = settings.optim_budget_mib if value.startswith("paged_") else 0
+        return dataclasses.replace(settings, optim=value, optim_budget_mib=budget)
+    return dataclasses.replace(settings, **{knob: value})
+
+
+def free_knobs(settings: PlanSettings, explicit: Collection[str]) -> list[str]:
+    """The knobs ``choose`` may set: not explicit, and (``optim``) only between the two 32-bit AdamWs."""
+    out = [k for k in KNOBS if k not in explicit]
+    return [k for k in out if k != "optim" or settings.optim in KNOBS["optim"]]
+
+
+def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explicit: Collection[str] = ()) -> Choices:
+    """The fastest settings that fit ``budget_bytes`` (see the module docstring); ``explicit`` knobs stay as given."""
+    free = free_knobs(settings, explicit)
+    leanest: MemoryPlan | None = None
+    for values in itertools.product(*(KNOBS[k] for k in free)):
+        candidate = settings
+        for knob, value in zip(free, values, strict=True):
+            candidate = with_knob(candidate, knob, value)
+        result = plan(shape, candidate, budget_bytes)
+        if result.fits:
+            return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit))
+        leanest = result if leanest is None or result.total_bytes < leanest.total_bytes else leanest
+    raise _does_not_fit(shape.name, leanest, free, explicit)
+
+
+def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str]) -> tuple[Choice, ...]:
+    out = []
+    for knob in KNOBS:
+        value = knob_value(chosen, knob)
+        if knob in explicit:
+            reason = "given explicitly"
+        elif knob not in free:
+            reason = f"left as given ({value} is not one of {KNOBS[knob]})"
+        elif value == KNOBS[knob][0]:
+            reason = f"fastest; fits: {FASTER[knob]}"
+        else:
+            reason = f"{KNOBS[knob][0]} does not fit the budget with the faster choices above"
+        out.append(Choice(knob, value, reason))
+    return tuple(out)
+
+
+def _does_not_fit(name: str, leanest: MemoryPlan, free: list[str], explicit: Collection[str]) -> PlanDoesNotFitError:
+    chosen = leanest.settings
+    given = ", ".join(f"{k} = {knob_value(chosen, k)}" for k in KNOBS if k in explicit) or "none"
+    leanest_free = ", ".join(f"{k} = {knob_value(chosen, k)}" for k in free) or "nothing left to choose"
+    return PlanDoesNotFitError(
+        f"{name}: training needs a predicted peak of {leanest.total_bytes / 2**20:,.1f} MiB, over the memory budget "
+        f"of {leanest.budget_bytes / 2**20:,.1f} MiB, even with the leanest choices ({leanest_free}); settings "
+        f"given explicitly: {given}. Lower --batch-size or the sequence length, drop an explicit setting that "
+        "costs memory (e.g. --no-gradient-checkpointing), or pass a larger --memory-budget"
+    )

@@ -1,0 +1,102 @@
+"""The memory-budget chooser: the fastest settings that fit, explicit settings kept, a clear error when they cannot fit.
+
+Budgets are built from ``plan`` itself (the chooser's own predictor), so each test pins the choice at a
+boundary: one byte more or less flips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from qlorakit.config import MemoryConfig, OptimConfig, RunConfig
+from qlorakit.planner import PlanSettings, model_shape, plan
+from qlorakit.planner.budget import apply_choices, default_budget, explicit_knobs, settings_for
+from qlorakit.planner.choose import KNOBS, PlanDoesNotFitError, choose, with_knob
+
+SHAPE = model_shape("7b")
+BASE = PlanSettings(seq_len=512, batch_size=2, lora_r=16, device="cpu", compute_dtype="float32")
+
+
+def _with(settings: PlanSettings, **knobs) -> PlanSettings:
+    for knob, value in knobs.items():
+        settings = with_knob(settings, knob, value)
+    return settings
+
+
+def _peak(**knobs) -> int:
+    return plan(SHAPE, _with(BASE, **knobs)).total_bytes
+
+
+FASTEST = {knob: values[0] for knob, values in KNOBS.items()}
+
+
+def _values(choices) -> dict:
+    return {c.knob: c.value for c in choices.choices}
+
+
+def test_a_generous_budget_gets_every_fastest_setting():
+    got = choose(SHAPE, BASE, _peak(**FASTEST))
+    assert _values(got) == FASTEST
+    assert got.plan.total_bytes == _peak(**FASTEST) and got.plan.fits
+    assert all(c.reason.startswith("fastest") for c in got.choices)
+
+
+def test_one_byte_less_gives_up_the_cheapest_speedup_first():
+    got = choose(SHAPE, BASE, _peak(**FASTEST) - 1)
+    assert _values(got) == {**FASTEST, "loss_chunk": KNOBS["loss_chunk"][1]}  # the last-ranked knob gives way
+
+
+def test_a_budget_that_only_fits_checkpointing_turns_it_on_and_keeps_the_fast_allocator():
+    on = {**FASTEST, "gradient_checkpointing": True}
+    budget = _peak(**on)
+    lean_rest = {**FASTEST, "optim": "paged_adamw", "loss_chunk": KNOBS["loss_chunk"][1]}
+    assert _peak(**lean_rest) > budget  # checkpointing off cannot fit, whatever the knobs after it
+    got = choose(SHAPE, BASE, budget)
+    assert _values(got) == on
+    reason = next(c.reason for c in got.choices if c.knob == "gradient_checkpointing")
+    assert "does not fit" in reason
+
+
+def test_explicit_settings_are_kept_and_the_free_knobs_make_room():
+    settings = _with(BASE, gradient_checkpointing=False)
+    budget = _peak(**{**FASTEST, "allocator": "fixed"})  # checkpointing off fits only with the lean allocator
+    assert _peak(**FASTEST) > budget
+    got = choose(SHAPE, settings, budget, explicit={"gradient_checkpointing"})
+    assert _values(got) == {**FASTEST, "allocator": "fixed"}
+    assert next(c.reason for c in got.choices if c.knob == "gradient_checkpointing") == "given explicitly"
+
+
+def test_explicit_settings_that_cannot_fit_fail_naming_them():
+    settings = _with(BASE, gradient_checkpointing=False)
+    leanest_off = _peak(allocator="fixed", gradient_checkpointing=False, optim="paged_adamw",
+                        loss_chunk=KNOBS["loss_chunk"][1])  # fmt: skip
+    assert _peak(allocator="fixed", gradient_checkpointing=True) < leanest_off  # it would fit without the flag
+    with pytest.raises(PlanDoesNotFitError, match="gradient_checkpointing = False") as err:
+        choose(SHAPE, settings, leanest_off - 1, explicit={"gradient_checkpointing"})
+    assert "--memory-budget" in str(err.value) and SHAPE.name in str(err.value)
+
+
+def test_an_8bit_optimizer_is_left_as_given():
+    settings = dataclasses.replace(BASE, optim="paged_adamw8bit")
+    got = choose(SHAPE, settings, 10**15)
+    assert _values(got)["optim"] == "paged_adamw8bit"
+    assert "left as given" in next(c.reason for c in got.choices if c.knob == "optim")
+
+
+def test_config_fields_map_to_knobs_and_choices_are_written_back():
+    assert explicit_knobs({"memory.malloc_trim", "optim.lr"}) == {"allocator"}
+    assert explicit_knobs({"optim.optim_budget", "memory.loss_chunk_tokens"}) == {"optim", "loss_chunk"}
+    cfg = RunConfig(memory=MemoryConfig(gradient_checkpointing=True), optim=OptimConfig(optim="paged_adamw"))
+    chosen = apply_choices(cfg, _with(settings_for(cfg), **FASTEST))
+    assert (chosen.memory.gradient_checkpointing, chosen.memory.malloc_trim, chosen.memory.malloc_mmap_threshold_kib,
+            chosen.optim.optim) == (False, False, 0, "adamw")  # fmt: skip
+    assert settings_for(chosen).gradient_checkpointing is False and chosen.lora == cfg.lora
+
+
+def test_default_budget_leaves_a_margin_of_the_available_memory():
+    from qlorakit.hardware import available_memory
+
+    free = available_memory()
+    assert free > 0 and 0 < default_budget() < free
