@@ -22,7 +22,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": BASE,
     "quant": BASE | {"hardware", "fileio"},
     "optim": BASE | {"quant"},
-    "lora": BASE | {"config", "quant"},
+    "lora": BASE | {"config", "fileio", "quant"},
     "untrusted": {"errors"},
     "models": BASE | {"config", "fileio", "quant", "lora"},
     "export": BASE | {"config", "fileio", "quant", "lora", "models"},

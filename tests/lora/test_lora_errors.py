@@ -148,3 +148,33 @@ def test_save_into_an_empty_directory_is_allowed(tiny_llama, tmp_path):
     (tmp_path / "empty").mkdir()
     save_adapter(model, tmp_path / "empty")
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+def test_a_save_that_fails_midway_keeps_the_old_adapter_and_a_killed_one_is_cleaned_at_the_next_start(
+    tiny_llama, tmp_path, monkeypatch
+):
+    import os
+
+    from qlorakit.fileio import remove_stale
+    from qlorakit.lora import peft_io
+
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=2))
+    target = tmp_path / "out"
+    save_adapter(model, target)
+    before = (target / ADAPTER_WEIGHTS).read_bytes()
+    staged: list[str] = []
+
+    def dies_after_the_config(tensors, path, metadata=None):
+        staged.append(os.path.basename(os.path.dirname(os.path.dirname(path))))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft_io, "save_file", dies_after_the_config)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(model, target, overwrite=True)
+    assert (target / ADAPTER_WEIGHTS).read_bytes() == before  # the old adapter, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # its staging directory removed
+    # the staging name is fileio's .<name>.tmp-<pid>: what a SIGKILLed save leaves, remove_stale removes
+    assert staged == [f".out.tmp-{os.getpid()}"]
+    (tmp_path / ".out.tmp-999999999").mkdir()  # a dead process's
+    assert remove_stale(tmp_path) == [".out.tmp-999999999"]

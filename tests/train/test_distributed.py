@@ -55,6 +55,25 @@ def _cli_args(model: Path, data: Path, out: Path) -> list[str]:
             "--no-gradient-checkpointing", "--max-steps", "2", "--dist-timeout-s", "60"]
 
 
+def _pairs_file(path: Path) -> Path:
+    """7 prompts x 2 preference pairs (the chosen answer is the polite one): 10 train / 4 held-out pairs."""
+    rows = [{"prompt": f"Tell me one fact about {topic}.", "chosen": f"Sure! A fact about {topic}: it is nice {i}.",
+             "rejected": rude}
+            for i, topic in enumerate(["cats", "tea", "rain", "maps", "bread", "chess", "boats"])
+            for rude in ("No.", "Go away.")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _preference_args(model: Path, data: Path, out: Path, method: str) -> list[str]:
+    """A DPO / ORPO run with accumulation: 10 pairs in micro-batches of 4 pairs, so an epoch's last one has 2."""
+    args = _cli_args(model, data, out) + ["--method", method, "--grad-accum", "2", "--max-steps", "3"]
+    return args
+
+
+PREFERENCE = ("dpo", "orpo")
+
+
 def _copy_until(src: Path, dst: Path, step: int) -> Path:
     """A run directory holding ``src``'s checkpoint-<step> and metrics: the state of a run stopped there."""
     dst.mkdir(parents=True)
@@ -86,6 +105,11 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     model_dir = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=vocab, tie_word_embeddings=True)
     assert main(_cli_args(model_dir, data, root / "cli-1")) == 0
     scenarios.append(Scenario("cli", plain, cli_args=_cli_args(model_dir, data, root / "cli-2")))
+    pairs = _pairs_file(root / "pairs.jsonl")
+    for method in PREFERENCE:  # DPO / ORPO: the mean over the global step's pairs, metrics summed over ranks
+        assert main(_preference_args(model_dir, pairs, root / f"{method}-1", method)) == 0
+        scenarios.append(Scenario(method, plain, cli_args=_preference_args(model_dir, pairs, root / f"{method}-2",
+                                                                           method)))
     # LoRA dropout on: each rank draws its own masks; a resume on 2 ranks continues them exactly
     dropout = dataclasses.replace(plain, lora=dataclasses.replace(plain.lora, dropout=0.1),
                                   train=dataclasses.replace(plain.train, output_dir=str(root / "dropout")))
@@ -186,6 +210,23 @@ def test_qlorakit_train_on_two_ranks_writes_the_run_of_one_process(job):
     one, two = root / "cli-1", root / "cli-2"
     _assert_close_rows(_rows(two, "loss"), _rows(one, "loss"))
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}  # adapter, plot, config, checkpoint
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("method", PREFERENCE)
+def test_preference_tuning_on_two_ranks_gives_the_losses_rewards_and_adapter_of_one_process(job, method):
+    root, out, _ = job
+    assert read_report(out, method, 0)["ok"] and read_report(out, method, 1)["ok"]
+    one, two = root / f"{method}-1", root / f"{method}-2"
+    keys = ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "rewards/accuracies", "eval_loss",
+            "eval_rewards/margins")
+    for key in keys:
+        want = _rows(one, key)
+        assert want, key
+        _assert_close_rows(_rows(two, key), want)
     a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
     for key in a:

@@ -27,9 +27,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from torch import nn
 
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, StateDictError
+from qlorakit.fileio import write_dir_atomic
 from qlorakit.lora.layer import LoraLinear, MergeError
 from qlorakit.lora.model import (
     PEFT_PREFIX,
@@ -120,24 +118,6 @@ def _default_adapter(model: nn.Module) -> str:
     raise ConfigError(f"pass name=...: the model has adapters {sorted(every)} and no single active one")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _move_into_place(tmp: Path, target: Path) -> None:
-    if target.is_dir() and any(target.iterdir()):
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)  # rename(2) may replace an empty directory
-
-
 def save_adapter(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -162,18 +142,15 @@ def save_adapter(
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     content = peft_config_dict(config, peft_target_modules(model, list(layers), config), base_model_name_or_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-            _fsync(tmp / file)
-        _move_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def fill(staged: Path) -> None:
+        (staged / ADAPTER_CONFIG).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staged / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+
+    # .<name>.tmp-<pid> staging, fsync, rename, fsync of the parent; what a killed save leaves is removed by
+    # fileio.remove_stale at the next start (docs/reliability.md)
+    write_dir_atomic(target, fill)
     return target
 
 

@@ -228,11 +228,8 @@ def train(
             applied.report(run_dir)  # every model/process rewrite, listed and logged (train.rewrites)
         run = _start(model, train_set, val_set, collate, cfg, run_dir, resume_from=resume_from,
                      stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop, replicas=replicas)
-        if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0
-            if replicas.dist.enabled:
-                raise ConfigError(f"--method {cfg.objective.method} under torchrun is not supported yet: "
-                                  "train preference pairs in one process")
-            run.objective = objective
+        if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0 (each rank
+            run.objective = objective  # scores every pair, and evaluates every held-out pair: replicas agree)
             prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
             if prepared:
                 run.log.write({"step": run.state.step, **prepared})
@@ -344,21 +341,23 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
     """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens, of all ranks); returns the
     step's (loss, input tokens without padding), summed over the ranks, whose adapter gradients are summed too;
     sets ``run.padding_fraction`` (this rank's micro-batches)."""
-    if run.objective is not None:  # DPO / ORPO (one process): the mean loss over the step's pairs (train.objective)
-        return run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches], run.train_set)
     replicas, batches = run.replicas, [b for b in batches if b is not None]
-    n_target = sum(target_tokens(b) for b in batches)
-    if replicas.dist.enabled:
-        n_target = int(replicas.sum([n_target], "the step's target-token count")[0])
-    n_target = max(n_target, 1)
-    total, tokens, slots = 0.0, 0, 0
-    for batch in batches:
-        batch = _to(batch, run.device)
-        loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
-        (loss_sum / n_target).backward()
-        total += float(loss_sum.detach()) / n_target
-        tokens, slots = tokens + real_tokens(batch), slots + batch["input_ids"].numel()
-    run.padding_fraction = 1.0 - tokens / max(slots, 1)
+    if run.objective is not None:  # DPO / ORPO: the mean loss over the step's pairs, of all ranks (train.objective)
+        total, tokens = run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches],
+                                                       run.train_set, replicas.sum if replicas.dist.enabled else None)
+    else:
+        n_target = sum(target_tokens(b) for b in batches)
+        if replicas.dist.enabled:
+            n_target = int(replicas.sum([n_target], "the step's target-token count")[0])
+        n_target = max(n_target, 1)
+        total, tokens, slots = 0.0, 0, 0
+        for batch in batches:
+            batch = _to(batch, run.device)
+            loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
+            (loss_sum / n_target).backward()
+            total += float(loss_sum.detach()) / n_target
+            tokens, slots = tokens + real_tokens(batch), slots + batch["input_ids"].numel()
+        run.padding_fraction = 1.0 - tokens / max(slots, 1)
     if replicas.dist.enabled:
         replicas.reduce_grads([p for g in run.optimizer.param_groups for p in g["params"]])
         total, tokens = replicas.sum([total, tokens], "the step's loss and tokens")

@@ -95,10 +95,19 @@ class PreferenceObjective:
                       "rewards/accuracies": (r_w > r_l).float()})
         return terms
 
-    def forward_backward(self, model, batches: Sequence[Batch], dataset=None) -> tuple[float, int]:
-        """Backward of the step's loss (mean over all its pairs; see ``train.preference``); (loss, input tokens)."""
+    def forward_backward(self, model, batches: Sequence[Batch], dataset=None,
+                         reduce: Callable[[list[float], str], list[float]] | None = None) -> tuple[float, int]:
+        """Backward of the step's loss (mean over all its pairs; see ``train.preference``); (loss, input tokens).
+
+        Under several ranks ``reduce`` (``Replicas.sum``) adds up the pair and chosen-token counts first, so
+        each rank backpropagates its pairs' share of the mean over the global step; the returned loss and the
+        metrics are then this rank's parts, and the metrics are summed here (the caller sums loss and tokens).
+        """
         n_pairs = sum(b["pair_index"].shape[0] for b in batches)
-        n_chosen = max(sum(_chosen_tokens(b) for b in batches), 1)
+        n_chosen = sum(_chosen_tokens(b) for b in batches)
+        if reduce is not None:
+            n_pairs, n_chosen = (int(x) for x in reduce([n_pairs, n_chosen], "the step's pair and token counts"))
+        n_pairs, n_chosen = max(n_pairs, 1), max(n_chosen, 1)
         sums: dict[str, float] = {}
         total, tokens = 0.0, 0
         for batch in batches:
@@ -112,8 +121,17 @@ class PreferenceObjective:
             total += float(loss.detach())
             tokens += int(batch["attention_mask"].sum())
             _accumulate(sums, terms, n_pairs)
+        if reduce is not None:  # every rank the same names (a rank may have had no pairs in this step)
+            names = self.metric_names()
+            sums = dict(zip(names, reduce([sums.get(n, 0.0) for n in names], "the step's metrics"), strict=True))
         self.last_metrics = sums
         return total, tokens
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The per-step metrics ``forward_backward`` logs for this method (TRL's names)."""
+        names = ("logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                 "rewards/accuracies")
+        return names + (("log_odds_ratio", "log_odds_chosen", "nll_loss") if self.cfg.method == "orpo" else ())
 
     def evaluate(self, model, dataset: Sequence[dict], collate: Callable, device) -> dict[str, float]:
         """``eval_``-prefixed loss and metrics over every pair of ``dataset`` (eval mode, no grad)."""
