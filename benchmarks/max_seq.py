@@ -61,7 +61,8 @@ def probe_ours(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
 
     lora = LoraConfig(r=tt.RANK, alpha=tt.ALPHA, dropout=0.0, targets=tt.TARGETS)
     model = load_model(model_dir, quant=QuantConfig(), lora=lora, compute_dtype=getattr(torch, args.dtype))
-    cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=tt.SEED), train=TrainConfig(
+    # packing off: the probe is ONE sequence of L tokens (packing would cut it into rows of max_seq_len)
+    cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=tt.SEED, packing=False), train=TrainConfig(
         max_steps=1, batch_size=1, grad_accum=1, compute_dtype=args.dtype, seed=tt.SEED),
         optim=OptimConfig(lr=tt.LR, warmup_ratio=0.0, max_grad_norm=tt.CLIP, optim="adamw"),
         memory=MemoryConfig(gradient_checkpointing=True))  # fmt: skip

@@ -107,7 +107,7 @@ def run_case(args: argparse.Namespace, on_loaded: Any = None) -> dict[str, Any]:
     fix_mmap_threshold(args.mmap_threshold_kib)  # before torch and the model, as ``qlorakit train`` does
     import torch
 
-    from qlorakit.config import LoraConfig, MemoryConfig, OptimConfig, QuantConfig, RunConfig, TrainConfig
+    from qlorakit.config import DataConfig, LoraConfig, MemoryConfig, OptimConfig, QuantConfig, RunConfig, TrainConfig
     from qlorakit.data import collate
     from qlorakit.hardware import current_rss_mb, peak_rss_mb
     from qlorakit.models import load_model
@@ -127,7 +127,8 @@ def run_case(args: argparse.Namespace, on_loaded: Any = None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(SEED)
     n = args.batch * args.steps
     examples = [{"input_ids": torch.randint(0, vocab, (args.seq,), generator=gen).tolist()} for _ in range(n)]
-    cfg = RunConfig(model=args.model, lora=lora, train=TrainConfig(
+    # packing off: the planner's prediction is for batch x seq as given (packing would merge or cut the sequences)
+    cfg = RunConfig(model=args.model, lora=lora, data=DataConfig(packing=False), train=TrainConfig(
         max_steps=args.steps, batch_size=args.batch, grad_accum=1, compute_dtype="float32", seed=SEED),
         optim=OptimConfig(optim=args.optim, warmup_ratio=0.0),
         memory=MemoryConfig(gradient_checkpointing=True, malloc_mmap_threshold_kib=args.mmap_threshold_kib))

@@ -189,7 +189,9 @@ def run_ours(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -> 
     tuning = {"loss_chunk_tokens": args.ours_loss_chunk, "malloc_mmap_threshold_kib": args.ours_mmap_kib}
     tuning = {k: v for k, v in tuning.items() if v is not None}
     tuning["gradient_checkpointing"] = args.ours_checkpointing == "on"
-    cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=SEED, group_by_length=True), train=TrainConfig(
+    # packing off: the peer trains the same unpacked micro-batches, and the loss curves are compared step by step
+    cfg = RunConfig(model=model_dir, lora=lora, data=DataConfig(seed=SEED, group_by_length=True, packing=False),
+                    train=TrainConfig(
         max_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, seed=SEED,
         compute_dtype=args.dtype, logging_steps=1),
         optim=OptimConfig(lr=LR, scheduler="constant", warmup_ratio=0.0, max_grad_norm=CLIP, optim="adamw"),

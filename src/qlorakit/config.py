@@ -178,6 +178,8 @@ class DataConfig:
     ``source_max_len`` / ``target_max_len`` bound the prompt and the answer tokens (paper: 1024 / 256);
     ``train_on_source`` also puts loss on prompt tokens; ``block_size`` is the length of packed blocks
     for the ``text`` format; ``val_size`` is a fraction (< 1) or a count (>= 1) of examples held out.
+    ``packing`` lays training examples out in rows of ``seq_limit`` tokens without padding between them
+    (``data/packing.py``, ``train/packed.py``); held-out loss is always computed unpacked.
     """
 
     paths: tuple[str, ...] = opt(
@@ -193,6 +195,9 @@ class DataConfig:
     val_size: float = opt(0.0, "held-out examples: a fraction < 1 or a count >= 1")
     seed: int = opt(42, "seed of the validation split and the batch order")
     chat_template: bool = opt(True, "render messages/oasst1 with the tokenizer's chat template when it has one")
+    packing: bool = opt(True, "pack training examples into rows of max_seq_len tokens, each attending only to "
+                        "itself (batch_size then counts rows); used when a check shows the model's attention "
+                        "keeps packed examples apart, else the run trains unpacked and says why (docs/packing.md)")
 
     def __post_init__(self) -> None:
         if isinstance(self.paths, str):
@@ -201,6 +206,7 @@ class DataConfig:
             object.__setattr__(self, "paths", tuple(self.paths))
         _choice_field(self, "format", DATA_FORMATS)
         _int_field(self, "max_seq_len", 0)
+        _bool_fields(self, "packing")
         for name in ("source_max_len", "target_max_len", "block_size"):
             _int_field(self, name, 1, "must be a positive integer")
         if not isinstance(self.val_size, (int, float)) or self.val_size < 0:

@@ -25,8 +25,11 @@ def tiny_qlora_model(vocab_size: int, lora: LoraConfig, seed: int = 0) -> nn.Mod
     return model
 
 
-def run_config(data_path: Path, out: Path, **fields) -> RunConfig:
-    """A small run; ``fields`` are fields of the train/optim/memory/eval sections, each put in its own."""
+def run_config(data_path: Path, out: Path, packing: bool = False, **fields) -> RunConfig:
+    """A small run; ``fields`` are fields of the train/optim/memory/eval sections, each put in its own.
+
+    ``packing`` is off unless asked: most trainer tests pin the unpacked stream (examples per micro-batch);
+    tests/train/test_packing.py runs the packed one."""
     base = {"output_dir": str(out), "batch_size": 2, "grad_accum": 2, "lr": 1e-2, "max_steps": 6,
             "gradient_checkpointing": False, "compute_dtype": "float32", "warmup_ratio": 0.2, "scheduler": "cosine"}
     base.update(fields)
@@ -38,6 +41,6 @@ def run_config(data_path: Path, out: Path, **fields) -> RunConfig:
         model="tiny",
         quant=QuantConfig(),
         lora=LoraConfig(r=4, alpha=8, dropout=0.1),
-        data=DataConfig(paths=(str(data_path),), source_max_len=64, target_max_len=32, val_size=4),
+        data=DataConfig(paths=(str(data_path),), source_max_len=64, target_max_len=32, val_size=4, packing=packing),
         **sections,
     )

@@ -75,6 +75,7 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
             raise ConfigError(f"--resume {run_dir}: {why}; nothing to resume from: start the run again")
         base = load_config_file(run_dir / "config.yaml")
         base.setdefault("train", {})["output_dir"] = str(run_dir)
+        base.setdefault("data", {}).setdefault("packing", False)  # a run from before packing resumes unpacked
         return run_config_from_args(args, base), checkpoint
     return run_config_from_args(args, QUICKSTART if _is_quickstart(args) else None), None
 
@@ -216,6 +217,8 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),
         _objective_line(cfg),
+        (f"packing    rows of {cfg.data.seq_limit} tokens (batch counts rows) if the model passes the packing check "
+         "at the start of training" if cfg.data.packing and cfg.objective.method == "sft" else "packing    off"),
         f"output     {t.output_dir}" + (f"  (resuming from {checkpoint.name})" if checkpoint else ""),
         (f"safety     checkpoint {f'every {t.save_steps} steps' if t.save_steps else 'at the end'}, keep "
          f"{t.save_total_limit or 'all'}; "

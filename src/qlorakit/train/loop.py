@@ -10,7 +10,8 @@ the gradient of ``L``.
 
 The data is one stream of micro-batches across epochs: epoch ``e`` is ``batch_order(..., epoch=e)``, and
 the trainer's only data position is ``micro_index`` (micro-batches consumed), so resuming from a
-checkpoint continues the same stream, even across an epoch boundary.
+checkpoint continues the same stream, even across an epoch boundary. With packing (``train.packed``) the
+items of the stream are packed rows, which depend only on the data and ``max_seq_len``, so this still holds.
 
 Read it in order: ``train`` applies the rewrites (``train.rewrites``) and installs the stop signals
 (``train.preempt``), ``_start`` builds the ``Run`` (the state every step reads and updates), and ``step`` is
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 from qlorakit.config import RunConfig, as_dict
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
+from qlorakit.data.packing import real_tokens
 from qlorakit.errors import ConfigError, TrainingDivergedError
 from qlorakit.fileio import remove_stale
 from qlorakit.hardware import peak_rss_mb
@@ -61,6 +63,7 @@ from qlorakit.train.checkpoint import (
 from qlorakit.train.faults import pause_point
 from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog, NoLog
+from qlorakit.train.packed import pack_for_training
 from qlorakit.train.preempt import StopSignals
 
 
@@ -188,6 +191,8 @@ class Run:
         """The stop signal's name: this rank's own, or the one another rank received."""
         return self.stop.name or (signal.Signals(self.stop_agreed).name if self.stop_agreed else None)
     objective: object | None = None  # a train.objective.PreferenceObjective for dpo / orpo; None = SFT
+    train_collate: Callable | None = None  # packed rows' collate (train.packed); None: ``collate``
+    padding_fraction: float = 0.0  # padding share of the last step's micro-batches (this rank)
 
 
 def train(
@@ -253,6 +258,9 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     """The run's state: optimizer, data stream, trainer state (fresh and seeded, or from a checkpoint), log;
     fails before the first step when one checkpoint does not fit on the disk, or when the ranks disagree."""
     device = next(p for p in model.parameters()).device
+    train_collate = None
+    if cfg.objective.method == "sft":  # preference pairs are never packed
+        train_set, train_collate = pack_for_training(model, train_set, collate, cfg, run_dir, replicas.is_main)
     lengths = train_set.lengths if hasattr(train_set, "lengths") else [len(x["input_ids"]) for x in train_set]
     replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch is refused
     replicas.check_same(run_fingerprint(cfg, lengths))  # every rank has the same config and data
@@ -275,7 +283,7 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               stop=stop, evaluator=evaluator, replicas=replicas)
+               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate)
 
 
 def _checkpoints_at_once(cfg: RunConfig, total_steps: int) -> int:
@@ -320,17 +328,19 @@ def _set_lr(run: Run) -> None:
 def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor] | None]:
     """This rank's share of each (None: an empty share of an epoch's short last micro-batch)."""
     batches = []
+    collate = run.train_collate or run.collate
     for _ in range(run.cfg.train.grad_accum):
         _, indices = run.stream.at(run.state.micro_index)
         indices = run.replicas.share(indices, run.cfg.train.batch_size)
-        batches.append(run.collate([run.train_set[i] for i in indices]) if indices else None)
+        batches.append(collate([run.train_set[i] for i in indices]) if indices else None)
         run.state.micro_index += 1
     return batches
 
 
 def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -> tuple[float, int]:
     """Backward of ``sum_m CE_m / N`` per micro-batch (N: the step's target tokens, of all ranks); returns the
-    step's (loss, input tokens), summed over the ranks, whose adapter gradients are summed too."""
+    step's (loss, input tokens without padding), summed over the ranks, whose adapter gradients are summed too;
+    sets ``run.padding_fraction`` (this rank's micro-batches)."""
     replicas, batches = run.replicas, [b for b in batches if b is not None]
     if run.objective is not None:  # DPO / ORPO: the mean loss over the step's pairs, of all ranks (train.objective)
         total, tokens = run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches],
@@ -340,13 +350,14 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
         if replicas.dist.enabled:
             n_target = int(replicas.sum([n_target], "the step's target-token count")[0])
         n_target = max(n_target, 1)
-        total, tokens = 0.0, 0
+        total, tokens, slots = 0.0, 0, 0
         for batch in batches:
             batch = _to(batch, run.device)
             loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
             (loss_sum / n_target).backward()
             total += float(loss_sum.detach()) / n_target
-            tokens += int(batch["attention_mask"].sum())
+            tokens, slots = tokens + real_tokens(batch), slots + batch["input_ids"].numel()
+        run.padding_fraction = 1.0 - tokens / max(slots, 1)
     if replicas.dist.enabled:
         replicas.reduce_grads([p for g in run.optimizer.param_groups for p in g["params"]])
         total, tokens = replicas.sum([total, tokens], "the step's loss and tokens")
@@ -402,6 +413,7 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
     state = run.state
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
+    row["padding_fraction"] = round(run.padding_fraction, 4)
     if run.objective is not None:
         row.update(run.objective.last_metrics)  # rewards/..., logps/... under TRL's names
     if skipped:

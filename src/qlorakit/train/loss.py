@@ -38,9 +38,17 @@ IGNORE_INDEX = -100
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
+    """The model's keyword inputs: ids and the padding mask, or, for packed rows (``data.packing``), ids and
+    ``position_ids`` without a mask (the model separates the packed examples from the positions; no cache)."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def reference_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over target tokens from the full logits, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = model(**model_inputs(batch)).logits  # (B, T, V)
     shift_logits = logits[:, :-1, :].float()  # (B, T-1, V)
     shift_labels = batch["labels"][:, 1:]  # (B, T-1)
     loss = F.cross_entropy(
@@ -118,7 +126,7 @@ def chunked_loss_sum(
     head = chunkable_head(model)
     if head is None:
         return reference_loss_sum(model, batch)
-    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    out = model.base_model(**model_inputs(batch))
     hidden = out.last_hidden_state[:, :-1, :]  # (B, T-1, H)
     labels = batch["labels"][:, 1:]  # (B, T-1)
     keep = labels != IGNORE_INDEX  # (B, T-1)

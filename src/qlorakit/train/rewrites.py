@@ -35,7 +35,7 @@ from qlorakit.hardware import flush_denormals, resolve_dtype
 from qlorakit.lora.fused import shared_input_fusion
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.quant.linear import Linear4bit
-from qlorakit.train import allocator
+from qlorakit.train import allocator, varlen
 from qlorakit.train.recompute import swiglu_recompute
 from qlorakit.train.rmsnorm import fused_rmsnorm
 
@@ -164,6 +164,24 @@ def _no_kv_cache(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
         model.config.use_cache = old
 
 
+@contextmanager
+def _varlen_attention(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    device = next(model.parameters()).device.type
+    if not cfg.data.packing:
+        yield "off"
+        return
+    if current != "sdpa" or device != "cpu":
+        yield f"not applied ({current} attention on {device})"
+        return
+    config._attn_implementation = varlen.register()
+    try:
+        yield "sdpa -> SDPA per packed example"
+    finally:
+        config._attn_implementation = current
+
+
 REWRITES: tuple[Rewrite, ...] = (
     Rewrite("flush_denormals", None, "fp32 denormals flushed to zero (x86 FTZ/DAZ): 5x faster CPU steps", UNDONE,
             _denormals),
@@ -187,6 +205,9 @@ REWRITES: tuple[Rewrite, ...] = (
             _switch(Linear4bit, "use_gemv", "memory.use_gemv")),
     Rewrite("gradient_checkpointing", "memory.gradient_checkpointing",
             "decoder layers recompute their activations in backward", UNDONE, _checkpointing),
+    Rewrite("varlen_attention", "data.packing",
+            "CPU sdpa attention runs on each packed example's span instead of a block-diagonal mask (train.varlen)",
+            UNDONE, _varlen_attention),
     Rewrite("no_kv_cache", None, "model.config.use_cache = False (no KV cache while training)", UNDONE,
             _no_kv_cache),
     Rewrite("norm_output_dtype", "train.compute_dtype",
