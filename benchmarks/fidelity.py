@@ -388,7 +388,7 @@ def parse_list(text: str, known: dict[str, Any] | None = None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        render(summarize(json.loads(args.out.read_text(encoding="utf-8"))), args.doc)
+        render(summarize(json.loads(args.out.read_text(encoding="utf-8"))), args.doc, args.doc.parent / PLOT.name)
         return 0
     budget = budget_from(args)
     rows, seeds = parse_list(args.rows, ROWS), [int(s) for s in parse_list(args.seeds)]
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(args.out, summarize(result))
             print(f"{row} seed {seed}: held-out {run['heldout_loss']:.4f}, wiki ppl {run['wiki_ppl']:.2f}, "
                   f"wall {run['wall_s']:.0f} s (train {run['train_s']:.0f} s)", flush=True)
-    render(result, args.doc)
+    render(result, args.doc, args.doc.parent / PLOT.name)
     return 0
 
 
