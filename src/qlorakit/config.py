@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from qlorakit.constants import (
+    BASE_QUANT_TYPES,
     BLOCKSIZES,
     COMPUTE_DTYPES,
     DATA_FORMATS,
@@ -31,7 +32,7 @@ from qlorakit.constants import (
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
-    QUANT_TYPES,
+    QUANT_NONE,
     REPORT_TARGETS,
     SCHEDULERS,
     TRAIN_METHODS,
@@ -108,17 +109,26 @@ def json_ready(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How the frozen base weights are stored (QLoRA: NF4, blocksize 64, double quantization)."""
+    """How the frozen base weights are stored (QLoRA: NF4, blocksize 64, double quantization).
 
-    quant_type: str = opt("nf4", "4-bit data type of the frozen base: nf4, fp4 or int4")
+    ``quant_type="none"`` keeps the base linears as ``nn.Linear`` in the compute dtype (LoRA on a 16/32-bit
+    base, the paper's baseline); ``blocksize`` and ``double_quant`` are then unused.
+    """
+
+    quant_type: str = opt("nf4", "data type of the frozen base: nf4, fp4, int4 (4-bit) or none (kept 16/32-bit)")
     blocksize: int = opt(64, "values sharing one absmax scale (power of two, 32..4096)")
     double_quant: bool = opt(True, "quantize the absmax scales again to 8 bit (saves 0.373 bits/param)")
 
     def __post_init__(self) -> None:
-        _choice_field(self, "quant_type", QUANT_TYPES)
+        _choice_field(self, "quant_type", BASE_QUANT_TYPES)
         if self.blocksize not in BLOCKSIZES:
             _fail("QuantConfig", "blocksize", self.blocksize, f"use a power of two in 32..4096 {BLOCKSIZES}")
         _bool_fields(self, "double_quant")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is stored in 4 bits (``quant_type`` is not ``"none"``)."""
+        return self.quant_type != QUANT_NONE
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,12 @@ Kept free of torch so that ``qlorakit --help`` and config validation stay fast.
 #: The 4-bit data types (``qlorakit.quant.codebooks`` builds their tables).
 QUANT_TYPES = ("nf4", "fp4", "int4")
 
+#: No quantization: the frozen base stays as plain ``nn.Linear`` in the compute dtype (16/32-bit LoRA).
+QUANT_NONE = "none"
+
+#: Storage types of the frozen base that ``QuantConfig.quant_type`` accepts: a 4-bit type or ``"none"``.
+BASE_QUANT_TYPES = QUANT_TYPES + (QUANT_NONE,)
+
 #: Allowed block sizes of the 4-bit quantization (powers of two, as bitsandbytes allows).
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 

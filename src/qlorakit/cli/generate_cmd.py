@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlorakit.constants import BASE_QUANT_TYPES, QUANT_NONE
 from qlorakit.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -38,7 +39,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="nucleus mass kept when sampling (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default: %(default)s)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
-    parser.add_argument("--no-quantize", action="store_true", help="keep the base in 16/32 bit instead of NF4")
+    parser.add_argument("--quant-type", choices=BASE_QUANT_TYPES, default="nf4",
+                        help="how the base is loaded (default: %(default)s; none = 16/32-bit)")
+    parser.add_argument("--no-quantize", action="store_true", help="keep the base in 16/32 bit (= --quant-type none)")
     parser.add_argument("--compute-dtype", choices=DTYPES, default="float32",
                         help="compute dtype (default: %(default)s)")
 
@@ -97,7 +100,7 @@ def load_for_generation(args: argparse.Namespace, specs: list) -> tuple[Any, Any
         for spec in specs:  # before the (slow) load: a wrong base fails in a second
             check_base_name(spec, base_names)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, quant=None if args.no_quantize else QuantConfig(),
+    model = load_model(source, quant=QuantConfig(quant_type=QUANT_NONE if args.no_quantize else args.quant_type),
                        compute_dtype=getattr(torch, args.compute_dtype))
     base_names.append(getattr(model.config, "name_or_path", ""))
     load_adapters(model, specs, base_names, allow_other_base=args.allow_other_base)

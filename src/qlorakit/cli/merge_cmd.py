@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from qlorakit.constants import BASE_QUANT_TYPES, QUANT_NONE
 from qlorakit.errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -26,7 +27,9 @@ def add_parser(subparsers) -> None:
                    help="dtype of the exported weights (default: bfloat16)")
     p.add_argument("--quantize", choices=("nf4", "fp4"),
                    help="write a bitsandbytes 4-bit checkpoint and report the added error")
-    p.add_argument("--no-quant", action="store_true", help="load the base in 16/32 bit instead of 4-bit")
+    p.add_argument("--quant-type", choices=BASE_QUANT_TYPES, default="nf4",
+                   help="how the base is loaded, as in training (default: %(default)s; none = 16/32-bit)")
+    p.add_argument("--no-quant", action="store_true", help="load the base in 16/32 bit (= --quant-type none)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=run)
 
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
     check_adapter_dir(args.adapter)  # before the minutes of loading the base
-    quant = None if args.no_quant else QuantConfig()
+    quant = QuantConfig(quant_type=QUANT_NONE if args.no_quant else args.quant_type)
     model = load_model(args.model, quant=quant, lora=None, compute_dtype=torch.float32)
     load_adapter(model, args.adapter)
     quantize = QuantConfig(quant_type=args.quantize) if args.quantize else None

@@ -16,7 +16,13 @@ import json
 from typing import Any
 
 from qlorakit.config import MemoryConfig
-from qlorakit.constants import COMPUTE_DTYPES, LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, QUANT_TYPES, TRAIN_METHODS
+from qlorakit.constants import (
+    BASE_QUANT_TYPES,
+    COMPUTE_DTYPES,
+    LOSS_CHUNK_TOKENS,
+    OPTIMIZER_NAMES,
+    TRAIN_METHODS,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,7 +57,8 @@ def add_parser(subparsers: Any) -> None:
                    help="CPU: the trainer's glibc mmap threshold (default: %(default)s; 0 = dynamic, more RSS)")
     p.add_argument("--no-recompute-swiglu", dest="recompute_swiglu", action="store_false", default=True,
                    help="the trainer keeps SiLU(gate) for backward (MemoryConfig.recompute_swiglu false)")
-    p.add_argument("--quant-type", choices=QUANT_TYPES, default="nf4")
+    p.add_argument("--quant-type", choices=BASE_QUANT_TYPES, default="nf4",
+                   help="storage of the frozen base: a 4-bit type, or none (LoRA on the 16/32-bit base)")
     p.add_argument("--blocksize", type=int, default=64)
     p.add_argument("--no-double-quant", action="store_true", help="plan without double quantization")
     p.add_argument("--world-size", type=int, default=1, metavar="N",

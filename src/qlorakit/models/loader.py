@@ -51,15 +51,17 @@ def load_model(
 ) -> Any:
     """Load ``source`` as a frozen ``transformers.PreTrainedModel`` in eval mode.
 
-    ``quant``: the 4-bit format of the decoder-block linears (``None``: keep them as ``nn.Linear`` in
-    ``compute_dtype``, for comparisons). A source saved by bitsandbytes in 4 bits keeps its own format
-    (no re-quantization); ``quant=None`` dequantizes it. ``lora``: adapters added with
+    ``quant``: the 4-bit format of the decoder-block linears (``None`` or ``quant_type="none"``: keep them
+    as ``nn.Linear`` in ``compute_dtype``: LoRA on a 16/32-bit base). A source saved by bitsandbytes in 4 bits
+    keeps its own format (no re-quantization); ``quant=None`` dequantizes it. ``lora``: adapters added with
     ``qlorakit.lora.add_lora`` (they are the only trainable parameters). ``source``: see
     ``qlorakit.models.source``. With a 16-bit ``compute_dtype`` the fp32 norms get a forward hook that
     returns their input's dtype, so the residual stream stays 16-bit.
     """
     resolved = source if isinstance(source, ModelSource) else resolve_source(source)
     device = torch.device(device)
+    if quant is not None and not quant.quantized:
+        quant = None
     if resolved.kind == GGUF:
         model, tensors, bnb_layers = _prepare_gguf(resolved, compute_dtype, trust_remote_code)
     else:

@@ -185,14 +185,17 @@ class MemoryPlan:
 def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = None) -> MemoryPlan:
     """The memory plan of training ``shape`` with ``settings`` (see the module docstring for each part)."""
     s, c, lb = settings, DTYPE_BYTES[settings.compute], DTYPE_BYTES[settings.lora_dtype]
-    quantized = [lin for lin in shape.linears if lin.quantized]
+    targets = [lin for lin in shape.linears if lin.quantized]  # the base linears stored in 4 bits (or not)
+    quantized = targets if s.quant.quantized else []
     adapted = [lin for lin in shape.linears if lin.adapted]
     lora_values = sum(math.prod(shape) for lin in adapted for shape in adapter_shapes(lin, s))
     resident_optim, offloaded = optimizer_bytes(adapted, s)
     act_ckpt, act_full = activation_bytes(shape, s, True), activation_bytes(shape, s, False)
     n_max = max((lin.numel for lin in quantized), default=0)
     parts = [
-        Part("weights_4bit", sum(-(-lin.numel // 2) for lin in quantized), "packed 4-bit codes, two per byte"),
+        Part("weights_4bit", sum(-(-lin.numel // 2) for lin in quantized), "packed 4-bit codes, two per byte")
+        if s.quant.quantized else
+        Part("base_weights", sum(lin.numel for lin in targets) * c, f"frozen base linears unquantized, {s.compute}"),
         Part("quant_constants", quant_constant_bytes(quantized, s.quant), _dq_note(s.quant)),
         Part("embeddings", (shape.embedding_params + shape.other_params) * c,
              f"embeddings, lm_head{' (tied)' if shape.tied_embeddings else ''}, biases in {s.compute}"),
@@ -259,6 +262,8 @@ def _with_dq(quant: QuantConfig, double_quant: bool) -> QuantConfig:
 
 
 def _dq_note(quant: QuantConfig) -> str:
+    if not quant.quantized:
+        return "none: the base is not quantized"
     kind = "uint8 absmax + fp32 nested absmax (double quant)" if quant.double_quant else "fp32 absmax (no double quant)"
     return f"{quant.quant_type.upper()} block {quant.blocksize}: {kind}"
 
