@@ -132,7 +132,8 @@ def test_config_yaml_is_written_in_sections_and_reads_back(tmp_path):
 def test_allowed_values_live_in_constants():
     import qlorakit.config as config
 
-    for name in ("COMPUTE_DTYPES", "LORA_INITS", "DATA_FORMATS", "SCHEDULERS", "OPTIMIZER_NAMES", "QUANT_TYPES"):
+    for name in ("COMPUTE_DTYPES", "LORA_INITS", "DATA_FORMATS", "SCHEDULERS", "OPTIMIZER_NAMES", "BASE_QUANT_TYPES",
+                 "DISTRIBUTED_STRATEGIES", "TRAIN_METHODS", "DPO_REFERENCES", "REPORT_TARGETS"):
         assert getattr(config, name) is getattr(constants, name)
 
 
