@@ -17,7 +17,14 @@ Full fine-tuning (the issue's optional row 7) is not here: the trainer's checkpo
 
 Measures per (row, seed): the held-out answers-only loss (mean over answer tokens of the held-out conversations,
 evaluated at a few steps: the curve), wiki perplexity on a fixed slice of ``wiki_demo.txt`` after training,
-and the wall time of the run. ``matches_16bit``: ``|mean - mean(fp32)| <= max(std(fp32), 0.01 * mean(fp32))``
+MMLU 5-shot accuracy on a fixed set of subjects (``MMLU_SUBJECTS``, the first ``MMLU_LIMIT`` test questions of
+each; a 135M model sits at chance, 25%, so it can only show that nothing broke), and the wall time of the run.
+
+MMLU was added after the grid of commit 5d5df4d had run. ``--add-mmlu`` fills it in for finished runs: it
+retrains each (row, seed) that has no MMLU number (training is deterministic for a seed) and records the accuracy
+only when the rerun's held-out loss equals the recorded one (``REPRODUCE_RTOL``), so the MMLU number belongs to
+the same adapter as the loss beside it. The order is seed-major (every row's seed 0 first), so a partial pass
+still gives every row a number. ``matches_16bit``: ``|mean - mean(fp32)| <= max(std(fp32), 0.01 * mean(fp32))``
 (sample standard deviation over seeds).
 
 The JSON is rewritten (atomically, fsynced) after every run; a second invocation skips the (row, seed) pairs
@@ -77,6 +84,13 @@ ROWS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_ROWS = tuple(ROWS)
 BASELINE = "fp32"
+MMLU_DIR = SHARED / "data/mmlu"
+#: One subject per MMLU category (STEM, humanities, social sciences, other) plus one more STEM subject.
+MMLU_SUBJECTS = ("high_school_biology", "world_religions", "high_school_macroeconomics", "marketing",
+                 "elementary_mathematics")
+MMLU_LIMIT = 20  # test questions per subject: 100 in all
+MMLU_SHOTS = 5
+REPRODUCE_RTOL = 1e-6  # a rerun for --add-mmlu must give the recorded held-out loss to this relative tolerance
 SPLIT_SEED = 19
 HELDOUT_FRACTION = 0.15
 
@@ -142,7 +156,8 @@ def run_config(row: str, seed: int, budget: Budget, train_path: str, output_dir:
         quant=QuantConfig(**spec["quant"]),
         lora=LoraConfig(r=budget.r, alpha=budget.alpha, dropout=budget.dropout, targets=spec["targets"]),
         data=DataConfig(paths=(train_path,), format="oasst1", source_max_len=half, target_max_len=half,
-                        max_seq_len=budget.seq_len, val_size=0.0, seed=seed, group_by_length=False),
+                        max_seq_len=budget.seq_len, val_size=0.0, seed=seed, group_by_length=False,
+                        packing=False),  # the grid of 5d5df4d ran unpacked (packing came later)
         train=TrainConfig(output_dir=output_dir, max_steps=budget.steps, batch_size=budget.batch_size,
                           grad_accum=budget.grad_accum, seed=seed, compute_dtype="float32", save_total_limit=1),
         optim=OptimConfig(lr=budget.lr),
@@ -176,6 +191,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         for key in ("heldout_loss", "wiki_ppl"):
             m, s = mean_std(row[key])
             row[f"{key}_mean"], row[f"{key}_std"] = m, s
+        measured = [a for a in row.get("mmlu", []) if a is not None]
+        row["mmlu_mean"], row["mmlu_std"] = mean_std(measured)
+        row["mmlu_seeds"] = len(measured)
         if base and row["heldout_loss"]:
             base_m, base_s = mean_std(base)
             row["diff_to_fp32"] = row["heldout_loss_mean"] - base_m
@@ -210,9 +228,33 @@ def record(result: dict[str, Any], row: str, seed: int, run: dict[str, Any]) -> 
     """Append one run's numbers to its row (one entry per seed in every list)."""
     entry = result["rows"].setdefault(row, {"seeds": [], "heldout_loss": [], "wiki_ppl": [], "wall_s": [],
                                             "train_s": [], "curve": [], "commit": []})
+    entry.setdefault("mmlu", [None] * len(entry["seeds"]))  # rows recorded before MMLU was measured
     entry["seeds"].append(seed)
     for key in ("heldout_loss", "wiki_ppl", "wall_s", "train_s", "curve", "commit"):
         entry[key].append(run[key])
+    entry["mmlu"].append(run.get("mmlu"))
+
+
+def missing_mmlu(result: dict[str, Any], rows: list[str]) -> list[tuple[str, int]]:
+    """The recorded (row, seed) pairs without an MMLU number, seed-major (every row's first seed first)."""
+    out = []
+    for name in rows:
+        row = result["rows"].get(name, {})
+        mmlu = row.get("mmlu", [None] * len(row.get("seeds", [])))
+        out += [(i, name, s) for i, (s, a) in enumerate(zip(row.get("seeds", []), mmlu, strict=True)) if a is None]
+    return [(name, s) for _, name, s in sorted(out, key=lambda t: t[0])]
+
+
+def add_mmlu(result: dict[str, Any], row: str, seed: int, run: dict[str, Any]) -> bool:
+    """Store a rerun's MMLU accuracy if its held-out loss reproduces the recorded one; False (nothing stored) if not."""
+    entry = result["rows"][row]
+    i = entry["seeds"].index(seed)
+    recorded = entry["heldout_loss"][i]
+    if abs(run["heldout_loss"] - recorded) > REPRODUCE_RTOL * abs(recorded):
+        return False
+    entry.setdefault("mmlu", [None] * len(entry["seeds"]))[i] = run["mmlu"]
+    entry.setdefault("mmlu_commit", [None] * len(entry["seeds"]))[i] = run["commit"]
+    return True
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
@@ -247,9 +289,20 @@ def run_one(row: str, seed: int, budget: Budget, data: dict[str, Any], workdir: 
                          "(run the script again to redo it)")
     model.eval()
     ppl = perplexity(model, data["wiki_ids"], max_seq_len=budget.seq_len, progress=False).perplexity
+    mmlu = mmlu_accuracy(model, data["tokenizer"]) if data.get("mmlu", True) else None
     curve = [[s, loss] for s, loss in result.eval_losses]
-    return {"heldout_loss": curve[-1][1], "wiki_ppl": ppl, "curve": curve, "train_s": result.train_seconds,
+    return {"heldout_loss": curve[-1][1], "wiki_ppl": ppl, "mmlu": mmlu, "curve": curve,
+            "train_s": result.train_seconds,
             "wall_s": time.perf_counter() - start, "commit": git_head()}
+
+
+def mmlu_accuracy(model, tokenizer, directory: Path | None = None) -> float:
+    """Pooled 5-shot accuracy over ``MMLU_SUBJECTS`` (first ``MMLU_LIMIT`` questions of each)."""
+    from qlorakit.eval.mmlu import evaluate_mmlu
+
+    result = evaluate_mmlu(model, tokenizer, directory or MMLU_DIR, shots=MMLU_SHOTS, limit=MMLU_LIMIT,
+                           subjects=MMLU_SUBJECTS, progress=False)
+    return result.as_dict()["accuracy_all"]
 
 
 def prepare_data(budget: Budget, workdir: Path) -> dict[str, Any]:
@@ -277,8 +330,8 @@ def _fmt(mean: float, std: float, digits: int = 4) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| row | seeds | held-out loss | diff to fp32 | wiki ppl | matches 16-bit | wall s / run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | held-out loss | diff to fp32 | wiki ppl | MMLU 5-shot (seeds) | matches 16-bit "
+             "| wall s / run |", "|---|---|---|---|---|---|---|---|"]
     for name in ROWS:
         row = result["rows"].get(name)
         if not row or not row["seeds"]:
@@ -286,8 +339,11 @@ def table(result: dict[str, Any]) -> str:
         diff = f"{row['diff_to_fp32']:+.4f} ± {row['diff_spread']:.4f}" if "diff_to_fp32" in row else "n/a"
         match = {True: "yes", False: "no", None: "n/a"}[row.get("matches_16bit")]
         wall = statistics.fmean(row["wall_s"])
+        mmlu = (f"{100 * row['mmlu_mean']:.1f}% ± {100 * row['mmlu_std']:.1f} ({row['mmlu_seeds']})"
+                if row.get("mmlu_seeds") else "n/a")
         lines.append(f"| {name} | {len(row['seeds'])} | {_fmt(row['heldout_loss_mean'], row['heldout_loss_std'])} "
-                     f"| {diff} | {_fmt(row['wiki_ppl_mean'], row['wiki_ppl_std'], 2)} | {match} | {wall:.0f} |")
+                     f"| {diff} | {_fmt(row['wiki_ppl_mean'], row['wiki_ppl_std'], 2)} | {mmlu} | {match} "
+                     f"| {wall:.0f} |")
     return "\n".join(lines)
 
 
@@ -368,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULT)
     p.add_argument("--doc", type=Path, default=DOC)
     p.add_argument("--report", action="store_true", help="only re-render the doc and the plot from --out")
+    p.add_argument("--add-mmlu", action="store_true",
+                   help="rerun recorded (row, seed) pairs without MMLU and add it when the held-out loss reproduces")
     return p.parse_args(argv)
 
 
@@ -393,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     budget = budget_from(args)
     rows, seeds = parse_list(args.rows, ROWS), [int(s) for s in parse_list(args.seeds)]
     result = load_result(args.out, budget)
+    if args.add_mmlu:
+        return fill_mmlu(result, rows, budget, args)
     todo = pending(result, rows, seeds)
     print(cpu_header(vector_flags()), flush=True)
     print(f"{len(todo)} run(s) to do: {todo}", flush=True)
@@ -408,6 +468,30 @@ def main(argv: list[str] | None = None) -> int:
                   f"wall {run['wall_s']:.0f} s (train {run['train_s']:.0f} s)", flush=True)
     render(result, args.doc, args.doc.parent / PLOT.name)
     return 0
+
+
+def fill_mmlu(result: dict[str, Any], rows: list[str], budget: Budget, args: argparse.Namespace) -> int:
+    """``--add-mmlu``: rerun the recorded pairs without MMLU, seed-major; the JSON is rewritten after each."""
+    todo = missing_mmlu(result, rows)
+    print(cpu_header(vector_flags()), flush=True)
+    print(f"{len(todo)} rerun(s) for MMLU: {todo}", flush=True)
+    refused = 0
+    with tempfile.TemporaryDirectory(prefix="fidelity-") as tmp:
+        data = prepare_data(budget, Path(tmp)) if todo else {}
+        for row, seed in todo:
+            run = run_one(row, seed, budget, data, Path(tmp))
+            i = result["rows"][row]["seeds"].index(seed)
+            recorded = result["rows"][row]["heldout_loss"][i]
+            if add_mmlu(result, row, seed, run):
+                write_json_atomic(args.out, summarize(result))
+                print(f"{row} seed {seed}: held-out {run['heldout_loss']:.6f} reproduced, MMLU {run['mmlu']:.3f}, "
+                      f"wall {run['wall_s']:.0f} s", flush=True)
+            else:
+                refused += 1
+                print(f"{row} seed {seed}: held-out {run['heldout_loss']:.6f} != recorded {recorded:.6f}; "
+                      "MMLU not recorded", flush=True)
+    render(result, args.doc, args.doc.parent / PLOT.name)
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":
