@@ -161,7 +161,9 @@ def run_config(row: str, seed: int, budget: Budget, train_path: str, output_dir:
         train=TrainConfig(output_dir=output_dir, max_steps=budget.steps, batch_size=budget.batch_size,
                           grad_accum=budget.grad_accum, seed=seed, compute_dtype="float32", save_total_limit=1),
         optim=OptimConfig(lr=budget.lr),
-        memory=MemoryConfig(gradient_checkpointing=budget.gradient_checkpointing),
+        # fuse_lora off: at 5d5df4d shared-input fusion skipped groups with dropout (each member drew its own mask);
+        # the fused path's one mask per group came later and would change the dropout draws of the recorded grid
+        memory=MemoryConfig(gradient_checkpointing=budget.gradient_checkpointing, fuse_lora=False),
         eval=EvalConfig(eval_steps=budget.eval_every),
     )
 
