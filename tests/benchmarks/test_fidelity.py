@@ -114,8 +114,27 @@ def test_report_renders_the_table_between_the_markers(tmp_path):
     text = doc.read_text()
     assert "old" not in text and text.endswith("## Reading\nkept\n") and "before" in text
     assert "| fp32 | 3 | 2.1000 ± 0.1000 | +0.0000 ± 0.1414 |" in text
-    assert "| int4-dq | 3 | 3.1000 ± 0.1000 | +1.0000 ± 0.1414 | 20.00 ± 0.00 | no |" in text
+    assert "| int4-dq | 3 | 3.1000 ± 0.1000 | +1.0000 ± 0.1414 | 20.00 ± 0.00 | n/a | no |" in text
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_add_mmlu_fills_old_rows_seed_major_and_only_when_the_loss_reproduces():
+    result = {"commit": "abc", "budget": dataclasses.asdict(fid.Budget()), "rows": {}}
+    for row in ("fp32", "nf4"):
+        for seed, loss in enumerate([2.0, 2.1]):
+            fid.record(result, row, seed, {k: v for k, v in _run(loss).items()})  # recorded before MMLU existed
+    for row in result["rows"].values():  # a JSON written before MMLU has no "mmlu" key at all
+        del row["mmlu"]
+    assert fid.missing_mmlu(result, ["fp32", "nf4"]) == [("fp32", 0), ("nf4", 0), ("fp32", 1), ("nf4", 1)]
+    assert fid.add_mmlu(result, "fp32", 1, {**_run(2.1), "mmlu": 0.31})
+    assert not fid.add_mmlu(result, "nf4", 0, {**_run(2.0 + 1e-4), "mmlu": 0.9})  # another adapter: refused
+    assert result["rows"]["fp32"]["mmlu"] == [None, 0.31] and result["rows"]["nf4"].get("mmlu") in (None, [None, None])
+    assert fid.missing_mmlu(result, ["fp32", "nf4"]) == [("fp32", 0), ("nf4", 0), ("nf4", 1)]
+    row = fid.summarize(result)["rows"]["fp32"]
+    assert row["mmlu_seeds"] == 1 and row["mmlu_mean"] == pytest.approx(0.31) and row["mmlu_std"] == 0.0
+    fid.record(result, "fp32", 2, {**_run(2.2), "mmlu": 0.25})  # a new run records its MMLU beside the old ones
+    assert result["rows"]["fp32"]["mmlu"] == [None, 0.31, 0.25]
+    assert "| fp32 | 3 |" in fid.table(fid.summarize(result)) and "28.0% ± 4.2 (2)" in fid.table(result)
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +154,8 @@ def test_one_run_per_base_kind_through_the_trainer(tiny_smol_dir, tmp_path, monk
     for run in runs.values():
         assert [s for s, _ in run["curve"]] == [0, 1, 2] and run["heldout_loss"] == run["curve"][-1][1]
         assert math.isfinite(run["wiki_ppl"]) and run["wall_s"] >= run["train_s"] > 0
+        assert 0.0 <= run["mmlu"] <= 1.0  # 100 questions: a multiple of 1%
+        assert abs(run["mmlu"] * 100 - round(run["mmlu"] * 100)) < 1e-9
         assert run["curve"][-1][1] != run["curve"][0][1]  # the adapters moved the held-out loss
     # same weights and data; only the base's storage differs, so the step-0 losses differ but are close
     fp32, nf4 = runs["fp32"]["curve"][0][1], runs["nf4-dq"]["curve"][0][1]
