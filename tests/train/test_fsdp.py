@@ -18,9 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlorakit.cli.main import main
 from qlorakit.data import build_datasets, collate_fn
 from qlorakit.train import read_metrics, train
 from tests.helpers.distributed import Scenario, free_port, read_report, run_ranks
+from tests.helpers.tiny_llama import save_tiny_llama
 from tests.helpers.train import run_config, tiny_qlora_model
 
 RTOL = 1e-5
@@ -74,6 +76,10 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     scenarios = [Scenario(name, _fsdp(cfg, root / f"{name}-2")) for name, cfg in cfgs.items()]
     resumed_12 = _copy_until(root / f"{RESUMED}-1", root / "resume-1to2", 2)
     scenarios.append(Scenario("resume-1to2", _fsdp(cfgs[RESUMED], resumed_12.parent), resume_from=str(resumed_12)))
+    model_dir = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=vocab, tie_word_embeddings=True)
+    assert main(_cli_args(model_dir, data, root / "cli-1")) == 0
+    scenarios.append(Scenario("cli", cfgs["plain"], cli_args=_cli_args(model_dir, data, root / "cli-2")
+                              + ["--distributed", "fsdp"]))
     out = root / "reports"
     out.mkdir()
     codes = run_ranks(2, (scenarios, train_set, val_set, sets[2], vocab, str(out)), timeout_s=300)
@@ -86,6 +92,13 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
                                                                            output_dir=str(resumed_21.parent)))
     _one_process(cfg_21, sets, vocab, resume=resumed_21)
     return root, out, vocab
+
+
+def _cli_args(model: Path, data: Path, out: Path) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--batch-size", "4",
+            "--grad-accum", "1", "--lora-r", "4", "--lora-dropout", "0", "--val-size", "4", "--compute-dtype",
+            "float32", "--no-progress", "--source-max-len", "64", "--target-max-len", "32", "--lr", "1e-2",
+            "--no-gradient-checkpointing", "--max-steps", "2", "--dist-timeout-s", "60", "--loss-chunk-tokens", "0"]
 
 
 def _rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
@@ -157,6 +170,18 @@ def test_the_fsdp_adapter_loads_in_peft_with_the_same_logits(job):
     with torch.no_grad():
         got = theirs(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_qlorakit_train_with_distributed_fsdp_writes_the_run_of_one_process(job):
+    root, out, _ = job
+    one, two = root / "cli-1", root / "cli-2"
+    _assert_close_rows(_rows(two, "loss"), _rows(one, "loss"))
+    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}  # adapter, plot, config, checkpoint
+    a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
 
 
 # --- the sharded 4-bit storage ---------------------------------------------------------------------------------

@@ -173,6 +173,20 @@ def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | N
     return modules
 
 
+@contextlib.contextmanager
+def whole_model(model: nn.Module) -> Iterator[None]:
+    """``model``'s FSDP modules all-gathered for the duration (a collective: every rank enters it); a model
+    without FSDP modules: nothing. No forward may run inside (the blocks would reshard themselves after it)."""
+    modules = fsdp_modules(model)
+    for m in modules:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+
+
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (the same storage); any other tensor itself."""
     return t.to_local() if _is_dtensor(t) else t
@@ -226,16 +240,9 @@ class FsdpRun:
                     g.mul_(coef)
         return norm
 
-    @contextlib.contextmanager
-    def unsharded(self) -> Iterator[None]:
+    def unsharded(self) -> contextlib.AbstractContextManager[None]:
         """Every FSDP module all-gathered (the model's parameters whole, plain tensors) for the duration."""
-        for m in self.modules:
-            m.unshard()
-        try:
-            yield
-        finally:
-            for m in self.modules:
-                m.reshard()
+        return whole_model(self.model)
 
     def full_state(self, optimizer: torch.optim.Optimizer) -> dict:
         """``optimizer.state_dict()`` with every per-shard state tensor gathered to the full parameter's shape."""
