@@ -21,7 +21,10 @@ optimizer step, log, divergence, eval/save.
 Several processes (``torchrun``; ``qlorakit.parallel``): ``batch_size`` is the micro-batch of the whole job,
 each rank takes its slice of every global micro-batch, ``N`` above is all-reduced over the ranks and the adapter
 gradients are summed, so every rank takes the same update as one process with the whole batch would; rank 0
-writes the run directory. The data and loss rules are in ``parallel.replicas``'s docstring.
+writes the run directory. The data and loss rules are in ``parallel.replicas``'s docstring. With
+``--distributed fsdp`` (``parallel.fsdp``) the model is sharded after the checkpoint is loaded, the gradients
+are reduce-scattered (a sum) after the last micro-batch, the optimizer steps the local shards, and a save
+gathers everything whole first.
 
 The numerical guard: a step whose loss or gradient norm is not finite skips its update (no optimizer
 step; the gradients are dropped) but still counts as a step and keeps its micro-batches consumed, so the
