@@ -115,7 +115,8 @@ def to_sharded_storage(layer: Linear4bit, world: int) -> ShardedLinear4bit:
     absmax_rows[: q.num_blocks] = absmax
     del layer.__dict__["qweight"]
     layer.__class__ = ShardedLinear4bit
-    layer._template = replace(q, packed=q.packed[:0], absmax=q.absmax[:0])  # tables + metadata only
+    empty = torch.empty(0, dtype=torch.uint8, device=q.device)  # not views of the old storage: it is freed
+    layer._template = replace(q, packed=empty, absmax=empty.to(q.absmax.dtype))  # tables + metadata only
     layer.packed_rows = nn.Parameter(packed.view(rows, width), requires_grad=False)  # (P, blocksize // 2)
     layer.absmax_rows = nn.Parameter(absmax_rows, requires_grad=False)  # (P,)
     return layer  # type: ignore[return-value]
