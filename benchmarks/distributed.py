@@ -1,12 +1,14 @@
-"""Data-parallel training on CPU: 1 process against N gloo ranks (DDP), SmolLM2-135M, one thread per rank.
+"""Data-parallel training on CPU: 1 process against N gloo ranks (DDP and FSDP), SmolLM2-135M, one thread per rank.
 
-    python benchmarks/distributed.py [--ranks 2 --steps 6 --warmup 2 --repeats 1 --batch-size 4 --seq-len 128]
+    python benchmarks/distributed.py [--ranks 2 --steps 6 --warmup 2 --repeats 1 --batch-size 4 --seq-len 128
+                                      --strategies ddp,fsdp]
 
 Both sides run ``qlorakit train`` itself on the same model (the shared SmolLM2-135M GGUF), data (the
 bundled OASST1 sample), seed and job batch (``--batch-size`` is the micro-batch of the whole job, so the N
 ranks each take ``batch_size / N``): ``python -m qlorakit train`` for 1 process and ``torchrun
---nproc-per-node N -m qlorakit train`` for N ranks, with ``OMP_NUM_THREADS=1`` for every process. LoRA r 16,
-dropout 0, AdamW, fp32, gradient checkpointing on.
+--nproc-per-node N -m qlorakit train --distributed ddp|fsdp`` for N ranks, with ``OMP_NUM_THREADS=1`` for
+every process. LoRA r 16, dropout 0, AdamW, fp32, gradient checkpointing on. FSDP loads the whole model on
+every rank and then shards it (load-all-then-shard): the peak RSS per rank includes that load.
 
 Read from each run's ``metrics.jsonl`` (rank 0 writes it): the job's tokens/s per step (``tokens_per_s``:
 all ranks' input tokens over the step's wall time) without the first ``--warmup`` steps, its median; every
@@ -41,13 +43,13 @@ def _train_args(args: argparse.Namespace, out: Path) -> list[str]:
             "--compute-dtype", "float32", "--val-size", "0", "--no-progress", "--warmup-ratio", "0"]
 
 
-def run_side(args: argparse.Namespace, ranks: int, out: Path) -> dict:
+def run_side(args: argparse.Namespace, ranks: int, out: Path, strategy: str = "ddp") -> dict:
     """One training run (1 process, or ``ranks`` under torchrun); its measurements from metrics.jsonl."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}:{REPO}"}
     python = [sys.executable]
     if ranks > 1:
         python += ["-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port", str(args.port)]
-    cmd = python + _train_args(args, out)
+    cmd = python + _train_args(args, out) + (["--distributed", strategy] if ranks > 1 else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -70,25 +72,34 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--port", type=int, default=29517)
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    p.add_argument("--strategies", default="ddp,fsdp", help="comma-separated: ddp, fsdp (the N-rank sides)")
     args = p.parse_args()
     print(cpu_header(vector_flags()))
     work = Path(tempfile.mkdtemp(prefix="qlorakit-dist-bench-"))
-    runs: dict[str, list[dict]] = {"1 process": [], f"{args.ranks} ranks": []}
+    strategies = [s for s in args.strategies.split(",") if s]
+    runs: dict[str, list[dict]] = {"1 process": [], **{f"{args.ranks} ranks {s}": [] for s in strategies}}
     for repeat in range(args.repeats):
         runs["1 process"].append(run_side(args, 1, work / f"one-{repeat}"))
-        runs[f"{args.ranks} ranks"].append(run_side(args, args.ranks, work / f"many-{repeat}"))
+        for s in strategies:
+            runs[f"{args.ranks} ranks {s}"].append(run_side(args, args.ranks, work / f"{s}-{repeat}", s))
     summary = {}
     for side, side_runs in runs.items():
         summary[side] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in side_runs),
                          "rank_peak_rss_mb": [statistics.median(r["rank_peak_rss_mb"][i] for r in side_runs)
                                               for i in range(len(side_runs[0]["rank_peak_rss_mb"]))]}
-    one, many = runs["1 process"][0]["losses"], runs[f"{args.ranks} ranks"][0]["losses"]
-    max_rel = max(abs(a - b) / abs(a) for a, b in zip(one, many, strict=True))
-    print(f"{'side':<12}{'tokens/s':>10}  peak RSS per rank (MiB)")
+    one = runs["1 process"][0]["losses"]
+    max_rel, ratio = {}, {}
+    print(f"{'side':<18}{'tokens/s':>10}  peak RSS per rank (MiB)")
     for side, s in summary.items():
-        print(f"{side:<12}{s['tokens_per_s']:>10.1f}  {', '.join(f'{x:.0f}' for x in s['rank_peak_rss_mb'])}")
-    ratio = summary[f"{args.ranks} ranks"]["tokens_per_s"] / summary["1 process"]["tokens_per_s"]
-    print(f"ratio {args.ranks} ranks / 1 process: {ratio:.2f}x tokens/s; losses agree to {max_rel:.1e} (relative)")
+        print(f"{side:<18}{s['tokens_per_s']:>10.1f}  {', '.join(f'{x:.0f}' for x in s['rank_peak_rss_mb'])}")
+    for side in runs:
+        if side == "1 process":
+            continue
+        many = runs[side][0]["losses"]
+        max_rel[side] = max(abs(a - b) / abs(a) for a, b in zip(one, many, strict=True))
+        ratio[side] = summary[side]["tokens_per_s"] / summary["1 process"]["tokens_per_s"]
+        print(f"ratio {side} / 1 process: {ratio[side]:.2f}x tokens/s; losses agree to {max_rel[side]:.1e} "
+              "(relative)")
     write_result(args.output, {
         "benchmark": "distributed", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_head": git_head(), "cpu": cpu_model(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),

@@ -64,7 +64,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--world-size", type=int, default=1, metavar="N",
                    help="plan one rank of an N-rank job; --batch is then the job's micro-batch (default: 1)")
     p.add_argument("--distributed", choices=("ddp", "fsdp"), default="ddp",
-                   help="with --world-size > 1: ddp (whole replica per rank) or fsdp (base sharded; planned only)")
+                   help="with --world-size > 1: ddp (whole replica per rank) or fsdp (base sharded, as train runs it)")
     p.add_argument("--gpu-mem", metavar="SIZE", help="memory budget to check against, e.g. 48GB, 24GiB, 16000MiB")
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object with <part>_bytes and total_bytes")

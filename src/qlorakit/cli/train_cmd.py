@@ -103,8 +103,25 @@ def run(args: argparse.Namespace) -> int:
 
     with process_group(cfg.parallel.distributed, cfg.parallel.dist_timeout_s) as dist_info:
         replicas = Replicas(dist_info)
-        strategy = choose_strategy(cfg.parallel.distributed, dist_info)
+        strategy = choose_strategy(cfg.parallel.distributed, dist_info, _ddp_fit(cfg, dist_info.world_size))
         return _run(args, cfg, checkpoint, replicas, strategy, memory_lines)
+
+
+def _ddp_fit(cfg: RunConfig, world: int) -> tuple[bool, str] | None:
+    """The planner's verdict on one whole replica per rank (``auto``), or None when it cannot plan the model."""
+    if world < 2 or cfg.parallel.distributed != "auto":
+        return None
+    from qlorakit.planner.budget import default_budget, settings_for
+    from qlorakit.planner.distributed import per_rank_plan
+    from qlorakit.planner.format import parse_size
+    from qlorakit.planner.shapes import model_shape
+
+    try:
+        budget = parse_size(cfg.memory.memory_budget) if cfg.memory.memory_budget else default_budget()
+        ddp = per_rank_plan(model_shape(cfg.model, cfg.lora.targets), settings_for(cfg), world, "ddp", budget)
+    except (ConfigError, OSError, ValueError):
+        return None
+    return bool(ddp.fits), f"{ddp.total_bytes / 2**30:.2f} GiB planned per rank, budget {budget / 2**30:.2f} GiB"
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas, strategy,
@@ -160,7 +177,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg) + why)
     replicas.barrier("the barrier after the run directory is written")
     try:
-        result = train(model, train_set, val_set, collate, cfg, run_dir, checkpoint,
+        chosen = cfg if strategy is None else dataclasses.replace(  # auto resolved for train(); config.yaml keeps it
+            cfg, parallel=dataclasses.replace(cfg.parallel, distributed=strategy[0]))
+        result = train(model, train_set, val_set, collate, chosen, run_dir, checkpoint,
                        progress=not args.no_progress, evaluator=evaluator, objective=objective)
     except KeyboardInterrupt:
         print(f"stopped at once; {_resume_hint(run_dir)}")
@@ -168,8 +187,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     if result.stopped_by:
         print(f"stopped by {result.stopped_by} after step {result.steps}/{result.total_steps}; {_resume_hint(run_dir)}")
         return exit_code(signal.Signals[result.stopped_by])
-    if replicas.is_main:
-        print(finish_run(model, tokenizer, result, summary))
+    if replicas.is_main:  # FSDP: the model is sharded; the last checkpoint has the step's adapter, consolidated
+        last = run_dir / f"checkpoint-{result.steps}" / "adapter" if chosen.parallel.distributed == "fsdp" else None
+        print(finish_run(model, tokenizer, result, summary, adapter_from=last))
         if replicas.world > 1:
             print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
     replicas.barrier("the barrier after the final adapter")

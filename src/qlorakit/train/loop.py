@@ -21,7 +21,10 @@ optimizer step, log, divergence, eval/save.
 Several processes (``torchrun``; ``qlorakit.parallel``): ``batch_size`` is the micro-batch of the whole job,
 each rank takes its slice of every global micro-batch, ``N`` above is all-reduced over the ranks and the adapter
 gradients are summed, so every rank takes the same update as one process with the whole batch would; rank 0
-writes the run directory. The data and loss rules are in ``parallel.replicas``'s docstring.
+writes the run directory. The data and loss rules are in ``parallel.replicas``'s docstring. With
+``--distributed fsdp`` (``parallel.fsdp``) the model is sharded after the checkpoint is loaded, the gradients
+are reduce-scattered (a sum) after the last micro-batch, the optimizer steps the local shards, and a save
+gathers everything whole first.
 
 The numerical guard: a step whose loss or gradient norm is not finite skips its update (no optimizer
 step; the gradients are dropped) but still counts as a step and keeps its micro-batches consumed, so the
@@ -51,6 +54,7 @@ from qlorakit.fileio import remove_stale
 from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.parallel import Replicas, current, run_fingerprint
+from qlorakit.parallel.fsdp import Consolidated, FsdpRun, shard_for_training
 from qlorakit.train import rewrites
 from qlorakit.train.checkpoint import (
     TrainerState,
@@ -124,7 +128,8 @@ class MicroBatchStream:
         return epoch, self._epoch_order(epoch)[offset]
 
 
-def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int, device) -> tuple[float, int]:
+def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int, device,
+             chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[float, int]:
     """Token-weighted mean loss over ``dataset`` (eval mode, no grad)."""
     was_training = model.training
     model.eval()
@@ -132,7 +137,7 @@ def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int,
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = _to(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
-            loss, n = token_loss_sum(model, batch)
+            loss, n = token_loss_sum(model, batch, chunk_tokens)
             total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1), count
@@ -148,9 +153,9 @@ def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
 
 
-def build_optimizer(model, cfg: RunConfig) -> torch.optim.Optimizer:
-    """The configured AdamW variant over the trainable parameters, in model order."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(model, cfg: RunConfig, params: Sequence[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+    """The configured AdamW variant over the trainable parameters, in model order (or over ``params``)."""
+    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params:
         raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
     o = cfg.optim
@@ -193,6 +198,12 @@ class Run:
     objective: object | None = None  # a train.objective.PreferenceObjective for dpo / orpo; None = SFT
     train_collate: Callable | None = None  # packed rows' collate (train.packed); None: ``collate``
     padding_fraction: float = 0.0  # padding share of the last step's micro-batches (this rank)
+    fsdp: FsdpRun | None = None  # --distributed fsdp: the sharded model's handles (parallel.fsdp); None: DDP / 1
+
+    @property
+    def loss_chunk_tokens(self) -> int:
+        """The chunked head calls the decoder and the head apart, outside the FSDP root's hooks: reference loss."""
+        return 0 if self.fsdp is not None else self.cfg.memory.loss_chunk_tokens
 
 
 def train(
@@ -269,6 +280,17 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     replicas.broadcast_params([p for g in optimizer.param_groups for p in g["params"]])  # rank 0's adapters
     rank = replicas.dist.rank
     state = load_checkpoint(resume_from, model, optimizer, rank) if resume_from is not None else TrainerState()
+    sharded = None
+    if _uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
+        if cfg.objective.method != "sft":
+            raise ConfigError(f"--distributed fsdp runs SFT only; --method {cfg.objective.method} needs "
+                              "--distributed ddp")
+        trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        sharded = shard_for_training(model, trainable, replicas.world, rank, trainable[0].dtype)
+        full_sd = optimizer.state_dict() if resume_from is not None else None
+        optimizer = build_optimizer(model, cfg, sharded.locals)  # the same update, on this rank's shards
+        if full_sd is not None:
+            optimizer.load_state_dict(sharded.local_state(full_sd))
     if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
         torch.manual_seed(cfg.train.seed + rank)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
@@ -283,7 +305,12 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate)
+               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded)
+
+
+def _uses_fsdp(cfg: RunConfig, replicas: Replicas) -> bool:
+    """``--distributed fsdp`` under a process group (the CLI resolves ``auto`` before ``train``)."""
+    return replicas.dist.enabled and cfg.parallel.distributed == "fsdp"
 
 
 def _checkpoints_at_once(cfg: RunConfig, total_steps: int) -> int:
@@ -303,7 +330,8 @@ def step(run: Run, bar: tqdm) -> None:
     # forward/backward: each micro-batch backpropagates its share of the step's token-mean loss
     loss, step_tokens = _forward_backward(run, batches)
     # clip: the global gradient norm to max_grad_norm (its value is logged either way)
-    grad_norm = _clip(run.optimizer, run.cfg.optim.max_grad_norm)
+    grad_norm = (_clip(run.optimizer, run.cfg.optim.max_grad_norm) if run.fsdp is None
+                 else run.fsdp.clip(run.cfg.optim.max_grad_norm))  # FSDP: the norm over every rank's shards
     # guard: a non-finite loss or gradient norm skips this update; its micro-batches stay consumed
     skipped = _guard(run.state, loss, grad_norm)
     # optimizer step: update the adapters (unless skipped), drop the gradients, count the step
@@ -333,6 +361,8 @@ def _next_micro_batches(run: Run) -> list[dict[str, torch.Tensor] | None]:
         _, indices = run.stream.at(run.state.micro_index)
         indices = run.replicas.share(indices, run.cfg.train.batch_size)
         batches.append(collate([run.train_set[i] for i in indices]) if indices else None)
+        if run.fsdp is not None and not indices:  # FSDP: every rank runs every micro-batch's collectives, so an
+            batches[-1] = {**collate([run.train_set[0]]), "empty_share": True}  # empty share runs one, weight 0
         run.state.micro_index += 1
     return batches
 
@@ -346,20 +376,30 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
         total, tokens = run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches],
                                                        run.train_set, replicas.sum if replicas.dist.enabled else None)
     else:
-        n_target = sum(target_tokens(b) for b in batches)
+        n_target = sum(target_tokens(b) for b in batches if "empty_share" not in b)
         if replicas.dist.enabled:
             n_target = int(replicas.sum([n_target], "the step's target-token count")[0])
         n_target = max(n_target, 1)
         total, tokens, slots = 0.0, 0, 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            empty = batch.pop("empty_share", False)  # an FSDP rank's empty share: collectives only, weight 0
             batch = _to(batch, run.device)
-            loss_sum, _ = token_loss_sum(run.model, batch, run.cfg.memory.loss_chunk_tokens)
+            if run.fsdp is not None:  # reduce-scatter the summed gradients once, after the last micro-batch
+                run.fsdp.sync_gradients(i == len(batches) - 1)
+            loss_sum, _ = token_loss_sum(run.model, batch, run.loss_chunk_tokens)
+            if empty:
+                loss_sum = loss_sum * 0.0
             (loss_sum / n_target).backward()
+            if empty:
+                continue
             total += float(loss_sum.detach()) / n_target
             tokens, slots = tokens + real_tokens(batch), slots + batch["input_ids"].numel()
         run.padding_fraction = 1.0 - tokens / max(slots, 1)
-    if replicas.dist.enabled:
+    if run.fsdp is not None:
+        run.fsdp.grads_to_local()  # FSDP reduce-scattered them: the optimizer's local shards get their parts
+    elif replicas.dist.enabled:
         replicas.reduce_grads([p for g in run.optimizer.param_groups for p in g["params"]])
+    if replicas.dist.enabled:
         total, tokens = replicas.sum([total, tokens], "the step's loss and tokens")
         tokens, run.stop_agreed = int(tokens), replicas.max(run.stop.signum or 0, "the stop signals")
     return total, tokens
@@ -389,6 +429,8 @@ def _update(run: Run, skipped: str | None) -> None:
     if skipped is None:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.fsdp is not None:
+        run.fsdp.zero_grad()
 
 
 def _stop_if_diverged(run: Run, skipped: str | None) -> None:
@@ -455,7 +497,13 @@ def _maybe_eval_and_save(run: Run) -> None:
     periodic = t.save_steps and state.step % t.save_steps == 0 and state.bad_streak == 0
     if periodic or state.step == run.last_step or run.stopping:
         rank_rng = _rank_rng(run.replicas)  # every rank's generators, for rank 0 to save
-        if run.replicas.is_main:  # the replicas are equal: rank 0's state is the whole (consolidated) checkpoint
+        if run.fsdp is not None:  # consolidated: the adapter and the optimizer state gathered whole, on every rank
+            with run.fsdp.unsharded():
+                optimizer = Consolidated(run.fsdp.full_state(run.optimizer))
+                if run.replicas.is_main:
+                    run.log.sync()
+                    save_checkpoint(run.run_dir, run.model, optimizer, state, t.save_total_limit, rank_rng)
+        elif run.replicas.is_main:  # the replicas are equal: rank 0's state is the whole (consolidated) checkpoint
             run.log.sync()  # the rows up to this step reach the disk before the checkpoint that implies them
             save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit, rank_rng)
         run.replicas.barrier(f"the barrier after checkpoint-{state.step}")
@@ -483,7 +531,9 @@ def _eval_and_log(run: Run) -> None:
         run.log.write({"step": run.state.step, **metrics})
         return
     replicas, batch_size = run.replicas, run.cfg.train.batch_size
-    if replicas.dist.enabled:  # each rank scores every world-th example; the token-weighted sums are added up
+    if run.fsdp is not None:  # every rank scores every example: the same forward passes (FSDP's all-gathers)
+        loss, count = evaluate(run.model, run.val_set, run.collate, batch_size, run.device, 0)
+    elif replicas.dist.enabled:  # each rank scores every world-th example; the token-weighted sums are added up
         mine = [run.val_set[i] for i in range(replicas.dist.rank, len(run.val_set), replicas.world)]
         loss, count = evaluate(run.model, mine, run.collate, replicas.per_rank_batch(batch_size), run.device)
         total, count = replicas.sum([loss * count, count], "the held-out loss")

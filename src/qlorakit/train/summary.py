@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from qlorakit.errors import StorageError
@@ -14,12 +15,19 @@ from qlorakit.train.metrics import plot_run
 ADAPTER_DIR = "adapter"
 
 
-def finish_run(model, tokenizer, result: TrainResult, data_summary=None) -> str:
-    """Save ``<run>/adapter`` (PEFT layout, with the tokenizer files), draw ``loss.png``, return the summary."""
+def finish_run(model, tokenizer, result: TrainResult, data_summary=None, adapter_from: Path | None = None) -> str:
+    """Save ``<run>/adapter`` (PEFT layout, with the tokenizer files), draw ``loss.png``, return the summary.
+
+    ``adapter_from``: copy that adapter directory instead of saving ``model``'s (an FSDP run: its last
+    checkpoint holds the consolidated adapter of the last step, gathered whole while the shards were live).
+    """
     adapter_dir = Path(result.run_dir) / ADAPTER_DIR
 
     def fill(directory: Path) -> None:
-        save_adapter(model, directory, overwrite=True)
+        if adapter_from is not None:
+            shutil.copytree(adapter_from, directory, dirs_exist_ok=True)
+        else:
+            save_adapter(model, directory, overwrite=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
 
