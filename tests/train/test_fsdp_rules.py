@@ -57,3 +57,31 @@ def test_auto_picks_fsdp_only_when_a_whole_replica_does_not_fit():
     assert choose_strategy("auto", two, (True, "1 of 2 GiB"))[0] == "ddp"
     strategy, why = choose_strategy("auto", two, (False, "3 of 2 GiB"))
     assert strategy == "fsdp" and "does not fit" in why and "3 of 2 GiB" in why
+
+
+def test_8bit_state_over_a_shard_is_refused_before_the_first_step():
+    from qlorakit.errors import ConfigError
+    from qlorakit.optim.adamw import AdamW
+    from qlorakit.train.loop import _refuse_8bit_shards
+
+    small, big = torch.zeros(16, 64), torch.zeros(64, 64)  # 1024 and 4096 elements; 8-bit from 4096 on
+    _refuse_8bit_shards(AdamW([small], optim_bits=8), [small])  # every shard keeps 32-bit state: allowed
+    _refuse_8bit_shards(AdamW([big], optim_bits=32), [big])
+    with pytest.raises(ConfigError, match=r"\(64, 64\).*8-bit.*--optim paged_adamw"):
+        _refuse_8bit_shards(AdamW([small, big], optim_bits=8), [small, big])
+
+
+def test_a_sharded_run_resumes_unsharded_in_one_process(monkeypatch, capsys):
+    from qlorakit.cli.train_cmd import unshard_for_one_process
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"train": {"max_steps": 4}, "parallel": {"distributed": "fsdp", "dist_timeout_s": 60}}
+    out = unshard_for_one_process(base)
+    assert out["parallel"] == {"distributed": "auto", "dist_timeout_s": 60} and out["train"] == base["train"]
+    assert base["parallel"]["distributed"] == "fsdp"  # the loaded config itself is not changed
+    assert "unsharded" in capsys.readouterr().out
+    ddp = {"parallel": {"distributed": "ddp"}}
+    assert unshard_for_one_process(ddp) is ddp
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun an FSDP run resumes sharded
+    assert unshard_for_one_process(base)["parallel"]["distributed"] == "fsdp"

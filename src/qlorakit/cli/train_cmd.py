@@ -76,8 +76,23 @@ def build_config(args: argparse.Namespace) -> tuple[RunConfig, Path | None]:
         base = load_config_file(run_dir / "config.yaml")
         base.setdefault("train", {})["output_dir"] = str(run_dir)
         base.setdefault("data", {}).setdefault("packing", False)  # a run from before packing resumes unpacked
-        return run_config_from_args(args, base), checkpoint
+        return run_config_from_args(args, unshard_for_one_process(base)), checkpoint
     return run_config_from_args(args, QUICKSTART if _is_quickstart(args) else None), None
+
+
+def unshard_for_one_process(base: dict) -> dict:
+    """A resumed ``--distributed fsdp`` run without a launcher continues unsharded (its checkpoints are whole).
+
+    An explicit ``--distributed fsdp`` on the command line still overrides this, and is refused without torchrun.
+    """
+    from qlorakit.parallel.group import launched
+
+    parallel = base.get("parallel") or {}
+    if not launched() and parallel.get("distributed") == "fsdp":
+        print("resume     the run was sharded (--distributed fsdp); one process continues it unsharded "
+              "from its consolidated checkpoint")
+        base = {**base, "parallel": {**parallel, "distributed": "auto"}}
+    return base
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:

@@ -289,6 +289,7 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         sharded = shard_for_training(model, trainable, replicas.world, rank, trainable[0].dtype)
         full_sd = optimizer.state_dict() if resume_from is not None else None
         optimizer = build_optimizer(model, cfg, sharded.locals)  # the same update, on this rank's shards
+        _refuse_8bit_shards(optimizer, sharded.locals)
         if full_sd is not None:
             optimizer.load_state_dict(sharded.local_state(full_sd))
     if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
@@ -306,6 +307,16 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded)
+
+
+def _refuse_8bit_shards(optimizer, shards: Sequence[torch.Tensor]) -> None:
+    """Before the first step: 8-bit blockwise state over a shard cannot be consolidated into a checkpoint yet."""
+    bits, smallest = getattr(optimizer, "optim_bits", 32), getattr(optimizer, "min_8bit_size", 0)
+    big = [tuple(t.shape) for t in shards if t.numel() >= smallest]
+    if bits == 8 and big:
+        raise ConfigError(f"--distributed fsdp: {len(big)} adapter shard(s) (e.g. {big[0]}) would keep 8-bit "
+                          "blockwise optimizer state, which FSDP checkpoints cannot consolidate yet; use --optim "
+                          "paged_adamw or adamw under fsdp, or --distributed ddp for 8-bit AdamW")
 
 
 def _uses_fsdp(cfg: RunConfig, replicas: Replicas) -> bool:
