@@ -48,7 +48,7 @@ def settings_for(cfg: RunConfig, device: str = "cpu") -> PlanSettings:
         gradient_checkpointing=m.gradient_checkpointing, device="gpu" if device.startswith("cuda") else "cpu",
         compute_dtype=cfg.train.compute_dtype if cfg.train.compute_dtype != "auto" else _auto_dtype(device),
         loss_chunk=m.loss_chunk_tokens, mmap_threshold_kib=m.malloc_mmap_threshold_kib, malloc_trim=m.malloc_trim,
-        recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant,
+        recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant, grad_accum=cfg.train.grad_accum,
     )  # fmt: skip
 
 

@@ -47,3 +47,15 @@ CPU_HEAP_RETENTION_PER_QPARAM = 4.93
 #: 18.7, 26.1, 23.9, 22.7, 27.3 (median 23.9). Not a law: at 128 tokens the same shape gave 31 blocks (old
 #: trainer), and at 512 tokens (1 MiB blocks, mmapped) 2.5.
 CPU_SMALL_BLOCK_HEAP_ROWS = 19.5
+
+#: Heap growth with glibc's dynamic mmap threshold and no gradient checkpointing, per byte of predicted
+#: activations and per doubling of the micro-batches of a step: ``excess = K log2(M) activations``. The saved
+#: activations of one micro-batch are freed into the heap after its backward; the next micro-batch's (packed
+#: rows of other lengths) do not fit the holes exactly and the heap grows, micro-batch after micro-batch.
+#: Measured on the README's ``qlorakit train --max-steps 1`` case (SmolLM2-135M, r 64, dropout 0.05, rows of
+#: 1,280 packed tokens, batch 1, bf16 compute, fp32 adapters; saved_tensors_hooks give 1,603 MiB per
+#: micro-batch, the planner 1,804): peak RSS 3,726 / 4,889 / 6,367 MiB after M = 2 / 6 / 16 micro-batches,
+#: i.e. 0.53 / 1.18 / 2.00 activations above the other predicted parts (2,767 MiB); the fixed 1 MiB
+#: threshold on the same run: 2,953 MiB at M = 6. excess / log2(M) = 0.53, 0.46, 0.50 activations:
+#: K = 0.5 fitted on those three points (one case, in-sample; beyond M = 16 not measured).
+CPU_HEAP_GROWTH_PER_LOG2_MICRO = 0.5

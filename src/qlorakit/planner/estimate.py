@@ -44,7 +44,10 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   ``CPU_SMALL_BLOCK_HEAP_ROWS * L * B T d c`` (measured on a shape that is not a benchmark case); with
   glibc's dynamic threshold (``mmap_threshold_kib = 0``) ``heap_retention`` instead
   (``CPU_HEAP_RETENTION_PER_QPARAM`` per quantized value, calibrated; the same with ``malloc_trim`` after
-  each step, which returns pages between steps but did not lower the peak, docs/memory.md); see
+  each step, which returns pages between steps but did not lower the peak, docs/memory.md), or, when larger
+  (no checkpointing: the saved activations dominate), ``CPU_HEAP_GROWTH_PER_LOG2_MICRO * log2(M) *
+  activations`` for ``M`` micro-batches per step: freed activation blocks of varying packed-row lengths
+  fragment the heap, which grows with every micro-batch (measured, not a law); see
   ``planner.constants``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
@@ -69,6 +72,7 @@ from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
     CPU_FRAMEWORK_BYTES,
+    CPU_HEAP_GROWTH_PER_LOG2_MICRO,
     CPU_HEAP_RETENTION_PER_QPARAM,
     CPU_SMALL_BLOCK_HEAP_ROWS,
     LOGITS_FP32_COPIES,
@@ -103,12 +107,13 @@ class PlanSettings:
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
     quant: QuantConfig = field(default_factory=QuantConfig)
+    grad_accum: int = 1  # micro-batches per optimizer step (the dynamic-threshold heap grows with each one)
     method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
 
     def __post_init__(self) -> None:
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"PlanSettings.method = {self.method!r}: choose one of {TRAIN_METHODS}")
-        for name in ("seq_len", "batch_size", "lora_r"):
+        for name in ("seq_len", "batch_size", "lora_r", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 1")
@@ -245,6 +250,9 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
            Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
     if s.mmap_threshold_kib == 0:
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
+        activations = next(p.nbytes for p in parts if p.name == "activations")
+        growth = CPU_HEAP_GROWTH_PER_LOG2_MICRO * math.log2(s.grad_accum) * activations
+        retention = max(retention, int(growth))  # the growth term wins without checkpointing (big activations)
         trimmed = " (malloc_trim after each step does not lower the peak: measured)" if s.malloc_trim else ""
         out.append(Part("heap_retention", retention,
                         f"glibc heap kept with a dynamic mmap threshold (calibrated){trimmed}"))
@@ -349,11 +357,13 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
     mlp = 3 if s.recompute_swiglu else 4  # gate, up, their product (+ SiLU(gate) without the recompute)
     block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
-    own_copy = s.lora_dropout > 0 or lb != c
+    # copies of each adapter input at ``l``: the cast (``l != c``) and the dropped one (dropout > 0) are two
+    # tensors when both apply (measured: saved_tensors_hooks on SmolLM2, bf16 compute, fp32 adapters)
+    copies = int(s.lora_dropout > 0) + int(lb != c)
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)
     adapters += sum(
-        (width * lb if own_copy else 0) + (width if s.lora_dropout > 0 else 0)
+        copies * width * lb + (width if s.lora_dropout > 0 else 0)
         for width in input_copies(per_layer_adapters, s.fuse_lora)
     )  # fmt: skip
     block += tokens * adapters // max(1, shape.num_layers)
