@@ -265,9 +265,9 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         gone = [a for a in self._running if a.job.cancelled]
-        for active in gone:
-            self._running.remove(active)
+        for active in gone:  # counted first: whoever sees the slot free also sees the cancellation counted
             self.metrics.add("qlorakit_cancelled_total")
+            self._running.remove(active)
 
     def _delete_unused(self) -> None:
         with self._cond:
