@@ -142,3 +142,29 @@ def run_ranks(world: int, args: tuple, timeout_s: float) -> list[int | None]:
 def read_report(out: Path, scenario: str, rank: int) -> dict:
     path = out / f"{scenario}.rank{rank}.json"
     return json.loads(path.read_text()) if path.exists() else {"ok": False, "error": "no report (the rank died)"}
+
+
+# ---- reading a finished run (the equality tests of DDP and FSDP) ----
+
+
+def metric_rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every metrics.jsonl row that has ``key``."""
+    from qlorakit.train import read_metrics
+
+    return [(r["step"], r[key]) for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
+
+
+def assert_close_rows(got: list[tuple[int, float]], want: list[tuple[int, float]], rtol: float) -> None:
+    """The same steps, and values equal to ``rtol``."""
+    import pytest
+
+    assert [s for s, _ in got] == [s for s, _ in want]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=rtol)
+
+
+def final_adapter(run_dir: Path) -> dict:
+    """The tensors of the newest checkpoint's adapter."""
+    from safetensors.torch import load_file
+
+    last = max((p for p in run_dir.iterdir() if p.name.startswith("checkpoint-")), key=lambda p: int(p.name[11:]))
+    return load_file(str(last / "adapter" / "adapter_model.safetensors"))

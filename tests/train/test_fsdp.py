@@ -20,8 +20,16 @@ from safetensors.torch import load_file
 
 from qlorakit.cli.main import main
 from qlorakit.data import build_datasets, collate_fn
-from qlorakit.train import read_metrics, train
-from tests.helpers.distributed import Scenario, free_port, read_report, run_ranks
+from qlorakit.train import train
+from tests.helpers.distributed import (
+    Scenario,
+    assert_close_rows,
+    final_adapter,
+    free_port,
+    metric_rows,
+    read_report,
+    run_ranks,
+)
 from tests.helpers.tiny_llama import save_tiny_llama
 from tests.helpers.train import run_config, tiny_qlora_model
 
@@ -101,27 +109,13 @@ def _cli_args(model: Path, data: Path, out: Path) -> list[str]:
             "--no-gradient-checkpointing", "--max-steps", "2", "--dist-timeout-s", "60", "--loss-chunk-tokens", "0"]
 
 
-def _rows(run_dir: Path, key: str) -> list[tuple[int, float]]:
-    return [(r["step"], r[key]) for r in read_metrics(run_dir / "metrics.jsonl") if key in r]
-
-
-def _assert_close_rows(got, want):
-    assert [s for s, _ in got] == [s for s, _ in want]
-    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=RTOL)
-
-
-def _final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    last = max((p for p in run_dir.iterdir() if p.name.startswith("checkpoint-")), key=lambda p: int(p.name[11:]))
-    return load_file(str(last / "adapter" / "adapter_model.safetensors"))
-
-
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fsdp_on_two_ranks_gives_the_losses_grad_norms_and_adapter_of_one_process(job, name):
     root, out, _ = job
     one, two = root / f"{name}-1", root / f"{name}-2"
     for key in ("loss", "grad_norm", "eval_loss"):
-        _assert_close_rows(_rows(two, key), _rows(one, key))
-    a, b = _final_adapter(one), _final_adapter(two)
+        assert_close_rows(metric_rows(two, key), metric_rows(one, key), RTOL)
+    a, b = final_adapter(one), final_adapter(two)
     assert a.keys() == b.keys() and len(a) == 28
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
@@ -133,11 +127,11 @@ def test_fsdp_on_two_ranks_gives_the_losses_grad_norms_and_adapter_of_one_proces
 @pytest.mark.parametrize("resumed", ["resume-1to2", "resume-2to1"])
 def test_fsdp_resume_across_world_sizes_continues_the_uninterrupted_losses(job, resumed):
     root, _, _ = job
-    want = _rows(root / f"{RESUMED}-1", "loss")
-    got = _rows(root / resumed, "loss")
+    want = metric_rows(root / f"{RESUMED}-1", "loss")
+    got = metric_rows(root / resumed, "loss")
     assert [s for s, _ in got] == [1, 2, 3]
-    _assert_close_rows(got, want)
-    a, b = _final_adapter(root / f"{RESUMED}-1"), _final_adapter(root / resumed)
+    assert_close_rows(got, want, RTOL)
+    a, b = final_adapter(root / f"{RESUMED}-1"), final_adapter(root / resumed)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=RTOL, atol=ATOL)
 
@@ -175,7 +169,7 @@ def test_the_fsdp_adapter_loads_in_peft_with_the_same_logits(job):
 def test_qlorakit_train_with_distributed_fsdp_writes_the_run_of_one_process(job):
     root, out, _ = job
     one, two = root / "cli-1", root / "cli-2"
-    _assert_close_rows(_rows(two, "loss"), _rows(one, "loss"))
+    assert_close_rows(metric_rows(two, "loss"), metric_rows(one, "loss"), RTOL)
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}  # adapter, plot, config, checkpoint
     a = load_file(str(one / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(two / "adapter" / "adapter_model.safetensors"))
