@@ -168,3 +168,13 @@ def final_adapter(run_dir: Path) -> dict:
 
     last = max((p for p in run_dir.iterdir() if p.name.startswith("checkpoint-")), key=lambda p: int(p.name[11:]))
     return load_file(str(last / "adapter" / "adapter_model.safetensors"))
+
+
+def copy_until(src: Path, dst: Path, step: int) -> Path:
+    """A run directory holding ``src``'s checkpoint-<step> and metrics: the state of a run stopped there."""
+    import shutil
+
+    dst.mkdir(parents=True)
+    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+    return dst / f"checkpoint-{step}"

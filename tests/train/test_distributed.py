@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from qlorakit.train import read_metrics, train
 from tests.helpers.distributed import (
     Scenario,
     assert_close_rows,
+    copy_until,
     final_adapter,
     metric_rows,
     read_report,
@@ -81,14 +81,6 @@ def _preference_args(model: Path, data: Path, out: Path, method: str) -> list[st
 PREFERENCE = ("dpo", "orpo")
 
 
-def _copy_until(src: Path, dst: Path, step: int) -> Path:
-    """A run directory holding ``src``'s checkpoint-<step> and metrics: the state of a run stopped there."""
-    dst.mkdir(parents=True)
-    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
-    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
-    return dst / f"checkpoint-{step}"
-
-
 @pytest.fixture(scope="module")
 def job(smol_tokenizer, shared_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
@@ -104,7 +96,7 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     two = {name: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(root / f"{name}-2")))
            for name, cfg in cfgs.items()}
     scenarios = [Scenario(name, cfg) for name, cfg in two.items()]
-    resumed_12 = _copy_until(root / f"{RESUMED}-1", root / "resume-1to2", 2)
+    resumed_12 = copy_until(root / f"{RESUMED}-1", root / "resume-1to2", 2)
     cfg_12 = dataclasses.replace(two[RESUMED], train=dataclasses.replace(two[RESUMED].train,
                                                                           output_dir=str(resumed_12.parent)))
     scenarios.append(Scenario("resume-1to2", cfg_12, resume_from=str(resumed_12)))
@@ -134,7 +126,7 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     out.mkdir()
     codes = run_ranks(2, (scenarios, train_set, val_set, sets[2], vocab, str(out)), timeout_s=300)
     assert codes == [0, 3], [read_report(out, s.name, r) for s in scenarios for r in (0, 1)]  # 3: the dead rank
-    resumed_21 = _copy_until(root / f"{RESUMED}-2", root / "resume-2to1", 2)
+    resumed_21 = copy_until(root / f"{RESUMED}-2", root / "resume-2to1", 2)
     cfg_21 = dataclasses.replace(cfgs[RESUMED], train=dataclasses.replace(cfgs[RESUMED].train,
                                                                            output_dir=str(resumed_21.parent)))
     _one_process(cfg_21, sets, vocab, resume=resumed_21)

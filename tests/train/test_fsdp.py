@@ -24,6 +24,7 @@ from qlorakit.train import train
 from tests.helpers.distributed import (
     Scenario,
     assert_close_rows,
+    copy_until,
     final_adapter,
     free_port,
     metric_rows,
@@ -60,15 +61,6 @@ def _one_process(cfg, sets, vocab, resume: Path | None = None):
     return model
 
 
-def _copy_until(src: Path, dst: Path, step: int) -> Path:
-    import shutil
-
-    dst.mkdir(parents=True)
-    shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
-    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
-    return dst / f"checkpoint-{step}"
-
-
 @pytest.fixture(scope="module")
 def job(smol_tokenizer, shared_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
@@ -82,7 +74,7 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     for cfg in cfgs.values():
         _one_process(cfg, sets, vocab)
     scenarios = [Scenario(name, _fsdp(cfg, root / f"{name}-2")) for name, cfg in cfgs.items()]
-    resumed_12 = _copy_until(root / f"{RESUMED}-1", root / "resume-1to2", 2)
+    resumed_12 = copy_until(root / f"{RESUMED}-1", root / "resume-1to2", 2)
     scenarios.append(Scenario("resume-1to2", _fsdp(cfgs[RESUMED], resumed_12.parent), resume_from=str(resumed_12)))
     model_dir = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=vocab, tie_word_embeddings=True)
     assert main(_cli_args(model_dir, data, root / "cli-1")) == 0
@@ -95,7 +87,7 @@ def job(smol_tokenizer, shared_dir, tmp_path_factory):
     for s in scenarios:
         for rank in (0, 1):
             assert read_report(out, s.name, rank)["ok"], read_report(out, s.name, rank)
-    resumed_21 = _copy_until(root / f"{RESUMED}-2", root / "resume-2to1", 2)
+    resumed_21 = copy_until(root / f"{RESUMED}-2", root / "resume-2to1", 2)
     cfg_21 = dataclasses.replace(cfgs[RESUMED], train=dataclasses.replace(cfgs[RESUMED].train,
                                                                            output_dir=str(resumed_21.parent)))
     _one_process(cfg_21, sets, vocab, resume=resumed_21)
