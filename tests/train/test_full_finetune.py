@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -124,6 +125,11 @@ def test_full_run_changes_every_weight_lowers_the_loss_and_writes_a_loadable_mod
         torch.testing.assert_close(trained(ids).logits, reference(ids).logits, rtol=0, atol=0)
         assert not torch.allclose(trained(ids).logits, base(ids).logits)
 
+    capsys.readouterr()
+    assert main(["merge", "--model", str(tiny_model_dir), "--adapter", str(model_dir), "--output",
+                 str(tmp_path / "merged")]) == 2  # a whole model is not an adapter: nothing to merge
+    assert "use it as --model" in capsys.readouterr().err
+
     gen = tmp_path / "gen.jsonl"
     assert main(["generate", "--model", str(model_dir), "--prompt", "Hello there", "--max-new-tokens", "4",
                  "--quant-type", "none", "--chat-template", "off", "--output", str(gen)]) == 0
@@ -158,3 +164,35 @@ def test_a_lora_checkpoint_is_refused_by_a_full_run_and_the_reverse(tiny_model_d
     cfg = RunConfig.from_mapping({"quant": {"quant_type": "none"}})
     with pytest.raises(StateDictError, match="full fine-tuning run's"):
         load_checkpoint(run / "checkpoint-2", lora_model, build_optimizer(lora_model, cfg))
+
+
+def test_every_weight_gradient_of_the_fast_step_equals_the_reference_step(tiny_model_dir):
+    """The memory fast paths (chunked head + loss, fused RMSNorm, SwiGLU recompute, checkpointing) against their
+    references, on the gradients full fine-tuning adds (norm weights, the tied head/embedding, every linear).
+    Tolerance: normwise relative 1e-5, the fused RMSNorm's documented whole-model bound (fp32 rounding)."""
+    from qlorakit.train import rewrites
+    from qlorakit.train.loop import token_loss_sum
+    from tests.helpers.train import run_config
+
+    model = load_model(tiny_model_dir, quant=NONE)
+    full.prepare(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :5] = -100  # answers only
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    grads = []
+    for fast in (True, False):
+        flags = {"gradient_checkpointing": fast, "fuse_rmsnorm": fast, "recompute_swiglu": fast,
+                 "loss_chunk_tokens": 8 if fast else 0}
+        cfg = run_config(Path("unused.jsonl"), Path("unused"), **flags)
+        cfg = dataclasses.replace(cfg, quant=NONE, train=dataclasses.replace(cfg.train, finetune="full"))
+        model.zero_grad(set_to_none=True)
+        model.train()
+        with rewrites.apply(model, cfg):
+            loss, _ = token_loss_sum(model, batch, cfg.memory.loss_chunk_tokens)
+            loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert set(grads[0]) == set(grads[1]) and "model.norm.weight" in grads[0]
+    for name, want in grads[1].items():
+        got = grads[0][name]
+        assert float((got - want).norm() / want.norm()) < 1e-5, name
