@@ -291,7 +291,7 @@ def run_one(row: str, seed: int, budget: Budget, data: dict[str, Any], workdir: 
     from qlorakit.models import load_model
     from qlorakit.train import full, train
 
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_head()  # the code this run imports: HEAD when it starts, not when it ends
     cfg = run_config(row, seed, budget, data["train_path"], str(workdir / f"{row}-{seed}"))
     torch.manual_seed(cfg.train.seed)  # as `qlorakit train`: the adapter initialization is part of the seed
     model = load_model(cfg.model, quant=cfg.quant, lora=None if cfg.full_finetune else cfg.lora,
@@ -309,7 +309,7 @@ def run_one(row: str, seed: int, budget: Budget, data: dict[str, Any], workdir: 
     curve = [[s, loss] for s, loss in result.eval_losses]
     return {"heldout_loss": curve[-1][1], "wiki_ppl": ppl, "mmlu": mmlu, "curve": curve,
             "train_s": result.train_seconds,
-            "wall_s": time.perf_counter() - start, "commit": git_head()}
+            "wall_s": time.perf_counter() - start, "commit": commit}
 
 
 def mmlu_accuracy(model, tokenizer, directory: Path | None = None) -> float:

@@ -58,7 +58,8 @@ there are no adapters (``lora_params`` = ``lora_grads`` = 0, no adapter terms in
 - ``optimizer_state``   AdamW over every trained tensor (the linears ``(out, in)``, the embedding and an untied
   head ``(V, d)``, the norms as ``(d,)`` vectors, other parameters as one vector): 8 bytes per value in 32 bits;
 - ``head_grad``         with the chunked loss, its fp32 ``(V, d)`` accumulator of the head's gradient;
-- ``checkpoint_save``   counts the trained weights where LoRA counts the adapters.
+- ``checkpoint_save``   ``S`` = the optimizer state once (paged part included; measured on SmolLM2 with paged
+  AdamW: 979 MiB over the RSS before the save for 1,026 MiB of state), not ``2 state + 2 weights``.
 
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 On the CPU, ``benchmarks/plan_accuracy.py`` (256 tokens, r 16, paged AdamW, 1 MiB threshold; docs/memory.md)
@@ -290,7 +291,10 @@ def dequant_workspace_bytes(n_max: int, c: int, device: str) -> int:
 def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total: int, trained_bytes: int,
               quantized: list[LinearShape]) -> list[Part]:
     """The CPU rows: checkpoint save beyond the step's transients, framework, glibc heap (module docstring)."""
-    saved = 2 * optim_total + 2 * trained_bytes  # the adapters (full fine-tuning: every weight) and their state
+    # LoRA: the adapters and their state, read back and serialized (2x, measured); full fine-tuning: the state
+    # once (measured on SmolLM2 with paged AdamW: 979 MiB over the RSS before the save, the state is 1,026 MiB;
+    # the weights and the resident state are serialized without a whole copy)
+    saved = optim_total if s.full_finetune else 2 * optim_total + 2 * trained_bytes
     transients = sum(p.nbytes for p in parts if p.name in STEP_TRANSIENTS)
     out = [Part("checkpoint_save", max(0, saved - transients),
                 f"saving reads back and serializes {saved / 2**20:,.1f} MiB after the step's transients are freed "
