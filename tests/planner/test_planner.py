@@ -283,3 +283,11 @@ def test_plan_cli_full_finetune_and_train_settings_agree(tiny_llama_dir, capsys)
     assert row["settings"]["full_finetune"] is True and row["full_grads_bytes"] > 0
     cfg = RunConfig.from_mapping({"quant": {"quant_type": "none"}, "train": {"finetune": "full"}})
     assert settings_for(cfg).full_finetune and not settings_for(RunConfig()).full_finetune
+
+
+def test_full_finetuning_save_counts_the_optimizer_state_once(tiny_llama_dir):
+    none = QuantConfig(quant_type="none")
+    p = plan(model_shape(tiny_llama_dir), PlanSettings(device="cpu", quant=none, full_finetune=True, seq_len=8))
+    step = sum(p.part(n) for n in ("activations", "logits", "full_grads", "head_grad"))
+    save = p.part("optimizer_state") + p.offloaded_bytes
+    assert p.part("checkpoint_save") == max(0, save - step) > 0  # 8 tokens: the save is the peak
