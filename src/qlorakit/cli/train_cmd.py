@@ -211,8 +211,8 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         return exit_code(signal.Signals[result.stopped_by])
     if replicas.is_main:  # FSDP: the model is sharded; the last checkpoint has the step's adapter, consolidated
         last = run_dir / f"checkpoint-{result.steps}" / "adapter" if chosen.parallel.distributed == "fsdp" else None
-        print(finish_run(model, tokenizer, result, summary, adapter_from=last, write_model=_model_writer(cfg, model,
-                                                                                                      tokenizer)))
+        writer = _model_writer(cfg, model, tokenizer)  # full fine-tuning: <run>/model instead of <run>/adapter
+        print(finish_run(model, tokenizer, result, summary, adapter_from=last, write_model=writer))
         if replicas.world > 1:
             print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
     replicas.barrier("the barrier after the final adapter")
