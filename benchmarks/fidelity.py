@@ -11,9 +11,16 @@ with the same LoRA r / alpha / dropout, lr and seeds. Only the named thing chang
     fp4-dq     FP4 + double quant
     int4-dq    INT4 + double quant
     nf4-dq-qv  NF4 + double quant, LoRA on q_proj, v_proj only
+    full-ft    fp32 base, full fine-tuning (``train.finetune: full``: every weight trains, no adapters), at
+               ``Budget.full_ft_lr`` instead of ``Budget.lr``
 
-Full fine-tuning (the issue's optional row 7) is not here: the trainer's checkpoints hold adapters only
-(``train.checkpoint.save_checkpoint`` saves the LoRA state), so training every weight needs more than a flag.
+The ``full-ft`` row changes two things, necessarily together: what trains, and the lr. LoRA's 1e-3 moves a
+rank-16 update of each weight; applied by AdamW to every weight of the model it is a step of about 1e-3 per
+value per step (full fine-tuning recipes use 1e-5 to 2e-5): measured on this data, seed 0, three updates at 1e-3
+raise the held-out loss from 2.644 to 3.283, at 2e-5 they lower it to 2.632 (docs/fidelity.md). So the row uses
+2e-5. Data, order, steps, schedule, batch, seeds and evaluation are the same. It was added after
+the other rows had run; each run records its own commit (``commit``, one per seed), the grid's ``commit`` stays
+the one the first 18 runs ran at.
 
 Measures per (row, seed): the held-out answers-only loss (mean over answer tokens of the held-out conversations,
 evaluated at a few steps: the curve), wiki perplexity on a fixed slice of ``wiki_demo.txt`` after training,
@@ -81,8 +88,11 @@ ROWS: dict[str, dict[str, Any]] = {
     "fp4-dq": {"quant": {"quant_type": "fp4", "double_quant": True}, "targets": "all-linear"},
     "int4-dq": {"quant": {"quant_type": "int4", "double_quant": True}, "targets": "all-linear"},
     "nf4-dq-qv": {"quant": {"quant_type": "nf4", "double_quant": True}, "targets": ("q_proj", "v_proj")},
+    "full-ft": {"quant": {"quant_type": "none"}, "targets": "all-linear", "finetune": "full"},
 }
 DEFAULT_ROWS = tuple(ROWS)
+#: Rows added after the grid of commit 5d5df4d had run (their runs carry their own commits).
+ADDED_ROWS = ("full-ft",)
 BASELINE = "fp32"
 MMLU_DIR = SHARED / "data/mmlu"
 #: One subject per MMLU category (STEM, humanities, social sciences, other) plus one more STEM subject.
@@ -110,7 +120,7 @@ class Budget:
     eval_every: int = 8
     heldout_examples: int = 16
     wiki_tokens: int = 1024
-    full_ft_lr: float = 2e-5  # unused (no full-ft row); kept so that the grid JSON of commit 5d5df4d resumes
+    full_ft_lr: float = 2e-5  # the full-ft row's lr (module docstring: LoRA's lr diverges when every weight trains)
     gradient_checkpointing: bool = False  # a 135M model needs no recompute; off saves ~25% of a step
 
 
@@ -148,8 +158,9 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def run_config(row: str, seed: int, budget: Budget, train_path: str, output_dir: str) -> RunConfig:
-    """The ``RunConfig`` of one (row, seed); rows differ only in ``ROWS[row]``."""
+    """The ``RunConfig`` of one (row, seed); rows differ only in ``ROWS[row]`` (full fine-tuning: and the lr)."""
     spec = ROWS[row]
+    finetune = spec.get("finetune", "lora")
     half = budget.seq_len // 2
     return RunConfig(
         model=str(MODEL),
@@ -159,8 +170,9 @@ def run_config(row: str, seed: int, budget: Budget, train_path: str, output_dir:
                         max_seq_len=budget.seq_len, val_size=0.0, seed=seed, group_by_length=False,
                         packing=False),  # the grid of 5d5df4d ran unpacked (packing came later)
         train=TrainConfig(output_dir=output_dir, max_steps=budget.steps, batch_size=budget.batch_size,
-                          grad_accum=budget.grad_accum, seed=seed, compute_dtype="float32", save_total_limit=1),
-        optim=OptimConfig(lr=budget.lr),
+                          grad_accum=budget.grad_accum, seed=seed, compute_dtype="float32", save_total_limit=1,
+                          finetune=finetune),
+        optim=OptimConfig(lr=budget.full_ft_lr if finetune == "full" else budget.lr),
         # fuse_lora off: at 5d5df4d shared-input fusion skipped groups with dropout (each member drew its own mask);
         # the fused path's one mask per group came later and would change the dropout draws of the recorded grid
         memory=MemoryConfig(gradient_checkpointing=budget.gradient_checkpointing, fuse_lora=False),
@@ -278,12 +290,15 @@ def run_one(row: str, seed: int, budget: Budget, data: dict[str, Any], workdir: 
     from qlorakit.data import collate_fn
     from qlorakit.eval.perplexity import perplexity
     from qlorakit.models import load_model
-    from qlorakit.train import train
+    from qlorakit.train import full, train
 
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_head()  # the code this run imports: HEAD when it starts, not when it ends
     cfg = run_config(row, seed, budget, data["train_path"], str(workdir / f"{row}-{seed}"))
     torch.manual_seed(cfg.train.seed)  # as `qlorakit train`: the adapter initialization is part of the seed
-    model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=torch.float32)
+    model = load_model(cfg.model, quant=cfg.quant, lora=None if cfg.full_finetune else cfg.lora,
+                       compute_dtype=torch.float32)
+    if cfg.full_finetune:
+        full.prepare(model)  # as `qlorakit train --finetune full`: every weight trains
     result = train(model, data["train_set"], data["heldout_set"], collate_fn(data["tokenizer"]), cfg,
                    Path(cfg.train.output_dir), progress=False)
     if result.stopped_by or result.steps != budget.steps:  # SIGINT/SIGTERM: the run is not finished; record nothing
@@ -295,7 +310,7 @@ def run_one(row: str, seed: int, budget: Budget, data: dict[str, Any], workdir: 
     curve = [[s, loss] for s, loss in result.eval_losses]
     return {"heldout_loss": curve[-1][1], "wiki_ppl": ppl, "mmlu": mmlu, "curve": curve,
             "train_s": result.train_seconds,
-            "wall_s": time.perf_counter() - start, "commit": git_head()}
+            "wall_s": time.perf_counter() - start, "commit": commit}
 
 
 def mmlu_accuracy(model, tokenizer, directory: Path | None = None) -> float:
@@ -349,6 +364,16 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def later_commits(result: dict[str, Any]) -> list[str]:
+    """A line naming the commits of the rows added after the grid (``ADDED_ROWS``), from each run's ``commit``."""
+    parts = [f"`{name}` at {', '.join(f'`{c}`' for c in sorted(set(result['rows'][name].get('commit', []))))}"
+             for name in ADDED_ROWS if result["rows"].get(name, {}).get("seeds")]
+    if not parts:
+        return []
+    return ["", "The grid commit is that of the first 18 runs (rows `fp32` to `nf4-dq-qv`); rows added later ran at "
+            "their own commits (each run's `commit` in the JSON): " + "; ".join(parts) + "."]
+
+
 def plot(result: dict[str, Any], path: Path = PLOT) -> Path | None:
     import matplotlib
 
@@ -385,9 +410,10 @@ def render(result: dict[str, Any], doc: Path = DOC, plot_path: Path = PLOT) -> N
         begin,
         f"Grid commit `{result['commit']}`; {sum(len(r['seeds']) for r in result['rows'].values())} runs; "
         f"budget: {b['steps']} steps, batch {b['batch_size']} x {b['grad_accum']}, sequence {b['seq_len']} tokens, "
-        f"LoRA r {b['r']} alpha {b['alpha']} dropout {b['dropout']}, lr {b['lr']}, "
+        f"LoRA r {b['r']} alpha {b['alpha']} dropout {b['dropout']}, lr {b['lr']} (full-ft: {b['full_ft_lr']}), "
         f"held-out loss every {b['eval_every']} steps on {b['heldout_examples']} held-out examples, "
         f"wiki perplexity on the first {b['wiki_tokens']} tokens of wiki_demo.txt.",
+        *later_commits(result),
         "",
         f"Wall time per run (load + train + evals): median {statistics.median(walls):.0f} s, "
         f"range {min(walls):.0f}-{max(walls):.0f} s." if walls else "No runs yet.",

@@ -29,6 +29,9 @@ from qlorakit.constants import (
     DIST_TIMEOUT_S,
     DISTRIBUTED_STRATEGIES,
     DPO_REFERENCES,
+    FINETUNE_FULL,
+    FINETUNE_LORA,
+    FINETUNE_MODES,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
@@ -234,6 +237,9 @@ class TrainConfig:
     ``epochs``; ``save_steps`` 0 = only at the end. ``compute_dtype`` "auto" picks bfloat16 where the hardware
     runs it well (a CUDA GPU with bf16 or a CPU with AVX512_BF16/AMX) and float32 otherwise.
     ``save_on_preempt`` and ``max_bad_steps``: the graceful stop and the numerical guard (docs/reliability.md).
+    ``finetune``: ``lora`` trains adapters on the frozen base; ``full`` trains every weight of the model
+    (embeddings, every linear, norms, ``lm_head``; a tied head once), needs ``quant.quant_type: none`` and fp32
+    compute, and saves a whole model instead of an adapter (``qlorakit.train.full``; the ``lora`` section is unused).
     """
 
     output_dir: str = opt("runs/qlorakit", "run directory (config, metrics, checkpoints, adapter, plot)")
@@ -252,6 +258,8 @@ class TrainConfig:
                              "non-finite loss or gradient norm")
     report_to: tuple[str, ...] = opt(("none",), "run trackers besides metrics.jsonl: none, tensorboard, wandb, mlflow "
                                      "(comma-separated or repeated; the 'tracking' extra; docs/design.md)")
+    finetune: str = opt(FINETUNE_LORA, "what trains: lora (adapters on the frozen base) or full (every weight; needs "
+                        "--quant-type none and fp32; saves a whole model in <run>/model)")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "save_on_preempt")
@@ -263,6 +271,7 @@ class TrainConfig:
         if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
             _fail("TrainConfig", "epochs", self.epochs, "must be > 0")
         _choice_field(self, "compute_dtype", ("auto",) + COMPUTE_DTYPES)
+        _choice_field(self, "finetune", FINETUNE_MODES)
 
 
 @dataclass(frozen=True)
@@ -431,6 +440,17 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
+    def __post_init__(self) -> None:
+        if self.train.finetune == FINETUNE_FULL:
+            check_full_finetune(self)
+            if self.train.compute_dtype == "auto":  # full fine-tuning trains fp32 weights: auto is float32 here
+                object.__setattr__(self, "train", dataclasses.replace(self.train, compute_dtype="float32"))
+
+    @property
+    def full_finetune(self) -> bool:
+        """Whether every weight trains (``train.finetune: full``) rather than LoRA adapters."""
+        return self.train.finetune == FINETUNE_FULL
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "config") -> RunConfig:
         """Build from nested mappings (a loaded YAML/JSON file); unknown keys fail with their path."""
@@ -448,6 +468,29 @@ class RunConfig:
         if not isinstance(model, str) or not model:
             raise ConfigError(f"{where}: 'model' must be a non-empty string, got {model!r}")
         return cls(model=model, **parts)
+
+
+def check_full_finetune(cfg: RunConfig) -> None:
+    """The combinations full fine-tuning refuses, each with the fix (checked when the config is built, so before
+    any weight loads): a 4-bit base (its packed weights are frozen storage, they have no gradient), 16-bit
+    weights (AdamW's updates of about ``lr`` relative fall below bf16/fp16 resolution without fp32 master
+    weights, which qlorakit does not keep), DPO / ORPO (their reference is the base with the adapters off) and
+    ``--distributed fsdp`` (it shards the 4-bit base and the adapters only)."""
+    why = "train.finetune = 'full'"
+    if cfg.quant.quantized:
+        raise ConfigError(f"{why} trains every weight, but quant.quant_type = {cfg.quant.quant_type!r} stores the base "
+                          "in 4 bits, frozen (no gradient reaches packed weights); pass --quant-type none, or "
+                          "--finetune lora for QLoRA")
+    if cfg.train.compute_dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"{why} keeps the trained weights in the compute dtype, and "
+                          f"train.compute_dtype = {cfg.train.compute_dtype!r} would drop AdamW's small updates "
+                          "(no fp32 master weights); pass --compute-dtype float32 (auto means float32 here)")
+    if cfg.objective.method != "sft":
+        raise ConfigError(f"{why}: objective.method = {cfg.objective.method!r} needs LoRA (its reference model is "
+                          "the base with the adapters switched off); use --method sft, or --finetune lora")
+    if cfg.parallel.distributed == "fsdp":
+        raise ConfigError(f"{why}: parallel.distributed = 'fsdp' shards the 4-bit base and the adapters only; use "
+                          "--distributed ddp (every rank holds the whole model) or one process")
 
 
 def upgrade_layout(values: Mapping[str, Any], where: str = "config") -> dict[str, Any]:

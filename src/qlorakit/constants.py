@@ -33,6 +33,12 @@ DATA_FORMATS = ("auto", "alpaca", "dolly", "oasst1", "messages", "self-instruct"
 #: Training objectives (``ObjectiveConfig.method``; ``qlorakit.train.preference``): supervised fine-tuning, DPO, ORPO.
 TRAIN_METHODS = ("sft", "dpo", "orpo")
 
+#: What a run trains (``TrainConfig.finetune``): LoRA adapters on a frozen base, or every weight of the model
+#: (full fine-tuning; ``qlorakit.train.full``).
+FINETUNE_LORA = "lora"
+FINETUNE_FULL = "full"
+FINETUNE_MODES = (FINETUNE_LORA, FINETUNE_FULL)
+
 #: Where DPO's reference log-probabilities come from (``ObjectiveConfig.dpo_reference``).
 DPO_REFERENCES = ("auto", "cached", "same-step")
 

@@ -55,6 +55,7 @@ def _flat(row: str, seed: int = 0) -> dict:
     ("fp4-dq", {"quant.quant_type": "fp4"}),
     ("int4-dq", {"quant.quant_type": "int4"}),
     ("nf4-dq-qv", {"quant.quant_type": "nf4", "lora.targets": ["q_proj", "v_proj"]}),
+    ("full-ft", {"train.finetune": "full", "optim.lr": fid.Budget().full_ft_lr}),  # what trains, and its lr
 ])
 def test_rows_differ_from_fp32_in_the_named_thing_only(row, changed):
     base, other = _flat("fp32"), _flat(row)
@@ -118,6 +119,25 @@ def test_report_renders_the_table_between_the_markers(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_the_full_ft_row_is_full_finetuning_of_the_fp32_base_at_its_own_lr():
+    cfg = fid.run_config("full-ft", 0, fid.Budget(), "train.jsonl", "out")
+    assert cfg.full_finetune and not cfg.quant.quantized and cfg.train.compute_dtype == "float32"
+    assert cfg.optim.lr == fid.Budget().full_ft_lr == 2e-5 != fid.Budget().lr
+    assert "full-ft" in fid.DEFAULT_ROWS and fid.ADDED_ROWS == ("full-ft",)
+
+
+def test_report_names_the_commit_of_a_row_added_after_the_grid(tmp_path):
+    result = {"commit": "grid", "budget": dataclasses.asdict(fid.Budget()), "rows": {}}
+    fid.record(result, "fp32", 0, {**_run(2.0), "commit": "grid"})
+    assert fid.later_commits(result) == []
+    fid.record(result, "full-ft", 0, {**_run(2.3), "commit": "later"})
+    (line,) = [x for x in fid.later_commits(result) if x]
+    assert "`full-ft` at `later`" in line and "`grid`" not in line
+    doc = tmp_path / "fidelity.md"
+    fid.render(fid.summarize(result), doc, plot_path=tmp_path / "p.png")
+    assert "`full-ft` at `later`" in doc.read_text() and "| full-ft | 1 | 2.3000" in doc.read_text()
+
+
 def test_add_mmlu_fills_old_rows_seed_major_and_only_when_the_loss_reproduces():
     result = {"commit": "abc", "budget": dataclasses.asdict(fid.Budget()), "rows": {}}
     for row in ("fp32", "nf4"):
@@ -160,3 +180,14 @@ def test_one_run_per_base_kind_through_the_trainer(tiny_smol_dir, tmp_path, monk
     # same weights and data; only the base's storage differs, so the step-0 losses differ but are close
     fp32, nf4 = runs["fp32"]["curve"][0][1], runs["nf4-dq"]["curve"][0][1]
     assert fp32 != nf4 and abs(fp32 - nf4) < 0.05 * fp32
+
+
+def test_the_full_ft_row_trains_every_weight_through_the_trainer(tiny_smol_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(fid, "MODEL", tiny_smol_dir)
+    budget = fid.Budget(steps=2, eval_every=1, heldout_examples=3, seq_len=64, wiki_tokens=96)
+    data = {**fid.prepare_data(budget, tmp_path), "mmlu": False}
+    runs = {row: fid.run_one(row, 0, budget, data, tmp_path) for row in ("fp32", "full-ft")}
+    full, lora = runs["full-ft"]["curve"], runs["fp32"]["curve"]
+    assert [s for s, _ in full] == [0, 1, 2] and full[0][1] == lora[0][1]  # the same model before any update
+    assert full[-1][1] != full[0][1] and full[-1][1] != lora[-1][1]  # every weight moved, not the adapters
+    assert math.isfinite(runs["full-ft"]["wiki_ppl"]) and runs["full-ft"]["mmlu"] is None

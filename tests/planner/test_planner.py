@@ -237,3 +237,57 @@ def test_activations_with_bf16_compute_count_the_cast_and_the_dropped_adapter_in
     measured = sum(saved.values())
     print(f"bf16 activations: predicted {predicted:,} measured {measured:,}")
     assert measured <= predicted <= 1.2 * measured  # measured here: 610,304 saved, 717,824 predicted (1.18)
+
+
+@pytest.mark.parametrize("optim", ["adamw", "adamw8bit"])
+def test_full_finetuning_counts_every_weight_its_gradient_and_optimizer_state(tiny_llama_dir, optim):
+    """Slow reference: the unquantized model with every weight trainable (train.full), one AdamW step, counted."""
+    import transformers
+
+    from qlorakit.optim import make_optimizer
+    from qlorakit.train import full
+
+    model = transformers.LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    full.prepare(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(optim, trainable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for p in trainable:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    none = QuantConfig(quant_type="none")
+    settings = PlanSettings(optim=optim, device="cpu", quant=none, full_finetune=True, loss_chunk=0)
+    p = plan(model_shape(tiny_llama_dir, "all-linear"), settings)
+    weights = sum(t.numel() * 4 for t in trainable)
+    assert p.part("lora_params") == p.part("lora_grads") == 0
+    assert p.part("base_weights") + p.part("embeddings") + p.part("norms") == weights
+    assert p.part("full_grads") == sum(t.grad.numel() * t.grad.element_size() for t in trainable) == weights
+    assert p.part("optimizer_state") == optimizer.state_nbytes()["unpaged"]
+    assert p.part("head_grad") == 0  # full logits: autograd's head gradient is the head's own .grad
+    lora = plan(model_shape(tiny_llama_dir, "all-linear"), PlanSettings(optim=optim, device="cpu", quant=none))
+    assert lora.part("activations") > p.part("activations")  # no adapter inputs kept
+    with pytest.raises(ConfigError, match="full_finetune"):
+        PlanSettings(full_finetune=True)  # nf4 by default: a 4-bit base is frozen
+
+
+def test_plan_cli_full_finetune_and_train_settings_agree(tiny_llama_dir, capsys):
+    import json
+
+    from qlorakit.cli.main import main
+    from qlorakit.config import RunConfig
+    from qlorakit.planner.budget import settings_for
+
+    assert main(["plan", "--model", str(tiny_llama_dir), "--json", "--device", "cpu", "--quant-type", "none",
+                 "--finetune", "full"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["settings"]["full_finetune"] is True and row["full_grads_bytes"] > 0
+    cfg = RunConfig.from_mapping({"quant": {"quant_type": "none"}, "train": {"finetune": "full"}})
+    assert settings_for(cfg).full_finetune and not settings_for(RunConfig()).full_finetune
+
+
+def test_full_finetuning_save_counts_the_optimizer_state_once(tiny_llama_dir):
+    none = QuantConfig(quant_type="none")
+    p = plan(model_shape(tiny_llama_dir), PlanSettings(device="cpu", quant=none, full_finetune=True, seq_len=8))
+    step = sum(p.part(n) for n in ("activations", "logits", "full_grads", "head_grad"))
+    save = p.part("optimizer_state") + p.offloaded_bytes
+    assert p.part("checkpoint_save") == max(0, save - step) > 0  # 8 tokens: the save is the peak

@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output, inputs=[args.model, args.adapter])
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    refuse_whole_model(args.adapter)
     check_adapter_dir(args.adapter)  # before the minutes of loading the base
     quant = QuantConfig(quant_type=QUANT_NONE if args.no_quant else args.quant_type)
     model = load_model(args.model, quant=quant, lora=None, compute_dtype=torch.float32)
@@ -54,3 +55,14 @@ def run(args: argparse.Namespace) -> int:
                               quantize=quantize, overwrite=args.overwrite)
     print(report.format())
     return 0
+
+
+def refuse_whole_model(adapter: str) -> None:
+    """A whole model directory (a ``--finetune full`` run's ``model/``) given as the adapter: nothing to merge."""
+    from pathlib import Path
+
+    path = Path(adapter)
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {path} is a whole model (config.json, no adapter_config.json), e.g. the model/ "
+                          "of a --finetune full run: it has no adapter to merge; use it as --model directly "
+                          "(qlorakit generate --model DIR, export gguf --model DIR)")

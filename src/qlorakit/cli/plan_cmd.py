@@ -19,6 +19,8 @@ from qlorakit.config import MemoryConfig
 from qlorakit.constants import (
     BASE_QUANT_TYPES,
     COMPUTE_DTYPES,
+    FINETUNE_FULL,
+    FINETUNE_MODES,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     TRAIN_METHODS,
@@ -37,6 +39,9 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default: %(default)s)")
     p.add_argument("--method", choices=TRAIN_METHODS, default="sft",
                    help="sft, or dpo / orpo: --batch counts pairs, each two sequences (default: %(default)s)")
+    p.add_argument("--finetune", choices=FINETUNE_MODES, default="lora",
+                   help="lora (adapters on the frozen base), or full: every weight trains, with its gradient and "
+                        "optimizer state (needs --quant-type none; default: %(default)s)")
     p.add_argument("--r", type=int, default=64, help="LoRA rank (default: %(default)s)")
     p.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear, q_proj,v_proj or re:<regex>")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="adapter dropout (default: %(default)s)")
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
         mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
-        method=args.method,
+        method=args.method, full_finetune=args.finetune == FINETUNE_FULL,
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
     if args.world_size != 1:

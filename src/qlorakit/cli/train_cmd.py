@@ -184,7 +184,14 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     from qlorakit.train.preempt import exit_code
 
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
-    model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
+    model = load_model(cfg.model, quant=cfg.quant, lora=None if cfg.full_finetune else cfg.lora,
+                       compute_dtype=resolve_dtype(cfg.train.compute_dtype))
+    if cfg.full_finetune:
+        from qlorakit.train import full
+
+        trained = full.prepare(model)  # every weight trains (train.full)
+        if replicas.is_main:
+            print(f"finetune   full: {trained:,} values train (embeddings, linears, norms, head)")
     replicas.barrier("the barrier before the run directory is written")  # every rank has checked it
     if checkpoint is None and replicas.is_main:
         _prepare_run_dir(run_dir, args.overwrite)
@@ -204,11 +211,24 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         return exit_code(signal.Signals[result.stopped_by])
     if replicas.is_main:  # FSDP: the model is sharded; the last checkpoint has the step's adapter, consolidated
         last = run_dir / f"checkpoint-{result.steps}" / "adapter" if chosen.parallel.distributed == "fsdp" else None
-        print(finish_run(model, tokenizer, result, summary, adapter_from=last))
+        writer = _model_writer(cfg, model, tokenizer)  # full fine-tuning: <run>/model instead of <run>/adapter
+        print(finish_run(model, tokenizer, result, summary, adapter_from=last, write_model=writer))
         if replicas.world > 1:
             print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
     replicas.barrier("the barrier after the final adapter")
     return 0
+
+
+def _model_writer(cfg: RunConfig, model, tokenizer):
+    """A full fine-tuning run's final model: ``qlorakit merge``'s writer (``models.export.merge_and_export``, fp32,
+    with the tokenizer), so ``qlorakit generate --model RUN/model`` and transformers load it; None for LoRA."""
+    if not cfg.full_finetune:
+        return None
+    import torch
+
+    from qlorakit.models.export import merge_and_export
+
+    return lambda out: merge_and_export(model, out, dtype=torch.float32, tokenizer=tokenizer, overwrite=True)
 
 
 def given_fields(args: argparse.Namespace) -> set[str]:
@@ -247,7 +267,9 @@ def _plan(cfg: RunConfig, n_train: int, n_val: int, checkpoint: Path | None) -> 
     lines = [
         f"model      {cfg.model}  ({cfg.quant.quant_type}, blocksize {cfg.quant.blocksize}, "
         f"double quant {cfg.quant.double_quant})",
-        f"lora       r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, targets {cfg.lora.targets}",
+        ("finetune   full: every weight trains (the lora section is unused); the run ends with a model directory"
+         if cfg.full_finetune else
+         f"lora       r {cfg.lora.r}, alpha {cfg.lora.alpha}, dropout {cfg.lora.dropout}, targets {cfg.lora.targets}"),
         f"data       {n_train} train / {n_val} held-out examples from {', '.join(cfg.data.paths)}",
         (f"schedule   {steps}, batch {t.batch_size} x {t.grad_accum} accumulation, lr {o.lr} {o.scheduler}, "
         f"warmup {o.warmup_ratio}, clip {o.max_grad_norm}, compute {t.compute_dtype}"),

@@ -49,6 +49,7 @@ def settings_for(cfg: RunConfig, device: str = "cpu") -> PlanSettings:
         compute_dtype=cfg.train.compute_dtype if cfg.train.compute_dtype != "auto" else _auto_dtype(device),
         loss_chunk=m.loss_chunk_tokens, mmap_threshold_kib=m.malloc_mmap_threshold_kib, malloc_trim=m.malloc_trim,
         recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant, grad_accum=cfg.train.grad_accum,
+        full_finetune=cfg.full_finetune,
     )  # fmt: skip
 
 

@@ -50,6 +50,17 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   fragment the heap, which grows with every micro-batch (measured, not a law); see
   ``planner.constants``.
 
+Full fine-tuning (``full_finetune``, ``train.finetune: full``; the base unquantized) trains every weight:
+there are no adapters (``lora_params`` = ``lora_grads`` = 0, no adapter terms in the activations),
+``base_weights`` and ``embeddings`` are the trained weights, and
+
+- ``full_grads``        one gradient per trained value, in its dtype (``c``; norms 4 bytes);
+- ``optimizer_state``   AdamW over every trained tensor (the linears ``(out, in)``, the embedding and an untied
+  head ``(V, d)``, the norms as ``(d,)`` vectors, other parameters as one vector): 8 bytes per value in 32 bits;
+- ``head_grad``         with the chunked loss, its fp32 ``(V, d)`` accumulator of the head's gradient;
+- ``checkpoint_save``   ``S`` = the optimizer state once (paged part included; measured on SmolLM2 with paged
+  AdamW: 979 MiB over the RSS before the save for 1,026 MiB of state), not ``2 state + 2 weights``.
+
 The CUDA context and the caching allocator's fragmentation are not modelled on the GPU (not measured here).
 On the CPU, ``benchmarks/plan_accuracy.py`` (256 tokens, r 16, paged AdamW, 1 MiB threshold; docs/memory.md)
 measured peak RSS 1,090 / 1,051 / 1,433 MiB for SmolLM2-135M / llama-350m / llama-700m, predicted 1,221 /
@@ -58,6 +69,7 @@ measured peak RSS 1,090 / 1,051 / 1,433 MiB for SmolLM2-135M / llama-350m / llam
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import asdict, dataclass, field
@@ -109,8 +121,12 @@ class PlanSettings:
     quant: QuantConfig = field(default_factory=QuantConfig)
     grad_accum: int = 1  # micro-batches per optimizer step (the dynamic-threshold heap grows with each one)
     method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
+    full_finetune: bool = False  # every weight trains (train.finetune: full): no adapters; needs quant none
 
     def __post_init__(self) -> None:
+        if self.full_finetune and self.quant.quantized:
+            raise ConfigError(f"PlanSettings.full_finetune needs an unquantized base (quant_type none), not "
+                              f"{self.quant.quant_type!r}: 4-bit weights are frozen")
         if self.method not in TRAIN_METHODS:
             raise ConfigError(f"PlanSettings.method = {self.method!r}: choose one of {TRAIN_METHODS}")
         for name in ("seq_len", "batch_size", "lora_r", "grad_accum"):
@@ -190,17 +206,23 @@ class MemoryPlan:
 def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = None) -> MemoryPlan:
     """The memory plan of training ``shape`` with ``settings`` (see the module docstring for each part)."""
     s, c, lb = settings, DTYPE_BYTES[settings.compute], DTYPE_BYTES[settings.lora_dtype]
+    if s.full_finetune:  # no adapters: every LoRA term below is zero
+        shape = dataclasses.replace(shape, linears=tuple(dataclasses.replace(lin, adapted=False)
+                                                         for lin in shape.linears))
     targets = [lin for lin in shape.linears if lin.quantized]  # the base linears stored in 4 bits (or not)
     quantized = targets if s.quant.quantized else []
     adapted = [lin for lin in shape.linears if lin.adapted]
     lora_values = sum(math.prod(shape) for lin in adapted for shape in adapter_shapes(lin, s))
-    resident_optim, offloaded = optimizer_bytes(adapted, s)
+    trained = full_tensors(shape) if s.full_finetune else [
+        (lin.path, sh) for lin in adapted for sh in adapter_shapes(lin, s)]
+    resident_optim, offloaded = optimizer_bytes(trained, s)
     act_ckpt, act_full = activation_bytes(shape, s, True), activation_bytes(shape, s, False)
     n_max = max((lin.numel for lin in quantized), default=0)
     parts = [
         Part("weights_4bit", sum(-(-lin.numel // 2) for lin in quantized), "packed 4-bit codes, two per byte")
         if s.quant.quantized else
-        Part("base_weights", sum(lin.numel for lin in targets) * c, f"frozen base linears unquantized, {s.compute}"),
+        Part("base_weights", sum(lin.numel for lin in targets) * c,
+             f"{'trained' if s.full_finetune else 'frozen'} base linears unquantized, {s.compute}"),
         Part("quant_constants", quant_constant_bytes(quantized, s.quant), _dq_note(s.quant)),
         Part("embeddings", (shape.embedding_params + shape.other_params) * c,
              f"embeddings, lm_head{' (tied)' if shape.tied_embeddings else ''}, biases in {s.compute}"),
@@ -216,8 +238,15 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
     ]  # fmt: skip
     if s.lora_dora:  # the norm ||W + s B A||_row: the fp32 dequantized W and the sum, one layer at a time
         parts.append(Part("dora_norm_workspace", 2 * n_max * 4, "fp32 W and W + s B A of the largest weight (DoRA)"))
+    trained_bytes = lora_values * lb
+    if s.full_finetune:
+        trained_bytes = full_weight_bytes(shape, c)
+        parts.append(Part("full_grads", trained_bytes, "gradients of every trained weight (full fine-tuning)"))
+        parts.append(Part("head_grad", shape.vocab_size * shape.hidden_size * 4 if s.loss_chunk else 0,
+                          "the chunked loss's fp32 accumulator of the head's gradient" if s.loss_chunk
+                          else "none: full logits (autograd's head gradient is in full_grads)"))
     if s.device == "cpu":
-        parts += cpu_parts(shape, s, parts, resident_optim + offloaded, lora_values * lb, quantized)
+        parts += cpu_parts(shape, s, parts, resident_optim + offloaded, trained_bytes, quantized)
     alternatives = {
         "quant_constants_with_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, True)),
         "quant_constants_without_double_quant": quant_constant_bytes(quantized, _with_dq(s.quant, False)),
@@ -229,7 +258,27 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
 
 
 #: Parts the trainer frees before it saves a checkpoint (after the optimizer step, gradients set to None).
-STEP_TRANSIENTS = ("lora_grads", "activations", "logits")  # freed before a checkpoint is saved
+STEP_TRANSIENTS = ("lora_grads", "activations", "logits", "full_grads", "head_grad")  # freed before a save
+
+
+def full_tensors(shape: ModelShape) -> list[tuple[str, tuple[int, ...]]]:
+    """The tensors full fine-tuning trains, as (label, shape): the linears, the embedding (and an untied head),
+    the norms as ``(d,)`` vectors and the other parameters as one vector (their split is not known here)."""
+    d = shape.hidden_size
+    out: list[tuple[str, tuple[int, ...]]] = [(lin.path, (lin.out_features, lin.in_features))
+                                              for lin in shape.linears if lin.quantized]
+    heads = 1 if shape.tied_embeddings else 2
+    out += [("embed_tokens" if i == 0 else "lm_head", (shape.vocab_size, d)) for i in range(heads)]
+    rest = shape.embedding_params - heads * shape.vocab_size * d
+    out += [("norms", (d,))] * (shape.norm_params // d)
+    leftover = [n for n in (rest, shape.norm_params % d, shape.other_params) if n > 0]
+    return out + [("other", (n,)) for n in leftover]
+
+
+def full_weight_bytes(shape: ModelShape, c: int) -> int:
+    """Bytes of every trained weight (and so of their gradients): linears and embeddings at ``c``, norms fp32."""
+    linears = sum(lin.numel for lin in shape.linears if lin.quantized)
+    return (linears + shape.embedding_params + shape.other_params) * c + shape.norm_params * 4
 
 
 def dequant_workspace_bytes(n_max: int, c: int, device: str) -> int:
@@ -239,10 +288,13 @@ def dequant_workspace_bytes(n_max: int, c: int, device: str) -> int:
     return n_max * (2 + 4 + 4 + (0 if c == 4 else c))
 
 
-def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total: int, lora_bytes: int,
+def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total: int, trained_bytes: int,
               quantized: list[LinearShape]) -> list[Part]:
     """The CPU rows: checkpoint save beyond the step's transients, framework, glibc heap (module docstring)."""
-    saved = 2 * optim_total + 2 * lora_bytes
+    # LoRA: the adapters and their state, read back and serialized (2x, measured); full fine-tuning: the state
+    # once (measured on SmolLM2 with paged AdamW: 979 MiB over the RSS before the save, the state is 1,026 MiB;
+    # the weights and the resident state are serialized without a whole copy)
+    saved = optim_total if s.full_finetune else 2 * optim_total + 2 * trained_bytes
     transients = sum(p.nbytes for p in parts if p.name in STEP_TRANSIENTS)
     out = [Part("checkpoint_save", max(0, saved - transients),
                 f"saving reads back and serializes {saved / 2**20:,.1f} MiB after the step's transients are freed "
@@ -307,8 +359,9 @@ def adapter_shapes(lin: LinearShape, s: PlanSettings) -> tuple[tuple[int, ...], 
     return shapes + ((lin.out_features,),) if s.lora_dora else shapes
 
 
-def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, int]:
-    """(resident, offloaded) bytes of AdamW state for the adapters ``A (r, in)``, ``B (out, r)`` (and DoRA's ``m``)."""
+def optimizer_bytes(trained: list[tuple[str, tuple[int, ...]]], s: PlanSettings) -> tuple[int, int]:
+    """(resident, offloaded) bytes of AdamW state for the ``trained`` (label, shape) tensors: the adapters
+    ``A (r, in)``, ``B (out, r)`` (and DoRA's ``m``), or every weight with full fine-tuning."""
     from qlorakit.optim.adamw import PAGE_MIN_SIZE, AdamW
     from qlorakit.optim.paged import pack_block
     from qlorakit.optim.paging_backends import FileBackend, PinnedBackend
@@ -317,17 +370,16 @@ def optimizer_bytes(adapted: list[LinearShape], s: PlanSettings) -> tuple[int, i
     min_8bit = inspect.signature(AdamW).parameters["min_8bit_size"].default
     granularity = (FileBackend if s.device == "cpu" else PinnedBackend).granularity
     resident, paged = 0, []
-    for lin in adapted:
-        for shape in adapter_shapes(lin, s):
-            numel = math.prod(shape)
-            if s.optim.endswith("8bit") and numel >= min_8bit:
-                layout = layout_8bit(torch.Size(shape))
-            else:
-                layout = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
-            if s.optim.startswith("paged_") and numel >= PAGE_MIN_SIZE:
-                paged.append((pack_block(layout, granularity).nbytes, f"{lin.path} {shape}"))
-            else:
-                resident += sum(torch.Size(sh).numel() * dt.itemsize for sh, dt in layout.values())
+    for label, shape in trained:
+        numel = math.prod(shape)
+        if s.optim.endswith("8bit") and numel >= min_8bit:
+            layout = layout_8bit(torch.Size(shape))
+        else:
+            layout = {"exp_avg": (shape, torch.float32), "exp_avg_sq": (shape, torch.float32)}
+        if s.optim.startswith("paged_") and numel >= PAGE_MIN_SIZE:
+            paged.append((pack_block(layout, granularity).nbytes, f"{label} {shape}"))
+        else:
+            resident += sum(torch.Size(sh).numel() * dt.itemsize for sh, dt in layout.values())
     if not paged:
         return resident, 0
     largest, where = max(paged)

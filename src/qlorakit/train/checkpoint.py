@@ -4,7 +4,8 @@ Everything is safetensors or JSON (never pickle). A checkpoint is written durabl
 ``.checkpoint-<step>.tmp-<pid>``, every file fsynced, renamed into place, the run directory fsynced
 (``fileio.write_dir_atomic``), so a kill or a power cut leaves either the whole checkpoint or none of it.
 
-- ``adapter_config.json`` + ``adapter_model.safetensors``: the active adapter (``lora.save_adapter``);
+- ``adapter/`` (``adapter_config.json`` + ``adapter_model.safetensors``): the active adapter (``lora.save_adapter``);
+  a full fine-tuning run (``full=True``, ``train.full``) has ``model.safetensors`` instead: every trained weight;
 - ``optimizer.safetensors``: ``state.<param index>.<key>`` tensors, ``param_groups`` as JSON metadata;
 - ``rng.safetensors``: the torch CPU (and CUDA) generator states; of a multi-process run also every other
   rank's (``torch_cpu.rank<r>``, ``torch_cuda.rank<r>``: each rank draws its own dropout masks);
@@ -29,6 +30,7 @@ from qlorakit.errors import StateDictError, StorageError
 from qlorakit.fileio import remove_dir, write_dir_atomic
 from qlorakit.lora import load_adapter, save_adapter
 from qlorakit.train.faults import pause_point
+from qlorakit.train.full import WEIGHTS_FILE, load_trainable, save_trainable
 from qlorakit.train.manifest import MANIFEST, manifest_bytes, verify, write_manifest
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -85,8 +87,10 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
 
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, keep: int,
-                    rank_rng: dict[str, torch.Tensor] | None = None) -> Path:
+                    rank_rng: dict[str, torch.Tensor] | None = None, full: bool = False) -> Path:
     """Write ``checkpoint-<step>`` durably (``fileio.write_dir_atomic``) and keep the newest ``keep`` (0 = all).
+
+    ``full``: a full fine-tuning run; the trained weights go to ``model.safetensors`` instead of ``adapter/``.
 
     A failed write (disk full, I/O error) leaves every earlier checkpoint as it was and raises
     ``StorageError`` with the space the checkpoint needs.
@@ -100,7 +104,10 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: TrainerState, keep: 
     rng.update(rank_rng or {})  # the other ranks' generators (``rank_rng_key``)
 
     def fill(directory: Path) -> None:
-        save_adapter(model, directory / "adapter", overwrite=True)
+        if full:
+            save_trainable(model, directory / WEIGHTS_FILE)
+        else:
+            save_adapter(model, directory / "adapter", overwrite=True)
         save_file(tensors, str(directory / "optimizer.safetensors"), metadata=metadata)
         save_file(rng, str(directory / "rng.safetensors"))
         (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
@@ -229,15 +236,24 @@ def _rank_state(rng: dict[str, torch.Tensor], name: str, rank: int) -> torch.Ten
     return torch.Generator().manual_seed(seed % 2**63).get_state()
 
 
-def load_checkpoint(path: Path, model, optimizer, rank: int = 0) -> TrainerState:
-    """Restore adapter weights, optimizer state and RNG (``rank``'s own) from ``path``; return its ``TrainerState``.
+def load_checkpoint(path: Path, model, optimizer, rank: int = 0, full: bool = False) -> TrainerState:
+    """Restore adapter weights (``full``: every trained weight), optimizer state and RNG (``rank``'s own) from
+    ``path``; return its ``TrainerState``.
 
     ``path`` must verify against its manifest (a checkpoint without one is loaded as it is).
     """
     problems = verify(path) if (path / MANIFEST).exists() else []
     if problems:
         raise StateDictError(f"{path} fails verification ({'; '.join(problems)}); resume from an earlier checkpoint")
-    load_adapter(model, path / "adapter", name="default", replace=True)
+    has_full = (path / WEIGHTS_FILE).is_file()
+    if has_full != full:
+        kinds = ("a LoRA run's (adapter/)", "a full fine-tuning run's (model.safetensors)")
+        raise StateDictError(f"{path} is {kinds[has_full]} checkpoint, but this run has train.finetune = "
+                             f"{'full' if full else 'lora'}; resume with the run's own config.yaml setting")
+    if full:
+        load_trainable(model, path / WEIGHTS_FILE)
+    else:
+        load_adapter(model, path / "adapter", name="default", replace=True)
     load_optimizer_tensors(optimizer, path / "optimizer.safetensors")
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(_rank_state(rng, "torch_cpu", rank))

@@ -55,7 +55,7 @@ from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.parallel import Replicas, current, run_fingerprint
 from qlorakit.parallel.fsdp import Consolidated, FsdpRun, shard_for_training
-from qlorakit.train import rewrites
+from qlorakit.train import full, rewrites
 from qlorakit.train.checkpoint import (
     TrainerState,
     check_free_space,
@@ -219,7 +219,8 @@ def train(
     evaluator: Callable[[torch.nn.Module], dict] | None = None,
     objective=None,
 ) -> TrainResult:
-    """Train ``model``'s trainable (LoRA) parameters; see the module docstring for the loss.
+    """Train ``model``'s trainable parameters (LoRA adapters; every weight with ``train.finetune: full``, the
+    model made trainable by ``train.full.prepare`` first); see the module docstring for the loss.
 
     ``resume_from`` is a ``checkpoint-<step>`` directory; ``stop_after_steps`` ends this session early
     (after that many updates, with a checkpoint) as an interruption would, for time-boxed jobs.
@@ -276,10 +277,13 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch is refused
     replicas.check_same(run_fingerprint(cfg, lengths))  # every rank has the same config and data
     stream = MicroBatchStream(lengths, cfg.train.batch_size, cfg.data.seed, cfg.data.group_by_length)
+    if cfg.full_finetune:
+        full.check_prepared(model)  # every weight trains: no LoRA or 4-bit layer, nothing frozen (train.full)
     optimizer = build_optimizer(model, cfg)
     replicas.broadcast_params([p for g in optimizer.param_groups for p in g["params"]])  # rank 0's adapters
     rank = replicas.dist.rank
-    state = load_checkpoint(resume_from, model, optimizer, rank) if resume_from is not None else TrainerState()
+    state = (load_checkpoint(resume_from, model, optimizer, rank, full=cfg.full_finetune) if resume_from is not None
+             else TrainerState())
     sharded = None
     if _uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
         if cfg.objective.method != "sft":
@@ -513,10 +517,12 @@ def _maybe_eval_and_save(run: Run) -> None:
                 optimizer = Consolidated(run.fsdp.full_state(run.optimizer))
                 if run.replicas.is_main:
                     run.log.sync()
-                    save_checkpoint(run.run_dir, run.model, optimizer, state, t.save_total_limit, rank_rng)
+                    save_checkpoint(run.run_dir, run.model, optimizer, state, t.save_total_limit, rank_rng,
+                                    full=run.cfg.full_finetune)
         elif run.replicas.is_main:  # the replicas are equal: rank 0's state is the whole (consolidated) checkpoint
             run.log.sync()  # the rows up to this step reach the disk before the checkpoint that implies them
-            save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit, rank_rng)
+            save_checkpoint(run.run_dir, run.model, run.optimizer, state, t.save_total_limit, rank_rng,
+                            full=run.cfg.full_finetune)
         run.replicas.barrier(f"the barrier after checkpoint-{state.step}")
 
 

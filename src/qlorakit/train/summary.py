@@ -1,8 +1,13 @@
-"""The end of a run: the final adapter (written durably, as a checkpoint is), the loss plot and a summary."""
+"""The end of a run: the final adapter (written durably, as a checkpoint is), the loss plot and a summary.
+
+A full fine-tuning run (``train.full``) ends with a whole model directory, ``<run>/model``, instead: the caller
+passes the writer (``qlorakit train``: ``models.export.merge_and_export``; ``train`` does not import ``models``).
+"""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from qlorakit.errors import StorageError
@@ -13,14 +18,27 @@ from qlorakit.train.loop import TrainResult
 from qlorakit.train.metrics import plot_run
 
 ADAPTER_DIR = "adapter"
+#: The final model of a full fine-tuning run (a Hugging Face model directory).
+MODEL_DIR = "model"
 
 
-def finish_run(model, tokenizer, result: TrainResult, data_summary=None, adapter_from: Path | None = None) -> str:
+def finish_run(model, tokenizer, result: TrainResult, data_summary=None, adapter_from: Path | None = None,
+               write_model: Callable[[Path], object] | None = None) -> str:
     """Save ``<run>/adapter`` (PEFT layout, with the tokenizer files), draw ``loss.png``, return the summary.
 
     ``adapter_from``: copy that adapter directory instead of saving ``model``'s (an FSDP run: its last
     checkpoint holds the consolidated adapter of the last step, gathered whole while the shards were live).
+    ``write_model``: a full fine-tuning run; ``write_model(<run>/model)`` writes the whole trained model there
+    (durably, with the tokenizer) instead of an adapter.
     """
+    if write_model is not None:
+        model_dir = Path(result.run_dir) / MODEL_DIR
+        try:
+            write_model(model_dir)
+        except OSError as exc:
+            raise StorageError(f"writing the final model {model_dir} failed: {exc.strerror or exc}; the run's last "
+                               f"checkpoint holds the same weights (its model.safetensors)") from exc
+        return format_summary(result, model_dir, plot_run(result.run_dir), what="model")
     adapter_dir = Path(result.run_dir) / ADAPTER_DIR
 
     def fill(directory: Path) -> None:
@@ -40,7 +58,7 @@ def finish_run(model, tokenizer, result: TrainResult, data_summary=None, adapter
     return format_summary(result, adapter_dir, plot)
 
 
-def format_summary(result: TrainResult, adapter_dir: Path, plot: Path) -> str:
+def format_summary(result: TrainResult, adapter_dir: Path, plot: Path, what: str = "adapter") -> str:
     lines = ["", "=== qlorakit run summary ==="]
     lines.append(f"steps            {result.steps}")
     if result.losses:
@@ -53,7 +71,7 @@ def format_summary(result: TrainResult, adapter_dir: Path, plot: Path) -> str:
     lines.append(f"tokens           {result.tokens:,} in {result.train_seconds:.1f} s "
                  f"({result.tokens_per_s:.1f} tokens/s)")
     lines.append(f"peak RSS         {result.peak_rss_mb:.0f} MiB")
-    lines.append(f"adapter          {adapter_dir}")
+    lines.append(f"{what:<17}{adapter_dir}")
     lines.append(f"loss plot        {plot}")
     lines.append(f"metrics          {Path(result.run_dir) / 'metrics.jsonl'}")
     return "\n".join(lines)
