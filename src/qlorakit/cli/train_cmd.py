@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     fix_allocator(cfg)
     from qlorakit.data import build_datasets, collate_fn, default_sample_path
     from qlorakit.eval.during_training import build_training_evaluator
-    from qlorakit.models import load_model, load_tokenizer
+    from qlorakit.models import load_tokenizer
 
     if not cfg.data.paths:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=(str(default_sample_path()),)))
@@ -184,7 +184,8 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     from qlorakit.train.preempt import exit_code
 
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
-    model = load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=resolve_dtype(cfg.train.compute_dtype))
+    model = load_for_run(cfg, None if strategy is None else strategy[0], replicas.dist,
+                         resolve_dtype(cfg.train.compute_dtype))
     replicas.barrier("the barrier before the run directory is written")  # every rank has checked it
     if checkpoint is None and replicas.is_main:
         _prepare_run_dir(run_dir, args.overwrite)
@@ -209,6 +210,24 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
             print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
     replicas.barrier("the barrier after the final adapter")
     return 0
+
+
+def load_for_run(cfg: RunConfig, strategy: str | None, dist_info, compute_dtype):
+    """The 4-bit model with LoRA for this rank. Under ``--distributed fsdp`` each rank ends up with only its own
+    rows of every 4-bit linear, loaded as ``--fsdp-load`` says (``parallel.fsdp_load``)."""
+    from qlorakit.models import load_model
+
+    if strategy != "fsdp" or cfg.parallel.fsdp_load == "whole":
+        return load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=compute_dtype)
+    from qlorakit.lora import add_lora
+    from qlorakit.parallel.fsdp_load import gathering, load_hooks
+
+    hooks = load_hooks(cfg.parallel.fsdp_load, dist_info)
+    with hooks.session():
+        model = load_model(cfg.model, quant=cfg.quant, compute_dtype=compute_dtype, hooks=hooks)
+    with gathering():  # an adapter initialized from the base weight (DoRA, PiSSA) sees it whole
+        add_lora(model, cfg.lora)
+    return model
 
 
 def given_fields(args: argparse.Namespace) -> set[str]:
