@@ -15,11 +15,12 @@ every rank and then shards it (load-all-then-shard): the peak RSS per rank inclu
 ``benchmarks/results/distributed_load.json``): for each mode, ``torchrun --nproc-per-node N`` runs this script's
 ``--load-child`` on every rank (one thread each), which joins the group, loads the model as ``qlorakit train
 --distributed fsdp`` does (``cli.train_cmd.load_for_run``, LoRA r 16, fp32) and shards it (``fully_shard_model``,
-as the trainer's start does). Each rank reports its RSS before the load (the interpreter, torch and transformers
-imported), its peak RSS over load + shard (``ru_maxrss``), its RSS at the end, the seconds of the load and of the
-shard, and the 4-bit linear bytes it holds (codes + absmax rows) against the whole model's. ``whole`` is the path of
-before this option (every rank loads everything, then shards); a one-process load (``load_model``) is the
-reference row. Medians over ``--repeats`` (modes alternating).
+as the trainer's start does). Each rank reports its RSS before the load (the interpreter, torch and
+transformers imported), its peak RSS over load + shard (``ru_maxrss``), its RSS once loaded (before
+``fully_shard``) and at the end, the seconds of the load and of the shard, and the 4-bit linear bytes it holds
+(codes + absmax rows) against the whole model's. ``whole`` is the path from before this option (every rank
+loads everything, then shards); a one-process load (``load_model``) is the reference row. Medians over
+``--repeats`` (modes alternating).
 
 Read from each run's ``metrics.jsonl`` (rank 0 writes it): the job's tokens/s per step (``tokens_per_s``:
 all ranks' input tokens over the step's wall time) without the first ``--warmup`` steps, its median; every
@@ -99,6 +100,8 @@ def load_child(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = load_for_run(cfg, None if one else "fsdp", dist_info, torch.float32)
     load_s = time.perf_counter() - started
+    trim_heap()
+    loaded = current_rss_mb()  # the model in place, before fully_shard
     linears = [m for m in model.modules() if isinstance(m, Linear4bit)]
     whole_bytes = sum(_linear_bytes(m) for m in linears) if one or mode == "whole" else None
     started = time.perf_counter()
@@ -108,7 +111,8 @@ def load_child(args: argparse.Namespace) -> int:
     shard_s = time.perf_counter() - started
     trim_heap()
     held = sum(local(m.packed_rows).nbytes + local(m.absmax_rows).nbytes for m in linears) if not one else whole_bytes
-    report = {"rank": 0 if one else dist_info.rank, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb(),
+    report = {"rank": 0 if one else dist_info.rank, "rss_before_mb": before, "rss_loaded_mb": loaded,
+              "peak_rss_mb": peak_rss_mb(),
               "rss_end_mb": current_rss_mb(), "load_s": load_s, "shard_s": shard_s, "linear_bytes_held": held,
               "linear_bytes_whole": whole_bytes}
     Path(args.child_out, f"rank{report['rank']}.json").write_text(json.dumps(report))
@@ -146,7 +150,7 @@ def load_only(args: argparse.Namespace) -> int:
     for repeat in range(args.repeats):
         for mode in modes:
             runs[mode].append(run_load(args, mode, work / f"{mode}-{repeat}"))
-    keys = ("rss_before_mb", "peak_rss_mb", "rss_end_mb", "load_s", "shard_s", "linear_bytes_held")
+    keys = ("rss_before_mb", "peak_rss_mb", "rss_loaded_mb", "rss_end_mb", "load_s", "shard_s", "linear_bytes_held")
     summary = {}
     for mode, reps in runs.items():
         ranks = len(reps[0])
@@ -155,12 +159,13 @@ def load_only(args: argparse.Namespace) -> int:
                                                                         summary[mode]["rss_before_mb"], strict=True)]
     whole_bytes = runs["one"][0][0]["linear_bytes_whole"]
     print(f"4-bit linears of the whole model: {whole_bytes / 2**20:.1f} MiB (codes + absmax + nested absmax)")
-    print(f"{'load':<16}{'rank':>5}{'before MiB':>12}{'peak MiB':>10}{'peak-before':>13}{'end MiB':>9}"
-          f"{'load s':>8}{'shard s':>9}{'linears held MiB':>18}")
+    print(f"{'load':<12}{'rank':>5}{'before MiB':>12}{'peak MiB':>10}{'peak-before':>13}{'loaded MiB':>12}"
+          f"{'end MiB':>9}{'load s':>8}{'shard s':>9}{'linears held MiB':>18}")
     for mode, s in summary.items():
         for i in range(len(s["peak_rss_mb"])):
-            print(f"{mode if i == 0 else '':<16}{i:>5}{s['rss_before_mb'][i]:>12.0f}{s['peak_rss_mb'][i]:>10.0f}"
-                  f"{s['peak_minus_before_mb'][i]:>13.0f}{s['rss_end_mb'][i]:>9.0f}{s['load_s'][i]:>8.1f}"
+            print(f"{mode if i == 0 else '':<12}{i:>5}{s['rss_before_mb'][i]:>12.0f}{s['peak_rss_mb'][i]:>10.0f}"
+                  f"{s['peak_minus_before_mb'][i]:>13.0f}{s['rss_loaded_mb'][i]:>12.0f}{s['rss_end_mb'][i]:>9.0f}"
+                  f"{s['load_s'][i]:>8.1f}"
                   f"{s['shard_s'][i]:>9.1f}{s['linear_bytes_held'][i] / 2**20:>18.1f}")
     write_result(args.output, {
         "benchmark": "distributed_load", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

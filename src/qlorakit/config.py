@@ -29,8 +29,8 @@ from qlorakit.constants import (
     DIST_TIMEOUT_S,
     DISTRIBUTED_STRATEGIES,
     DPO_REFERENCES,
+    FSDP_LOAD_BROADCAST,
     FSDP_LOAD_MODES,
-    FSDP_LOAD_STREAM,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
@@ -375,8 +375,8 @@ class ParallelConfig:
     distributed: str = opt("auto", "under torchrun: auto, ddp or fsdp (ignored without WORLD_SIZE)")
     dist_timeout_s: int = opt(DIST_TIMEOUT_S, "seconds a collective waits for the other ranks before the run stops "
                               "with an error (a dead or hung rank)")
-    fsdp_load: str = opt(FSDP_LOAD_STREAM, "how --distributed fsdp loads the 4-bit base: stream (each rank reads the "
-                         "checkpoint and keeps its own shard), broadcast (rank 0 reads it and sends each rank its "
+    fsdp_load: str = opt(FSDP_LOAD_BROADCAST, "how --distributed fsdp loads the 4-bit base: broadcast (rank 0 reads "
+                         "it and sends each rank its shard), stream (each rank reads the checkpoint and keeps its own "
                          "shard) or whole (every rank loads all of it, then shards it); docs/distributed.md")
 
     def __post_init__(self) -> None:

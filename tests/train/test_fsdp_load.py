@@ -169,3 +169,10 @@ def test_a_bad_fsdp_load_value_is_refused_naming_the_field():
         load_hooks("scatter", SINGLE)
     with pytest.raises(ConfigError, match="needs a process group"):
         load_hooks("stream", SINGLE)
+
+
+def test_qlorakit_train_refuses_a_bad_fsdp_load_before_loading_anything(capsys):
+    from qlorakit.cli.main import main
+
+    assert main(["train", "--fsdp-load", "scatter", "--dry-run"]) == 2
+    assert "fsdp_load" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from qlorakit.cli.config_args import (
     run_config_from_args,
 )
 from qlorakit.config import RunConfig
+from qlorakit.constants import FSDP_LOAD_WHOLE
 from qlorakit.errors import ConfigError
 from qlorakit.fileio import write_text_atomic
 
@@ -173,8 +174,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
             print(objective.note)
         print("\n".join(memory_lines))
         if strategy is not None:
+            loading = f"; 4-bit base loaded by --fsdp-load {cfg.parallel.fsdp_load}" if strategy[0] == "fsdp" else ""
             print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
-                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch")
+                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch{loading}")
     if args.dry_run:
         return 0
     import torch
@@ -217,7 +219,7 @@ def load_for_run(cfg: RunConfig, strategy: str | None, dist_info, compute_dtype)
     rows of every 4-bit linear, loaded as ``--fsdp-load`` says (``parallel.fsdp_load``)."""
     from qlorakit.models import load_model
 
-    if strategy != "fsdp" or cfg.parallel.fsdp_load == "whole":
+    if strategy != "fsdp" or cfg.parallel.fsdp_load == FSDP_LOAD_WHOLE:
         return load_model(cfg.model, quant=cfg.quant, lora=cfg.lora, compute_dtype=compute_dtype)
     from qlorakit.lora import add_lora
     from qlorakit.parallel.fsdp_load import gathering, load_hooks

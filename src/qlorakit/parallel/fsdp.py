@@ -27,6 +27,10 @@ gathered rows as the original ``QuantizedTensor`` (``packed = rows.flatten()[:by
 bit for bit the unsharded weight (tested). Outside a forward the parameters are sharded DTensors and
 ``qweight`` is refused with a clear error.
 
+A layer loaded sharded (``--fsdp-load stream|broadcast``, ``parallel.fsdp_load``) arrives as a ``ShardedLinear4bit``
+holding only this rank's rows (``rows_of(q, N, r)``: bit for bit ``torch.chunk`` of the padded rows);
+``fully_shard_model`` hands them to FSDP2 as the local shards, so the whole base never exists on one rank.
+
 The trainer's side (``FsdpRun``): ``fully_shard`` on every decoder block and then on the root with an explicit
 ``MixedPrecisionPolicy``; the LoRA parameters become sharded DTensors. The global token-mean loss stays
 exact: each rank backpropagates ``CE_sum / N_tok`` (``parallel.replicas``), gradients are **summed**

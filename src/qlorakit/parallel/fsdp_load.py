@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qlorakit.constants import FSDP_LOAD_MODES, FSDP_LOAD_WHOLE
+from qlorakit.constants import FSDP_LOAD_MODES, FSDP_LOAD_STREAM, FSDP_LOAD_WHOLE
 from qlorakit.errors import ConfigError, DistributedError
 from qlorakit.parallel.fsdp import ShardedLinear4bit, become_sharded, padded_blocks, rows_of, whole_weight
 from qlorakit.parallel.group import Dist
@@ -324,7 +324,7 @@ def load_hooks(mode: str, dist_info: Dist):
         raise ConfigError(f"--fsdp-load {mode}: needs a process group (torchrun)")
     if mode == FSDP_LOAD_WHOLE:
         return NO_SHARD
-    if mode == "stream":
+    if mode == FSDP_LOAD_STREAM:
         return StreamShard(dist_info.rank, dist_info.world_size)
     if dist_info.rank == 0:
         return BroadcastSender(dist_info.world_size)
