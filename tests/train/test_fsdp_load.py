@@ -8,6 +8,7 @@ block, and an odd count padded to 18 rows).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -42,6 +43,22 @@ def _same(a: dict, b: dict) -> bool:
                                                                                                             strict=True))
 
 
+@contextlib.contextmanager
+def _no_quantizing(active: bool):
+    """``models.fill.quantize_chunked`` raising while ``active``."""
+    from qlorakit.models import fill
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("rank 1 quantized a weight under --fsdp-load broadcast")
+
+    kept = fill.quantize_chunked
+    fill.quantize_chunked = refuse if active else kept
+    try:
+        yield
+    finally:
+        fill.quantize_chunked = kept
+
+
 def _case(rank: int, model_dir: str, double_quant: bool, blocksize: int, dist_info) -> dict:
     from qlorakit.cli.train_cmd import load_for_run
     from qlorakit.parallel import fsdp
@@ -61,7 +78,8 @@ def _case(rank: int, model_dir: str, double_quant: bool, blocksize: int, dist_in
     report: dict = {"padded": stored > packed}
     for mode in MODES:
         torch.manual_seed(0)
-        model = load_for_run(_cfg(model_dir, double_quant, blocksize, mode), "fsdp", dist_info, torch.float32)
+        with _no_quantizing(rank == 1 and mode == "broadcast"):  # a rank > 0 never quantizes (nor reads) a weight
+            model = load_for_run(_cfg(model_dir, double_quant, blocksize, mode), "fsdp", dist_info, torch.float32)
         layers = [model.get_submodule(n) for n in names]
         got = {"loaded_sharded": all(m._preshard is not None for m in layers),
                "rows_before_fully_shard": _same(_rows(model, names), want)}
@@ -84,28 +102,30 @@ def _case(rank: int, model_dir: str, double_quant: bool, blocksize: int, dist_in
     return report
 
 
-def _broadcast_only(rank: int, model_dir: str, dist_info, fill) -> bool:
-    """``--fsdp-load broadcast``, ``quantize_chunked`` refused on rank 1: it never quantizes (nor reads) a weight."""
+def _rank0_fails(rank: int, model_dir: str, dist_info) -> str:
+    """``broadcast`` with rank 0's quantizer failing: the error each rank raises."""
     from qlorakit.cli.train_cmd import load_for_run
+    from qlorakit.errors import QuantizationError
+    from qlorakit.models import fill
 
-    def refuse(*_args, **_kw):
-        raise AssertionError("rank 1 quantized a weight under --fsdp-load broadcast")
+    def fail(*_args, **_kw):
+        raise QuantizationError("a sabotaged weight")
 
     kept = fill.quantize_chunked
-    if rank == 1:
-        fill.quantize_chunked = refuse
+    fill.quantize_chunked = fail if rank == 0 else kept
     try:
-        model = load_for_run(_cfg(model_dir, True, 64, "broadcast"), "fsdp", dist_info, torch.float32)
+        load_for_run(_cfg(model_dir, True, 64, "broadcast"), "fsdp", dist_info, torch.float32)
+        return "no error"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
     finally:
         fill.quantize_chunked = kept
-    return all(m._preshard is not None for m in model.modules() if hasattr(m, "_preshard"))
 
 
 def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from qlorakit.models import fill
     from qlorakit.parallel import init_from_env, shutdown
 
     dist_info = init_from_env("fsdp", 60)
@@ -113,7 +133,7 @@ def _rank(rank: int, port: int, model_dir: str, out: str) -> None:
     try:
         for name, (double_quant, blocksize) in CASES.items():
             reports[name] = _case(rank, model_dir, double_quant, blocksize, dist_info)
-        reports["broadcast_only"] = _broadcast_only(rank, model_dir, dist_info, fill)
+        reports["rank0_fails"] = _rank0_fails(rank, model_dir, dist_info)
         reports["ok"] = True
     except Exception:  # the test reads it
         import traceback
@@ -156,7 +176,13 @@ def test_the_cases_include_a_layer_that_needs_padding(reports):
 
 
 def test_under_broadcast_a_rank_above_0_never_quantizes_a_weight(reports):
-    assert reports[1]["broadcast_only"] and reports[0]["broadcast_only"]
+    assert all(reports[1][case]["broadcast"]["loaded_sharded"] for case in CASES)  # loaded with quantizing refused
+
+
+def test_under_broadcast_an_error_on_rank_0_stops_the_other_ranks_with_it(reports):
+    assert reports[0]["rank0_fails"].startswith("ModelLoadError: cannot quantize")
+    assert reports[1]["rank0_fails"].startswith("DistributedError: rank 1: rank 0 failed to load the model")
+    assert "a sabotaged weight" in reports[1]["rank0_fails"]
 
 
 def test_a_bad_fsdp_load_value_is_refused_naming_the_field():

@@ -40,7 +40,7 @@ from torch import nn
 from qlorakit.constants import FSDP_LOAD_MODES, FSDP_LOAD_STREAM, FSDP_LOAD_WHOLE
 from qlorakit.errors import ConfigError, DistributedError
 from qlorakit.parallel.fsdp import ShardedLinear4bit, become_sharded, padded_blocks, rows_of, whole_weight
-from qlorakit.parallel.group import Dist
+from qlorakit.parallel.group import Dist, collective
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.tensor import NestedState, QuantizedTensor
 
@@ -186,6 +186,11 @@ def _bcast(t: torch.Tensor) -> torch.Tensor:
     return moved.to(t.device)
 
 
+def _guarded(timeout_s: int):
+    """A failed collective of the broadcast (a rank died or hung) as ``DistributedError``, naming the load."""
+    return collective("the model's broadcast from rank 0 (--fsdp-load broadcast)", timeout_s)
+
+
 def _template_header(q: QuantizedTensor) -> dict:
     header = {"quant_type": q.quant_type, "blocksize": q.blocksize, "shape": list(q.shape),
               "dtype": _dtype_name(q.dtype), "absmax_dtype": _dtype_name(q.absmax.dtype), "code": q.code.numel()}
@@ -202,24 +207,28 @@ def _template_tensors(q: QuantizedTensor) -> list[torch.Tensor]:
 class BroadcastSender:
     """``models.fill.FillHooks`` of ``broadcast`` on rank 0: loads as one process, sends as it goes."""
 
-    def __init__(self, world: int) -> None:
-        self.world = world
+    def __init__(self, world: int, timeout_s: int) -> None:
+        self.world, self.timeout_s = world, timeout_s
 
     def tensors(self, model, stream):
         yield from stream
-        _send_header({"kind": "end"})
+        with _guarded(self.timeout_s):
+            _send_header({"kind": "end"})
 
     def placed(self, name: str, tensor: torch.Tensor) -> None:
-        _send_header({"kind": "tensor", "name": name, "shape": list(tensor.shape), "dtype": _dtype_name(tensor.dtype)})
-        _bcast(tensor)
+        with _guarded(self.timeout_s):
+            _send_header({"kind": "tensor", "name": name, "shape": list(tensor.shape),
+                          "dtype": _dtype_name(tensor.dtype)})
+            _bcast(tensor)
 
     def filled(self, path: str, module: Linear4bit) -> None:
         q = module.qweight
-        _send_header({"kind": "linear", "path": path, **_template_header(q)})
-        for t in _template_tensors(q):
-            _bcast(t)
         packed, absmax = rows_of(q, self.world)  # (P, blocksize // 2), (P,): this one layer, whole, for a moment
-        mine = [_scatter(list(torch.chunk(full, self.world))) for full in (packed, absmax)]
+        with _guarded(self.timeout_s):
+            _send_header({"kind": "linear", "path": path, **_template_header(q)})
+            for t in _template_tensors(q):
+                _bcast(t)
+            mine = [_scatter(list(torch.chunk(full, self.world))) for full in (packed, absmax)]
         preshard(module, q, self.world, *mine)
 
     @contextlib.contextmanager
@@ -249,23 +258,27 @@ def _scatter(chunks: list[torch.Tensor] | None, like: torch.Tensor | None = None
 class BroadcastReceiver:
     """``models.fill.FillHooks`` of ``broadcast`` on ranks > 0: the tensors and rows come from rank 0."""
 
-    def __init__(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+    def __init__(self, rank: int, world: int, timeout_s: int) -> None:
+        self.rank, self.world, self.timeout_s = rank, world, timeout_s
 
     def tensors(self, model, stream) -> Iterable[tuple[str, torch.Tensor]]:
         del stream  # never read: rank 0 sends what it loads
         device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
         while True:
-            header = _recv_header()
+            with _guarded(self.timeout_s):
+                header = _recv_header()
             kind = header["kind"]
             if kind == "end":
                 return
             if kind == "error":
                 raise DistributedError(f"rank {self.rank}: rank 0 failed to load the model: {header['error']}")
             if kind == "tensor":
-                yield header["name"], _bcast(torch.empty(header["shape"], dtype=_dtype(header["dtype"]), device=device))
+                with _guarded(self.timeout_s):
+                    tensor = _bcast(torch.empty(header["shape"], dtype=_dtype(header["dtype"]), device=device))
+                yield header["name"], tensor
             else:
-                self._receive_linear(model, header, device)
+                with _guarded(self.timeout_s):
+                    self._receive_linear(model, header, device)
 
     def _receive_linear(self, model: nn.Module, header: dict, device: torch.device) -> None:
         code = _bcast(torch.empty(header["code"], dtype=torch.float32, device=device))
@@ -327,8 +340,8 @@ def load_hooks(mode: str, dist_info: Dist):
     if mode == FSDP_LOAD_STREAM:
         return StreamShard(dist_info.rank, dist_info.world_size)
     if dist_info.rank == 0:
-        return BroadcastSender(dist_info.world_size)
-    return BroadcastReceiver(dist_info.rank, dist_info.world_size)
+        return BroadcastSender(dist_info.world_size, dist_info.timeout_s)
+    return BroadcastReceiver(dist_info.rank, dist_info.world_size, dist_info.timeout_s)
 
 
 __all__ = ["BroadcastReceiver", "BroadcastSender", "Preshard", "StreamShard", "attach_preshards", "detach_preshards",
