@@ -8,8 +8,8 @@ Both sides run ``qlorakit train`` itself on the same model (the shared SmolLM2-1
 bundled OASST1 sample), seed and job batch (``--batch-size`` is the micro-batch of the whole job, so the N
 ranks each take ``batch_size / N``): ``python -m qlorakit train`` for 1 process and ``torchrun
 --nproc-per-node N -m qlorakit train --distributed ddp|fsdp`` for N ranks, with ``OMP_NUM_THREADS=1`` for
-every process. LoRA r 16, dropout 0, AdamW, fp32, gradient checkpointing on. FSDP loads the whole model on
-every rank and then shards it (load-all-then-shard): the peak RSS per rank includes that load.
+every process. LoRA r 16, dropout 0, AdamW, fp32, gradient checkpointing on. FSDP loads as ``--fsdp-load``'s
+default says (``broadcast``: no rank holds the whole 4-bit base); the peak RSS per rank includes the load.
 
 ``--load-only`` measures the FSDP load instead (``--fsdp-load``, ``parallel.fsdp_load``; written to
 ``benchmarks/results/distributed_load.json``): for each mode, ``torchrun --nproc-per-node N`` runs this script's
