@@ -32,6 +32,8 @@ from qlorakit.constants import (
     FINETUNE_FULL,
     FINETUNE_LORA,
     FINETUNE_MODES,
+    FSDP_LOAD_BROADCAST,
+    FSDP_LOAD_MODES,
     LORA_INITS,
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
@@ -382,9 +384,13 @@ class ParallelConfig:
     distributed: str = opt("auto", "under torchrun: auto, ddp or fsdp (ignored without WORLD_SIZE)")
     dist_timeout_s: int = opt(DIST_TIMEOUT_S, "seconds a collective waits for the other ranks before the run stops "
                               "with an error (a dead or hung rank)")
+    fsdp_load: str = opt(FSDP_LOAD_BROADCAST, "how --distributed fsdp loads the 4-bit base: broadcast (rank 0 reads "
+                         "it and sends each rank its shard), stream (each rank reads the checkpoint and keeps its own "
+                         "shard) or whole (every rank loads all of it, then shards it); docs/distributed.md")
 
     def __post_init__(self) -> None:
         _choice_field(self, "distributed", DISTRIBUTED_STRATEGIES)
+        _choice_field(self, "fsdp_load", FSDP_LOAD_MODES)
         _int_field(self, "dist_timeout_s", 1)
 
 

@@ -62,6 +62,10 @@ REPORT_TARGETS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", 
 
 #: Distributed strategies (``ParallelConfig.distributed``, ``qlorakit.parallel``): ``auto`` picks with the planner.
 DISTRIBUTED_STRATEGIES = ("auto", "ddp", "fsdp")
+#: How ``--distributed fsdp`` loads the 4-bit base (``parallel.fsdp_load``): each rank streams the checkpoint and
+#: keeps its own rows; rank 0 loads and scatters; every rank loads it whole and shards it afterwards.
+FSDP_LOAD_STREAM, FSDP_LOAD_BROADCAST, FSDP_LOAD_WHOLE = "stream", "broadcast", "whole"
+FSDP_LOAD_MODES = (FSDP_LOAD_STREAM, FSDP_LOAD_BROADCAST, FSDP_LOAD_WHOLE)
 
 #: Seconds a collective may wait for the other ranks before the process group gives up (a dead or hung rank).
 DIST_TIMEOUT_S = 600

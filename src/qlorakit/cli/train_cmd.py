@@ -30,6 +30,7 @@ from qlorakit.cli.config_args import (
     run_config_from_args,
 )
 from qlorakit.config import RunConfig
+from qlorakit.constants import FSDP_LOAD_WHOLE
 from qlorakit.errors import ConfigError
 from qlorakit.fileio import write_text_atomic
 
@@ -148,7 +149,7 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     fix_allocator(cfg)
     from qlorakit.data import build_datasets, collate_fn, default_sample_path
     from qlorakit.eval.during_training import build_training_evaluator
-    from qlorakit.models import load_model, load_tokenizer
+    from qlorakit.models import load_tokenizer
 
     if not cfg.data.paths:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, paths=(str(default_sample_path()),)))
@@ -173,8 +174,9 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
             print(objective.note)
         print("\n".join(memory_lines))
         if strategy is not None:
+            loading = f"; 4-bit base loaded by --fsdp-load {cfg.parallel.fsdp_load}" if strategy[0] == "fsdp" else ""
             print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
-                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch")
+                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch{loading}")
     if args.dry_run:
         return 0
     import torch
@@ -184,8 +186,8 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     from qlorakit.train.preempt import exit_code
 
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
-    model = load_model(cfg.model, quant=cfg.quant, lora=None if cfg.full_finetune else cfg.lora,
-                       compute_dtype=resolve_dtype(cfg.train.compute_dtype))
+    model = load_for_run(cfg, None if strategy is None else strategy[0], replicas.dist,
+                         resolve_dtype(cfg.train.compute_dtype))
     if cfg.full_finetune:
         from qlorakit.train import full
 
@@ -229,6 +231,25 @@ def _model_writer(cfg: RunConfig, model, tokenizer):
     from qlorakit.models.export import merge_and_export
 
     return lambda out: merge_and_export(model, out, dtype=torch.float32, tokenizer=tokenizer, overwrite=True)
+
+
+def load_for_run(cfg: RunConfig, strategy: str | None, dist_info, compute_dtype):
+    """The 4-bit model with LoRA for this rank. Under ``--distributed fsdp`` each rank ends up with only its own
+    rows of every 4-bit linear, loaded as ``--fsdp-load`` says (``parallel.fsdp_load``)."""
+    from qlorakit.models import load_model
+
+    if strategy != "fsdp" or cfg.parallel.fsdp_load == FSDP_LOAD_WHOLE:  # full fine-tuning: no adapters
+        return load_model(cfg.model, quant=cfg.quant, lora=None if cfg.full_finetune else cfg.lora,
+                          compute_dtype=compute_dtype)
+    from qlorakit.lora import add_lora
+    from qlorakit.parallel.fsdp_load import gathering, load_hooks
+
+    hooks = load_hooks(cfg.parallel.fsdp_load, dist_info)
+    with hooks.session():
+        model = load_model(cfg.model, quant=cfg.quant, compute_dtype=compute_dtype, hooks=hooks)
+    with gathering():  # an adapter initialized from the base weight (DoRA, PiSSA) sees it whole
+        add_lora(model, cfg.lora)
+    return model
 
 
 def given_fields(args: argparse.Namespace) -> set[str]:

@@ -120,7 +120,7 @@ class LoraLinear(nn.Module):
 
     def _device(self) -> torch.device:
         if isinstance(self.base_layer, Linear4bit):
-            return self.base_layer.qweight.device
+            return self.base_layer.device
         return self.base_layer.weight.device
 
     def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype = torch.float32) -> None:

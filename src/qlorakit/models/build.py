@@ -98,8 +98,10 @@ def empty_qweight(out_features: int, in_features: int, quant: QuantConfig, devic
 
 
 def is_pending(module: Linear4bit) -> bool:
-    """Whether a shell from ``linear4bit_shell`` has not received its weight yet."""
-    return module.qweight.packed.numel() == 0
+    """Whether a shell from ``linear4bit_shell`` has not received its weight yet (a layer that holds its weight
+    otherwise, e.g. as one rank's rows of it, has no ``qweight`` attribute of its own)."""
+    qweight = vars(module).get("qweight")
+    return qweight is not None and qweight.packed.numel() == 0
 
 
 def linear4bit_shell(

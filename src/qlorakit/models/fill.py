@@ -11,6 +11,11 @@ Each incoming ``(name, tensor)`` is moved to the target device and then:
   tensors in the compute dtype, integer tensors unchanged.
 
 Only the tensor in hand (plus, for a 4-bit layer, its few pieces) is alive besides the model itself.
+
+``FillHooks`` lets a caller take part without this package knowing why (``parallel.fsdp_load`` uses it to
+load one rank's shard of each 4-bit linear, or to have rank 0 load and send): ``tensors`` may replace the
+stream, ``placed`` sees each tensor put in place, ``filled`` each ``Linear4bit`` once its weight is whole
+(it may re-home the weight, e.g. keep only some rows of it).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -44,6 +50,31 @@ def prequantized_layers(checkpoint_names: Iterable[str]) -> dict[str, set[str]]:
     return {layer: {n for n in names if n == f"{layer}.weight" or n.startswith(f"{layer}.weight.")} for layer in layers}
 
 
+class FillHooks(Protocol):
+    """What a ``Filler`` calls besides its own work (see the module docstring); ``NO_HOOKS`` does nothing."""
+
+    def tensors(self, model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]]
+                ) -> Iterable[tuple[str, torch.Tensor]]: ...
+
+    def placed(self, name: str, tensor: torch.Tensor) -> None: ...
+
+    def filled(self, path: str, module: Linear4bit) -> None: ...
+
+
+class _NoHooks:
+    def tensors(self, model, stream):
+        return stream
+
+    def placed(self, name, tensor) -> None:
+        pass
+
+    def filled(self, path, module) -> None:
+        pass
+
+
+NO_HOOKS: FillHooks = _NoHooks()
+
+
 @dataclass
 class Filler:
     """Fills ``model`` from a tensor stream; see the module docstring."""
@@ -55,6 +86,7 @@ class Filler:
     fp32_names: set[str]
     bnb_layers: dict[str, set[str]] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
+    hooks: FillHooks = NO_HOOKS
     _pending: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,7 +95,7 @@ class Filler:
         self._bnb_key_owner = {key: layer for layer, keys in self.bnb_layers.items() for key in keys}
 
     def fill(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in tensors:
+        for name, tensor in self.hooks.tensors(self.model, tensors):
             numel = tensor.numel()
             self.put(name, tensor)
             del tensor
@@ -91,9 +123,13 @@ class Filler:
         if isinstance(module, Linear4bit) and leaf == "weight":
             self._quantize_into(module, name, tensor)
         elif name in self._known:
-            set_tensor(self.model, name, self._cast(name, tensor))
+            self._set(name, self._cast(name, tensor))
         else:
             self.unexpected.append(name)
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        set_tensor(self.model, name, value)
+        self.hooks.placed(name, value)
 
     def _dtype_for(self, name: str) -> torch.dtype:
         return torch.float32 if name in self.fp32_names else self.compute_dtype
@@ -114,6 +150,7 @@ class Filler:
                 f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, the model expects "
                 f"{[module.out_features, module.in_features]}; the config and the weights belong to different models"
             )
+        self.hooks.filled(name.removesuffix(".weight"), module)
 
     def _gather_4bit(self, layer: str, name: str, tensor: torch.Tensor) -> None:
         pieces = self._pending.setdefault(layer, {})
@@ -131,6 +168,7 @@ class Filler:
             if isinstance(module, Linear4bit):
                 # Linear4bit's own bitsandbytes-layout hook: packed codes and quant state used as saved.
                 module.load_state_dict(pieces, strict=False)
+                self.hooks.filled(layer, module)
                 return
             state = {k[len("weight.") :]: v for k, v in pieces.items() if k != "weight"}
             qweight = QuantizedTensor.from_bnb_dict(pieces["weight"], state, where=f"{layer}.weight")
@@ -140,7 +178,7 @@ class Filler:
             raise ModelLoadError(
                 f"checkpoint stores {layer} in 4 bits but the model's {layer} is a {type(module).__name__}"
             )
-        set_tensor(self.model, f"{layer}.weight", dequantize_4bit(qweight, self._dtype_for(f"{layer}.weight")))
+        self._set(f"{layer}.weight", dequantize_4bit(qweight, self._dtype_for(f"{layer}.weight")))
 
 
 def missing_names(model: nn.Module) -> list[str]:

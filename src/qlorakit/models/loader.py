@@ -32,7 +32,7 @@ from qlorakit.models.build import (
     patch_targets,
 )
 from qlorakit.models.checkpoint import open_checkpoint
-from qlorakit.models.fill import Filler, missing_names, prequantized_layers
+from qlorakit.models.fill import NO_HOOKS, Filler, FillHooks, missing_names, prequantized_layers
 from qlorakit.models.gguf import GgufTensorStream, check_tensor_types, config_from_dict, gguf_config_dict
 from qlorakit.models.gguf_reader import read_gguf_header
 from qlorakit.models.source import BNB_4BIT, GGUF, ModelSource, resolve_source
@@ -48,6 +48,7 @@ def load_model(
     device: str | torch.device = "cpu",
     compute_dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    hooks: FillHooks = NO_HOOKS,
 ) -> Any:
     """Load ``source`` as a frozen ``transformers.PreTrainedModel`` in eval mode.
 
@@ -56,7 +57,8 @@ def load_model(
     keeps its own format (no re-quantization); ``quant=None`` dequantizes it. ``lora``: adapters added with
     ``qlorakit.lora.add_lora`` (they are the only trainable parameters). ``source``: see
     ``qlorakit.models.source``. With a 16-bit ``compute_dtype`` the fp32 norms get a forward hook that
-    returns their input's dtype, so the residual stream stays 16-bit.
+    returns their input's dtype, so the residual stream stays 16-bit. ``hooks``: ``models.fill.FillHooks``
+    (several processes: one rank's shard of each 4-bit linear, ``parallel.fsdp_load``).
     """
     resolved = source if isinstance(source, ModelSource) else resolve_source(source)
     device = torch.device(device)
@@ -69,7 +71,7 @@ def load_model(
     fp32_names = norm_parameter_names(model)
     if quant is not None:
         patch_targets(model, resolve_targets(model, "all-linear"), quant, compute_dtype, device)
-    Filler(model, device, compute_dtype, quant, fp32_names, bnb_layers).fill(tensors)
+    Filler(model, device, compute_dtype, quant, fp32_names, bnb_layers, hooks=hooks).fill(tensors)
     _finish(model, resolved, device)
     if compute_dtype != torch.float32:
         keep_norm_outputs_in_input_dtype(model)

@@ -27,6 +27,10 @@ gathered rows as the original ``QuantizedTensor`` (``packed = rows.flatten()[:by
 bit for bit the unsharded weight (tested). Outside a forward the parameters are sharded DTensors and
 ``qweight`` is refused with a clear error.
 
+A layer loaded sharded (``--fsdp-load stream|broadcast``, ``parallel.fsdp_load``) arrives as a ``ShardedLinear4bit``
+holding only this rank's rows (``rows_of(q, N, r)``: bit for bit ``torch.chunk`` of the padded rows);
+``fully_shard_model`` hands them to FSDP2 as the local shards, so the whole base never exists on one rank.
+
 The trainer's side (``FsdpRun``): ``fully_shard`` on every decoder block and then on the root with an explicit
 ``MixedPrecisionPolicy``; the LoRA parameters become sharded DTensors. The global token-mean loss stays
 exact: each rank backpropagates ``CE_sum / N_tok`` (``parallel.replicas``), gradients are **summed**
@@ -72,16 +76,22 @@ class ShardedLinear4bit(Linear4bit):
     absmax_rows: nn.Parameter  # uint8 (P,) with double quant, else int32 (P,) = the fp32 absmax's bits
     _template: QuantizedTensor  # the replicated tables and the metadata (shape, dtype, nested scales)
 
+    _preshard: object | None = None  # loaded sharded (parallel.fsdp_load.Preshard): only this rank's rows, until
+    #                                  fully_shard_model hands them to FSDP
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed_rows.device
+
     @property
     def qweight(self) -> QuantizedTensor:  # type: ignore[override]
+        if self._preshard is not None:
+            return self._preshard.whole(self)  # an all-gather inside parallel.fsdp_load.gathering(), else refused
         rows, absmax = self.packed_rows, self.absmax_rows
         if _is_dtensor(rows) or _is_dtensor(absmax):
             raise RuntimeError("ShardedLinear4bit: the 4-bit weight is sharded here; it is whole only inside the "
                                "FSDP forward/backward of its block (or under FsdpRun.unsharded())")
-        t = self._template
-        packed = rows.reshape(-1)[: (t.numel + 1) // 2].view(-1, 1)  # (bytes, 1) uint8, a view of the gathered rows
-        flat = absmax.reshape(-1)[: t.num_blocks]
-        return replace(t, packed=packed, absmax=flat if t.double_quant else flat.view(torch.float32))
+        return whole_weight(self._template, rows, absmax)
 
     @qweight.setter
     def qweight(self, value: QuantizedTensor) -> None:
@@ -93,8 +103,18 @@ class ShardedLinear4bit(Linear4bit):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        nn.Module._load_from_state_dict(self, *args, **kwargs)  # the rows as parameters (a load's DTensor shards)
+
     def bind(self):
         return self  # the lean decoder's bound GEMV needs the whole weight: plain forward
+
+
+def whole_weight(template: QuantizedTensor, rows: torch.Tensor, absmax: torch.Tensor) -> QuantizedTensor:
+    """The ``QuantizedTensor`` that all ``P`` rows hold (views, no copy): ``template``'s tables and metadata."""
+    packed = rows.reshape(-1)[: (template.numel + 1) // 2].view(-1, 1)  # (bytes, 1) uint8, a view of the rows
+    flat = absmax.reshape(-1)[: template.num_blocks]
+    return replace(template, packed=packed, absmax=flat if template.double_quant else flat.view(torch.float32))
 
 
 def _is_dtensor(t) -> bool:
@@ -103,23 +123,43 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def to_sharded_storage(layer: Linear4bit, world: int) -> ShardedLinear4bit:
-    """Re-home ``layer``'s ``QuantizedTensor`` in padded integer rows (in place: the class changes)."""
-    q = layer.qweight
-    rows = padded_blocks(q, world)
+def rows_of(q: QuantizedTensor, world: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed_rows, absmax_rows)`` of ``q`` padded for ``world`` ranks: all ``P`` rows, or (``rank`` given)
+    only that rank's ``P / world`` rows ``[rank P/world, (rank+1) P/world)``, built without the others.
+
+    packed_rows: uint8 ``(rows, blocksize // 2)``; absmax_rows: uint8 ``(rows,)`` (double quant) or the fp32
+    absmax's int32 bits ``(rows,)``. Bytes and blocks past the weight's end are zero.
+    """
+    total = padded_blocks(q, world)
+    first, count = (0, total) if rank is None else (rank * total // world, total // world)
     width = q.blocksize // 2
-    packed = torch.zeros(rows * width, dtype=torch.uint8, device=q.device)
-    packed[: q.packed.numel()] = q.packed.reshape(-1)
+    flat = q.packed.reshape(-1)  # (bytes,) uint8
+    packed = torch.zeros(count * width, dtype=torch.uint8, device=q.device)  # (count * width,)
+    mine = flat[first * width : (first + count) * width]
+    packed[: mine.numel()] = mine
     absmax = q.absmax if q.double_quant else q.absmax.view(torch.int32)  # the fp32 bits, never a float view
-    absmax_rows = torch.zeros(rows, dtype=absmax.dtype, device=q.device)
-    absmax_rows[: q.num_blocks] = absmax
-    del layer.__dict__["qweight"]
+    absmax_rows = torch.zeros(count, dtype=absmax.dtype, device=q.device)  # (count,)
+    mine = absmax[first : first + count]
+    absmax_rows[: mine.numel()] = mine
+    return packed.view(count, width), absmax_rows
+
+
+def become_sharded(layer: Linear4bit, q: QuantizedTensor, packed_rows: torch.Tensor,
+                   absmax_rows: torch.Tensor) -> ShardedLinear4bit:
+    """``layer`` (in place: the class changes) holding ``packed_rows`` / ``absmax_rows`` and ``q``'s tables."""
+    layer.__dict__.pop("qweight", None)
     layer.__class__ = ShardedLinear4bit
     empty = torch.empty(0, dtype=torch.uint8, device=q.device)  # not views of the old storage: it is freed
     layer._template = replace(q, packed=empty, absmax=empty.to(q.absmax.dtype))  # tables + metadata only
-    layer.packed_rows = nn.Parameter(packed.view(rows, width), requires_grad=False)  # (P, blocksize // 2)
-    layer.absmax_rows = nn.Parameter(absmax_rows, requires_grad=False)  # (P,)
+    layer.packed_rows = nn.Parameter(packed_rows, requires_grad=False)  # (rows, blocksize // 2)
+    layer.absmax_rows = nn.Parameter(absmax_rows, requires_grad=False)  # (rows,)
     return layer  # type: ignore[return-value]
+
+
+def to_sharded_storage(layer: Linear4bit, world: int) -> ShardedLinear4bit:
+    """Re-home ``layer``'s ``QuantizedTensor`` in padded integer rows (in place: the class changes)."""
+    q = layer.qweight
+    return become_sharded(layer, q, *rows_of(q, world))
 
 
 def shard_quantized_storage(model: nn.Module, world: int) -> list[ShardedLinear4bit]:
@@ -160,13 +200,17 @@ def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | N
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from qlorakit.parallel.fsdp_load import attach_preshards, detach_preshards
+
     device = next(model.parameters()).device
     shard_quantized_storage(model, world)
+    preshards = detach_preshards(model, world)  # layers loaded sharded: full-shape meta rows for fully_shard
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype)
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    attach_preshards(preshards, mesh)  # ... and their own rows become the local shards (no copy)
     modules = fsdp_modules(model)
     for m in modules:
         m.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the global token count

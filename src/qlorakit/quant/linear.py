@@ -171,6 +171,11 @@ class Linear4bit(nn.Module):
         return module
 
     @property
+    def device(self) -> torch.device:
+        """Where the 4-bit state lives (a sharded layer answers without gathering its rows)."""
+        return self.qweight.device
+
+    @property
     def weight(self) -> torch.Tensor:
         """The packed uint8 codes (what bitsandbytes stores under ``weight``)."""
         return self.qweight.packed

@@ -55,6 +55,7 @@ from qlorakit.hardware import peak_rss_mb
 from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.parallel import Replicas, current, run_fingerprint
 from qlorakit.parallel.fsdp import Consolidated, FsdpRun, shard_for_training
+from qlorakit.parallel.fsdp_load import gathering
 from qlorakit.train import full, rewrites
 from qlorakit.train.checkpoint import (
     TrainerState,
@@ -272,7 +273,8 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     device = next(p for p in model.parameters()).device
     train_collate = None
     if cfg.objective.method == "sft":  # preference pairs are never packed
-        train_set, train_collate = pack_for_training(model, train_set, collate, cfg, run_dir, replicas.is_main)
+        with gathering():  # a base loaded sharded (--fsdp-load) all-gathers each layer for the probe's forwards
+            train_set, train_collate = pack_for_training(model, train_set, collate, cfg, run_dir, replicas.is_main)
     lengths = train_set.lengths if hasattr(train_set, "lengths") else [len(x["input_ids"]) for x in train_set]
     replicas.per_rank_batch(cfg.train.batch_size)  # a world size that does not divide the batch is refused
     replicas.check_same(run_fingerprint(cfg, lengths))  # every rank has the same config and data
