@@ -36,6 +36,24 @@ runs on the local shards (``to_local()``, the same storage), and the clipping no
 squared local norms are all-reduced. Checkpoints are consolidated: rank 0 writes the adapter whole (PEFT
 layout) and the optimizer state as full tensors, exactly the one-process format, so a resume works from or to
 any world size and from or to DDP.
+
+8-bit optimizer state on shards (the 8-bit rule). The 8-bit AdamW state (``optim.state8bit``) is blockwise:
+one absmax per ``B = 256`` consecutive elements of the flattened parameter. FSDP2 cuts dim 0 as ``torch.chunk``
+does: with ``c = ceil(rows / N)`` rank ``r`` holds rows ``[r c, min((r+1) c, rows))``, i.e. the flat elements
+``[r c k, ...)``, ``k = numel / rows`` (the last ranks hold fewer rows, or none). So a rank's own blocks are
+exactly blocks of the one-process state when
+
+    c * k  is a multiple of B      (or c >= rows: rank 0 holds the whole parameter)
+
+and then the rank's 8-bit update of its shard is, block for block, the one-process update of those elements
+(the absmax of a block and the rounding of its elements depend on that block alone). Which parameters keep
+8-bit state at all follows the whole parameter's size, as in one process (``AdamW(whole_numels=...)``).
+Consolidation gathers each rank's uint8 codes along dim 0 and concatenates the ranks' absmax in rank order:
+the one-process state tensors. A parameter that keeps 8-bit state and breaks the rule is refused before the
+first step (``FsdpRun.refuse_unaligned_8bit``), naming it and what to change. ``lora_A`` (``r x d``) satisfies
+the rule whenever ``d`` is a multiple of 256, ``lora_B`` (``d x r``) whenever ``ceil(d / N) * r`` is (Llama
+shapes with an even ``r`` on up to 8 ranks do); SmolLM2-135M's ``lora_A`` (``r x 576``) with ``r = 8`` on 4
+ranks does not (2 rows of 576 = 1152 elements per shard).
 """
 
 from __future__ import annotations
@@ -50,6 +68,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qlorakit.errors import ConfigError
+from qlorakit.optim.state8bit import STATE_BLOCKSIZE, num_blocks
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor
 
@@ -201,6 +220,35 @@ def shard_of(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return full.new_zeros((0, *full.shape[1:]))
 
 
+def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """(first row, row count) of rank ``rank``'s dim-0 piece of ``rows`` rows, as ``torch.chunk`` / FSDP2 cut it."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(chunk, rows - start)
+
+
+def aligned_8bit(shape: Sequence[int], world: int) -> bool:
+    """Whether every rank's shard of a parameter of ``shape`` is whole 8-bit state blocks (the module docstring)."""
+    if len(shape) == 0 or shape[0] == 0:
+        return True
+    rows, inner = shape[0], math.prod(shape[1:])
+    chunk = -(-rows // world)
+    return chunk >= rows or chunk * inner % STATE_BLOCKSIZE == 0
+
+
+def unaligned_8bit(shapes: Sequence[Sequence[int]], world: int, min_8bit_size: int) -> list[int]:
+    """Indices of the parameters (whole ``shapes``) that keep 8-bit state and break the 8-bit rule on ``world``."""
+    return [i for i, shape in enumerate(shapes)
+            if math.prod(shape) >= min_8bit_size and not aligned_8bit(shape, world)]
+
+
+def block_range(shape: Sequence[int], rank: int, world: int) -> tuple[int, int]:
+    """(first block, block count) of rank ``rank``'s 8-bit state blocks within the whole parameter's."""
+    start, count = shard_rows(shape[0], rank, world) if len(shape) else (0, 1)
+    inner = math.prod(shape[1:])
+    return start * inner // STATE_BLOCKSIZE, num_blocks(count * inner)
+
+
 @dataclass
 class FsdpRun:
     """A model sharded with ``fully_shard_model`` and its trainable parameters (DTensors) in optimizer order."""
@@ -211,6 +259,24 @@ class FsdpRun:
     locals: list[torch.Tensor]  # their local shards (leaves sharing storage), what the optimizer updates
     world: int
     rank: int
+    names: list[str]  # the parameters' names, in the optimizer's order
+
+    def refuse_unaligned_8bit(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before the first step: refuse 8-bit state on a parameter whose shards would split its state blocks."""
+        if getattr(optimizer, "optim_bits", 32) != 8:
+            return
+        bad = unaligned_8bit([tuple(p.shape) for p in self.params], self.world, optimizer.min_8bit_size)
+        if bad:
+            i = bad[0]
+            shape = tuple(self.params[i].shape)
+            start, rows = shard_rows(shape[0], 1, self.world) if self.world > 1 else (0, 0)
+            raise ConfigError(
+                f"--distributed fsdp with 8-bit AdamW: {len(bad)} parameter(s) keep 8-bit state whose blocks of "
+                f"{STATE_BLOCKSIZE} elements a shard boundary would split, e.g. {self.names[i]} {shape}: rank 1's "
+                f"shard starts at element {start * math.prod(shape[1:]):,}, not a multiple of {STATE_BLOCKSIZE} "
+                "(the rule: ceil(rows / world) * (numel / rows) must be a multiple of 256; docs/distributed.md). "
+                "Use another --lora-r or number of ranks, a 32-bit optimizer (--optim paged_adamw), or "
+                "--distributed ddp")
 
     def sync_gradients(self, last_micro_batch: bool) -> None:
         """Reduce-scatter only after the step's last micro-batch (the others accumulate locally)."""
@@ -257,13 +323,15 @@ class FsdpRun:
             for name, value in entry.items():
                 if name == "step":
                     full[name] = value
-                elif tuple(value.shape) == tuple(local(p).shape):
+                elif name.endswith("_absmax"):  # 8-bit block scales: (this rank's blocks,) -> (all blocks,)
+                    full[name] = self._gather_blocks(value, p)
+                elif tuple(value.shape) == tuple(local(p).shape):  # moments or uint8 codes, shaped as the shard
                     full[name] = DTensor.from_local(value.contiguous(), p.device_mesh, p.placements,
                                                     shape=p.shape, stride=p.stride()).full_tensor()
                 else:
-                    raise ConfigError(f"--distributed fsdp: the optimizer state {name!r} of parameter {index} "
-                                      f"{tuple(value.shape)} is blockwise 8-bit over a shard; consolidating it is "
-                                      "not supported yet (use 32-bit AdamW, or a larger --min-8bit-size)")
+                    raise ConfigError(f"--distributed fsdp: the optimizer state {name!r} of {self.names[int(index)]} "
+                                      f"has shape {tuple(value.shape)}, neither its shard's {tuple(local(p).shape)} "
+                                      "nor 8-bit block scales; this optimizer's state cannot be consolidated")
             state[index] = full
         sd["state"] = state
         return sd
@@ -272,9 +340,30 @@ class FsdpRun:
         """The inverse of ``full_state``: each full state tensor cut to this rank's shard."""
         state = {}
         for index, entry in full_sd["state"].items():
-            state[index] = {name: (value if name == "step" else shard_of(value, self.rank, self.world))
-                            for name, value in entry.items()}
+            shape = tuple(self.params[int(index)].shape)
+            state[index] = {name: self._cut(name, value, shape) for name, value in entry.items()}
         return {**full_sd, "state": state}
+
+    def _cut(self, name: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """This rank's piece of one full state tensor (8-bit block scales by block, the rest by dim-0 rows)."""
+        if name == "step":
+            return value
+        if name.endswith("_absmax"):
+            first, count = block_range(shape, self.rank, self.world)
+            return value[first : first + count].clone()  # (this rank's blocks,)
+        return shard_of(value, self.rank, self.world)
+
+    def _gather_blocks(self, mine: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Every rank's 8-bit block scales (``block_range``'s counts) concatenated in rank order (a collective)."""
+        shape = tuple(p.shape)
+        if not aligned_8bit(shape, self.world):  # refused before the first step; a guard against silent garbage
+            raise ConfigError(f"8-bit state of {shape} is not block-aligned on {self.world} ranks")
+        counts = [block_range(shape, r, self.world)[1] for r in range(self.world)]
+        padded = torch.zeros(max(counts), dtype=mine.dtype, device=mine.device)  # (most blocks of a rank,)
+        padded[: mine.numel()] = mine
+        pieces = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(pieces, padded, group=p.device_mesh.get_group())
+        return torch.cat([piece[:n] for piece, n in zip(pieces, counts, strict=True)])  # (num_blocks(numel),)
 
 
 class Consolidated:
@@ -297,4 +386,4 @@ def shard_for_training(model: nn.Module, trainable: Sequence[torch.Tensor], worl
     params = [by_name[n] for n in order]
     with torch.no_grad():
         locals_ = [local(p).detach() for p in params]
-    return FsdpRun(model=model, modules=modules, params=params, locals=locals_, world=world, rank=rank)
+    return FsdpRun(model=model, modules=modules, params=params, locals=locals_, world=world, rank=rank, names=order)

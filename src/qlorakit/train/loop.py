@@ -153,15 +153,17 @@ def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
 
 
-def build_optimizer(model, cfg: RunConfig, params: Sequence[torch.Tensor] | None = None) -> torch.optim.Optimizer:
-    """The configured AdamW variant over the trainable parameters, in model order (or over ``params``)."""
+def build_optimizer(model, cfg: RunConfig, params: Sequence[torch.Tensor] | None = None,
+                    whole_numels: Sequence[int] | None = None) -> torch.optim.Optimizer:
+    """The configured AdamW variant over the trainable parameters, in model order (or over ``params``; when
+    they are FSDP shards, ``whole_numels`` are the whole parameters' sizes)."""
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params:
         raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
     o = cfg.optim
     budget = o.optim_budget * 2**20 if o.optim_budget else None
     return make_optimizer(o.optim, params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                          weight_decay=o.weight_decay, budget_bytes=budget)
+                          weight_decay=o.weight_decay, budget_bytes=budget, whole_numels=whole_numels)
 
 
 @dataclass
@@ -288,8 +290,9 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         sharded = shard_for_training(model, trainable, replicas.world, rank, trainable[0].dtype)
         full_sd = optimizer.state_dict() if resume_from is not None else None
-        optimizer = build_optimizer(model, cfg, sharded.locals)  # the same update, on this rank's shards
-        _refuse_8bit_shards(optimizer, sharded.locals)
+        optimizer = build_optimizer(model, cfg, sharded.locals,  # the same update on this rank's shards, with
+                                    [p.numel() for p in sharded.params])  # the state kind of the whole parameter
+        sharded.refuse_unaligned_8bit(optimizer)  # 8-bit state blocks must not straddle two ranks (parallel.fsdp)
         if full_sd is not None:
             optimizer.load_state_dict(sharded.local_state(full_sd))
     if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
@@ -307,16 +310,6 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded)
-
-
-def _refuse_8bit_shards(optimizer, shards: Sequence[torch.Tensor]) -> None:
-    """Before the first step: 8-bit blockwise state over a shard cannot be consolidated into a checkpoint yet."""
-    bits, smallest = getattr(optimizer, "optim_bits", 32), getattr(optimizer, "min_8bit_size", 0)
-    big = [tuple(t.shape) for t in shards if t.numel() >= smallest]
-    if bits == 8 and big:
-        raise ConfigError(f"--distributed fsdp: {len(big)} adapter shard(s) (e.g. {big[0]}) would keep 8-bit "
-                          "blockwise optimizer state, which FSDP checkpoints cannot consolidate yet; use --optim "
-                          "paged_adamw or adamw under fsdp, or --distributed ddp for 8-bit AdamW")
 
 
 def _uses_fsdp(cfg: RunConfig, replicas: Replicas) -> bool:
