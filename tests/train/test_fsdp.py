@@ -3,7 +3,8 @@
 One job of 2 spawned ranks runs the FSDP scenarios (``parallel.fsdp``); the 1-process references run in the test
 process. Tolerances are the DDP tests' (tests/train/test_distributed.py): rtol 1e-5 on losses and gradient
 norms; the adapters also atol 1e-5 (AdamW divides by sqrt(v): the fp32 rounding of a near-zero gradient entry
-shows at the scale of lr). Both sides use the reference loss (``loss_chunk_tokens`` 0), as FSDP runs do.
+shows at the scale of lr). "paged" uses the reference loss (``loss_chunk_tokens`` 0) on both sides, "accum8bit"
+the chunked head (16 target rows at a time; under FSDP a forward of the root module).
 
 With 8-bit state one more effect of the fp32 order shows: a moment that lies at a rounding edge of the 8-bit map
 gets the neighbouring code (observed: 3 codes of 245,760, never more than one code apart), and that element's
@@ -42,21 +43,21 @@ from tests.helpers.train import run_config, tiny_qlora_model
 
 RTOL = 1e-5
 ATOL = 1e-5  # as tests/train/test_distributed.py: 1e-3 of one AdamW update at lr 1e-2
-#: scenario -> (grad_accum, optimizer, lora r); 3 steps each. 10 train examples in micro-batches of 4: every epoch
-#: ends with a micro-batch of 2, all of it on rank 0 (rank 1's share is empty: it runs the collectives with weight
-#: 0). "paged" (the default optimizer) pages every shard's state (PAGED_MIN: all r 4 shards have 64-128 elements),
-#: within the default budget of two blocks, so blocks are paged out and in every step. r 64 makes most adapters
-#: 4096-8192 elements: at least bitsandbytes' min_8bit_size, so "accum8bit" keeps 8-bit state for them (split on
-#: whole 256-element blocks between the ranks: the 8-bit rule of parallel.fsdp).
-SCENARIOS = {"paged": (1, "paged_adamw", 4), "accum8bit": (2, "adamw8bit", 64)}
+#: scenario -> (grad_accum, optimizer, lora r, loss_chunk_tokens); 3 steps each. 10 train examples in micro-batches
+#: of 4: every epoch ends with a micro-batch of 2, all of it on rank 0 (rank 1's share is empty: it runs the
+#: collectives with weight 0). "paged" (the default optimizer) pages every shard's state (PAGED_MIN: all r 4
+#: shards have 64-128 elements), within the default budget of two blocks, so blocks are paged out and in every
+#: step. r 64 makes most adapters 4096-8192 elements: at least bitsandbytes' min_8bit_size, so "accum8bit" keeps
+#: 8-bit state for them (split on whole 256-element blocks between the ranks: the 8-bit rule of parallel.fsdp).
+SCENARIOS = {"paged": (1, "paged_adamw", 4, 0), "accum8bit": (2, "adamw8bit", 64, 16)}  # ..., loss_chunk_tokens
 RESUMED = "accum8bit"  # saves at step 2; resumed 1 -> 2 and 2 -> 1 ranks, FSDP -> DDP and DDP -> FSDP
 PAGED_MIN = 64  # page_min_size for "paged" (the default 16384 is above every tiny shard)
 PAGED_PATCH = (("qlorakit.optim.adamw", "PAGE_MIN_SIZE", PAGED_MIN),)
 
 
-def _cfg(data: Path, out: Path, grad_accum: int, optim: str, r: int, distributed: str = "auto"):
+def _cfg(data: Path, out: Path, grad_accum: int, optim: str, r: int, chunk: int, distributed: str = "auto"):
     cfg = run_config(data, out, batch_size=4, grad_accum=grad_accum, optim=optim, max_steps=3, save_steps=2,
-                     save_total_limit=0, loss_chunk_tokens=0)
+                     save_total_limit=0, loss_chunk_tokens=chunk)
     return dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=r, dropout=0.0),
                                parallel=dataclasses.replace(cfg.parallel, dist_timeout_s=60, distributed=distributed))
 
@@ -139,7 +140,7 @@ def assert_adapters_close(got: dict, want: dict, eight_bit: bool) -> None:
 
 
 #: equality runs: name -> (the 1-process run, the 2-rank run, whether it keeps 8-bit state)
-EQUAL = {name: (f"{name}-1", f"{name}-2", optim.endswith("8bit")) for name, (_, optim, _) in SCENARIOS.items()}
+EQUAL = {name: (f"{name}-1", f"{name}-2", optim.endswith("8bit")) for name, (_, optim, *_) in SCENARIOS.items()}
 EQUAL["ddp"] = (f"{RESUMED}-1", f"{RESUMED}-ddp", True)  # the DDP side of the cross-strategy resumes, 8-bit too
 
 

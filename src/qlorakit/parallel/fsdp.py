@@ -33,7 +33,8 @@ exact: each rank backpropagates ``CE_sum / N_tok`` (``parallel.replicas``), grad
 (``set_gradient_divide_factor(1.0)``) and reduce-scattered once per step, after the last micro-batch
 (``set_requires_gradient_sync(False)`` before the others). The optimizer (any of ``optim.make_optimizer``'s)
 runs on the local shards (``to_local()``, the same storage), and the clipping norm is the global one: the
-squared local norms are all-reduced. Checkpoints are consolidated: rank 0 writes the adapter whole (PEFT
+squared local norms are all-reduced. A loss that calls the decoder and the head apart (the chunked head) runs
+as a forward of the root (``FsdpRun.root_forward``). Checkpoints are consolidated: rank 0 writes the adapter whole (PEFT
 layout) and the optimizer state as full tensors, exactly the one-process format, so a resume works from or to
 any world size and from or to DDP.
 
@@ -59,9 +60,11 @@ ranks does not (2 rows of 576 = 1152 elements per shard).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -277,6 +280,29 @@ class FsdpRun:
                 "(the rule: ceil(rows / world) * (numel / rows) must be a multiple of 256; docs/distributed.md). "
                 "Use another --lora-r or number of ranks, a 32-bit optimizer (--optim paged_adamw), or "
                 "--distributed ddp")
+
+    def root_forward(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn(model, *args)`` run as a forward of the root FSDP module (torch's ``register_fsdp_forward_method``).
+
+        For a function that calls into the model's submodules directly, as the chunked loss head does (the
+        decoder, then the head on the target rows): the root's parameters (embeddings, final norm, head) are
+        gathered before it, as for ``model(...)``, and the backward of its output gets the root's hooks.
+        Returns a function of the same signature, for this ``model`` only.
+        """
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        name = f"_fsdp_root_{fn.__name__}"
+        setattr(self.model, name, functools.partial(fn, self.model))  # an instance attribute of the root module
+        register_fsdp_forward_method(self.model, name)  # now wrapped in the root's pre/post-forward hooks
+        method = getattr(self.model, name)
+
+        @functools.wraps(fn)
+        def call(model: nn.Module, *args: Any) -> Any:
+            if model is not self.model:
+                raise ValueError("FsdpRun.root_forward: called with another model than the sharded one")
+            return method(*args)
+
+        return call
 
     def sync_gradients(self, last_micro_batch: bool) -> None:
         """Reduce-scatter only after the step's last micro-batch (the others accumulate locally)."""

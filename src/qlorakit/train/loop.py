@@ -65,7 +65,7 @@ from qlorakit.train.checkpoint import (
     save_checkpoint,
 )
 from qlorakit.train.faults import pause_point
-from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
+from qlorakit.train.loss import IGNORE_INDEX, chunkable_head, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog, NoLog
 from qlorakit.train.packed import pack_for_training
 from qlorakit.train.preempt import StopSignals
@@ -129,15 +129,16 @@ class MicroBatchStream:
 
 
 def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int, device,
-             chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[float, int]:
-    """Token-weighted mean loss over ``dataset`` (eval mode, no grad)."""
+             chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_fn: Callable = token_loss_sum) -> tuple[float, int]:
+    """Token-weighted mean loss over ``dataset`` (eval mode, no grad); ``loss_fn``: ``token_loss_sum`` or the
+    FSDP root's forward around it (``Run.loss_fn``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = _to(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
-            loss, n = token_loss_sum(model, batch, chunk_tokens)
+            loss, n = loss_fn(model, batch, chunk_tokens)
             total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1), count
@@ -201,11 +202,9 @@ class Run:
     train_collate: Callable | None = None  # packed rows' collate (train.packed); None: ``collate``
     padding_fraction: float = 0.0  # padding share of the last step's micro-batches (this rank)
     fsdp: FsdpRun | None = None  # --distributed fsdp: the sharded model's handles (parallel.fsdp); None: DDP / 1
-
-    @property
-    def loss_chunk_tokens(self) -> int:
-        """The chunked head calls the decoder and the head apart, outside the FSDP root's hooks: reference loss."""
-        return 0 if self.fsdp is not None else self.cfg.memory.loss_chunk_tokens
+    # (model, batch, chunk_tokens) -> (CE sum, target tokens). FSDP: run as a forward of the root, since the chunked
+    # head calls the decoder and the head apart, outside the root's own forward (FsdpRun.root_forward)
+    loss_fn: Callable = token_loss_sum
 
 
 def train(
@@ -309,7 +308,21 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded)
+               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
+               loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded))
+
+
+def _fsdp_loss(sharded: FsdpRun) -> Callable:
+    """``token_loss_sum`` for a sharded model: the chunked head as a forward of the FSDP root (it calls the decoder
+    and the head apart); the reference loss is the root's own forward already (not nested in another)."""
+    as_root = sharded.root_forward(token_loss_sum)
+
+    def loss_fn(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> tuple[torch.Tensor, int]:
+        if chunk_tokens > 0 and chunkable_head(model) is not None:
+            return as_root(model, batch, chunk_tokens)
+        return token_loss_sum(model, batch, chunk_tokens)
+
+    return loss_fn
 
 
 def _uses_fsdp(cfg: RunConfig, replicas: Replicas) -> bool:
@@ -390,7 +403,7 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
             batch = _to(batch, run.device)
             if run.fsdp is not None:  # reduce-scatter the summed gradients once, after the last micro-batch
                 run.fsdp.sync_gradients(i == len(batches) - 1)
-            loss_sum, _ = token_loss_sum(run.model, batch, run.loss_chunk_tokens)
+            loss_sum, _ = run.loss_fn(run.model, batch, run.cfg.memory.loss_chunk_tokens)
             if empty:
                 loss_sum = loss_sum * 0.0
             (loss_sum / n_target).backward()
@@ -536,7 +549,7 @@ def _eval_and_log(run: Run) -> None:
         return
     replicas, batch_size = run.replicas, run.cfg.train.batch_size
     if run.fsdp is not None:  # every rank scores every example: the same forward passes (FSDP's all-gathers)
-        loss, count = evaluate(run.model, run.val_set, run.collate, batch_size, run.device, 0)
+        loss, count = evaluate(run.model, run.val_set, run.collate, batch_size, run.device, loss_fn=run.loss_fn)
     elif replicas.dist.enabled:  # each rank scores every world-th example; the token-weighted sums are added up
         mine = [run.val_set[i] for i in range(replicas.dist.rank, len(run.val_set), replicas.world)]
         loss, count = evaluate(run.model, mine, run.collate, replicas.per_rank_batch(batch_size), run.device)
