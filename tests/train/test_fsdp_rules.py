@@ -134,6 +134,22 @@ def test_the_8bit_rule_says_when_each_shards_blocks_are_the_whole_parameters(sha
         assert torch.equal(moment, dequantize_moment(codes, absmax, signed=True))
 
 
+def _lora_shapes(linears: list[tuple[int, int]], r: int) -> list[tuple[int, int]]:
+    return [shape for out_f, in_f in linears for shape in ((r, in_f), (out_f, r))]  # lora_A, lora_B
+
+
+@pytest.mark.parametrize(("r", "world", "refused"), [
+    (16, 2, 0), (64, 2, 0), (16, 4, 0), (64, 8, 0),
+    (16, 8, 9),  # lora_A over d 576 (q, o, k, v, gate, up: 2 rows x 576) and lora_B of the 576-row q, o and down
+])               # (72 rows x 16): 1152 elements per rank; k/v lora_B (3072) keep 32-bit state, the rest align
+def test_smollm2_lora_shapes_under_the_8bit_rule(r, world, refused):
+    # SmolLM2-135M's block as in the padding test; Llama-2-70B's (d 8192, f 28672, k/v 1024) for comparison
+    smol = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
+    llama70b = [(8192, 8192)] * 2 + [(1024, 8192)] * 2 + [(28672, 8192)] * 2 + [(8192, 28672)]
+    assert len(unaligned_8bit(_lora_shapes(smol, r), world, min_8bit_size=4096)) == refused
+    assert unaligned_8bit(_lora_shapes(llama70b, r), world, min_8bit_size=4096) == []
+
+
 def test_unaligned_8bit_state_is_refused_naming_the_parameter_and_the_rule():
     assert unaligned_8bit([(8, 576), (4, 576), (64, 64)], 4, min_8bit_size=4096) == [0]  # (4, 576): 32-bit state
     params = [torch.empty(64, 64), torch.empty(8, 576)]
