@@ -96,9 +96,10 @@ class AdamW(torch.optim.Optimizer):
 
     Args beyond torch's: ``optim_bits`` 32 or 8; ``min_8bit_size``: parameters with fewer elements keep
     32-bit state (bitsandbytes' 4096); ``paged``: keep the state of parameters with at least
-    ``page_min_size`` elements in a ``PagedStateStore`` (``self.store``) with at most ``page_budget_bytes``
-    resident (default: twice the largest paged parameter's state; smaller than one parameter's state is
-    a ``ConfigError``); ``page_dir``: directory of the CPU state files (default the system temp dir);
+    ``page_min_size`` (default ``PAGE_MIN_SIZE``, read at construction) elements in a ``PagedStateStore``
+    (``self.store``) with at most ``page_budget_bytes`` resident (default: twice the largest paged parameter's
+    state; smaller than one parameter's state is a ``ConfigError``); ``page_dir``: directory of the CPU state
+    files (default the system temp dir);
     ``measure_pages``: have the CPU store also measure its resident pages with the kernel (tests);
     ``whole_numels``: when the parameters are shards (FSDP), the element count of each whole parameter, in
     parameter order: the 8-bit / 32-bit choice uses it instead of the shard's size (paging still uses the
