@@ -145,7 +145,7 @@ def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int,
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}  # (FSDP's empty_share mark)
 
 
 def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
@@ -242,6 +242,8 @@ def train(
                      stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop, replicas=replicas)
         if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0 (each rank
             run.objective = objective  # scores every pair, and evaluates every held-out pair: replicas agree)
+            if run.fsdp is not None:  # the chunked head as a forward of the FSDP root, as for SFT
+                objective.logps = _fsdp_logps(run.fsdp, objective.logps)
             prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
             if prepared:
                 run.log.write({"step": run.state.step, **prepared})
@@ -283,9 +285,6 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     state = load_checkpoint(resume_from, model, optimizer, rank) if resume_from is not None else TrainerState()
     sharded = None
     if _uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
-        if cfg.objective.method != "sft":
-            raise ConfigError(f"--distributed fsdp runs SFT only; --method {cfg.objective.method} needs "
-                              "--distributed ddp")
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         sharded = shard_for_training(model, trainable, replicas.world, rank, trainable[0].dtype)
         full_sd = optimizer.state_dict() if resume_from is not None else None
@@ -310,6 +309,20 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
                loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded))
+
+
+def _fsdp_logps(sharded: FsdpRun, logps: Callable) -> Callable:
+    """A preference objective's ``sequence_logps`` for a sharded model (as ``_fsdp_loss``; a trainable head is
+    scored by the reference path, the root's own forward)."""
+    as_root = sharded.root_forward(logps)
+
+    def logps_fn(model, batch: dict[str, torch.Tensor], chunk_tokens: int):
+        head = chunkable_head(model)
+        if chunk_tokens > 0 and head is not None and not head.weight.requires_grad:
+            return as_root(model, batch, chunk_tokens)
+        return logps(model, batch, chunk_tokens)
+
+    return logps_fn
 
 
 def _fsdp_loss(sharded: FsdpRun) -> Callable:
@@ -391,7 +404,8 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
     replicas, batches = run.replicas, [b for b in batches if b is not None]
     if run.objective is not None:  # DPO / ORPO: the mean loss over the step's pairs, of all ranks (train.objective)
         total, tokens = run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches],
-                                                       run.train_set, replicas.sum if replicas.dist.enabled else None)
+                                                       run.train_set, replicas.sum if replicas.dist.enabled else None,
+                                                       None if run.fsdp is None else run.fsdp.sync_gradients)
     else:
         n_target = sum(target_tokens(b) for b in batches if "empty_share" not in b)
         if replicas.dist.enabled:
