@@ -131,6 +131,9 @@ def _run_patched(rank: int, scenario: Scenario, train_set, val_set, collate, voc
     try:
         resume = Path(scenario.resume_from) if scenario.resume_from else None
         result = train(model, train_set, val_set, collate, cfg, Path(cfg.train.output_dir), resume, progress=False)
+        from torch.distributed.tensor import DTensor
+
+        kept_whole = sum(p.requires_grad and not isinstance(p, DTensor) for p in model.parameters())  # FSDP: unsharded
         with whole_model(model):  # FSDP: every block all-gathered after train() (a collective); DDP: nothing to do
             adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             if rank == 0:  # the PEFT files of the model as train() left it (its rewrites undone)
@@ -138,7 +141,7 @@ def _run_patched(rank: int, scenario: Scenario, train_set, val_set, collate, voc
         save_file(adapters, str(out / f"{scenario.name}.rank{rank}.safetensors"))
         report.write_text(json.dumps({"ok": True, "rank_peak_rss_mb": result.rank_peak_rss_mb,
                                       "stopped_by": result.stopped_by, "steps": result.steps,
-                                      "losses": result.losses}))
+                                      "losses": result.losses, "kept_whole": kept_whole}))
     except Exception as exc:  # the test reads the error: that is what it checks
         report.write_text(json.dumps({"ok": False, "type": type(exc).__name__, "error": str(exc),
                                       "trace": traceback.format_exc(), "seconds": time.monotonic() - started}))

@@ -11,7 +11,6 @@ from qlorakit.errors import ConfigError
 from qlorakit.optim.state8bit import STATE_BLOCKSIZE, dequantize_moment, layout_8bit, quantize_moment_into
 from qlorakit.parallel import SINGLE, Dist, choose_strategy
 from qlorakit.parallel.fsdp import (
-    FsdpRun,
     ShardedLinear4bit,
     aligned_8bit,
     block_range,
@@ -138,29 +137,20 @@ def _lora_shapes(linears: list[tuple[int, int]], r: int) -> list[tuple[int, int]
     return [shape for out_f, in_f in linears for shape in ((r, in_f), (out_f, r))]  # lora_A, lora_B
 
 
-@pytest.mark.parametrize(("r", "world", "refused"), [
+@pytest.mark.parametrize(("r", "world", "whole"), [
     (16, 2, 0), (64, 2, 0), (16, 4, 0), (64, 8, 0),
     (16, 8, 9),  # lora_A over d 576 (q, o, k, v, gate, up: 2 rows x 576) and lora_B of the 576-row q, o and down
 ])               # (72 rows x 16): 1152 elements per rank; k/v lora_B (3072) keep 32-bit state, the rest align
-def test_smollm2_lora_shapes_under_the_8bit_rule(r, world, refused):
+def test_smollm2_lora_shapes_under_the_8bit_rule(r, world, whole):
     # SmolLM2-135M's block as in the padding test; Llama-2-70B's (d 8192, f 28672, k/v 1024) for comparison
     smol = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
     llama70b = [(8192, 8192)] * 2 + [(1024, 8192)] * 2 + [(28672, 8192)] * 2 + [(8192, 28672)]
-    assert len(unaligned_8bit(_lora_shapes(smol, r), world, min_8bit_size=4096)) == refused
+    assert len(unaligned_8bit(_lora_shapes(smol, r), world, min_8bit_size=4096)) == whole  # kept whole per rank
     assert unaligned_8bit(_lora_shapes(llama70b, r), world, min_8bit_size=4096) == []
 
 
-def test_unaligned_8bit_state_is_refused_naming_the_parameter_and_the_rule():
-    assert unaligned_8bit([(8, 576), (4, 576), (64, 64)], 4, min_8bit_size=4096) == [0]  # (4, 576): 32-bit state
-    params = [torch.empty(64, 64), torch.empty(8, 576)]
-    run = FsdpRun(model=nn.Module(), modules=[], params=params, locals=params, world=4, rank=0,
-                  names=["q.lora_A", "layers.0.self_attn.q_proj.lora_A.default.weight"])
-
-    class Opt:
-        optim_bits, min_8bit_size = 8, 4096
-
-    with pytest.raises(ConfigError, match=r"q_proj\.lora_A.*\(8, 576\).*1,152.*multiple of 256.*--optim paged_adamw"):
-        run.refuse_unaligned_8bit(Opt())
-    Opt.optim_bits = 32
-    run.refuse_unaligned_8bit(Opt())  # 32-bit state: any shape shards
+def test_only_parameters_with_8bit_state_that_break_the_rule_are_kept_whole():
+    shapes = [(8, 576), (4, 576), (64, 64), (16, 576)]  # breaks it; 32-bit state (2304 elements); aligned; aligned
+    assert unaligned_8bit(shapes, 4, min_8bit_size=4096) == [0]
+    assert unaligned_8bit(shapes, 1, min_8bit_size=4096) == []  # one rank: nothing is cut
     assert STATE_BLOCKSIZE == 256

@@ -50,8 +50,10 @@ and then the rank's 8-bit update of its shard is, block for block, the one-proce
 (the absmax of a block and the rounding of its elements depend on that block alone). Which parameters keep
 8-bit state at all follows the whole parameter's size, as in one process (``AdamW(whole_numels=...)``).
 Consolidation gathers each rank's uint8 codes along dim 0 and concatenates the ranks' absmax in rank order:
-the one-process state tensors. A parameter that keeps 8-bit state and breaks the rule is refused before the
-first step (``FsdpRun.refuse_unaligned_8bit``), naming it and what to change. ``lora_A`` (``r x d``) satisfies
+the one-process state tensors. A parameter that keeps 8-bit state and breaks the rule is not sharded: FSDP
+leaves it alone (``ignored_params``), it is whole on every rank, its gradient is all-reduced as under DDP and
+every rank updates it with the one-process 8-bit state (``FsdpRun.whole_params`` names them; the trainer prints
+them). ``lora_A`` (``r x d``) satisfies
 the rule whenever ``d`` is a multiple of 256, ``lora_B`` (``d x r``) whenever ``ceil(d / N) * r`` is (Llama
 shapes with an even ``r`` on up to 8 ranks do); SmolLM2-135M's ``lora_A`` (``r x 576``) with ``r = 8`` on 4
 ranks does not (2 rows of 576 = 1152 elements per shard).
@@ -173,11 +175,14 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | None) -> list[nn.Module]:
+def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | None,
+                      keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Module]:
     """The 4-bit storage re-homed, ``fully_shard`` per decoder block and on the root; the FSDP modules.
 
     ``param_dtype``: the mixed-precision policy's parameter and reduction dtype (the run's compute dtype;
-    fp32 on CPU). Integer parameters are never cast (FSDP2 casts floating ones only).
+    fp32 on CPU). Integer parameters are never cast (FSDP2 casts floating ones only). ``keep_whole``:
+    parameters FSDP leaves alone (``ignored_params``): whole on every rank, their gradients summed by
+    ``FsdpRun.grads_to_local`` (the 8-bit rule's fallback).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -186,9 +191,10 @@ def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | N
     shard_quantized_storage(model, world)
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype)
+    ignored = set(keep_whole) or None
     for block in decoder_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, ignored_params=ignored)
     modules = fsdp_modules(model)
     for m in modules:
         m.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the global token count
@@ -264,22 +270,9 @@ class FsdpRun:
     rank: int
     names: list[str]  # the parameters' names, in the optimizer's order
 
-    def refuse_unaligned_8bit(self, optimizer: torch.optim.Optimizer) -> None:
-        """Before the first step: refuse 8-bit state on a parameter whose shards would split its state blocks."""
-        if getattr(optimizer, "optim_bits", 32) != 8:
-            return
-        bad = unaligned_8bit([tuple(p.shape) for p in self.params], self.world, optimizer.min_8bit_size)
-        if bad:
-            i = bad[0]
-            shape = tuple(self.params[i].shape)
-            start, rows = shard_rows(shape[0], 1, self.world) if self.world > 1 else (0, 0)
-            raise ConfigError(
-                f"--distributed fsdp with 8-bit AdamW: {len(bad)} parameter(s) keep 8-bit state whose blocks of "
-                f"{STATE_BLOCKSIZE} elements a shard boundary would split, e.g. {self.names[i]} {shape}: rank 1's "
-                f"shard starts at element {start * math.prod(shape[1:]):,}, not a multiple of {STATE_BLOCKSIZE} "
-                "(the rule: ceil(rows / world) * (numel / rows) must be a multiple of 256; docs/distributed.md). "
-                "Use another --lora-r or number of ranks, a 32-bit optimizer (--optim paged_adamw), or "
-                "--distributed ddp")
+    def whole_params(self) -> list[str]:
+        """The trainable parameters kept whole on every rank (not sharded: the 8-bit rule's fallback)."""
+        return [n for n, p in zip(self.names, self.params, strict=True) if not _is_dtensor(p)]
 
     def root_forward(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn(model, *args)`` run as a forward of the root FSDP module (torch's ``register_fsdp_forward_method``).
@@ -310,7 +303,16 @@ class FsdpRun:
             m.set_requires_gradient_sync(last_micro_batch)
 
     def grads_to_local(self) -> None:
-        """Hand each sharded gradient's local part to the optimizer's local parameter (no copy)."""
+        """Hand each sharded gradient's local part to the optimizer's local parameter (no copy); the gradients of
+        the parameters kept whole are summed over the ranks first (one flat all-reduce, as DDP's)."""
+        whole = [p for p in self.params if not _is_dtensor(p)]
+        if whole:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in whole])
+            dist.all_reduce(flat)  # (sum of their numel,)
+            offset = 0
+            for p in whole:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
         for p, mine in zip(self.params, self.locals, strict=True):
             mine.grad = None if p.grad is None else local(p.grad)
 
@@ -321,10 +323,12 @@ class FsdpRun:
     def clip(self, max_norm: float) -> float:
         """The global gradient norm (all shards), and the gradients scaled as ``clip_grad_norm_`` does."""
         grads = [g for g in (m.grad for m in self.locals) if g is not None]
-        squares = torch.zeros((), dtype=torch.float64)
-        for g in grads:
-            squares += g.double().pow(2).sum()
-        dist.all_reduce(squares)
+        squares, whole = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for p, mine in zip(self.params, self.locals, strict=True):
+            if mine.grad is not None:
+                (squares if _is_dtensor(p) else whole).add_(mine.grad.double().pow(2).sum())
+        dist.all_reduce(squares)  # the shards of every rank; a whole parameter's gradient is the same on each
+        squares += whole
         norm = float(squares.sqrt())
         if max_norm > 0:
             coef = max_norm / (norm + 1e-6)
@@ -347,7 +351,7 @@ class FsdpRun:
             p = self.params[int(index)]
             full = {}
             for name, value in entry.items():
-                if name == "step":
+                if name == "step" or not _is_dtensor(p):  # a parameter kept whole: its state is whole already
                     full[name] = value
                 elif name.endswith("_absmax"):  # 8-bit block scales: (this rank's blocks,) -> (all blocks,)
                     full[name] = self._gather_blocks(value, p)
@@ -366,8 +370,9 @@ class FsdpRun:
         """The inverse of ``full_state``: each full state tensor cut to this rank's shard."""
         state = {}
         for index, entry in full_sd["state"].items():
-            shape = tuple(self.params[int(index)].shape)
-            state[index] = {name: self._cut(name, value, shape) for name, value in entry.items()}
+            p = self.params[int(index)]
+            state[index] = {name: self._cut(name, value, tuple(p.shape)) if _is_dtensor(p) else value
+                            for name, value in entry.items()}
         return {**full_sd, "state": state}
 
     def _cut(self, name: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -382,7 +387,7 @@ class FsdpRun:
     def _gather_blocks(self, mine: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Every rank's 8-bit block scales (``block_range``'s counts) concatenated in rank order (a collective)."""
         shape = tuple(p.shape)
-        if not aligned_8bit(shape, self.world):  # refused before the first step; a guard against silent garbage
+        if not aligned_8bit(shape, self.world):  # such parameters are kept whole (never DTensors): a guard
             raise ConfigError(f"8-bit state of {shape} is not block-aligned on {self.world} ranks")
         counts = [block_range(shape, r, self.world)[1] for r in range(self.world)]
         padded = torch.zeros(max(counts), dtype=mine.dtype, device=mine.device)  # (most blocks of a rank,)
@@ -403,11 +408,16 @@ class Consolidated:
 
 
 def shard_for_training(model: nn.Module, trainable: Sequence[torch.Tensor], world: int, rank: int,
-                       param_dtype: torch.dtype | None) -> FsdpRun:
-    """``fully_shard_model`` and the sharded trainable parameters matched to ``trainable``'s order."""
+                       param_dtype: torch.dtype | None, min_8bit_size: int | None = None) -> FsdpRun:
+    """``fully_shard_model`` and the sharded trainable parameters matched to ``trainable``'s order.
+
+    ``min_8bit_size``: the optimizer keeps 8-bit state from that size on (None: 32-bit state); a parameter that
+    does and breaks the 8-bit rule stays whole on every rank (``unaligned_8bit``).
+    """
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for p in trainable]
-    modules = fully_shard_model(model, world, param_dtype)
+    whole = [] if min_8bit_size is None else unaligned_8bit([tuple(p.shape) for p in trainable], world, min_8bit_size)
+    modules = fully_shard_model(model, world, param_dtype, [trainable[i] for i in whole])
     by_name = dict(model.named_parameters())
     params = [by_name[n] for n in order]
     with torch.no_grad():

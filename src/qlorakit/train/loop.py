@@ -285,14 +285,7 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     state = load_checkpoint(resume_from, model, optimizer, rank) if resume_from is not None else TrainerState()
     sharded = None
     if _uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        sharded = shard_for_training(model, trainable, replicas.world, rank, trainable[0].dtype)
-        full_sd = optimizer.state_dict() if resume_from is not None else None
-        optimizer = build_optimizer(model, cfg, sharded.locals,  # the same update on this rank's shards, with
-                                    [p.numel() for p in sharded.params])  # the state kind of the whole parameter
-        sharded.refuse_unaligned_8bit(optimizer)  # 8-bit state blocks must not straddle two ranks (parallel.fsdp)
-        if full_sd is not None:
-            optimizer.load_state_dict(sharded.local_state(full_sd))
+        sharded, optimizer = _shard(model, optimizer, cfg, replicas, resumed=resume_from is not None)
     if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
         torch.manual_seed(cfg.train.seed + rank)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
@@ -309,6 +302,25 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
                loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded))
+
+
+def _shard(model, optimizer, cfg: RunConfig, replicas: Replicas,
+           resumed: bool) -> tuple[FsdpRun, torch.optim.Optimizer]:
+    """FSDP: the model sharded (``parallel.fsdp``) and the optimizer rebuilt over this rank's shards, with the
+    loaded one-process state cut to them."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    eight_bit = optimizer.min_8bit_size if getattr(optimizer, "optim_bits", 32) == 8 else None
+    sharded = shard_for_training(model, trainable, replicas.world, replicas.dist.rank, trainable[0].dtype, eight_bit)
+    whole = sharded.whole_params()
+    if whole and replicas.is_main:
+        print(f"fsdp       {len(whole)} adapter tensor(s) kept whole on every rank (their 8-bit state blocks would "
+              f"straddle two ranks' shards; their gradients are all-reduced), e.g. {whole[0]}")
+    full_sd = optimizer.state_dict() if resumed else None
+    optimizer = build_optimizer(model, cfg, sharded.locals,  # the same update on this rank's shards, with the
+                                [p.numel() for p in sharded.params])  # state kind of the whole parameter
+    if full_sd is not None:
+        optimizer.load_state_dict(sharded.local_state(full_sd))
+    return sharded, optimizer
 
 
 def _fsdp_logps(sharded: FsdpRun, logps: Callable) -> Callable:
