@@ -40,6 +40,9 @@ class Scenario:
     die_at_forward: int = 3
     sigterm_on_rank: int | None = None  # this rank sends itself SIGTERM at its first forward pass
     cli_args: list[str] | None = None  # run ``qlorakit train`` with these arguments instead of ``train()``
+    copy_from: tuple[str, int] | None = None  # (run dir, step): rank 0 copies it into the output dir (copy_until)
+    # first, and every rank resumes from the copy: a resume of a run that this same job wrote
+    patches: tuple[tuple[str, str, Any], ...] = ()  # (module, attribute, value) set for the scenario, then restored
 
 
 def worker(rank: int, world: int, port: int, scenarios: list[Scenario], train_set, val_set, collate,
@@ -59,6 +62,30 @@ def worker(rank: int, world: int, port: int, scenarios: list[Scenario], train_se
 
 
 def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_size: int, out: Path) -> None:
+    import importlib
+
+    saved = []
+    for module, name, value in scenario.patches:
+        target = importlib.import_module(module)
+        saved.append((target, name, getattr(target, name)))
+        setattr(target, name, value)
+    try:
+        _run_patched(rank, scenario, train_set, val_set, collate, vocab_size, out)
+    finally:
+        for target, name, value in reversed(saved):
+            setattr(target, name, value)
+
+
+def _run_patched(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_size: int, out: Path) -> None:
+    if scenario.copy_from is not None:
+        import torch.distributed as dist
+
+        run_dir, step = scenario.copy_from
+        target = Path(scenario.cfg.train.output_dir)
+        if rank == 0:
+            copy_until(Path(run_dir), target, step)
+        dist.barrier()
+        scenario = dataclasses.replace(scenario, resume_from=str(target / f"checkpoint-{step}"))
     if scenario.cli_args is not None:
         from qlorakit.cli.main import main
 
@@ -68,6 +95,8 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
     import torch
     from safetensors.torch import save_file
 
+    from qlorakit.lora import save_adapter
+    from qlorakit.parallel.fsdp import whole_model
     from qlorakit.train import train
     from tests.helpers.train import tiny_qlora_model
 
@@ -102,21 +131,20 @@ def _run_one(rank: int, scenario: Scenario, train_set, val_set, collate, vocab_s
     try:
         resume = Path(scenario.resume_from) if scenario.resume_from else None
         result = train(model, train_set, val_set, collate, cfg, Path(cfg.train.output_dir), resume, progress=False)
-        adapters = {n: _whole(p) for n, p in model.named_parameters() if p.requires_grad}
+        from torch.distributed.tensor import DTensor
+
+        kept_whole = sum(p.requires_grad and not isinstance(p, DTensor) for p in model.parameters())  # FSDP: unsharded
+        with whole_model(model):  # FSDP: every block all-gathered after train() (a collective); DDP: nothing to do
+            adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            if rank == 0:  # the PEFT files of the model as train() left it (its rewrites undone)
+                save_adapter(model, out / f"{scenario.name}.adapter", overwrite=True)
         save_file(adapters, str(out / f"{scenario.name}.rank{rank}.safetensors"))
         report.write_text(json.dumps({"ok": True, "rank_peak_rss_mb": result.rank_peak_rss_mb,
                                       "stopped_by": result.stopped_by, "steps": result.steps,
-                                      "losses": result.losses}))
+                                      "losses": result.losses, "kept_whole": kept_whole}))
     except Exception as exc:  # the test reads the error: that is what it checks
         report.write_text(json.dumps({"ok": False, "type": type(exc).__name__, "error": str(exc),
                                       "trace": traceback.format_exc(), "seconds": time.monotonic() - started}))
-
-
-def _whole(p):
-    """A parameter's full value: an FSDP-sharded DTensor gathered (a collective: every rank calls it)."""
-    from torch.distributed.tensor import DTensor
-
-    return (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
 
 
 def run_ranks(world: int, args: tuple, timeout_s: float) -> list[int | None]:

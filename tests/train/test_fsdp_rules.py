@@ -1,4 +1,5 @@
-"""The FSDP shard rule on one process (no process group): padding, block alignment, the rebuilt 4-bit view."""
+"""The FSDP shard rules on one process (no process group): padding, block alignment, the rebuilt 4-bit view; the
+8-bit optimizer state rule (a shard's 8-bit blocks are the whole parameter's)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,18 @@ import pytest
 import torch
 from torch import nn
 
+from qlorakit.errors import ConfigError
+from qlorakit.optim.state8bit import STATE_BLOCKSIZE, dequantize_moment, layout_8bit, quantize_moment_into
 from qlorakit.parallel import SINGLE, Dist, choose_strategy
-from qlorakit.parallel.fsdp import ShardedLinear4bit, padded_blocks, shard_of, to_sharded_storage
+from qlorakit.parallel.fsdp import (
+    ShardedLinear4bit,
+    aligned_8bit,
+    block_range,
+    padded_blocks,
+    shard_of,
+    to_sharded_storage,
+    unaligned_8bit,
+)
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.tensor import NESTED_BLOCKSIZE
 
@@ -59,16 +70,15 @@ def test_auto_picks_fsdp_only_when_a_whole_replica_does_not_fit():
     assert strategy == "fsdp" and "does not fit" in why and "3 of 2 GiB" in why
 
 
-def test_8bit_state_over_a_shard_is_refused_before_the_first_step():
-    from qlorakit.errors import ConfigError
+def test_a_shard_keeps_the_state_kind_of_its_whole_parameter():
     from qlorakit.optim.adamw import AdamW
-    from qlorakit.train.loop import _refuse_8bit_shards
 
-    small, big = torch.zeros(16, 64), torch.zeros(64, 64)  # 1024 and 4096 elements; 8-bit from 4096 on
-    _refuse_8bit_shards(AdamW([small], optim_bits=8), [small])  # every shard keeps 32-bit state: allowed
-    _refuse_8bit_shards(AdamW([big], optim_bits=32), [big])
-    with pytest.raises(ConfigError, match=r"\(64, 64\).*8-bit.*--optim paged_adamw"):
-        _refuse_8bit_shards(AdamW([small, big], optim_bits=8), [small, big])
+    shard, small = torch.zeros(32, 64), torch.zeros(16, 64)  # half of a (64, 64) lora_A; a whole 1024-element one
+    opt = AdamW([shard, small], optim_bits=8, whole_numels=[4096, 1024])
+    assert "exp_avg_codes" in opt._layout(shard) and "exp_avg" in opt._layout(small)
+    assert "exp_avg" in AdamW([shard], optim_bits=8)._layout(shard)  # by its own 2048 elements: 32-bit
+    with pytest.raises(ConfigError, match="whole_numels has 1 entries for 2 parameters"):
+        AdamW([shard, small], optim_bits=8, whole_numels=[4096])
 
 
 def test_a_sharded_run_resumes_unsharded_in_one_process(monkeypatch, capsys):
@@ -85,3 +95,62 @@ def test_a_sharded_run_resumes_unsharded_in_one_process(monkeypatch, capsys):
     assert unshard_for_one_process(ddp) is ddp
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun an FSDP run resumes sharded
     assert unshard_for_one_process(base)["parallel"]["distributed"] == "fsdp"
+
+
+def _quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's 8-bit state (signed map): codes shaped as x, absmax per 256-element block."""
+    layout = layout_8bit(x.shape)
+    codes = torch.zeros(layout["exp_avg_codes"][0], dtype=torch.uint8)
+    absmax = torch.zeros(layout["exp_avg_absmax"][0])
+    quantize_moment_into(x.reshape(-1), codes, absmax, signed=True)
+    return codes, absmax
+
+
+@pytest.mark.parametrize(("shape", "world", "aligned"), [
+    ((64, 64), 2, True),      # lora_A r 64 over d 64: 32 rows x 64 = 2048 elements per shard
+    ((128, 64), 2, True),     # lora_B of a 128-row projection, r 64
+    ((16, 576), 2, True),     # SmolLM2's lora_A, r 16: 8 x 576 = 4608 = 18 blocks
+    ((8, 576), 4, False),     # ... r 8 on 4 ranks: 2 x 576 = 1152 = 4.5 blocks
+    ((192, 30), 2, False),    # 96 x 30 = 2880 = 11.25 blocks
+    ((5, 1000), 3, False),    # 2 x 1000; the last rank holds one row
+    ((3, 4096), 4, True),     # 1 row per rank, the fourth rank empty
+    ((1, 8192), 2, True),     # one row: all on rank 0
+])
+def test_the_8bit_rule_says_when_each_shards_blocks_are_the_whole_parameters(shape, world, aligned):
+    torch.manual_seed(0)
+    whole = torch.randn(shape)
+    codes, absmax = _quantized(whole)
+    assert aligned_8bit(shape, world) is aligned
+    pieces = [_quantized(shard_of(whole, r, world)) for r in range(world)]  # each rank quantizes its own shard
+    same = torch.equal(torch.cat([c for c, _ in pieces]), codes) and torch.equal(torch.cat([a for _, a in pieces]),
+                                                                                    absmax)
+    assert same is aligned  # the rule is exactly the condition for rank-local blocks == the one-process blocks
+    if aligned:  # and the consolidation / cutting of the block scales are inverse
+        for r, (_, mine) in enumerate(pieces):
+            first, count = block_range(shape, r, world)
+            assert torch.equal(absmax[first : first + count], mine)
+        moment = torch.cat([dequantize_moment(c, a, signed=True) for c, a in pieces])
+        assert torch.equal(moment, dequantize_moment(codes, absmax, signed=True))
+
+
+def _lora_shapes(linears: list[tuple[int, int]], r: int) -> list[tuple[int, int]]:
+    return [shape for out_f, in_f in linears for shape in ((r, in_f), (out_f, r))]  # lora_A, lora_B
+
+
+@pytest.mark.parametrize(("r", "world", "whole"), [
+    (16, 2, 0), (64, 2, 0), (16, 4, 0), (64, 8, 0),
+    (16, 8, 9),  # lora_A over d 576 (q, o, k, v, gate, up: 2 rows x 576) and lora_B of the 576-row q, o and down
+])               # (72 rows x 16): 1152 elements per rank; k/v lora_B (3072) keep 32-bit state, the rest align
+def test_smollm2_lora_shapes_under_the_8bit_rule(r, world, whole):
+    # SmolLM2-135M's block as in the padding test; Llama-2-70B's (d 8192, f 28672, k/v 1024) for comparison
+    smol = [(576, 576)] * 2 + [(192, 576)] * 2 + [(1536, 576)] * 2 + [(576, 1536)]
+    llama70b = [(8192, 8192)] * 2 + [(1024, 8192)] * 2 + [(28672, 8192)] * 2 + [(8192, 28672)]
+    assert len(unaligned_8bit(_lora_shapes(smol, r), world, min_8bit_size=4096)) == whole  # kept whole per rank
+    assert unaligned_8bit(_lora_shapes(llama70b, r), world, min_8bit_size=4096) == []
+
+
+def test_only_parameters_with_8bit_state_that_break_the_rule_are_kept_whole():
+    shapes = [(8, 576), (4, 576), (64, 64), (16, 576)]  # breaks it; 32-bit state (2304 elements); aligned; aligned
+    assert unaligned_8bit(shapes, 4, min_8bit_size=4096) == [0]
+    assert unaligned_8bit(shapes, 1, min_8bit_size=4096) == []  # one rank: nothing is cut
+    assert STATE_BLOCKSIZE == 256

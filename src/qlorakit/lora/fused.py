@@ -65,9 +65,14 @@ class SharedInputA(nn.Module):
         return self._group.down(self, x, dropout)
 
     def as_linear(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
-        return linear
+        """This module made the bias-free ``nn.Linear`` it replaced, in place: the same object around the same
+        ``weight``. In place because others may hold the module: FSDP2 sets a sharded layer's parameter on the
+        module that owned it when ``fully_shard`` ran (sharded after a forward, whole inside ``unshard()``), so
+        a new ``nn.Linear`` would keep the sharded DTensor for good (safetensors: "invalid python storage")."""
+        del self._group
+        self.__class__ = nn.Linear  # type: ignore[assignment]
+        self.register_parameter("bias", None)
+        return self  # type: ignore[return-value]
 
 
 class _Group:

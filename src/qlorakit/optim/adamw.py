@@ -15,6 +15,8 @@ For each parameter ``p`` with gradient ``g``, at step ``t = 1, 2, ...``:
 - **8-bit** state (``optim_bits=8``): both moments blockwise-quantized as bitsandbytes'
   ``AdamW8bit`` does, bit-identical to it on CPU (``state8bit``). Parameters with fewer than
   ``min_8bit_size`` elements keep 32-bit state (as bitsandbytes), updated by the 32-bit path above.
+  When the parameters are shards of larger ones (FSDP, ``whole_numels``), that choice follows the whole
+  parameter's size, so a shard keeps the state kind one process keeps for the whole tensor.
 - **Paged** (``paged=True``): the state of every parameter with at least ``page_min_size`` elements lives
   in a ``PagedStateStore`` (memory-mapped file on CPU, pinned host memory on CUDA) and at most
   ``page_budget_bytes`` of it is resident at once; the numbers are the same as unpaged.
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -94,10 +96,14 @@ class AdamW(torch.optim.Optimizer):
 
     Args beyond torch's: ``optim_bits`` 32 or 8; ``min_8bit_size``: parameters with fewer elements keep
     32-bit state (bitsandbytes' 4096); ``paged``: keep the state of parameters with at least
-    ``page_min_size`` elements in a ``PagedStateStore`` (``self.store``) with at most ``page_budget_bytes``
-    resident (default: twice the largest paged parameter's state; smaller than one parameter's state is
-    a ``ConfigError``); ``page_dir``: directory of the CPU state files (default the system temp dir);
-    ``measure_pages``: have the CPU store also measure its resident pages with the kernel (tests).
+    ``page_min_size`` (default ``PAGE_MIN_SIZE``, read at construction) elements in a ``PagedStateStore``
+    (``self.store``) with at most ``page_budget_bytes`` resident (default: twice the largest paged parameter's
+    state; smaller than one parameter's state is a ``ConfigError``); ``page_dir``: directory of the CPU state
+    files (default the system temp dir);
+    ``measure_pages``: have the CPU store also measure its resident pages with the kernel (tests);
+    ``whole_numels``: when the parameters are shards (FSDP), the element count of each whole parameter, in
+    parameter order: the 8-bit / 32-bit choice uses it instead of the shard's size (paging still uses the
+    shard's: it is about this process's memory).
     """
 
     def __init__(
@@ -111,9 +117,10 @@ class AdamW(torch.optim.Optimizer):
         paged: bool = False,
         page_budget_bytes: int | None = None,
         min_8bit_size: int = 4096,
-        page_min_size: int = PAGE_MIN_SIZE,
+        page_min_size: int | None = None,
         page_dir: str | None = None,
         measure_pages: bool = False,
+        whole_numels: Sequence[int] | None = None,
     ) -> None:
         _check_hyperparameters(lr, betas, eps, weight_decay)
         if optim_bits not in (32, 8):
@@ -122,9 +129,13 @@ class AdamW(torch.optim.Optimizer):
             raise ConfigError(f"page_budget_bytes={page_budget_bytes} needs paged=True and a positive byte count")
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
+        all_params = self._all_params()
+        if whole_numels is not None and len(whole_numels) != len(all_params):
+            raise ConfigError(f"whole_numels has {len(whole_numels)} entries for {len(all_params)} parameters")
+        self._whole_numel = {id(p): n for p, n in zip(all_params, whole_numels or (), strict=False)}
         self.optim_bits = optim_bits
         self.min_8bit_size = min_8bit_size
-        self.page_min_size = page_min_size
+        self.page_min_size = PAGE_MIN_SIZE if page_min_size is None else page_min_size  # read now: tests lower it
         self.store: PagedStateStore | None = None
         if paged:
             self.store = PagedStateStore(self._device(), None, page_dir, measure_pages)
@@ -151,7 +162,7 @@ class AdamW(torch.optim.Optimizer):
 
     def _layout(self, p: torch.Tensor) -> Layout:
         """Name -> (shape, dtype) of ``p``'s state tensors: 8-bit codes + absmax, or two fp32 moments."""
-        if self.optim_bits == 8 and p.numel() >= self.min_8bit_size:
+        if self.optim_bits == 8 and self._whole_numel.get(id(p), p.numel()) >= self.min_8bit_size:
             return layout_8bit(p.shape)
         return {"exp_avg": (tuple(p.shape), torch.float32), "exp_avg_sq": (tuple(p.shape), torch.float32)}
 
@@ -280,8 +291,10 @@ def make_optimizer(
     eps: float,
     weight_decay: float,
     budget_bytes: int | None = None,
+    whole_numels: Sequence[int] | None = None,
 ) -> AdamW:
-    """``adamw`` | ``adamw8bit`` | ``paged_adamw`` | ``paged_adamw8bit``; ``budget_bytes`` is for the paged ones."""
+    """``adamw`` | ``adamw8bit`` | ``paged_adamw`` | ``paged_adamw8bit``; ``budget_bytes`` is for the paged ones;
+    ``whole_numels``: the whole parameters' sizes when ``params`` are shards (``AdamW``)."""
     if name not in OPTIMIZER_NAMES:
         raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
     paged = name.startswith("paged_")
@@ -296,4 +309,5 @@ def make_optimizer(
         optim_bits=8 if name.endswith("8bit") else 32,
         paged=paged,
         page_budget_bytes=budget_bytes,
+        whole_numels=whole_numels,
     )

@@ -37,23 +37,47 @@ exact: each rank backpropagates ``CE_sum / N_tok`` (``parallel.replicas``), grad
 (``set_gradient_divide_factor(1.0)``) and reduce-scattered once per step, after the last micro-batch
 (``set_requires_gradient_sync(False)`` before the others). The optimizer (any of ``optim.make_optimizer``'s)
 runs on the local shards (``to_local()``, the same storage), and the clipping norm is the global one: the
-squared local norms are all-reduced. Checkpoints are consolidated: rank 0 writes the adapter whole (PEFT
+squared local norms are all-reduced. A loss that calls the decoder and the head apart (the chunked head) runs
+as a forward of the root (``FsdpRun.root_forward``). Checkpoints are consolidated: rank 0 writes the adapter whole (PEFT
 layout) and the optimizer state as full tensors, exactly the one-process format, so a resume works from or to
 any world size and from or to DDP.
+
+8-bit optimizer state on shards (the 8-bit rule). The 8-bit AdamW state (``optim.state8bit``) is blockwise:
+one absmax per ``B = 256`` consecutive elements of the flattened parameter. FSDP2 cuts dim 0 as ``torch.chunk``
+does: with ``c = ceil(rows / N)`` rank ``r`` holds rows ``[r c, min((r+1) c, rows))``, i.e. the flat elements
+``[r c k, ...)``, ``k = numel / rows`` (the last ranks hold fewer rows, or none). So a rank's own blocks are
+exactly blocks of the one-process state when
+
+    c * k  is a multiple of B      (or c >= rows: rank 0 holds the whole parameter)
+
+and then the rank's 8-bit update of its shard is, block for block, the one-process update of those elements
+(the absmax of a block and the rounding of its elements depend on that block alone). Which parameters keep
+8-bit state at all follows the whole parameter's size, as in one process (``AdamW(whole_numels=...)``).
+Consolidation gathers each rank's uint8 codes along dim 0 and concatenates the ranks' absmax in rank order:
+the one-process state tensors. A parameter that keeps 8-bit state and breaks the rule is not sharded: FSDP
+leaves it alone (``ignored_params``), it is whole on every rank, its gradient is all-reduced as under DDP and
+every rank updates it with the one-process 8-bit state (``FsdpRun.whole_params`` names them; the trainer prints
+them). ``lora_A`` (``r x d``) satisfies
+the rule whenever ``d`` is a multiple of 256, ``lora_B`` (``d x r``) whenever ``ceil(d / N) * r`` is (Llama
+shapes with an even ``r`` on up to 8 ranks do); SmolLM2-135M's ``lora_A`` (``r x 576``) with ``r = 8`` on 4
+ranks does not (2 rows of 576 = 1152 elements per shard).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from qlorakit.errors import ConfigError
+from qlorakit.optim.state8bit import STATE_BLOCKSIZE, num_blocks
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor
 
@@ -191,11 +215,14 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | None) -> list[nn.Module]:
+def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | None,
+                      keep_whole: Sequence[nn.Parameter] = ()) -> list[nn.Module]:
     """The 4-bit storage re-homed, ``fully_shard`` per decoder block and on the root; the FSDP modules.
 
     ``param_dtype``: the mixed-precision policy's parameter and reduction dtype (the run's compute dtype;
-    fp32 on CPU). Integer parameters are never cast (FSDP2 casts floating ones only).
+    fp32 on CPU). Integer parameters are never cast (FSDP2 casts floating ones only). ``keep_whole``:
+    parameters FSDP leaves alone (``ignored_params``): whole on every rank, their gradients summed by
+    ``FsdpRun.grads_to_local`` (the 8-bit rule's fallback).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -207,9 +234,10 @@ def fully_shard_model(model: nn.Module, world: int, param_dtype: torch.dtype | N
     preshards = detach_preshards(model, world)  # layers loaded sharded: full-shape meta rows for fully_shard
     mesh = init_device_mesh(device.type, (world,))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=param_dtype)
+    ignored = set(keep_whole) or None
     for block in decoder_blocks(model):
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(block, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False, ignored_params=ignored)
     attach_preshards(preshards, mesh)  # ... and their own rows become the local shards (no copy)
     modules = fsdp_modules(model)
     for m in modules:
@@ -245,6 +273,35 @@ def shard_of(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return full.new_zeros((0, *full.shape[1:]))
 
 
+def shard_rows(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """(first row, row count) of rank ``rank``'s dim-0 piece of ``rows`` rows, as ``torch.chunk`` / FSDP2 cut it."""
+    chunk = -(-rows // world)
+    start = min(rank * chunk, rows)
+    return start, min(chunk, rows - start)
+
+
+def aligned_8bit(shape: Sequence[int], world: int) -> bool:
+    """Whether every rank's shard of a parameter of ``shape`` is whole 8-bit state blocks (the module docstring)."""
+    if len(shape) == 0 or shape[0] == 0:
+        return True
+    rows, inner = shape[0], math.prod(shape[1:])
+    chunk = -(-rows // world)
+    return chunk >= rows or chunk * inner % STATE_BLOCKSIZE == 0
+
+
+def unaligned_8bit(shapes: Sequence[Sequence[int]], world: int, min_8bit_size: int) -> list[int]:
+    """Indices of the parameters (whole ``shapes``) that keep 8-bit state and break the 8-bit rule on ``world``."""
+    return [i for i, shape in enumerate(shapes)
+            if math.prod(shape) >= min_8bit_size and not aligned_8bit(shape, world)]
+
+
+def block_range(shape: Sequence[int], rank: int, world: int) -> tuple[int, int]:
+    """(first block, block count) of rank ``rank``'s 8-bit state blocks within the whole parameter's."""
+    start, count = shard_rows(shape[0], rank, world) if len(shape) else (0, 1)
+    inner = math.prod(shape[1:])
+    return start * inner // STATE_BLOCKSIZE, num_blocks(count * inner)
+
+
 @dataclass
 class FsdpRun:
     """A model sharded with ``fully_shard_model`` and its trainable parameters (DTensors) in optimizer order."""
@@ -255,6 +312,34 @@ class FsdpRun:
     locals: list[torch.Tensor]  # their local shards (leaves sharing storage), what the optimizer updates
     world: int
     rank: int
+    names: list[str]  # the parameters' names, in the optimizer's order
+
+    def whole_params(self) -> list[str]:
+        """The trainable parameters kept whole on every rank (not sharded: the 8-bit rule's fallback)."""
+        return [n for n, p in zip(self.names, self.params, strict=True) if not _is_dtensor(p)]
+
+    def root_forward(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn(model, *args)`` run as a forward of the root FSDP module (torch's ``register_fsdp_forward_method``).
+
+        For a function that calls into the model's submodules directly, as the chunked loss head does (the
+        decoder, then the head on the target rows): the root's parameters (embeddings, final norm, head) are
+        gathered before it, as for ``model(...)``, and the backward of its output gets the root's hooks.
+        Returns a function of the same signature, for this ``model`` only.
+        """
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        name = f"_fsdp_root_{fn.__name__}"
+        setattr(self.model, name, functools.partial(fn, self.model))  # an instance attribute of the root module
+        register_fsdp_forward_method(self.model, name)  # now wrapped in the root's pre/post-forward hooks
+        method = getattr(self.model, name)
+
+        @functools.wraps(fn)
+        def call(model: nn.Module, *args: Any) -> Any:
+            if model is not self.model:
+                raise ValueError("FsdpRun.root_forward: called with another model than the sharded one")
+            return method(*args)
+
+        return call
 
     def sync_gradients(self, last_micro_batch: bool) -> None:
         """Reduce-scatter only after the step's last micro-batch (the others accumulate locally)."""
@@ -262,7 +347,16 @@ class FsdpRun:
             m.set_requires_gradient_sync(last_micro_batch)
 
     def grads_to_local(self) -> None:
-        """Hand each sharded gradient's local part to the optimizer's local parameter (no copy)."""
+        """Hand each sharded gradient's local part to the optimizer's local parameter (no copy); the gradients of
+        the parameters kept whole are summed over the ranks first (one flat all-reduce, as DDP's)."""
+        whole = [p for p in self.params if not _is_dtensor(p)]
+        if whole:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in whole])
+            dist.all_reduce(flat)  # (sum of their numel,)
+            offset = 0
+            for p in whole:
+                p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
         for p, mine in zip(self.params, self.locals, strict=True):
             mine.grad = None if p.grad is None else local(p.grad)
 
@@ -273,10 +367,12 @@ class FsdpRun:
     def clip(self, max_norm: float) -> float:
         """The global gradient norm (all shards), and the gradients scaled as ``clip_grad_norm_`` does."""
         grads = [g for g in (m.grad for m in self.locals) if g is not None]
-        squares = torch.zeros((), dtype=torch.float64)
-        for g in grads:
-            squares += g.double().pow(2).sum()
-        dist.all_reduce(squares)
+        squares, whole = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for p, mine in zip(self.params, self.locals, strict=True):
+            if mine.grad is not None:
+                (squares if _is_dtensor(p) else whole).add_(mine.grad.double().pow(2).sum())
+        dist.all_reduce(squares)  # the shards of every rank; a whole parameter's gradient is the same on each
+        squares += whole
         norm = float(squares.sqrt())
         if max_norm > 0:
             coef = max_norm / (norm + 1e-6)
@@ -299,15 +395,17 @@ class FsdpRun:
             p = self.params[int(index)]
             full = {}
             for name, value in entry.items():
-                if name == "step":
+                if name == "step" or not _is_dtensor(p):  # a parameter kept whole: its state is whole already
                     full[name] = value
-                elif tuple(value.shape) == tuple(local(p).shape):
+                elif name.endswith("_absmax"):  # 8-bit block scales: (this rank's blocks,) -> (all blocks,)
+                    full[name] = self._gather_blocks(value, p)
+                elif tuple(value.shape) == tuple(local(p).shape):  # moments or uint8 codes, shaped as the shard
                     full[name] = DTensor.from_local(value.contiguous(), p.device_mesh, p.placements,
                                                     shape=p.shape, stride=p.stride()).full_tensor()
                 else:
-                    raise ConfigError(f"--distributed fsdp: the optimizer state {name!r} of parameter {index} "
-                                      f"{tuple(value.shape)} is blockwise 8-bit over a shard; consolidating it is "
-                                      "not supported yet (use 32-bit AdamW, or a larger --min-8bit-size)")
+                    raise ConfigError(f"--distributed fsdp: the optimizer state {name!r} of {self.names[int(index)]} "
+                                      f"has shape {tuple(value.shape)}, neither its shard's {tuple(local(p).shape)} "
+                                      "nor 8-bit block scales; this optimizer's state cannot be consolidated")
             state[index] = full
         sd["state"] = state
         return sd
@@ -316,9 +414,31 @@ class FsdpRun:
         """The inverse of ``full_state``: each full state tensor cut to this rank's shard."""
         state = {}
         for index, entry in full_sd["state"].items():
-            state[index] = {name: (value if name == "step" else shard_of(value, self.rank, self.world))
+            p = self.params[int(index)]
+            state[index] = {name: self._cut(name, value, tuple(p.shape)) if _is_dtensor(p) else value
                             for name, value in entry.items()}
         return {**full_sd, "state": state}
+
+    def _cut(self, name: str, value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """This rank's piece of one full state tensor (8-bit block scales by block, the rest by dim-0 rows)."""
+        if name == "step":
+            return value
+        if name.endswith("_absmax"):
+            first, count = block_range(shape, self.rank, self.world)
+            return value[first : first + count].clone()  # (this rank's blocks,)
+        return shard_of(value, self.rank, self.world)
+
+    def _gather_blocks(self, mine: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Every rank's 8-bit block scales (``block_range``'s counts) concatenated in rank order (a collective)."""
+        shape = tuple(p.shape)
+        if not aligned_8bit(shape, self.world):  # such parameters are kept whole (never DTensors): a guard
+            raise ConfigError(f"8-bit state of {shape} is not block-aligned on {self.world} ranks")
+        counts = [block_range(shape, r, self.world)[1] for r in range(self.world)]
+        padded = torch.zeros(max(counts), dtype=mine.dtype, device=mine.device)  # (most blocks of a rank,)
+        padded[: mine.numel()] = mine
+        pieces = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(pieces, padded, group=p.device_mesh.get_group())
+        return torch.cat([piece[:n] for piece, n in zip(pieces, counts, strict=True)])  # (num_blocks(numel),)
 
 
 class Consolidated:
@@ -332,13 +452,18 @@ class Consolidated:
 
 
 def shard_for_training(model: nn.Module, trainable: Sequence[torch.Tensor], world: int, rank: int,
-                       param_dtype: torch.dtype | None) -> FsdpRun:
-    """``fully_shard_model`` and the sharded trainable parameters matched to ``trainable``'s order."""
+                       param_dtype: torch.dtype | None, min_8bit_size: int | None = None) -> FsdpRun:
+    """``fully_shard_model`` and the sharded trainable parameters matched to ``trainable``'s order.
+
+    ``min_8bit_size``: the optimizer keeps 8-bit state from that size on (None: 32-bit state); a parameter that
+    does and breaks the 8-bit rule stays whole on every rank (``unaligned_8bit``).
+    """
     names = {id(p): n for n, p in model.named_parameters()}
     order = [names[id(p)] for p in trainable]
-    modules = fully_shard_model(model, world, param_dtype)
+    whole = [] if min_8bit_size is None else unaligned_8bit([tuple(p.shape) for p in trainable], world, min_8bit_size)
+    modules = fully_shard_model(model, world, param_dtype, [trainable[i] for i in whole])
     by_name = dict(model.named_parameters())
     params = [by_name[n] for n in order]
     with torch.no_grad():
         locals_ = [local(p).detach() for p in params]
-    return FsdpRun(model=model, modules=modules, params=params, locals=locals_, world=world, rank=rank)
+    return FsdpRun(model=model, modules=modules, params=params, locals=locals_, world=world, rank=rank, names=order)

@@ -66,7 +66,7 @@ from qlorakit.train.checkpoint import (
     save_checkpoint,
 )
 from qlorakit.train.faults import pause_point
-from qlorakit.train.loss import IGNORE_INDEX, chunked_loss_sum, reference_loss_sum
+from qlorakit.train.loss import IGNORE_INDEX, chunkable_head, chunked_loss_sum, reference_loss_sum
 from qlorakit.train.metrics import MetricsLog, NoLog
 from qlorakit.train.packed import pack_for_training
 from qlorakit.train.preempt import StopSignals
@@ -130,22 +130,23 @@ class MicroBatchStream:
 
 
 def evaluate(model, dataset: Sequence[dict], collate: Callable, batch_size: int, device,
-             chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[float, int]:
-    """Token-weighted mean loss over ``dataset`` (eval mode, no grad)."""
+             chunk_tokens: int = LOSS_CHUNK_TOKENS, loss_fn: Callable = token_loss_sum) -> tuple[float, int]:
+    """Token-weighted mean loss over ``dataset`` (eval mode, no grad); ``loss_fn``: ``token_loss_sum`` or the
+    FSDP root's forward around it (``Run.loss_fn``)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
             batch = _to(collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]), device)
-            loss, n = token_loss_sum(model, batch, chunk_tokens)
+            loss, n = loss_fn(model, batch, chunk_tokens)
             total, count = total + float(loss), count + n
     model.train(was_training)
     return total / max(count, 1), count
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}  # (FSDP's empty_share mark)
 
 
 def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
@@ -154,15 +155,17 @@ def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
 
 
-def build_optimizer(model, cfg: RunConfig, params: Sequence[torch.Tensor] | None = None) -> torch.optim.Optimizer:
-    """The configured AdamW variant over the trainable parameters, in model order (or over ``params``)."""
+def build_optimizer(model, cfg: RunConfig, params: Sequence[torch.Tensor] | None = None,
+                    whole_numels: Sequence[int] | None = None) -> torch.optim.Optimizer:
+    """The configured AdamW variant over the trainable parameters, in model order (or over ``params``; when
+    they are FSDP shards, ``whole_numels`` are the whole parameters' sizes)."""
     params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
     if not params:
         raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
     o = cfg.optim
     budget = o.optim_budget * 2**20 if o.optim_budget else None
     return make_optimizer(o.optim, params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                          weight_decay=o.weight_decay, budget_bytes=budget)
+                          weight_decay=o.weight_decay, budget_bytes=budget, whole_numels=whole_numels)
 
 
 @dataclass
@@ -200,11 +203,9 @@ class Run:
     train_collate: Callable | None = None  # packed rows' collate (train.packed); None: ``collate``
     padding_fraction: float = 0.0  # padding share of the last step's micro-batches (this rank)
     fsdp: FsdpRun | None = None  # --distributed fsdp: the sharded model's handles (parallel.fsdp); None: DDP / 1
-
-    @property
-    def loss_chunk_tokens(self) -> int:
-        """The chunked head calls the decoder and the head apart, outside the FSDP root's hooks: reference loss."""
-        return 0 if self.fsdp is not None else self.cfg.memory.loss_chunk_tokens
+    # (model, batch, chunk_tokens) -> (CE sum, target tokens). FSDP: run as a forward of the root, since the chunked
+    # head calls the decoder and the head apart, outside the root's own forward (FsdpRun.root_forward)
+    loss_fn: Callable = token_loss_sum
 
 
 def train(
@@ -243,6 +244,8 @@ def train(
                      stop_after_steps=stop_after_steps, evaluator=evaluator, stop=stop, replicas=replicas)
         if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0 (each rank
             run.objective = objective  # scores every pair, and evaluates every held-out pair: replicas agree)
+            if run.fsdp is not None:  # the chunked head as a forward of the FSDP root, as for SFT
+                objective.logps = _fsdp_logps(run.fsdp, objective.logps)
             prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
             if prepared:
                 run.log.write({"step": run.state.step, **prepared})
@@ -288,16 +291,7 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
              else TrainerState())
     sharded = None
     if _uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
-        if cfg.objective.method != "sft":
-            raise ConfigError(f"--distributed fsdp runs SFT only; --method {cfg.objective.method} needs "
-                              "--distributed ddp")
-        trainable = [p for g in optimizer.param_groups for p in g["params"]]
-        sharded = shard_for_training(model, trainable, replicas.world, rank, trainable[0].dtype)
-        full_sd = optimizer.state_dict() if resume_from is not None else None
-        optimizer = build_optimizer(model, cfg, sharded.locals)  # the same update, on this rank's shards
-        _refuse_8bit_shards(optimizer, sharded.locals)
-        if full_sd is not None:
-            optimizer.load_state_dict(sharded.local_state(full_sd))
+        sharded, optimizer = _shard(model, optimizer, cfg, replicas, resumed=resume_from is not None)
     if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
         torch.manual_seed(cfg.train.seed + rank)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
@@ -312,17 +306,54 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
         print(warning)
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
-               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded)
+               stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
+               loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded))
 
 
-def _refuse_8bit_shards(optimizer, shards: Sequence[torch.Tensor]) -> None:
-    """Before the first step: 8-bit blockwise state over a shard cannot be consolidated into a checkpoint yet."""
-    bits, smallest = getattr(optimizer, "optim_bits", 32), getattr(optimizer, "min_8bit_size", 0)
-    big = [tuple(t.shape) for t in shards if t.numel() >= smallest]
-    if bits == 8 and big:
-        raise ConfigError(f"--distributed fsdp: {len(big)} adapter shard(s) (e.g. {big[0]}) would keep 8-bit "
-                          "blockwise optimizer state, which FSDP checkpoints cannot consolidate yet; use --optim "
-                          "paged_adamw or adamw under fsdp, or --distributed ddp for 8-bit AdamW")
+def _shard(model, optimizer, cfg: RunConfig, replicas: Replicas,
+           resumed: bool) -> tuple[FsdpRun, torch.optim.Optimizer]:
+    """FSDP: the model sharded (``parallel.fsdp``) and the optimizer rebuilt over this rank's shards, with the
+    loaded one-process state cut to them."""
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    eight_bit = optimizer.min_8bit_size if getattr(optimizer, "optim_bits", 32) == 8 else None
+    sharded = shard_for_training(model, trainable, replicas.world, replicas.dist.rank, trainable[0].dtype, eight_bit)
+    whole = sharded.whole_params()
+    if whole and replicas.is_main:
+        print(f"fsdp       {len(whole)} adapter tensor(s) kept whole on every rank (their 8-bit state blocks would "
+              f"straddle two ranks' shards; their gradients are all-reduced), e.g. {whole[0]}")
+    full_sd = optimizer.state_dict() if resumed else None
+    optimizer = build_optimizer(model, cfg, sharded.locals,  # the same update on this rank's shards, with the
+                                [p.numel() for p in sharded.params])  # state kind of the whole parameter
+    if full_sd is not None:
+        optimizer.load_state_dict(sharded.local_state(full_sd))
+    return sharded, optimizer
+
+
+def _fsdp_logps(sharded: FsdpRun, logps: Callable) -> Callable:
+    """A preference objective's ``sequence_logps`` for a sharded model (as ``_fsdp_loss``; a trainable head is
+    scored by the reference path, the root's own forward)."""
+    as_root = sharded.root_forward(logps)
+
+    def logps_fn(model, batch: dict[str, torch.Tensor], chunk_tokens: int):
+        head = chunkable_head(model)
+        if chunk_tokens > 0 and head is not None and not head.weight.requires_grad:
+            return as_root(model, batch, chunk_tokens)
+        return logps(model, batch, chunk_tokens)
+
+    return logps_fn
+
+
+def _fsdp_loss(sharded: FsdpRun) -> Callable:
+    """``token_loss_sum`` for a sharded model: the chunked head as a forward of the FSDP root (it calls the decoder
+    and the head apart); the reference loss is the root's own forward already (not nested in another)."""
+    as_root = sharded.root_forward(token_loss_sum)
+
+    def loss_fn(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> tuple[torch.Tensor, int]:
+        if chunk_tokens > 0 and chunkable_head(model) is not None:
+            return as_root(model, batch, chunk_tokens)
+        return token_loss_sum(model, batch, chunk_tokens)
+
+    return loss_fn
 
 
 def _uses_fsdp(cfg: RunConfig, replicas: Replicas) -> bool:
@@ -391,7 +422,8 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
     replicas, batches = run.replicas, [b for b in batches if b is not None]
     if run.objective is not None:  # DPO / ORPO: the mean loss over the step's pairs, of all ranks (train.objective)
         total, tokens = run.objective.forward_backward(run.model, [_to(b, run.device) for b in batches],
-                                                       run.train_set, replicas.sum if replicas.dist.enabled else None)
+                                                       run.train_set, replicas.sum if replicas.dist.enabled else None,
+                                                       None if run.fsdp is None else run.fsdp.sync_gradients)
     else:
         n_target = sum(target_tokens(b) for b in batches if "empty_share" not in b)
         if replicas.dist.enabled:
@@ -403,7 +435,7 @@ def _forward_backward(run: Run, batches: list[dict[str, torch.Tensor] | None]) -
             batch = _to(batch, run.device)
             if run.fsdp is not None:  # reduce-scatter the summed gradients once, after the last micro-batch
                 run.fsdp.sync_gradients(i == len(batches) - 1)
-            loss_sum, _ = token_loss_sum(run.model, batch, run.loss_chunk_tokens)
+            loss_sum, _ = run.loss_fn(run.model, batch, run.cfg.memory.loss_chunk_tokens)
             if empty:
                 loss_sum = loss_sum * 0.0
             (loss_sum / n_target).backward()
@@ -551,7 +583,7 @@ def _eval_and_log(run: Run) -> None:
         return
     replicas, batch_size = run.replicas, run.cfg.train.batch_size
     if run.fsdp is not None:  # every rank scores every example: the same forward passes (FSDP's all-gathers)
-        loss, count = evaluate(run.model, run.val_set, run.collate, batch_size, run.device, 0)
+        loss, count = evaluate(run.model, run.val_set, run.collate, batch_size, run.device, loss_fn=run.loss_fn)
     elif replicas.dist.enabled:  # each rank scores every world-th example; the token-weighted sums are added up
         mine = [run.val_set[i] for i in range(replicas.dist.rank, len(run.val_set), replicas.world)]
         loss, count = evaluate(run.model, mine, run.collate, replicas.per_rank_batch(batch_size), run.device)

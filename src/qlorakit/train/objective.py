@@ -38,6 +38,9 @@ class PreferenceObjective:
         self.cache: dict[int, torch.Tensor] = {}  # id(dataset) -> (n_pairs, 2) reference logps (chosen, rejected)
         self.last_metrics: dict[str, float] = {}
         self.note = ""  # how an automatic choice was made (the reference mode), for the plan
+        # (model, batch, chunk_tokens) -> per-row (log-prob sums, counts); the trainer swaps in the FSDP root's
+        # forward around it for a sharded model (train.loop._fsdp_logps)
+        self.logps: Callable = sequence_logps
 
     @property
     def cached(self) -> bool:
@@ -65,7 +68,7 @@ class PreferenceObjective:
         if eval_mode:
             model.eval()
         with torch.no_grad(), disable_adapters(model):
-            logps, _ = sequence_logps(model, batch, self.chunk_tokens)  # (2B,)
+            logps, _ = self.logps(model, batch, self.chunk_tokens)  # (2B,)
         model.train(was_training)
         return torch.stack(logps.chunk(2), dim=1)  # (B, 2)
 
@@ -77,7 +80,7 @@ class PreferenceObjective:
 
     def _pair_terms(self, model, batch: Batch, dataset) -> dict[str, torch.Tensor]:
         """Per-pair losses (with grad) and metric terms of one micro-batch."""
-        logps, counts = sequence_logps(model, batch, self.chunk_tokens)  # (2B,), (2B,)
+        logps, counts = self.logps(model, batch, self.chunk_tokens)  # (2B,), (2B,)
         chosen, rejected = logps.chunk(2)  # (B,) each
         n_chosen, n_rejected = counts.chunk(2)
         terms = {"logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
@@ -96,23 +99,33 @@ class PreferenceObjective:
         return terms
 
     def forward_backward(self, model, batches: Sequence[Batch], dataset=None,
-                         reduce: Callable[[list[float], str], list[float]] | None = None) -> tuple[float, int]:
+                         reduce: Callable[[list[float], str], list[float]] | None = None,
+                         sync: Callable[[bool], None] | None = None) -> tuple[float, int]:
         """Backward of the step's loss (mean over all its pairs; see ``train.preference``); (loss, input tokens).
 
         Under several ranks ``reduce`` (``Replicas.sum``) adds up the pair and chosen-token counts first, so
         each rank backpropagates its pairs' share of the mean over the global step; the returned loss and the
         metrics are then this rank's parts, and the metrics are summed here (the caller sums loss and tokens).
+        FSDP: ``sync(last)`` before each micro-batch (``FsdpRun.sync_gradients``), and a batch marked
+        ``empty_share`` (a rank's empty share, one stand-in pair) runs its forward and backward with weight 0.
         """
-        n_pairs = sum(b["pair_index"].shape[0] for b in batches)
-        n_chosen = sum(_chosen_tokens(b) for b in batches)
+        real = [b for b in batches if "empty_share" not in b]
+        n_pairs = sum(b["pair_index"].shape[0] for b in real)
+        n_chosen = sum(_chosen_tokens(b) for b in real)
         if reduce is not None:
             n_pairs, n_chosen = (int(x) for x in reduce([n_pairs, n_chosen], "the step's pair and token counts"))
         n_pairs, n_chosen = max(n_pairs, 1), max(n_chosen, 1)
         sums: dict[str, float] = {}
         total, tokens = 0.0, 0
-        for batch in batches:
+        for i, batch in enumerate(batches):
+            if sync is not None:
+                sync(i == len(batches) - 1)
+            empty = batch.pop("empty_share", False)
             terms = self._pair_terms(model, batch, dataset)
             loss = terms["pair_loss"].sum() / n_pairs
+            if empty:  # FSDP's collectives only (every rank runs every micro-batch): no gradient, no metrics
+                (loss * 0.0).backward()
+                continue
             if "chosen_nll_sum" in terms:
                 nll = terms.pop("chosen_nll_sum") / n_chosen
                 sums["nll_loss"] = sums.get("nll_loss", 0.0) + float(nll.detach())
