@@ -314,6 +314,8 @@ class MemoryConfig:
                                  "(less activation memory, bit-identical values)")
     fuse_rmsnorm: bool = opt(True, "fp32 RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
                              "rounding)")
+    rebuild_adapter_inputs: bool = opt(True, "without checkpointing, the norm outputs and SwiGLU product that only "
+                                       "LoRA A's backward reads are rebuilt there, not kept (bit-identical)")
     fuse_up_projection: bool = opt(True, "LoRA layers add scale * u B^T to the base output with one addmm "
                                    "(LoraLinear.fuse_up_projection; fewer full-size temporaries)")
     reuse_dequant_buffer: bool = opt(True, "the CPU 4-bit matmul dequantizes into one reused buffer "
@@ -330,7 +332,7 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
-                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim")
+                     "rebuild_adapter_inputs", "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim")
         _int_field(self, "loss_chunk_tokens", 0)
         _int_field(self, "malloc_mmap_threshold_kib", 0)
         if not isinstance(self.memory_budget, str):
