@@ -52,7 +52,7 @@ def test_rebuilt_adapter_inputs_give_bit_identical_loss_and_lora_gradients(model
     monkeypatch.setattr(rebuild, "_unpack",
                         lambda p: rebuilt.append(isinstance(p, rebuild._Recipe) and p.fn.__name__) or unpack(p))
     loss, grads, record = _loss_and_grads(model, ids, _cfg(True))
-    assert record_ref["applied"] == "0 blocks" and record["applied"] == "2 blocks"
+    assert record_ref["applied"] == "off" and record["applied"] == "2 blocks"
     names = [n for n in rebuilt if n]  # per block: both norm outputs and the SwiGLU product, once per saver
     assert names.count("silu_mul_value") == 2 and names.count("normalize") >= 2 * 2 and len(set(names)) == 2
     assert torch.equal(loss, loss_ref)
@@ -78,3 +78,21 @@ def test_rebuild_is_off_under_checkpointing_and_leaves_dropout_free_adapters_alo
     loss, grads, _ = _loss_and_grads(model, ids, _cfg(True))
     assert sum(rebuilt) == 0  # no dropout: the A matmul saves a 2-D view of its input, not the offered tensor
     assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads_ref)
+
+
+def test_trim_blocks_trims_before_each_block_forward_with_a_graph_only(model, monkeypatch):
+    from qlorakit.train import allocator
+
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(True))
+    calls = []
+    monkeypatch.setattr(allocator, "trim_heap", lambda: calls.append(1) or True)
+    cfg = _cfg(True)
+    cfg = RunConfig(model="tiny", lora=cfg.lora, memory=MemoryConfig(
+        gradient_checkpointing=False, malloc_mmap_threshold_kib=0, malloc_trim_blocks=True))
+    loss, grads, record = _loss_and_grads(model, ids, cfg)
+    assert record["applied"] == "2 blocks, heap trimmed before each" and len(calls) == 2
+    assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads_ref)
+    with rewrites.apply(model, cfg), torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 2  # no graph, no trim (evaluation)

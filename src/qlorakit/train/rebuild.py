@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qlorakit.train import allocator
 from qlorakit.train.patching import patched_forwards
 
 #: The recipes of the decoder block being run: key of an offered output -> (the output, weakly; function, arguments).
@@ -95,18 +96,29 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
-def _scoped_forward(layer: nn.Module):
-    own = type(layer).forward
+def _scoped_forward(rebuild: bool, trim: bool):
+    def make(layer: nn.Module):
+        own = type(layer).forward
 
-    def forward(*args, **kwargs):
-        with _block_scope():
-            return own(layer, *args, **kwargs)
+        def forward(*args, **kwargs):
+            if trim and torch.is_grad_enabled():
+                allocator.trim_heap()  # the previous block's freed temporaries go back to the OS
+            if not rebuild:
+                return own(layer, *args, **kwargs)
+            with _block_scope():
+                return own(layer, *args, **kwargs)
 
-    return forward
+        return forward
+
+    return make
 
 
 @contextmanager
-def rebuild_adapter_inputs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """``with rebuild_adapter_inputs(model) as n: ...``: ``n`` decoder blocks rebuild offered outputs in backward."""
-    with patched_forwards(decoder_layers(model) if enabled else [], _scoped_forward) as count:
+def rebuild_adapter_inputs(model: nn.Module, enabled: bool = True, trim_each_block: bool = False) -> Iterator[int]:
+    """``with rebuild_adapter_inputs(model) as n: ...``: ``n`` decoder blocks rebuild offered outputs in backward
+    (when ``enabled``) and, with ``trim_each_block``, call ``train.allocator.trim_heap`` before each block's
+    forward while a graph is recorded (``memory.malloc_trim_blocks``: the forward's freed temporaries would
+    otherwise stay resident in glibc's heap under the dynamic mmap threshold, docs/memory.md)."""
+    layers = decoder_layers(model) if enabled or trim_each_block else []
+    with patched_forwards(layers, _scoped_forward(enabled, trim_each_block)) as count:
         yield count

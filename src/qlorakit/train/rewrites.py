@@ -106,11 +106,11 @@ def _rmsnorm(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
 
 @contextmanager
 def _rebuild(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
-    if cfg.memory.gradient_checkpointing:  # checkpointing packs the blocks' saved tensors itself (train.rebuild)
-        yield "off (checkpointing on)"
-        return
-    with rebuild_adapter_inputs(model, cfg.memory.rebuild_adapter_inputs) as count:
-        yield f"{count} blocks"
+    m = cfg.memory  # checkpointing packs the blocks' saved tensors itself (train.rebuild): no rebuild under it
+    rebuild = m.rebuild_adapter_inputs and not m.gradient_checkpointing
+    with rebuild_adapter_inputs(model, rebuild, m.malloc_trim_blocks) as count:
+        what = f"{count} blocks" if rebuild else ("off (checkpointing on)" if m.rebuild_adapter_inputs else "off")
+        yield what + (", heap trimmed before each" if m.malloc_trim_blocks and count else "")
 
 
 _UNSET = object()
