@@ -325,6 +325,8 @@ class MemoryConfig:
                                  "(less activation memory, bit-identical values)")
     fuse_rmsnorm: bool = opt(True, "fp32 RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
                              "rounding)")
+    rebuild_adapter_inputs: bool = opt(True, "without checkpointing, the norm outputs and SwiGLU product that only "
+                                       "LoRA A's backward reads are rebuilt there, not kept (bit-identical)")
     fuse_up_projection: bool = opt(True, "LoRA layers add scale * u B^T to the base output with one addmm "
                                    "(LoraLinear.fuse_up_projection; fewer full-size temporaries)")
     reuse_dequant_buffer: bool = opt(True, "the CPU 4-bit matmul dequantizes into one reused buffer "
@@ -335,13 +337,17 @@ class MemoryConfig:
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
     malloc_trim: bool = opt(False, "glibc: after each optimizer step return the heap's free pages to the OS "
                             "(malloc_trim; between steps only: it did not lower the peak, docs/memory.md)")
+    malloc_trim_blocks: bool = opt(False, "glibc: malloc_trim at the start of each decoder block's forward, so the "
+                                   "forward's freed temporaries do not stay resident (lower peak with the dynamic "
+                                   "threshold; some page faults)")
     memory_budget: str = opt("", "peak memory the run may use, e.g. 8GB or 6GiB; qlorakit train picks the fastest "
                              "memory settings that fit ('' = available memory minus a margin; on CUDA the device's "
                              "free memory); settings given explicitly are kept")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
-                     "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim")
+                     "rebuild_adapter_inputs", "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim",
+                     "malloc_trim_blocks")
         _int_field(self, "loss_chunk_tokens", 0)
         _int_field(self, "malloc_mmap_threshold_kib", 0)
         if not isinstance(self.memory_budget, str):

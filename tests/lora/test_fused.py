@@ -20,7 +20,7 @@ from qlorakit.lora import (
 )
 from qlorakit.lora import fused as fused_module
 from qlorakit.lora.fused import SharedInputA, fuse_shared_inputs, unfuse
-from qlorakit.lora.layer import LoraLinear, down_product
+from qlorakit.lora.layer import LoraLinear, dropped_down
 from tests.helpers.lora import randomize_lora_b
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -201,12 +201,13 @@ def test_unfuse_restores_plain_linears_around_the_same_parameters(tiny_llama):
 
 
 def test_fused_layers_share_only_the_a_product(tiny_llama, input_ids, monkeypatch):
-    """The group's one product is ``lora.layer.down_product`` on the stacked A's, and every layer still adds
+    """The group's one product is ``lora.layer.dropped_down`` on the stacked A's, and every layer still adds
     its update through ``LoraLinear.add_delta``: fused.py re-derives neither the A nor the B product."""
     model = _adapted(tiny_llama)
     fuse_shared_inputs(model)
     stacked, updated = [], []
-    monkeypatch.setattr(fused_module, "down_product", lambda h, w: stacked.append(w.shape[0]) or down_product(h, w))
+    monkeypatch.setattr(fused_module, "dropped_down",
+                        lambda h, w, d: stacked.append(w.shape[0]) or dropped_down(h, w, d))
     add_delta = LoraLinear.add_delta
     monkeypatch.setattr(LoraLinear, "add_delta", lambda self, *args: updated.append(self) or add_delta(self, *args))
     with torch.no_grad():

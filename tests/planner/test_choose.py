@@ -48,13 +48,16 @@ def test_one_byte_less_gives_up_the_cheapest_speedup_first():
     assert _values(got) == {**FASTEST, "loss_chunk": KNOBS["loss_chunk"][1]}  # the last-ranked knob gives way
 
 
-def test_a_budget_that_only_fits_checkpointing_turns_it_on_and_keeps_the_fast_allocator():
-    on = {**FASTEST, "gradient_checkpointing": True}
-    budget = _peak(**on)
-    lean_rest = {**FASTEST, "optim": "paged_adamw", "loss_chunk": KNOBS["loss_chunk"][1]}
-    assert _peak(**lean_rest) > budget  # checkpointing off cannot fit, whatever the knobs after it
-    got = choose(SHAPE, BASE, budget)
-    assert _values(got) == on
+def test_a_budget_that_only_fits_checkpointing_turns_it_on_with_the_fastest_allocator_that_fits():
+    """Checkpointing ranks first: every allocator is tried without it before it is turned on."""
+    lean_rest = {"optim": "paged_adamw", "loss_chunk": KNOBS["loss_chunk"][1]}
+    leanest_off = min(_peak(gradient_checkpointing=False, allocator=a, **lean_rest) for a in KNOBS["allocator"])
+    got = choose(SHAPE, BASE, leanest_off - 1)
+    assert got.settings.gradient_checkpointing is True
+    first_fit = next(a for a in KNOBS["allocator"]
+                     if any(_peak(gradient_checkpointing=True, allocator=a, optim=o, loss_chunk=c) < leanest_off
+                            for o in KNOBS["optim"] for c in KNOBS["loss_chunk"]))  # fmt: skip
+    assert _values(got)["allocator"] == first_fit
     reason = next(c.reason for c in got.choices if c.knob == "gradient_checkpointing")
     assert "does not fit" in reason
 

@@ -8,8 +8,9 @@ computes once
 
 and hands each layer its slice ``u_i`` (one matmul with ``sum r_i`` outputs instead of ``k`` with ``r_i``,
 and in backward one ``dL/dh`` matmul and one ``dL/dA`` matmul instead of ``k`` each). The product is
-``lora.layer.down_product`` (what each ``lora_A`` computes alone), and each layer's ``LoraLinear.add_delta``
-adds ``scale * u_i B_i^T`` as it does unfused: this module only decides how the ``A`` product is shared.
+``lora.layer.dropped_down`` (what each ``lora_A`` computes alone, with its dropout), and each layer's
+``LoraLinear.add_delta`` adds ``scale * u_i B_i^T`` as it does unfused: this module only decides how
+the ``A`` product is shared.
 The adapters stay separate parameters: ``fuse_shared_inputs`` replaces each ``lora_A[name]`` ``nn.Linear``
 by a ``SharedInputA`` holding the *same* weight ``Parameter``, so state dicts, PEFT files, optimizers and
 merges see exactly what they saw before (``unfuse`` restores plain ``nn.Linear`` modules around the same
@@ -42,7 +43,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qlorakit.lora.layer import LoraLinear, down_product
+from qlorakit.lora.layer import LoraLinear, dropped_down
 from qlorakit.lora.model import lora_layers
 
 #: Sibling module names that read the same input in Llama-style blocks (attention, MLP).
@@ -87,12 +88,12 @@ class _Group:
     def down(self, member: SharedInputA, x: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
         if x is not self._input:  # a new input: one cast, one mask and one matmul for every member
             weights = [m.weight for m in self.members]
-            fused = down_product(_drop(_cast(x, member), dropout), torch.cat(weights))  # (..., sum r)
+            fused = dropped_down(_cast(x, member), torch.cat(weights), dropout)  # (..., sum r)
             parts = fused.split([w.shape[0] for w in weights], dim=-1)  # (..., r_i) each
             self.products += 1
             self._input, self._slices = x, {id(m): p for m, p in zip(self.members, parts, strict=True)}
         elif id(member) not in self._slices:  # the same input again for a member that took its slice
-            return down_product(_drop(_cast(x, member), dropout), member.weight)  # (..., r): its own mask
+            return dropped_down(_cast(x, member), member.weight, dropout)  # (..., r): its own mask
         out = self._slices.pop(id(member))
         if not self._slices:
             self._input = None
@@ -101,10 +102,6 @@ class _Group:
 
 def _cast(x: torch.Tensor, member: SharedInputA) -> torch.Tensor:
     return x if x.dtype == member.weight.dtype else x.to(member.weight.dtype)  # (..., in) in the adapter dtype
-
-
-def _drop(h: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
-    return h if dropout is None or type(dropout) is nn.Identity else dropout(h)  # (..., in)
 
 
 def _dropout_kind(module: nn.Module) -> tuple[type, float | None]:

@@ -38,6 +38,7 @@ from torch import nn
 from qlorakit.config import LoraConfig
 from qlorakit.errors import ConfigError, QlorakitError
 from qlorakit.lora.dora import DoraMagnitude, base_version, dora_output, weight_norm
+from qlorakit.lora.dropout import dropped_down_product, lean_dropout
 from qlorakit.quant.linear import Linear4bit, Projection, bind_linear
 
 
@@ -45,6 +46,16 @@ def down_product(h: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
     """``u = h A^T``: h (..., in), A (r, in) -> (..., r), what an adapter's ``lora_A`` (a bias-free ``nn.Linear``)
     computes; ``lora.fused`` calls it once with the stacked ``[A_1; ...; A_k]`` of sibling layers."""
     return F.linear(h, weight_a)
+
+
+def dropped_down(h: torch.Tensor, weight_a: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
+    """``u = dropout(h) A^T``: h (..., in), A (r, in) -> (..., r). A training ``nn.Dropout`` goes through
+    ``lora.dropout.dropped_down_product`` (keeps ``h`` and a bool mask, not the dropped copy and a float mask);
+    any other dropout module (``None``/``nn.Identity``: none) is applied before ``down_product``."""
+    p = lean_dropout(dropout)
+    if p is not None:
+        return dropped_down_product(h, weight_a, p)
+    return down_product(h if dropout is None or type(dropout) is nn.Identity else dropout(h), weight_a)
 
 
 def _addmm_fusable(result: torch.Tensor, u: torch.Tensor, lora_b: nn.Module) -> bool:
@@ -227,7 +238,7 @@ class LoraLinear(nn.Module):
         dtype, dropout = lora_a.weight.dtype, self.lora_dropout[name]
         if type(lora_a) is nn.Linear:
             h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
-            u = down_product(h if type(dropout) is nn.Identity else dropout(h), lora_a.weight)  # (..., r)
+            u = dropped_down(h, lora_a.weight, dropout)  # (..., r)
         else:  # a shared-input A (lora.fused) casts and drops the shared x once per group: one mask per input
             u = lora_a(x, dropout)  # (..., r)
         lead = x.shape[:-1]

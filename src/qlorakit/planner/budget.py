@@ -24,7 +24,7 @@ from qlorakit.planner.shapes import ModelShape, model_shape
 
 #: knob of ``planner.choose`` -> the config fields that set it (any of them given makes the knob explicit).
 KNOB_FIELDS: dict[str, tuple[str, ...]] = {
-    "allocator": ("memory.malloc_mmap_threshold_kib", "memory.malloc_trim"),
+    "allocator": ("memory.malloc_mmap_threshold_kib", "memory.malloc_trim", "memory.malloc_trim_blocks"),
     "gradient_checkpointing": ("memory.gradient_checkpointing",),
     "optim": ("optim.optim", "optim.optim_budget"),
     "loss_chunk": ("memory.loss_chunk_tokens",),
@@ -50,6 +50,7 @@ def settings_for(cfg: RunConfig, device: str = "cpu") -> PlanSettings:
         loss_chunk=m.loss_chunk_tokens, mmap_threshold_kib=m.malloc_mmap_threshold_kib, malloc_trim=m.malloc_trim,
         recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant, grad_accum=cfg.train.grad_accum,
         full_finetune=cfg.full_finetune,
+        rebuild_adapter_inputs=m.rebuild_adapter_inputs, malloc_trim_blocks=m.malloc_trim_blocks,
     )  # fmt: skip
 
 
@@ -68,7 +69,8 @@ def apply_choices(cfg: RunConfig, settings: PlanSettings) -> RunConfig:
     """``cfg`` with the planner's knob values of ``settings`` written into its memory and optim sections."""
     memory = dataclasses.replace(cfg.memory, gradient_checkpointing=settings.gradient_checkpointing,
                                  loss_chunk_tokens=settings.loss_chunk, malloc_trim=settings.malloc_trim,
-                                 malloc_mmap_threshold_kib=settings.mmap_threshold_kib)  # fmt: skip
+                                 malloc_mmap_threshold_kib=settings.mmap_threshold_kib,
+                                 malloc_trim_blocks=settings.malloc_trim_blocks)  # fmt: skip
     optim = dataclasses.replace(cfg.optim, optim=settings.optim, optim_budget=settings.optim_budget_mib)
     return dataclasses.replace(cfg, memory=memory, optim=optim)
 

@@ -3,18 +3,21 @@
 A pure function of the model's shape, the run's settings, the budget and which settings the user gave
 explicitly: ``choose(shape, settings, budget_bytes, explicit)``. Four knobs, each listed fastest value first:
 
-- ``allocator``: ``dynamic`` (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
-  more resident) before ``fixed`` (a fixed 1 MiB threshold: every large buffer is fresh pages, page faults)
-  — ``ALLOCATORS``; ``benchmarks/allocator_policies.py`` measured the alternatives (docs/memory.md);
 - ``gradient_checkpointing``: off (each block's activations kept) before on (recomputed in backward);
+- ``allocator``: ``dynamic`` (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
+  more resident), then ``dynamic-trim-blocks`` (the same with ``malloc_trim`` before each decoder block's
+  forward: the forward's holes go back to the OS, ~0.6 M page faults a step), then ``fixed`` (a fixed 1 MiB
+  threshold: every large buffer is fresh pages, ~1.5 M faults) — ``ALLOCATORS``; measured in docs/memory.md;
 - ``optim``: ``adamw`` (all state resident) before ``paged_adamw`` (state beyond a small budget paged to a
   file) — only when the optimizer is one of these two; an 8-bit optimizer is left as given;
 - ``loss_chunk``: the trainer's default chunk (``LOSS_CHUNK_TOKENS``) before a quarter of it (``loss_chunk``
   rows of fp32 logits live at once).
 
 Candidates are the product of the knobs not given explicitly, ranked lexicographically in that order
-(the allocator and checkpointing moved the step time most in the measurements of docs/benchmarks.md; the
-optimizer and loss-chunk orders are the direction of less work, not measured). The first candidate whose
+(checkpointing first: its recompute costs about a third of a step (issue 14: 165 vs 120 tokens/s), more than
+the leaner allocators' page faults (docs/memory.md: 1.3-1.7 s of system time in a ~12 s step with
+``dynamic-trim-blocks``, ~3 s with ``fixed``); the optimizer and loss-chunk orders are the direction of less
+work, not measured). The first candidate whose
 predicted peak (``planner.estimate.plan``: peak RSS on the CPU, device memory on a GPU) is at most the
 budget wins; every knob is reported with its value and why. When even the leanest candidate exceeds the
 budget, ``choose`` raises ``PlanDoesNotFitError`` naming the explicit settings and the predicted peak.
@@ -33,13 +36,16 @@ from qlorakit.errors import ConfigError
 from qlorakit.planner.estimate import MemoryPlan, PlanSettings, plan
 from qlorakit.planner.shapes import ModelShape
 
-#: allocator policy -> (``mmap_threshold_kib``, ``malloc_trim``): the planner's and the trainer's settings.
-ALLOCATORS: dict[str, tuple[int, bool]] = {"dynamic": (0, False), "fixed": (1024, False)}
+#: allocator policy -> (``mmap_threshold_kib``, ``malloc_trim``, ``malloc_trim_blocks``): the planner's and the
+#: trainer's settings. ``dynamic-trim-blocks``: the dynamic threshold with ``malloc_trim`` at each decoder block's
+#: forward (docs/memory.md: about 0.6 M page faults a step against 1.5 M for ``fixed`` and 20 K for ``dynamic``).
+ALLOCATORS: dict[str, tuple[int, bool, bool]] = {"dynamic": (0, False, False), "dynamic-trim-blocks": (0, False, True),
+                                                 "fixed": (1024, False, False)}
 
 #: The knobs, each with its values fastest first, in the order of their rank.
 KNOBS: dict[str, tuple[Any, ...]] = {
-    "allocator": tuple(ALLOCATORS),
     "gradient_checkpointing": (False, True),
+    "allocator": tuple(ALLOCATORS),
     "optim": ("adamw", "paged_adamw"),
     "loss_chunk": (LOSS_CHUNK_TOKENS, LOSS_CHUNK_TOKENS // 4),
 }
@@ -83,7 +89,7 @@ class Choices:
 def knob_value(settings: PlanSettings, knob: str) -> Any:
     """The value of ``knob`` in ``settings``."""
     if knob == "allocator":
-        pair = (settings.mmap_threshold_kib, settings.malloc_trim)
+        pair = (settings.mmap_threshold_kib, settings.malloc_trim, settings.malloc_trim_blocks)
         return next((name for name, value in ALLOCATORS.items() if value == pair), f"custom {pair}")
     return getattr(settings, knob)
 
@@ -91,8 +97,8 @@ def knob_value(settings: PlanSettings, knob: str) -> Any:
 def with_knob(settings: PlanSettings, knob: str, value: Any) -> PlanSettings:
     """``settings`` with ``knob`` set to ``value``."""
     if knob == "allocator":
-        kib, trim = ALLOCATORS[value]
-        return dataclasses.replace(settings, mmap_threshold_kib=kib, malloc_trim=trim)
+        kib, trim, blocks = ALLOCATORS[value]
+        return dataclasses.replace(settings, mmap_threshold_kib=kib, malloc_trim=trim, malloc_trim_blocks=blocks)
     if knob == "optim":
         budget = settings.optim_budget_mib if value.startswith("paged_") else 0
         return dataclasses.replace(settings, optim=value, optim_budget_mib=budget)

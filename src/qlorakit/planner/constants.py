@@ -59,3 +59,20 @@ CPU_SMALL_BLOCK_HEAP_ROWS = 19.5
 #: threshold on the same run: 2,953 MiB at M = 6. excess / log2(M) = 0.53, 0.46, 0.50 activations:
 #: K = 0.5 fitted on those three points (one case, in-sample; beyond M = 16 not measured).
 CPU_HEAP_GROWTH_PER_LOG2_MICRO = 0.5
+
+#: ``(B, T, d)`` blocks per decoder layer of glibc heap kept as holes by one forward without checkpointing under
+#: the dynamic mmap threshold: the block's temporaries (norm outputs and the SwiGLU product once their adapters
+#: have taken them, base outputs, RoPE intermediates) are freed between tensors kept for backward, and later
+#: requests of other sizes do not fill them; ``mallinfo2`` after the forward showed 639 MiB free inside a 1,767 MiB
+#: heap. Fitted IN-SAMPLE on one case: SmolLM2-135M, 2 x 512 tokens of the OASST1 sample (group-by-length), fp32,
+#: r 16, dropout 0.05, 3 steps, ``qlorakit train`` defaults after the lean dropout and ``train.rebuild`` (commit
+#: 7364934): peak RSS 2,560 MiB minus every other predicted part (1,582 MiB) = 978 MiB = 14.5 blocks per layer
+#: (the heap probe of docs/memory.md; comparable to ``CPU_SMALL_BLOCK_HEAP_ROWS``, 19.5, the same effect under
+#: a fixed threshold). Not validated on another shape.
+CPU_DYNAMIC_HEAP_ROWS = 14.5
+
+#: The same with ``memory.malloc_trim_blocks`` (``malloc_trim(0)`` before each block's forward returns the holes
+#: as they form): peak 1,975 MiB on the case above, 393 MiB above the other parts = 5.8 blocks per layer
+#: (in-sample, one case; below the per-parameter floor there, which wins), at 0.58-0.73 M minor page faults
+#: and 1.7-1.9 s of system time a step (the freed pages are faulted in again) against 13-129 K and 0.06-0.35 s.
+CPU_DYNAMIC_TRIMMED_HEAP_ROWS = 5.8

@@ -17,13 +17,15 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
 - ``optimizer_state``   AdamW: two fp32 moments (8 bytes/value) or 8-bit (codes + fp32 absmax per 256);
   paged: only the resident budget of the paged tensors (the rest is ``offloaded_bytes``, host memory);
 - ``activations``       tensors saved for backward. One Llama block saves per token
-  ``7d + 2k + 4f`` values at ``c`` (layer input, both norm outputs, q, k, v, attention output and its
-  re-laid copy, the residual, gate, SiLU(gate), up and their product; ``3f`` with the trainer's default
-  ``recompute_swiglu``, which keeps gate and up and recomputes SiLU(gate) in backward), ``r`` at ``l`` per
-  adapter, and, when the adapter has dropout or another dtype, its own copy of its input at ``l`` (+1 byte
-  mask with dropout), one per shared-input group (q/k/v, gate/up) with ``fuse_lora``, which casts and drops
-  once. Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one
-  block being recomputed (attention scores are not stored: SDPA);
+  ``4d + 2k + 3f`` values at ``c`` (layer input and residual, at 4 bytes with 16-bit compute: the fp32 norms
+  keep their upcast; q, k, v after RoPE, the attention output, gate,
+  SiLU(gate), up; ``2f`` with the trainer's default ``recompute_swiglu``, which recomputes SiLU(gate) in
+  backward), plus the adapter inputs no other op keeps, both norm outputs and the SwiGLU product
+  (``2d + f`` at ``c``) unless a cast to the adapter dtype replaces them or, with dropout, fp32 and no
+  checkpointing, ``train.rebuild`` rebuilds them in backward; ``r`` at ``l`` per adapter; per input (one per
+  shared-input group with ``fuse_lora``) its cast copy at ``l`` when ``l != c`` and, with dropout, a 1-byte
+  keep mask (``lora.dropout``). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's
+  input) plus one block being recomputed (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
   temporary, the target rows and their gradient); with ``loss_chunk = 0`` the full-logits reference,
@@ -47,8 +49,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   each step, which returns pages between steps but did not lower the peak, docs/memory.md), or, when larger
   (no checkpointing: the saved activations dominate), ``CPU_HEAP_GROWTH_PER_LOG2_MICRO * log2(M) *
   activations`` for ``M`` micro-batches per step: freed activation blocks of varying packed-row lengths
-  fragment the heap, which grows with every micro-batch (measured, not a law); see
-  ``planner.constants``.
+  fragment the heap, which grows with every micro-batch (measured, not a law), plus, without checkpointing,
+  one forward's holes ``CPU_DYNAMIC_HEAP_ROWS * L * B T d c`` (``CPU_DYNAMIC_TRIMMED_HEAP_ROWS`` with
+  ``malloc_trim_blocks``); see ``planner.constants``.
 
 Full fine-tuning (``full_finetune``, ``train.finetune: full``; the base unquantized) trains every weight:
 there are no adapters (``lora_params`` = ``lora_grads`` = 0, no adapter terms in the activations),
@@ -83,6 +86,8 @@ from qlorakit.errors import ConfigError
 from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
+    CPU_DYNAMIC_HEAP_ROWS,
+    CPU_DYNAMIC_TRIMMED_HEAP_ROWS,
     CPU_FRAMEWORK_BYTES,
     CPU_HEAP_GROWTH_PER_LOG2_MICRO,
     CPU_HEAP_RETENTION_PER_QPARAM,
@@ -118,6 +123,8 @@ class PlanSettings:
     malloc_trim: bool = MemoryConfig().malloc_trim  # the trainer's: free heap pages returned after each step
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
+    rebuild_adapter_inputs: bool = MemoryConfig().rebuild_adapter_inputs  # the trainer's (train.rebuild)
+    malloc_trim_blocks: bool = MemoryConfig().malloc_trim_blocks  # the trainer's: malloc_trim at each block's forward
     quant: QuantConfig = field(default_factory=QuantConfig)
     grad_accum: int = 1  # micro-batches per optimizer step (the dynamic-threshold heap grows with each one)
     method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
@@ -304,8 +311,12 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
         activations = next(p.nbytes for p in parts if p.name == "activations")
         growth = CPU_HEAP_GROWTH_PER_LOG2_MICRO * math.log2(s.grad_accum) * activations
+        if not s.gradient_checkpointing:  # one forward's holes between the kept tensors, per (B, T, d) block
+            rows = CPU_DYNAMIC_TRIMMED_HEAP_ROWS if s.malloc_trim_blocks else CPU_DYNAMIC_HEAP_ROWS
+            growth += rows * shape.num_layers * s.rows * s.seq_len * shape.hidden_size * DTYPE_BYTES[s.compute]
         retention = max(retention, int(growth))  # the growth term wins without checkpointing (big activations)
         trimmed = " (malloc_trim after each step does not lower the peak: measured)" if s.malloc_trim else ""
+        trimmed += ", trimmed before each block's forward" if s.malloc_trim_blocks else ""
         out.append(Part("heap_retention", retention,
                         f"glibc heap kept with a dynamic mmap threshold (calibrated){trimmed}"))
         return out
@@ -407,21 +418,38 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
     tokens = s.rows * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
-    mlp = 3 if s.recompute_swiglu else 4  # gate, up, their product (+ SiLU(gate) without the recompute)
-    block = tokens * ((7 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)  # + SDPA logsumexp, norm scales
-    # copies of each adapter input at ``l``: the cast (``l != c``) and the dropped one (dropout > 0) are two
-    # tensors when both apply (measured: saved_tensors_hooks on SmolLM2, bf16 compute, fp32 adapters)
-    copies = int(s.lora_dropout > 0) + int(lb != c)
+    mlp = 2 if s.recompute_swiglu else 3  # gate, up (+ SiLU(gate) without the recompute)
+    # layer input and residual (the norms keep them; a 16-bit model's fp32 norms keep their fp32 upcast), q, k, v
+    # after RoPE, the attention output (SDPA keeps it; it is o_proj's adapter input too), the MLP's; + SDPA's
+    # logsumexp and the norms' scales
+    block = tokens * (2 * d * 4 + (2 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
-    adapters = sum(s.lora_r * lb for lin in per_layer_adapters)
-    adapters += sum(
-        copies * width * lb + (width if s.lora_dropout > 0 else 0)
-        for width in input_copies(per_layer_adapters, s.fuse_lora)
-    )  # fmt: skip
+    dropout, cast = s.lora_dropout > 0, lb != c
+    # the adapter inputs no other op keeps: both norm outputs and the SwiGLU product (2d + f at c). A cast to the
+    # adapter dtype replaces them (one copy per input, at l); with dropout and no checkpointing train.rebuild
+    # rebuilds them in backward instead: the norm outputs with fp32 compute (the fused RMSNorm offers them), the
+    # product with recompute_swiglu
+    rebuilt = dropout and not cast and s.rebuild_adapter_inputs and not checkpointing
+    if per_layer_adapters and not cast:
+        block += tokens * ((0 if rebuilt and c == 4 else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
+    adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u
+    # per input (or shared-input group): the cast copy at l, and with dropout the 1-byte keep mask (lora.dropout)
+    widths = input_copies(per_layer_adapters, s.fuse_lora)
+    adapters += sum(int(cast) * width * lb + int(dropout) * width for width in widths)
     block += tokens * adapters // max(1, shape.num_layers)
+    if s.fuse_lora:  # each fused group's stacked [A_1; ...; A_k] (the product's weight), per block
+        block += (sum(lin.in_features * s.lora_r for lin in per_layer_adapters)
+                  - sum(lin.in_features * s.lora_r for lin in per_layer_adapters
+                        if _group_of(lin) is None)) * lb // max(1, shape.num_layers)  # fmt: skip
+    rope = 2 * s.seq_len * shape.head_dim * c  # the cos / sin tables every block's RoPE keeps
     if checkpointing:
-        return shape.num_layers * tokens * d * c + block
-    return shape.num_layers * block
+        return shape.num_layers * tokens * d * c + block + rope
+    return shape.num_layers * block + rope
+
+
+def _group_of(lin: LinearShape) -> int | None:
+    child = lin.path.rpartition(".")[2]
+    return next((g for g, names in enumerate(SHARED_INPUT_GROUPS) if child in names), None)
 
 
 def input_copies(adapted: list[LinearShape], fused: bool) -> list[int]:

@@ -25,7 +25,11 @@ CPU time per step, 1.7x the peak RSS on SmolLM2 at 512 x 2 tokens) whenever the 
 the run's memory budget (``planner.choose``; the measurements of ``benchmarks/allocator_policies.py`` are in
 docs/memory.md, with the candidates that did not help: transparent huge pages, ``malloc_trim`` after each step).
 ``trim_after_each_step`` is ``memory.malloc_trim``: ``malloc_trim(0)`` after each optimizer step returns the
-heap's free pages between steps (not at the peak, which is inside the step). No-op outside glibc.
+heap's free pages between steps (not at the peak, which is inside the step). ``memory.malloc_trim_blocks``
+calls ``trim_heap`` before each decoder block's forward instead (``train.rebuild``; the budget's
+``dynamic-trim-blocks``): without checkpointing the dynamic threshold's heap holds 0.5-0.8 GB of freed forward
+temporaries at the peak on SmolLM2 at 2 x 512 tokens, and trimming as they form cut the peak from 2,560 to
+1,975 MiB for 0.6-0.7 M page faults a step (docs/memory.md). No-op outside glibc.
 Its one entry point is ``train.rewrites.fix_allocator``: ``qlorakit train`` calls it before the model loads and
 ``train()``'s rewrite table again (a repeat changes nothing): set only after loading, the same threshold left
 the training peak bimodal across identical runs (docs/memory.md).

@@ -31,10 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from qlorakit.constants import SWIGLU_MLPS
+from qlorakit.train import rebuild
 from qlorakit.train.patching import patched_forwards
 
 #: Activation classes that compute ``F.silu``.
 _SILU = ("SiLUActivation", "SiLU")
+
+
+def silu_mul_value(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` as ``_SiluMul`` computes it (what ``train.rebuild`` reruns in backward): (..., I)."""
+    return F.silu(gate).mul_(up)
 
 
 class _SiluMul(torch.autograd.Function):
@@ -43,7 +49,7 @@ class _SiluMul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # gate, up: (..., I)
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)  # (..., I)
+        return silu_mul_value(gate, up)  # (..., I)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., I)
@@ -63,7 +69,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _recomputing_forward(mlp: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: (..., H)
-        return mlp.down_proj(silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))  # (..., I) -> (..., H)
+        gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # (..., I) each
+        product = silu_mul(gate, up)  # (..., I)
+        rebuild.offer(product, silu_mul_value, gate, up)  # inside a block: rebuilt if down_proj's adapter saves it
+        return mlp.down_proj(product)  # (..., H)
 
     return forward
 

@@ -36,6 +36,7 @@ from qlorakit.lora.fused import shared_input_fusion
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.train import allocator, varlen
+from qlorakit.train.rebuild import rebuild_adapter_inputs
 from qlorakit.train.recompute import swiglu_recompute
 from qlorakit.train.rmsnorm import fused_rmsnorm
 
@@ -101,6 +102,15 @@ def _swiglu(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
 def _rmsnorm(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
     with fused_rmsnorm(model, cfg.memory.fuse_rmsnorm) as count:
         yield f"{count} norms"
+
+
+@contextmanager
+def _rebuild(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
+    m = cfg.memory  # checkpointing packs the blocks' saved tensors itself (train.rebuild): no rebuild under it
+    rebuild = m.rebuild_adapter_inputs and not m.gradient_checkpointing
+    with rebuild_adapter_inputs(model, rebuild, m.malloc_trim_blocks) as count:
+        what = f"{count} blocks" if rebuild else ("off (checkpointing on)" if m.rebuild_adapter_inputs else "off")
+        yield what + (", heap trimmed before each" if m.malloc_trim_blocks and count else "")
 
 
 _UNSET = object()
@@ -196,6 +206,9 @@ REWRITES: tuple[Rewrite, ...] = (
             "SwiGLU MLP forward keeps gate/up, recomputes silu(gate) in backward", UNDONE, _swiglu),
     Rewrite("fused_rmsnorm", "memory.fuse_rmsnorm", "fp32 RMSNorm forward as one autograd function", UNDONE,
             _rmsnorm),
+    Rewrite("rebuild_adapter_inputs", "memory.rebuild_adapter_inputs",
+            "decoder blocks rebuild the norm outputs and SwiGLU product LoRA A's backward reads (no checkpointing)",
+            UNDONE, _rebuild),
     Rewrite("fuse_up_projection", "memory.fuse_up_projection", "LoraLinear adds scale * u B^T with one addmm",
             UNDONE, _switch(LoraLinear, "fuse_up_projection", "memory.fuse_up_projection")),
     Rewrite("reuse_dequant_buffer", "memory.reuse_dequant_buffer",

@@ -31,7 +31,19 @@ import torch
 from torch import nn
 
 from qlorakit.constants import RMSNORMS
+from qlorakit.train import rebuild
 from qlorakit.train.patching import patched_forwards
+
+
+def _normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(w * x r, r)`` with ``r = rsqrt(mean(x^2) + eps)``: x (..., H) -> (..., H), (..., 1)."""
+    r = torch.rsqrt(torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps))
+    return (x * r).mul_(weight), r
+
+
+def normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``_RMSNorm``'s output without autograd (bit-identical): what ``train.rebuild`` reruns in backward."""
+    return _normalize(x, weight, eps)[0]
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -39,11 +51,9 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x: (..., H), w: (H,)
-        width = x.shape[-1]
-        # r: (..., 1)
-        r = torch.rsqrt(torch.linalg.vector_norm(x, 2, dim=-1, keepdim=True).square_().div_(width).add_(eps))
+        out, r = _normalize(x, weight, eps)  # (..., H), r: (..., 1)
         ctx.save_for_backward(x, weight, r)
-        return (x * r).mul_(weight)  # (..., H)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., H)
@@ -69,7 +79,9 @@ def _fused_forward(norm: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: (..., H)
         if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
             return reference(norm, x)
-        return rms_norm(x, norm.weight, norm.variance_epsilon)
+        out = rms_norm(x, norm.weight, norm.variance_epsilon)  # (..., H)
+        rebuild.offer(out, normalize, x, norm.weight, norm.variance_epsilon)  # inside a block: rebuilt if saved
+        return out
 
     return forward
 

@@ -1,0 +1,79 @@
+"""LoRA's down-projection of a dropped input, ``u = dropout(h) A^T``, keeping ``h`` and a 1-byte mask for backward.
+
+Inverted dropout with probability ``p`` (Srivastava et al., 2014; PEFT applies it to the adapter input only):
+
+    keep = (U >= p),  U ~ Uniform[0, 1) per value        one draw per call: keep (..., in), bool
+    u    = ((keep * h) / (1 - p)) A^T                      h (..., in), A (r, in) -> u (..., r)
+    dL/dh = keep * (g A) / (1 - p)                         g = dL/du: (..., r)
+    dL/dA = g^T ((keep * h) / (1 - p))                     (r, in), the dropped input rebuilt from h and keep
+
+Autograd of ``down_product(nn.Dropout(p)(h), A)`` keeps the dropped copy (the matmul's input, ``c`` bytes a
+value) and, on the CPU, dropout's mask as a float tensor (``h``'s dtype: 4 bytes a value in fp32): 8 bytes a
+value in fp32. ``_DroppedDown`` keeps ``h`` (which the caller often holds anyway: the shared input of a fused
+group, the cast copy of a 16-bit base) and ``keep`` as ``bool``, 1 byte, and rebuilds the dropped input in
+backward (one elementwise pass). For SmolLM2 at 2 x 512 tokens (fp32, r 16, dropout 0.05, fused groups) that
+is 47.6 -> about 35 MiB saved per decoder block. The mask comes from ``torch.rand`` on the global generator, so
+seeding, and gradient checkpointing's recompute (which restores the RNG state), give the same mask again; it is
+a different random stream from ``nn.Dropout``'s (Bernoulli draws), with the same distribution.
+
+``LoraLinear.add_delta`` and the fused groups (``lora.fused``) call ``dropped_down_product(h, A, p)`` when
+``lean_dropout(module)`` gives ``p`` (a plain ``nn.Dropout`` in training mode with ``0 < p < 1``); any other
+module (``nn.Identity``, a dropout in eval mode, a custom one) is applied as it is before ``down_product``.
+``reference_dropped_down(h, weight, keep, p)`` is the op-by-op formula with a given mask (tests hold the two
+to each other within fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def keep_mask(h: torch.Tensor, p: float) -> torch.Tensor:
+    """``U >= p`` with ``U ~ Uniform[0, 1)`` from the global generator: (..., in) bool, True = kept."""
+    return torch.rand(h.shape, dtype=torch.float32, device=h.device) >= p
+
+
+def _dropped(h: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.where(keep, h * scale, 0.0)  # (..., in): the kept values times 1 / (1 - p), the rest 0
+
+
+class _DroppedDown(torch.autograd.Function):
+    """``u = ((keep * h) / (1 - p)) A^T`` saving ``h``, ``A`` and the bool ``keep``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:  # h: (..., in), A: (r, in)
+        keep = keep_mask(h, p)  # (..., in) bool
+        scale = 1.0 / (1.0 - p)
+        ctx.save_for_backward(h, weight, keep)
+        ctx.scale = scale
+        return F.linear(_dropped(h, keep, scale), weight)  # (..., r)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad: (..., r)
+        h, weight, keep = ctx.saved_tensors
+        grad_h = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.where(keep, (grad @ weight).mul_(ctx.scale), 0.0)  # (..., in)
+        if ctx.needs_input_grad[1]:
+            dropped = _dropped(h, keep, ctx.scale).reshape(-1, h.shape[-1])  # (N, in)
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ dropped  # (r, in)
+        return grad_h, grad_w, None
+
+
+def lean_dropout(dropout: nn.Module | None) -> float | None:
+    """``p`` when ``dropout`` is a plain ``nn.Dropout`` in training mode with ``0 < p < 1``; else None."""
+    if type(dropout) is not nn.Dropout or not dropout.training or not 0.0 < dropout.p < 1.0:
+        return None
+    return float(dropout.p)
+
+
+def dropped_down_product(h: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """``dropout_p(h) @ A^T`` through ``_DroppedDown``: h (..., in), A (r, in) -> (..., r)."""
+    return _DroppedDown.apply(h, weight, p)
+
+
+def reference_dropped_down(h: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """The formula op by op with a given mask ``keep`` (..., in): ``(h * keep / (1 - p)) A^T`` (plain autograd)."""
+    return F.linear(h * keep.to(h.dtype) / (1.0 - p), weight)  # (..., r)

@@ -1,0 +1,109 @@
+"""``lora.dropout``: the dropped down-projection that keeps ``h`` and a bool mask equals the op-by-op formula.
+
+Tolerance: fp32 ``rtol 1e-5, atol 1e-6``: ``where(keep, h / (1 - p) ...)`` scales before the matmul as the
+reference does, and ``dL/dA`` is one matmul over the rows in both; only the order of fp32 sums may differ.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qlorakit.config import LoraConfig
+from qlorakit.lora import add_lora, lora_layers
+from qlorakit.lora.dropout import dropped_down_product, keep_mask, lean_dropout, reference_dropped_down
+from qlorakit.lora.fused import fuse_shared_inputs
+from tests.helpers.lora import randomize_lora_b
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def test_dropped_down_product_equals_the_formula_with_the_same_mask_forward_and_both_gradients():
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 7, 24, generator=gen, requires_grad=True)  # (B, T, in)
+    a = torch.randn(6, 24, generator=gen, requires_grad=True)  # (r, in)
+    g = torch.randn(2, 7, 6, generator=gen)  # dL/du
+    torch.manual_seed(11)
+    u = dropped_down_product(h, a, 0.3)
+    grad_h, grad_a = torch.autograd.grad(u, (h, a), g)
+    torch.manual_seed(11)
+    keep = keep_mask(h, 0.3)  # the same draw from the global generator
+    assert keep.dtype == torch.bool and 0 < keep.sum() < keep.numel()
+    ref = reference_dropped_down(h, a, keep, 0.3)
+    ref_h, ref_a = torch.autograd.grad(ref, (h, a), g)
+    torch.testing.assert_close(u, ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad_h, ref_h, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(grad_a, ref_a, rtol=RTOL, atol=ATOL)
+    assert (grad_h[~keep] == 0).all()  # dropped values get no gradient
+
+
+def test_dropped_down_product_keeps_the_input_and_a_bool_mask_not_a_dropped_copy_and_a_float_mask():
+    h = torch.randn(64, 32, requires_grad=True)  # (N, in)
+    a = torch.randn(4, 32, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropped_down_product(h, a, 0.1)
+    big = [t for t in saved if t.numel() == h.numel()]
+    assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32"]
+    assert any(t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for t in big)  # h itself
+
+
+def test_lean_path_only_for_a_training_nn_dropout():
+    drop = nn.Dropout(0.2)
+    assert lean_dropout(drop) == 0.2
+    assert lean_dropout(drop.eval()) is None
+    assert lean_dropout(nn.Identity()) is None and lean_dropout(None) is None and lean_dropout(nn.Dropout(0.0)) is None
+
+
+class _GivenMasks(nn.Module):
+    """Reference dropout: multiplies by the next of the masks drawn by the lean run (same order of calls)."""
+
+    def __init__(self, masks: list[torch.Tensor], p: float) -> None:
+        super().__init__()
+        self.masks, self.p = masks, p
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.masks.pop(0).to(h.dtype) / (1.0 - self.p)
+
+
+def _model(tiny_llama, dropout: float):
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=dropout, targets="all-linear"))
+    randomize_lora_b(model)
+    return model
+
+
+def _loss_and_grads(model, input_ids):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids).logits  # (B, T, V)
+    out.float().pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_model_with_lean_dropout_equals_plain_autograd_with_the_same_masks(tiny_llama, input_ids, monkeypatch):
+    """A whole fused tiny Llama with ``nn.Dropout(0.3)``: forward and every LoRA gradient equal those of the
+    same model whose dropouts multiply by the very masks the lean path drew (plain autograd, unfused layers
+    in the group's order: each group's mask handed to each of its members)."""
+    from qlorakit.lora import dropout as dropout_module
+
+    model = _model(tiny_llama, 0.3)
+    reference = _model(tiny_llama, 0.3)
+    reference.load_state_dict(model.state_dict())
+    assert len(fuse_shared_inputs(model)) == 4
+    drawn: list[torch.Tensor] = []
+    real = dropout_module.keep_mask
+    monkeypatch.setattr(dropout_module, "keep_mask", lambda h, p: drawn.append(real(h, p)) or drawn[-1])
+    out, grads = _loss_and_grads(model, input_ids)
+    assert len(drawn) == 2 * 4  # per block: q/k/v, o, gate/up, down
+    per_layer: list[torch.Tensor] = []
+    for path in lora_layers(reference):  # module order: q, k, v, o, gate, up, down of each block
+        child = path.rsplit(".", 1)[-1]
+        per_layer.append(per_layer[-1] if child in ("k_proj", "v_proj", "up_proj") else drawn.pop(0))
+    for layer, mask in zip(lora_layers(reference).values(), per_layer, strict=True):
+        layer.lora_dropout["default"] = _GivenMasks([mask], 0.3)
+    ref_out, ref_grads = _loss_and_grads(reference, input_ids)
+    torch.testing.assert_close(out, ref_out, rtol=RTOL, atol=ATOL)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=RTOL, atol=ATOL, msg=name)

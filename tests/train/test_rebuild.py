@@ -1,0 +1,98 @@
+"""rebuild_adapter_inputs: LoRA A's inputs rebuilt in backward give bit-identical losses and gradients.
+
+Tolerance: none (``torch.equal``). The recipes are the functions the forwards run (``rmsnorm.normalize``,
+``recompute.silu_mul_value``), so the rebuilt tensors, and everything computed from them, match exactly.
+The reference is the same model and rewrites with ``memory.rebuild_adapter_inputs: false``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlorakit.config import LoraConfig, MemoryConfig, RunConfig
+from qlorakit.lora.model import lora_layers
+from qlorakit.train import rebuild, rewrites
+from tests.helpers.train import tiny_qlora_model
+
+VOCAB = 96
+
+
+def _loss_and_grads(model, ids: torch.Tensor, cfg: RunConfig, seed: int = 5):
+    model.zero_grad(set_to_none=True)
+    model.train()
+    with rewrites.apply(model, cfg) as applied:
+        torch.manual_seed(seed)  # the same dropout masks in both runs
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        record = next(r for r in applied.records if r["name"] == "rebuild_adapter_inputs")
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, record
+
+
+def _cfg(rebuilt: bool, checkpointing: bool = False) -> RunConfig:
+    memory = MemoryConfig(gradient_checkpointing=checkpointing, rebuild_adapter_inputs=rebuilt,
+                          malloc_mmap_threshold_kib=0)
+    return RunConfig(model="tiny", lora=LoraConfig(r=4, alpha=8, dropout=0.3), memory=memory)
+
+
+@pytest.fixture
+def model():
+    model = tiny_qlora_model(VOCAB, LoraConfig(r=4, alpha=8, dropout=0.3))
+    with torch.no_grad():  # B != 0, so every adapter (and so every gradient path) is live
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(std=0.2)
+    return model
+
+
+def test_rebuilt_adapter_inputs_give_bit_identical_loss_and_lora_gradients(model, monkeypatch):
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    loss_ref, grads_ref, record_ref = _loss_and_grads(model, ids, _cfg(False))
+    rebuilt = []
+    unpack = rebuild._unpack
+    monkeypatch.setattr(rebuild, "_unpack",
+                        lambda p: rebuilt.append(isinstance(p, rebuild._Recipe) and p.fn.__name__) or unpack(p))
+    loss, grads, record = _loss_and_grads(model, ids, _cfg(True))
+    assert record_ref["applied"] == "off" and record["applied"] == "2 blocks"
+    names = [n for n in rebuilt if n]  # per block: both norm outputs and the SwiGLU product, once per saver
+    assert names.count("silu_mul_value") == 2 and names.count("normalize") >= 2 * 2 and len(set(names)) == 2
+    assert torch.equal(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
+    assert all(torch.equal(grads[k], grads_ref[k]) for k in grads)
+    assert all(float(g.abs().max()) > 0 for g in grads.values())
+    assert all("forward" not in vars(layer) for layer in rebuild.decoder_layers(model))  # undone on exit
+
+
+def test_rebuild_is_off_under_checkpointing_and_leaves_dropout_free_adapters_alone(monkeypatch):
+    model = tiny_qlora_model(VOCAB, LoraConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(std=0.2)
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    _, _, record = _loss_and_grads(model, ids, _cfg(True, checkpointing=True))
+    assert record["applied"] == "off (checkpointing on)"
+    loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(False))
+    rebuilt = []
+    unpack = rebuild._unpack
+    monkeypatch.setattr(rebuild, "_unpack",
+                        lambda p: rebuilt.append(isinstance(p, rebuild._Recipe) and p.fn.__name__) or unpack(p))
+    loss, grads, _ = _loss_and_grads(model, ids, _cfg(True))
+    assert sum(rebuilt) == 0  # no dropout: the A matmul saves a 2-D view of its input, not the offered tensor
+    assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads_ref)
+
+
+def test_trim_blocks_trims_before_each_block_forward_with_a_graph_only(model, monkeypatch):
+    from qlorakit.train import allocator
+
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(True))
+    calls = []
+    monkeypatch.setattr(allocator, "trim_heap", lambda: calls.append(1) or True)
+    cfg = _cfg(True)
+    cfg = RunConfig(model="tiny", lora=cfg.lora, memory=MemoryConfig(
+        gradient_checkpointing=False, malloc_mmap_threshold_kib=0, malloc_trim_blocks=True))
+    loss, grads, record = _loss_and_grads(model, ids, cfg)
+    assert record["applied"] == "2 blocks, heap trimmed before each" and len(calls) == 2
+    assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads_ref)
+    with rewrites.apply(model, cfg), torch.no_grad():
+        model(input_ids=ids)
+    assert len(calls) == 2  # no graph, no trim (evaluation)
