@@ -206,3 +206,11 @@ def copy_until(src: Path, dst: Path, step: int) -> Path:
     shutil.copytree(src / f"checkpoint-{step}", dst / f"checkpoint-{step}")
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
     return dst / f"checkpoint-{step}"
+
+
+def small_oasst_file(shared_dir: Path, path: Path, n: int = 14) -> Path:
+    """The rank tests' data: the ``n`` shortest single-turn conversations of the shared OASST1 file, as JSONL."""
+    rows = [json.loads(line) for line in (shared_dir / "data" / "oasst1" / "oasst1_guanaco_val.jsonl").open()]
+    rows = sorted((r for r in rows if r["input"].count("### Human:") == 1), key=lambda r: len(r["input"] + r["output"]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:n]))
+    return path

@@ -38,6 +38,7 @@ from tests.helpers.distributed import (
     metric_rows,
     read_report,
     run_ranks,
+    small_oasst_file,
 )
 from tests.helpers.tiny_llama import save_tiny_llama
 from tests.helpers.train import run_config, tiny_qlora_model
@@ -81,10 +82,7 @@ def _one_process(cfg, sets, vocab, resume: Path | None = None):
 @pytest.fixture(scope="module")
 def job(smol_tokenizer, shared_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    rows = [json.loads(line) for line in (shared_dir / "data" / "oasst1" / "oasst1_guanaco_val.jsonl").open()]
-    rows = sorted((r for r in rows if r["input"].count("### Human:") == 1), key=lambda r: len(r["input"] + r["output"]))
-    data = root / "small.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:14]))
+    data = small_oasst_file(shared_dir, root / "small.jsonl")
     cfgs = {name: _cfg(data, root / f"{name}-1", *spec) for name, spec in SCENARIOS.items()}
     train_set, val_set, _ = build_datasets(cfgs["paged"].data, smol_tokenizer)
     sets, vocab = (train_set, val_set, collate_fn(smol_tokenizer)), len(smol_tokenizer)

@@ -12,7 +12,6 @@ FSDP, accelerate the default strategy (``auto``, which picks DDP for this small 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlorakit.cli.main import main
-from tests.helpers.distributed import assert_close_rows, free_port, metric_rows
+from tests.helpers.distributed import assert_close_rows, free_port, metric_rows, small_oasst_file
 from tests.helpers.tiny_llama import save_tiny_llama
 
 RTOL = ATOL = 1e-5
@@ -62,10 +61,7 @@ EXTRA = {"torchrun": ["--distributed", "fsdp"], "accelerate": []}
 @pytest.fixture(scope="module")
 def runs(smol_tokenizer, shared_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
-    rows = [json.loads(line) for line in (shared_dir / "data" / "oasst1" / "oasst1_guanaco_val.jsonl").open()]
-    rows = sorted((r for r in rows if r["input"].count("### Human:") == 1), key=lambda r: len(r["input"] + r["output"]))
-    data = root / "small.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:14]))
+    data = small_oasst_file(shared_dir, root / "small.jsonl")
     model = save_tiny_llama(root / "tiny", smol_tokenizer, vocab_size=len(smol_tokenizer), tie_word_embeddings=True)
     assert main(_args(model, data, root / "one")) == 0
     done = {}

@@ -44,13 +44,19 @@ def model():
     return model
 
 
-def test_rebuilt_adapter_inputs_give_bit_identical_loss_and_lora_gradients(model, monkeypatch):
-    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
-    loss_ref, grads_ref, record_ref = _loss_and_grads(model, ids, _cfg(False))
+def _record_rebuilds(monkeypatch) -> list:
+    """A list that gets, per saved tensor unpacked in backward, the rebuilding function's name (False: kept)."""
     rebuilt = []
     unpack = rebuild._unpack
     monkeypatch.setattr(rebuild, "_unpack",
                         lambda p: rebuilt.append(isinstance(p, rebuild._Recipe) and p.fn.__name__) or unpack(p))
+    return rebuilt
+
+
+def test_rebuilt_adapter_inputs_give_bit_identical_loss_and_lora_gradients(model, monkeypatch):
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    loss_ref, grads_ref, record_ref = _loss_and_grads(model, ids, _cfg(False))
+    rebuilt = _record_rebuilds(monkeypatch)
     loss, grads, record = _loss_and_grads(model, ids, _cfg(True))
     assert record_ref["applied"] == "off" and record["applied"] == "2 blocks"
     names = [n for n in rebuilt if n]  # per block: both norm outputs and the SwiGLU product, once per saver
@@ -71,10 +77,7 @@ def test_rebuild_is_off_under_checkpointing_and_leaves_dropout_free_adapters_alo
     _, _, record = _loss_and_grads(model, ids, _cfg(True, checkpointing=True))
     assert record["applied"] == "off (checkpointing on)"
     loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(False))
-    rebuilt = []
-    unpack = rebuild._unpack
-    monkeypatch.setattr(rebuild, "_unpack",
-                        lambda p: rebuilt.append(isinstance(p, rebuild._Recipe) and p.fn.__name__) or unpack(p))
+    rebuilt = _record_rebuilds(monkeypatch)
     loss, grads, _ = _loss_and_grads(model, ids, _cfg(True))
     assert sum(rebuilt) == 0  # no dropout: the A matmul saves a 2-D view of its input, not the offered tensor
     assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads_ref)
