@@ -7,11 +7,14 @@ shows at the scale of lr). "paged" uses the reference loss (``loss_chunk_tokens`
 the chunked head (16 target rows at a time; under FSDP a forward of the root module).
 
 With 8-bit state one more effect of the fp32 order shows: a moment that lies at a rounding edge of the 8-bit map
-gets the neighbouring code (observed: 5 codes of 261,120, never more than one code apart), and that element's
-next update moves by a fraction of lr (observed here: none beyond rtol/atol 1e-5; with r 64, 2 of 131,072
-adapter elements, at most 3.6e-5). ``assert_adapters_close`` allows such elements: at most 1 in 10,000 beyond
-rtol/atol 1e-5, none beyond 1e-3 (0.1 lr); a block mapped to the wrong shard would move whole 256-element blocks
-by about lr.
+gets the neighbouring code (observed: 5 to 31 codes of 261,120, never more than one code apart), and that
+element's next update moves by a fraction of lr (observed here: none beyond rtol/atol 1e-5; with r 64, 2 of
+131,072 adapter elements, at most 3.6e-5). ``assert_adapters_close`` allows such elements: at most 1 in 10,000
+beyond rtol/atol 1e-5, none beyond 1e-3 (0.1 lr); a block mapped to the wrong shard would move whole 256-element
+blocks by about lr. A block's absmax is one moment entry, and an entry whose gradient sums terms that cancel
+carries more fp32-order error than rtol 1e-5 (observed: 2 of 34 blocks of one tensor at 2.5e-5 in exp_avg and
+5e-5 in exp_avg_sq, which squares it), so the scales are held to ``ABSMAX_RTOL`` 1e-4 and the codes to at most 1 in
+1,000 moved by one; a wrong block would differ by O(1) in its scale and move most of its 256 codes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from tests.helpers.tiny_llama import save_tiny_llama
 from tests.helpers.train import run_config, tiny_qlora_model
 
 RTOL = 1e-5
+ABSMAX_RTOL = 1e-4  # 8-bit scales: one moment entry each (docstring)
 ATOL = 1e-5  # as tests/train/test_distributed.py: 1e-3 of one AdamW update at lr 1e-2
 #: scenario -> (grad_accum, optimizer, lora r, loss_chunk_tokens); 3 steps each. 10 train examples in micro-batches
 #: of 4: every epoch ends with a micro-batch of 2, all of it on rank 0 (rank 1's share is empty: it runs the
@@ -198,10 +202,11 @@ def test_fsdp_8bit_state_is_blockwise_on_the_shards_and_consolidates_to_the_one_
                 assert int(differ.max()) <= 1, key
                 flipped += int(differ.sum())
             elif key.endswith("_absmax"):  # one scale per 256-element block: the shards' blocks are the whole's
-                torch.testing.assert_close(got[key], one[key], rtol=RTOL, atol=0.0, msg=key)
+                torch.testing.assert_close(got[key], one[key], rtol=ABSMAX_RTOL, atol=0.0,
+                                           msg=lambda m, key=key: f"{key}: {m}")
             else:  # step, and the 32-bit moments of the small parameters (near-zero entries: atol at their scale)
                 torch.testing.assert_close(got[key], one[key], rtol=RTOL, atol=RTOL * float(one[key].abs().max()))
-        assert flipped <= sum(one[k].numel() for k in one if k.endswith("_codes")) // 10_000
+        assert flipped <= sum(one[k].numel() for k in one if k.endswith("_codes")) // 1_000
 
 
 @pytest.mark.parametrize("resumed", ["resume-1to2", "resume-2to1", "ddp-to-fsdp", "fsdp-to-ddp"])
