@@ -112,6 +112,27 @@ def json_ready(value: Any) -> Any:
     return value
 
 
+#: Memory size units (``parse_size``): ``GB``/``MB``/``KB`` are powers of ten, ``GiB``/``MiB``/``KiB`` powers of
+#: two (a "24 GB" GPU holds 24 GiB, so ``24GB`` is the conservative reading).
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """``"48GB"`` -> 48,000,000,000 bytes; ``"24GiB"`` -> 24 * 2**30; a bare number is bytes."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in UNITS:
+        raise ConfigError(
+            f"memory size {text!r} is not understood; write a number and a unit, e.g. 48GB, 24GiB, 512MiB"
+        )
+    value = float(match.group(1)) * UNITS[unit]
+    if value <= 0:
+        raise ConfigError(f"memory size {text!r} must be positive")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How the frozen base weights are stored (QLoRA: NF4, blocksize 64, double quantization).
@@ -342,7 +363,8 @@ class MemoryConfig:
                                    "threshold; some page faults)")
     memory_budget: str = opt("", "peak memory the run may use, e.g. 8GB or 6GiB; qlorakit train picks the fastest "
                              "memory settings that fit ('' = available memory minus a margin; on CUDA the device's "
-                             "free memory); settings given explicitly are kept")
+                             "free memory); settings given explicitly are kept; with glibc's dynamic threshold a CPU "
+                             "run fixes the threshold once its peak nears the budget (the heap guard)")
 
     def __post_init__(self) -> None:
         _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
@@ -352,6 +374,11 @@ class MemoryConfig:
         _int_field(self, "malloc_mmap_threshold_kib", 0)
         if not isinstance(self.memory_budget, str):
             _fail("MemoryConfig", "memory_budget", self.memory_budget, "a size such as 8GB or 6GiB, or ''")
+        if self.memory_budget:
+            try:
+                parse_size(self.memory_budget)
+            except ConfigError as error:
+                _fail("MemoryConfig", "memory_budget", self.memory_budget, str(error))
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@
   on CUDA) minus ``MEMORY_BUDGET_MARGIN_FRACTION`` of it, at least ``MEMORY_BUDGET_MARGIN_MIN_BYTES``;
 - ``given`` holds the ``section.field`` names the user set (flags, ``--config`` file); each knob of
   ``planner.choose`` that one of ``KNOB_FIELDS`` names is explicit and stays as given;
-- the chosen values are written into the config (``apply_choices``), so ``config.yaml`` records them.
+- the chosen values are written into the config (``apply_choices``), so ``config.yaml`` records them, and so is
+  the budget (``<MiB>MiB`` when it was the default), which the trainer's heap guard reads (``train.allocator``).
 """
 
 from __future__ import annotations
@@ -83,4 +84,8 @@ def choose_for_run(cfg: RunConfig, given: Collection[str], device: str = "cpu",
     budget = parse_size(cfg.memory.memory_budget) if cfg.memory.memory_budget else default_budget(device)
     shape = shape or model_shape(cfg.model, cfg.lora.targets)
     choices = choose(shape, settings_for(cfg, device), budget, explicit_knobs(given))
-    return apply_choices(cfg, choices.settings), choices
+    chosen = apply_choices(cfg, choices.settings)
+    if not cfg.memory.memory_budget:  # the default budget, recorded for the heap guard and config.yaml
+        chosen = dataclasses.replace(chosen, memory=dataclasses.replace(chosen.memory,
+                                                                        memory_budget=f"{budget // 2**20}MiB"))
+    return chosen, choices

@@ -1,4 +1,5 @@
-"""The plan as a table, and memory sizes as people write them (``48GB``, ``24GiB``, ``512MB``).
+"""The plan as a table; memory sizes as people write them (``48GB``, ``24GiB``, ``512MB``) are read by
+``config.parse_size``, re-exported here.
 
 Units are strict: ``GB``/``MB``/``KB`` are powers of ten, ``GiB``/``MiB``/``KiB`` powers of two (a
 "24 GB" GPU holds 24 GiB, so ``24GB`` is the conservative reading). The table prints MiB, as the QLoRA
@@ -7,29 +8,10 @@ paper's "MB".
 
 from __future__ import annotations
 
-import re
-
-from qlorakit.errors import ConfigError
+from qlorakit.config import parse_size
 from qlorakit.planner.estimate import MemoryPlan
 
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str) -> int:
-    """``"48GB"`` -> 48,000,000,000 bytes; ``"24GiB"`` -> 24 * 2**30; a bare number is bytes."""
-    match = _SIZE.match(str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in UNITS:
-        raise ConfigError(
-            f"memory size {text!r} is not understood; write a number and a unit, e.g. 48GB, 24GiB, 512MiB"
-        )
-    value = float(match.group(1)) * UNITS[unit]
-    if value <= 0:
-        raise ConfigError(f"memory size {text!r} must be positive")
-    return int(value)
-
+__all__ = ["format_plan", "mib", "parse_size"]  # parse_size lives in config (the trainer reads the budget too)
 
 def mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f}"

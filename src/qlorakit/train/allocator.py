@@ -30,6 +30,14 @@ calls ``trim_heap`` before each decoder block's forward instead (``train.rebuild
 ``dynamic-trim-blocks``): without checkpointing the dynamic threshold's heap holds 0.5-0.8 GB of freed forward
 temporaries at the peak on SmolLM2 at 2 x 512 tokens, and trimming as they form cut the peak from 2,560 to
 1,975 MiB for 0.6-0.7 M page faults a step (docs/memory.md). No-op outside glibc.
+``HeapGuard`` bounds what the dynamic threshold costs over a long run. Its heap does not stop growing at the
+first step: on the README's run (SmolLM2-135M, bf16 compute, 4 packed rows of 512 tokens, no checkpointing)
+the peak RSS rose from 3,900 MiB after step 1 to 4,902 after step 10 and 7,709 after step 49 (docs/memory.md),
+while the live tensors at the end of each step stayed near 1.1 GB. So after every optimizer step the guard
+compares the peak RSS plus the last step's rise with the run's memory budget (``memory.memory_budget``, which
+``qlorakit train`` always fills in). When the next step could cross it, the guard fixes the threshold at
+``GUARD_THRESHOLD_KIB``: the budget chooser's ``fixed`` allocator, whose peak does not creep. It then returns the
+free heap and tells the trainer, once. A library caller without a budget gets no guard.
 Its one entry point is ``train.rewrites.fix_allocator``: ``qlorakit train`` calls it before the model loads and
 ``train()``'s rewrite table again (a repeat changes nothing): set only after loading, the same threshold left
 the training peak bimodal across identical runs (docs/memory.md).
@@ -40,11 +48,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 #: ``M_MMAP_THRESHOLD`` of glibc's ``<malloc.h>``.
 _M_MMAP_THRESHOLD = -3
+#: The fixed threshold ``HeapGuard`` switches to: ``planner.choose``'s ``fixed`` allocator (the trainer's default).
+GUARD_THRESHOLD_KIB = 1024
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -87,3 +98,47 @@ def fix_mmap_threshold(kib: int) -> bool:
     """
     libc = _glibc() if kib > 0 else None
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(kib * 1024))) if libc is not None else False
+
+
+@dataclass
+class HeapGuard:
+    """After each optimizer step: once the peak RSS plus the last step's rise reaches ``budget_bytes``, switch
+    glibc to the fixed threshold and return the free heap (module docstring). ``peak_bytes`` reads the process's
+    high-water mark; ``switch`` makes the switch and says whether glibc took it (injected by tests)."""
+
+    budget_bytes: int
+    peak_bytes: Callable[[], int]
+    switch: Callable[[], bool]
+    last_peak: int = 0
+    switched_at: int | None = None  # the step after which the threshold was fixed
+
+    def after_step(self, step: int) -> str | None:
+        """The message of the switch when this step makes it, else None."""
+        now = self.peak_bytes()
+        rise, self.last_peak = (now - self.last_peak if self.last_peak else 0), now
+        if self.switched_at is not None or now + max(rise, 0) < self.budget_bytes:
+            return None
+        self.switched_at = step
+        took = self.switch()
+        mib = 2**20
+        what = (f"glibc's mmap threshold fixed at {GUARD_THRESHOLD_KIB} KiB from the next step and the free heap "
+                "returned" if took else "glibc did not take the fixed threshold (not glibc?); nothing changed")
+        return (f"heap guard: peak RSS {now / mib:,.0f} MiB + the last step's rise {max(rise, 0) / mib:,.0f} MiB "
+                f"reaches the memory budget of {self.budget_bytes / mib:,.0f} MiB; {what}")
+
+
+def switch_to_fixed_threshold() -> bool:
+    """``HeapGuard``'s switch: the fixed ``GUARD_THRESHOLD_KIB`` threshold, then ``trim_heap``."""
+    took = fix_mmap_threshold(GUARD_THRESHOLD_KIB)
+    trim_heap()
+    return took
+
+
+def heap_guard(budget_bytes: int | None, mmap_threshold_kib: int, on_cpu: bool) -> HeapGuard | None:
+    """The guard of a run: only with a budget, glibc's dynamic threshold (``mmap_threshold_kib`` 0), on the CPU
+    (a GPU's budget is device memory) and under glibc; None otherwise."""
+    if not budget_bytes or mmap_threshold_kib != 0 or not on_cpu or _glibc() is None:
+        return None
+    from qlorakit.hardware import peak_rss_mb
+
+    return HeapGuard(budget_bytes, lambda: int(peak_rss_mb() * 2**20), switch_to_fixed_threshold)

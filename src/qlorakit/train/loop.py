@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from qlorakit.config import RunConfig, as_dict
+from qlorakit.config import RunConfig, as_dict, parse_size
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.data.packing import real_tokens
@@ -56,7 +56,7 @@ from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.parallel import Replicas, current, run_fingerprint
 from qlorakit.parallel.fsdp import Consolidated, FsdpRun, shard_for_training
 from qlorakit.parallel.fsdp_load import gathering
-from qlorakit.train import full, rewrites
+from qlorakit.train import allocator, full, rewrites
 from qlorakit.train.checkpoint import (
     TrainerState,
     check_free_space,
@@ -206,6 +206,7 @@ class Run:
     # (model, batch, chunk_tokens) -> (CE sum, target tokens). FSDP: run as a forward of the root, since the chunked
     # head calls the decoder and the head apart, outside the root's own forward (FsdpRun.root_forward)
     loss_fn: Callable = token_loss_sum
+    heap_guard: allocator.HeapGuard | None = None  # glibc's dynamic threshold under a budget (train.allocator)
 
 
 def train(
@@ -307,7 +308,9 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
-               loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded))
+               loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded),
+               heap_guard=allocator.heap_guard(parse_size(cfg.memory.memory_budget) if cfg.memory.memory_budget
+                                               else None, cfg.memory.malloc_mmap_threshold_kib, device.type == "cpu"))
 
 
 def _shard(model, optimizer, cfg: RunConfig, replicas: Replicas,
@@ -386,8 +389,10 @@ def step(run: Run, bar: tqdm) -> None:
     _update(run, skipped)
     seconds = time.perf_counter() - started
     _count_step(run.state, step_tokens, seconds)
-    # log: a metrics row every logging_steps (at the last step, at a skipped one), the progress bar always
-    _log_step(run, bar, loss, grad_norm, step_tokens / seconds, skipped)
+    # heap guard: with glibc's dynamic threshold, the fixed one once the peak nears the budget (train.allocator)
+    guarded = run.heap_guard.after_step(run.state.step) if run.heap_guard is not None else None
+    # log: a metrics row every logging_steps (at the last step, at a skipped one, at the guard's switch), the bar
+    _log_step(run, bar, loss, grad_norm, step_tokens / seconds, skipped, guarded)
     # divergence: max_bad_steps skipped updates in a row stop the run with an error (the last good checkpoint stays)
     _stop_if_diverged(run, skipped)
     # eval/save: held-out loss and extra metrics every eval_steps and at the end; a checkpoint every save_steps
@@ -500,7 +505,8 @@ def _count_step(state: TrainerState, step_tokens: int, seconds: float) -> None:
     state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + step_tokens, state.elapsed_s + seconds
 
 
-def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: float, skipped: str | None) -> None:
+def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: float, skipped: str | None,
+              guarded: str | None = None) -> None:
     state = run.state
     run.result.losses.append(loss)
     row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
@@ -509,7 +515,9 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
         row.update(run.objective.last_metrics)  # rewards/..., logps/... under TRL's names
     if skipped:
         row["skipped"] = skipped
-    if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped:
+    if guarded:
+        row["heap_guard"] = guarded
+    if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped or guarded:
         if run.replicas.dist.enabled:  # the job's tokens/s is in the row; memory per rank too
             row["rank_peak_rss_mb"] = [round(x, 1) for x in run.replicas.gather(row["peak_rss_mb"], "peak RSS")]
         run.log.write(row)
@@ -517,6 +525,8 @@ def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: 
         if run.replicas.is_main:
             bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
                       f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}{note}")
+    if guarded:  # every rank guards its own heap
+        bar.write(f"rank {run.replicas.dist.rank}: {guarded}" if run.replicas.dist.enabled else guarded)
     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.update(1)
 

@@ -2,7 +2,8 @@
 
 Training rows: ``step, loss, lr, grad_norm, tokens, elapsed_s, tokens_per_s, epoch, peak_rss_mb, bad_steps``
 (and ``cuda_max_allocated_mb`` on a GPU); a step whose update was skipped also has ``skipped`` (why), and
-its non-finite ``loss`` / ``grad_norm`` are ``null``. Evaluation rows: ``step, eval_loss, eval_tokens``.
+its non-finite ``loss`` / ``grad_norm`` are ``null``; the step after which the heap guard fixed glibc's threshold
+has ``heap_guard`` (its message; ``train.allocator``). Evaluation rows: ``step, eval_loss, eval_tokens``.
 
 Each step appears once: on resume the rows after the checkpoint's step are dropped (and a line torn by a
 kill mid-write with them), and the file is fsynced before every checkpoint, so a checkpoint on the disk
