@@ -270,7 +270,10 @@ def choose_memory(cfg: RunConfig, args: argparse.Namespace, checkpoint: Path | N
     from qlorakit.planner.budget import choose_for_run
 
     cfg, choices = choose_for_run(cfg, given_fields(args), device="cpu")  # qlorakit train loads on the CPU
-    return cfg, choices.lines()
+    guard = ([f"           heap guard: glibc's threshold is fixed at 1 MiB if the peak RSS nears the "
+              f"{cfg.memory.memory_budget} budget (train.allocator)"]
+             if cfg.memory.malloc_mmap_threshold_kib == 0 else [])
+    return cfg, choices.lines() + guard
 
 
 def _resume_hint(run_dir: Path) -> str:
