@@ -294,3 +294,12 @@ def test_full_finetuning_save_counts_the_optimizer_state_once(tiny_llama_dir):
     step = sum(p.part(n) for n in ("activations", "logits", "full_grads", "head_grad"))
     save = p.part("optimizer_state") + p.offloaded_bytes
     assert p.part("checkpoint_save") == max(0, save - step) > 0  # 8 tokens: the save is the peak
+
+
+def test_qlorakit_plan_says_the_dynamic_heaps_growth_is_not_counted(tiny_llama_dir):
+    from qlorakit.planner import format_plan
+
+    shape = model_shape(tiny_llama_dir)
+    note = "not counted: the glibc heap's growth over a run with the dynamic threshold"
+    assert note in format_plan(plan(shape, PlanSettings(device="cpu", mmap_threshold_kib=0)))
+    assert note not in format_plan(plan(shape, PlanSettings(device="cpu", mmap_threshold_kib=1024)))

@@ -82,3 +82,4 @@ def test_qlorakit_train_records_the_default_budget_for_the_guard(save_tiny_llama
     assert budget.endswith("MiB") and parse_size(budget) > 0
     assert f"heap guard: glibc's threshold is fixed at 1 MiB if the peak RSS nears the {budget} budget" in (
         out / "config.yaml").read_text()  # the plan's lines end config.yaml as comments
+

@@ -42,6 +42,9 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(f"paged optimizer state outside the device:     {mib(p.offloaded_bytes)} MiB (host memory)")
     if s.device == "gpu":
         lines.append("not counted: the CUDA context and allocator fragmentation (keep some headroom)")
+    elif s.mmap_threshold_kib == 0:
+        lines.append("not counted: the glibc heap's growth over a run with the dynamic threshold (the total is the "
+                     "first steps'; qlorakit train's heap guard fixes the threshold near its budget, docs/memory.md)")
     lines.append("")
     lines.append(verdict(p))
     return "\n".join(lines)
