@@ -83,3 +83,17 @@ def test_qlorakit_train_records_the_default_budget_for_the_guard(save_tiny_llama
     assert f"heap guard: glibc's threshold is fixed at 1 MiB if the peak RSS nears the {budget} budget" in (
         out / "config.yaml").read_text()  # the plan's lines end config.yaml as comments
 
+
+
+def test_ranks_with_different_free_memory_agree_on_the_run(small_oasst, tmp_path):
+    """Each rank records its own default budget; the ranks' config check leaves it out, and only it."""
+    import dataclasses
+
+    from qlorakit.parallel import run_fingerprint
+
+    cfg = run_config(small_oasst, tmp_path / "run", memory_budget="19718MiB")
+    other = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, memory_budget="19544MiB"))
+    assert run_fingerprint(cfg, [5, 7]) == run_fingerprint(other, [5, 7])
+    lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3))
+    assert run_fingerprint(cfg, [5, 7]) != run_fingerprint(lr, [5, 7])
+    assert cfg.memory.memory_budget == "19718MiB"  # the config itself is unchanged by the check

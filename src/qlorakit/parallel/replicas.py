@@ -40,8 +40,12 @@ from qlorakit.parallel.group import SINGLE, Dist, collective
 
 
 def run_fingerprint(cfg: RunConfig, lengths: Sequence[int]) -> str:
-    """sha256 of the run's config and its training examples' lengths: equal on every rank of a sound job."""
-    text = json.dumps({"config": as_dict(cfg), "train_lengths": list(lengths)}, sort_keys=True, default=str)
+    """sha256 of the run's config and its training examples' lengths: equal on every rank of a sound job.
+    ``memory.memory_budget`` is left out: ``qlorakit train`` fills in each rank's own free memory (its heap guard's
+    budget, ``train.allocator``), which differs between ranks of one sound job."""
+    config = as_dict(cfg)
+    config["memory"].pop("memory_budget", None)  # each rank's own (see above)
+    text = json.dumps({"config": config, "train_lengths": list(lengths)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
