@@ -222,6 +222,8 @@ def run_ours_cli(args: argparse.Namespace, data: dict[str, Any], model_dir: str)
                 str(ALPHA), "--warmup-ratio", "0", "--compute-dtype", args.dtype, "--no-progress"]  # fmt: skip
         if args.ours_memory_budget:
             argv += ["--memory-budget", args.ours_memory_budget]
+        if args.ours_no_packing:  # a labelled check (the peer's batches, so the loss curves compare), not the default
+            argv += ["--no-packing"]
         start = time.perf_counter()
         status = qlorakit_main(argv)
         if status != 0:
@@ -449,6 +451,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ours-memory-budget", default="",
                    help="cli mode: pass --memory-budget SIZE to qlorakit train (default: its own, the available "
                         "memory minus a margin)")
+    p.add_argument("--ours-no-packing", action="store_true",
+                   help="cli mode: pass --no-packing (the peer's padded batches, so the loss curves can be compared; "
+                        "not qlorakit's default)")
     p.add_argument("--lora-dropout", type=float, default=0.05,
                    help="LoRA dropout of both stacks (the paper's and qlorakit's default 0.05)")
     p.add_argument("--ours-checkpointing", choices=("on", "off"), default="on",
@@ -515,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
                    "repeats": args.repeats, "seq_len": args.seq_len, "batch_size": args.batch_size,
                    "grad_accum": args.grad_accum, "lora_r_alpha_dropout": [RANK, ALPHA, args.lora_dropout],
                    "targets": TARGETS, "ours_mode": args.ours_mode, "ours_memory_budget": args.ours_memory_budget,
+                   "ours_no_packing": args.ours_no_packing,
                    "adamw_lr_clip_wd": [LR, CLIP, 0.0], "seed": SEED, "dtype": args.dtype,
                    "ours_checkpointing": args.ours_checkpointing, "ours_loss_chunk_tokens": args.ours_loss_chunk,
                    "ours_malloc_mmap_threshold_kib": args.ours_mmap_kib},
