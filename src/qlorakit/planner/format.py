@@ -13,6 +13,7 @@ from qlorakit.planner.estimate import MemoryPlan
 
 __all__ = ["format_plan", "mib", "parse_size"]  # parse_size lives in config (the trainer reads the budget too)
 
+
 def mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:,.1f}"
 

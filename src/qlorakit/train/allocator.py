@@ -52,10 +52,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from qlorakit.config import MemoryConfig
+
 #: ``M_MMAP_THRESHOLD`` of glibc's ``<malloc.h>``.
 _M_MMAP_THRESHOLD = -3
-#: The fixed threshold ``HeapGuard`` switches to: ``planner.choose``'s ``fixed`` allocator (the trainer's default).
-GUARD_THRESHOLD_KIB = 1024
+#: The fixed threshold ``HeapGuard`` switches to: the trainer's default (``planner.choose``'s ``fixed`` allocator).
+GUARD_THRESHOLD_KIB = MemoryConfig().malloc_mmap_threshold_kib
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -115,15 +117,15 @@ class HeapGuard:
     def after_step(self, step: int) -> str | None:
         """The message of the switch when this step makes it, else None."""
         now = self.peak_bytes()
-        rise, self.last_peak = (now - self.last_peak if self.last_peak else 0), now
-        if self.switched_at is not None or now + max(rise, 0) < self.budget_bytes:
+        rise, self.last_peak = (max(now - self.last_peak, 0) if self.last_peak else 0), now
+        if self.switched_at is not None or now + rise < self.budget_bytes:
             return None
         self.switched_at = step
         took = self.switch()
         mib = 2**20
         what = (f"glibc's mmap threshold fixed at {GUARD_THRESHOLD_KIB} KiB from the next step and the free heap "
                 "returned" if took else "glibc did not take the fixed threshold (not glibc?); nothing changed")
-        return (f"heap guard: peak RSS {now / mib:,.0f} MiB + the last step's rise {max(rise, 0) / mib:,.0f} MiB "
+        return (f"heap guard: peak RSS {now / mib:,.0f} MiB + the last step's rise {rise / mib:,.0f} MiB "
                 f"reaches the memory budget of {self.budget_bytes / mib:,.0f} MiB; {what}")
 
 
