@@ -5,6 +5,10 @@ from pathlib import Path
 
 # bitsandbytes wraps some CPU fallbacks in torch.compile; compiling per test shape only costs time.
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# qlorakit's caching arena (train.arena) replaces torch's CPU allocator for the rest of a process and cannot be
+# taken out again: a test that runs `qlorakit train` in this process would switch every later test to it. So it
+# is off here; tests/train/test_arena.py runs it in child processes with QLORAKIT_ARENA=1.
+os.environ.setdefault("QLORAKIT_ARENA", "0")
 
 import pytest
 import torch

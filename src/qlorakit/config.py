@@ -356,6 +356,9 @@ class MemoryConfig:
                          "(Linear4bit.use_gemv; evaluation)")
     malloc_mmap_threshold_kib: int = opt(1024, "glibc: allocations of this many KiB or more are returned to the OS "
                                          "when freed (lower peak RSS, more page faults); 0 = glibc's dynamic threshold")
+    arena: bool = opt(False, "CPU: torch's tensors of 64 KiB or more come from qlorakit's caching arena (train.arena: "
+                      "freed blocks reused best fit, few page faults, no heap creep; built with the C++ compiler "
+                      "on first use, glibc's allocator where it cannot be)")
     malloc_trim: bool = opt(False, "glibc: after each optimizer step return the heap's free pages to the OS "
                             "(malloc_trim; between steps only: it did not lower the peak, docs/memory.md)")
     malloc_trim_blocks: bool = opt(False, "glibc: malloc_trim at the start of each decoder block's forward, so the "
@@ -369,7 +372,7 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
                      "rebuild_adapter_inputs", "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim",
-                     "malloc_trim_blocks")
+                     "malloc_trim_blocks", "arena")
         _int_field(self, "loss_chunk_tokens", 0)
         _int_field(self, "malloc_mmap_threshold_kib", 0)
         if not isinstance(self.memory_budget, str):

@@ -62,13 +62,32 @@ def test_a_budget_that_only_fits_checkpointing_turns_it_on_with_the_fastest_allo
     assert "does not fit" in reason
 
 
+NO_ARENA = {("allocator", "arena"): "no C++ compiler"}  # a machine where the arena cannot be built
+
+
 def test_explicit_settings_are_kept_and_the_free_knobs_make_room():
     settings = _with(BASE, gradient_checkpointing=False)
     budget = _peak(**{**FASTEST, "allocator": "fixed"})  # checkpointing off fits only with the lean allocator
-    assert _peak(**FASTEST) > budget
-    got = choose(SHAPE, settings, budget, explicit={"gradient_checkpointing"})
+    assert _peak(**{**FASTEST, "allocator": "dynamic"}) > budget
+    got = choose(SHAPE, settings, budget, explicit={"gradient_checkpointing"}, unavailable=NO_ARENA)
     assert _values(got) == {**FASTEST, "allocator": "fixed"}
     assert next(c.reason for c in got.choices if c.knob == "gradient_checkpointing") == "given explicitly"
+
+
+def test_the_arena_is_the_fastest_and_the_leanest_allocator_and_its_absence_is_explained():
+    peaks = {a: _peak(**{**FASTEST, "allocator": a}) for a in KNOBS["allocator"]}
+    assert KNOBS["allocator"][0] == "arena" and peaks["arena"] < min(peaks["dynamic"], peaks["dynamic-trim-blocks"])
+    assert peaks["arena"] <= 1.05 * peaks["fixed"]  # no glibc heap term, only the best-fit slack
+    got = choose(SHAPE, BASE, peaks["arena"])
+    assert _values(got) == FASTEST and got.settings.arena and got.settings.mmap_threshold_kib == 0
+    without = choose(SHAPE, BASE, 10**15, unavailable=NO_ARENA)
+    assert _values(without)["allocator"] == "dynamic" and not without.settings.arena
+    reason = next(c.reason for c in without.choices if c.knob == "allocator")
+    assert "arena is unavailable (no C++ compiler)" in reason
+    fast = _with(BASE, **{k: v for k, v in FASTEST.items() if k != "allocator"})
+    lean = choose(SHAPE, fast, peaks["arena"], explicit={"gradient_checkpointing", "optim", "loss_chunk"},
+                  unavailable=NO_ARENA)  # the arena's budget, without it: a glibc policy that fits, not dynamic
+    assert _values(lean)["allocator"] in ("dynamic-trim-blocks", "fixed") and lean.plan.fits
 
 
 def test_explicit_settings_that_cannot_fit_fail_naming_them():
@@ -89,12 +108,12 @@ def test_an_8bit_optimizer_is_left_as_given():
 
 
 def test_config_fields_map_to_knobs_and_choices_are_written_back():
-    assert explicit_knobs({"memory.malloc_trim", "optim.lr"}) == {"allocator"}
+    assert explicit_knobs({"memory.malloc_trim", "optim.lr"}) == explicit_knobs({"memory.arena"}) == {"allocator"}
     assert explicit_knobs({"optim.optim_budget", "memory.loss_chunk_tokens"}) == {"optim", "loss_chunk"}
     cfg = RunConfig(memory=MemoryConfig(gradient_checkpointing=True), optim=OptimConfig(optim="paged_adamw"))
     chosen = apply_choices(cfg, _with(settings_for(cfg), **FASTEST))
     assert (chosen.memory.gradient_checkpointing, chosen.memory.malloc_trim, chosen.memory.malloc_mmap_threshold_kib,
-            chosen.optim.optim) == (False, False, 0, "adamw")  # fmt: skip
+            chosen.optim.optim, chosen.memory.arena) == (False, False, 0, "adamw", True)  # fmt: skip
     assert settings_for(chosen).gradient_checkpointing is False and chosen.lora == cfg.lora
 
 

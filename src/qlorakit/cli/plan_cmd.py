@@ -60,6 +60,9 @@ def add_parser(subparsers: Any) -> None:
                    help="rows of logits at once, as the trainer (default: %(default)s; 0 = full logits)")
     p.add_argument("--malloc-mmap-threshold-kib", type=int, default=MemoryConfig().malloc_mmap_threshold_kib,
                    help="CPU: the trainer's glibc mmap threshold (default: %(default)s; 0 = dynamic, more RSS)")
+    p.add_argument("--arena", action="store_true",
+                   help="CPU: the trainer's caching arena serves the tensors (MemoryConfig.arena; qlorakit train's "
+                   "first allocator choice)")
     p.add_argument("--malloc-trim-blocks", action="store_true",
                    help="CPU: the trainer trims glibc's heap before each block's forward "
                    "(MemoryConfig.malloc_trim_blocks)")
@@ -99,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),
         method=args.method, full_finetune=args.finetune == FINETUNE_FULL, malloc_trim_blocks=args.malloc_trim_blocks,
+        arena=args.arena,
     )  # fmt: skip
     shape = model_shape(args.model, parse_targets(args.targets), trust_remote_code=args.trust_remote_code)
     if args.world_size != 1:

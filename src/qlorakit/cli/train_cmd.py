@@ -269,11 +269,13 @@ def choose_memory(cfg: RunConfig, args: argparse.Namespace, checkpoint: Path | N
         return cfg, ["memory     as in the resumed run's config.yaml (no new choice)"]
     from qlorakit.config import parse_size
     from qlorakit.planner.budget import choose_for_run
-    from qlorakit.train import allocator
+    from qlorakit.train import allocator, arena
 
-    cfg, choices = choose_for_run(cfg, given_fields(args), device="cpu")  # qlorakit train loads on the CPU
+    cfg, choices = choose_for_run(cfg, given_fields(args), device="cpu",  # qlorakit train loads on the CPU
+                                  arena_unavailable=arena.unavailable_reason())
     m = cfg.memory  # the guard the trainer will arm (train.allocator.heap_guard), named in the plan
-    armed = allocator.heap_guard(parse_size(m.memory_budget), m.malloc_mmap_threshold_kib, on_cpu=True) is not None
+    armed = allocator.heap_guard(parse_size(m.memory_budget), m.malloc_mmap_threshold_kib, on_cpu=True,
+                                 arena=m.arena) is not None
     guard = [f"           heap guard: glibc's threshold is fixed at {allocator.GUARD_THRESHOLD_KIB // 1024} MiB if "
              f"the peak RSS nears the {m.memory_budget} budget (train.allocator)"] if armed else []
     return cfg, choices.lines() + guard

@@ -25,7 +25,8 @@ from qlorakit.planner.shapes import ModelShape, model_shape
 
 #: knob of ``planner.choose`` -> the config fields that set it (any of them given makes the knob explicit).
 KNOB_FIELDS: dict[str, tuple[str, ...]] = {
-    "allocator": ("memory.malloc_mmap_threshold_kib", "memory.malloc_trim", "memory.malloc_trim_blocks"),
+    "allocator": ("memory.malloc_mmap_threshold_kib", "memory.malloc_trim", "memory.malloc_trim_blocks",
+                  "memory.arena"),
     "gradient_checkpointing": ("memory.gradient_checkpointing",),
     "optim": ("optim.optim", "optim.optim_budget"),
     "loss_chunk": ("memory.loss_chunk_tokens",),
@@ -51,7 +52,7 @@ def settings_for(cfg: RunConfig, device: str = "cpu") -> PlanSettings:
         loss_chunk=m.loss_chunk_tokens, mmap_threshold_kib=m.malloc_mmap_threshold_kib, malloc_trim=m.malloc_trim,
         recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant, grad_accum=cfg.train.grad_accum,
         full_finetune=cfg.full_finetune,
-        rebuild_adapter_inputs=m.rebuild_adapter_inputs, malloc_trim_blocks=m.malloc_trim_blocks,
+        rebuild_adapter_inputs=m.rebuild_adapter_inputs, malloc_trim_blocks=m.malloc_trim_blocks, arena=m.arena,
     )  # fmt: skip
 
 
@@ -71,19 +72,22 @@ def apply_choices(cfg: RunConfig, settings: PlanSettings) -> RunConfig:
     memory = dataclasses.replace(cfg.memory, gradient_checkpointing=settings.gradient_checkpointing,
                                  loss_chunk_tokens=settings.loss_chunk, malloc_trim=settings.malloc_trim,
                                  malloc_mmap_threshold_kib=settings.mmap_threshold_kib,
-                                 malloc_trim_blocks=settings.malloc_trim_blocks)  # fmt: skip
+                                 malloc_trim_blocks=settings.malloc_trim_blocks, arena=settings.arena)  # fmt: skip
     optim = dataclasses.replace(cfg.optim, optim=settings.optim, optim_budget=settings.optim_budget_mib)
     return dataclasses.replace(cfg, memory=memory, optim=optim)
 
 
 def choose_for_run(cfg: RunConfig, given: Collection[str], device: str = "cpu",
-                   shape: ModelShape | None = None) -> tuple[RunConfig, Choices]:  # fmt: skip
+                   shape: ModelShape | None = None, arena_unavailable: str | None = None,
+                   ) -> tuple[RunConfig, Choices]:  # fmt: skip
     """The run's config with the fastest memory settings that fit its budget, and the choices (raises
     ``planner.choose.PlanDoesNotFitError`` when the explicit settings cannot fit). ``shape`` defaults to the
-    model's, read from its config alone."""
+    model's, read from its config alone; ``arena_unavailable`` says why the caching arena cannot be used here
+    (``train.arena.unavailable_reason()``, which the caller asks: the planner does not import the trainer)."""
     budget = parse_size(cfg.memory.memory_budget) if cfg.memory.memory_budget else default_budget(device)
     shape = shape or model_shape(cfg.model, cfg.lora.targets)
-    choices = choose(shape, settings_for(cfg, device), budget, explicit_knobs(given))
+    unavailable = {("allocator", "arena"): arena_unavailable} if arena_unavailable else None
+    choices = choose(shape, settings_for(cfg, device), budget, explicit_knobs(given), unavailable)
     chosen = apply_choices(cfg, choices.settings)
     if not cfg.memory.memory_budget:  # the default budget, recorded for the heap guard and config.yaml
         chosen = dataclasses.replace(chosen, memory=dataclasses.replace(chosen.memory,

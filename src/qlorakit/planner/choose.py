@@ -4,7 +4,9 @@ A pure function of the model's shape, the run's settings, the budget and which s
 explicitly: ``choose(shape, settings, budget_bytes, explicit)``. Four knobs, each listed fastest value first:
 
 - ``gradient_checkpointing``: off (each block's activations kept) before on (recomputed in backward);
-- ``allocator``: ``dynamic`` (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
+- ``allocator``: ``arena`` (qlorakit's caching arena for the CPU tensors, ``train.arena``: freed blocks reused
+  best fit, few page faults, nothing left to creep; offered only where it can be built), then ``dynamic``
+  (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
   more resident), then ``dynamic-trim-blocks`` (the same with ``malloc_trim`` before each decoder block's
   forward: the forward's holes go back to the OS, ~0.6 M page faults a step), then ``fixed`` (a fixed 1 MiB
   threshold: every large buffer is fresh pages, ~1.5 M faults) — ``ALLOCATORS``; measured in docs/memory.md;
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +38,14 @@ from qlorakit.errors import ConfigError
 from qlorakit.planner.estimate import MemoryPlan, PlanSettings, plan
 from qlorakit.planner.shapes import ModelShape
 
-#: allocator policy -> (``mmap_threshold_kib``, ``malloc_trim``, ``malloc_trim_blocks``): the planner's and the
-#: trainer's settings. ``dynamic-trim-blocks``: the dynamic threshold with ``malloc_trim`` at each decoder block's
-#: forward (docs/memory.md: about 0.6 M page faults a step against 1.5 M for ``fixed`` and 20 K for ``dynamic``).
-ALLOCATORS: dict[str, tuple[int, bool, bool]] = {"dynamic": (0, False, False), "dynamic-trim-blocks": (0, False, True),
-                                                 "fixed": (1024, False, False)}
+#: allocator policy -> (``mmap_threshold_kib``, ``malloc_trim``, ``malloc_trim_blocks``, ``arena``): the planner's
+#: and the trainer's settings. ``arena``: the caching arena for tensors of 64 KiB or more, glibc's dynamic threshold
+#: for the rest; ``dynamic-trim-blocks``: the dynamic threshold with ``malloc_trim`` at each decoder block's
+#: forward (docs/memory.md: about 0.6 M page faults a step against 1.5 M for ``fixed``, 20 K for ``dynamic`` and
+#: under 10 K for ``arena``).
+ALLOCATORS: dict[str, tuple[int, bool, bool, bool]] = {
+    "arena": (0, False, False, True), "dynamic": (0, False, False, False),
+    "dynamic-trim-blocks": (0, False, True, False), "fixed": (1024, False, False, False)}
 
 #: The knobs, each with its values fastest first, in the order of their rank.
 KNOBS: dict[str, tuple[Any, ...]] = {
@@ -52,11 +57,15 @@ KNOBS: dict[str, tuple[Any, ...]] = {
 
 #: Why a value was picked, per knob and value (the fastest value is picked when it fits).
 FASTER = {
-    "allocator": "glibc's dynamic mmap threshold: freed activation buffers reused, few page faults",
+    "allocator": "caching arena: freed tensor blocks reused best fit, few page faults, no heap creep",
     "gradient_checkpointing": "no recomputation in backward",
     "optim": "optimizer state resident, no paging",
     "loss_chunk": "fewer head + cross-entropy chunks",
 }
+
+
+#: Why the second value was picked when the fastest is unavailable here.
+SECOND = {"allocator": "glibc's dynamic mmap threshold: freed activation buffers reused, few page faults"}
 
 
 class PlanDoesNotFitError(ConfigError):
@@ -89,7 +98,7 @@ class Choices:
 def knob_value(settings: PlanSettings, knob: str) -> Any:
     """The value of ``knob`` in ``settings``."""
     if knob == "allocator":
-        pair = (settings.mmap_threshold_kib, settings.malloc_trim, settings.malloc_trim_blocks)
+        pair = (settings.mmap_threshold_kib, settings.malloc_trim, settings.malloc_trim_blocks, settings.arena)
         return next((name for name, value in ALLOCATORS.items() if value == pair), f"custom {pair}")
     return getattr(settings, knob)
 
@@ -97,8 +106,9 @@ def knob_value(settings: PlanSettings, knob: str) -> Any:
 def with_knob(settings: PlanSettings, knob: str, value: Any) -> PlanSettings:
     """``settings`` with ``knob`` set to ``value``."""
     if knob == "allocator":
-        kib, trim, blocks = ALLOCATORS[value]
-        return dataclasses.replace(settings, mmap_threshold_kib=kib, malloc_trim=trim, malloc_trim_blocks=blocks)
+        kib, trim, blocks, arena = ALLOCATORS[value]
+        return dataclasses.replace(settings, mmap_threshold_kib=kib, malloc_trim=trim, malloc_trim_blocks=blocks,
+                                   arena=arena)
     if knob == "optim":
         budget = settings.optim_budget_mib if value.startswith("paged_") else 0
         return dataclasses.replace(settings, optim=value, optim_budget_mib=budget)
@@ -111,22 +121,27 @@ def free_knobs(settings: PlanSettings, explicit: Collection[str]) -> list[str]:
     return [k for k in out if k != "optim" or settings.optim in KNOBS["optim"]]
 
 
-def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explicit: Collection[str] = ()) -> Choices:
-    """The fastest settings that fit ``budget_bytes`` (see the module docstring); ``explicit`` knobs stay as given."""
+def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explicit: Collection[str] = (),
+           unavailable: Mapping[tuple[str, Any], str] | None = None) -> Choices:  # fmt: skip
+    """The fastest settings that fit ``budget_bytes`` (see the module docstring); ``explicit`` knobs stay as given,
+    and no ``(knob, value)`` of ``unavailable`` (mapped to why: the arena where it cannot be built) is tried."""
+    unavailable = unavailable or {}
     free = free_knobs(settings, explicit)
     leanest: MemoryPlan | None = None
-    for values in itertools.product(*(KNOBS[k] for k in free)):
+    values_of = [tuple(v for v in KNOBS[k] if (k, v) not in unavailable) for k in free]
+    for values in itertools.product(*values_of):
         candidate = settings
         for knob, value in zip(free, values, strict=True):
             candidate = with_knob(candidate, knob, value)
         result = plan(shape, candidate, budget_bytes)
         if result.fits:
-            return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit))
+            return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit, unavailable))
         leanest = result if leanest is None or result.total_bytes < leanest.total_bytes else leanest
     raise _does_not_fit(shape.name, leanest, free, explicit)
 
 
-def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str]) -> tuple[Choice, ...]:
+def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str],
+             unavailable: Mapping[tuple[str, Any], str]) -> tuple[Choice, ...]:  # fmt: skip
     out = []
     for knob in KNOBS:
         value = knob_value(chosen, knob)
@@ -136,6 +151,8 @@ def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str]) -
             reason = f"left as given ({value} is not one of {KNOBS[knob]})"
         elif value == KNOBS[knob][0]:
             reason = f"fastest; fits: {FASTER[knob]}"
+        elif (knob, KNOBS[knob][0]) in unavailable and value == KNOBS[knob][1]:
+            reason = f"{KNOBS[knob][0]} is unavailable ({unavailable[knob, KNOBS[knob][0]]}); fits: {SECOND[knob]}"
         else:
             reason = f"{KNOBS[knob][0]} does not fit the budget with the faster choices above"
         out.append(Choice(knob, value, reason))

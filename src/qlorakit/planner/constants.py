@@ -76,3 +76,9 @@ CPU_DYNAMIC_HEAP_ROWS = 14.5
 #: (in-sample, one case; below the per-parameter floor there, which wins), at 0.58-0.73 M minor page faults
 #: and 1.7-1.9 s of system time a step (the freed pages are faulted in again) against 13-129 K and 0.06-0.35 s.
 CPU_DYNAMIC_TRIMMED_HEAP_ROWS = 5.8
+
+#: With qlorakit's caching arena (``train.arena``, ``MemoryConfig.arena``) the step's tensors come from its
+#: segments, carved best fit; ``arena_slack`` is what best fit cannot place, as a fraction of the step's
+#: transients (activations, logits, LoRA gradients). Measured on SmolLM2 at 2 x 512 tokens, bf16, 12 steps:
+#: 1,244 MiB mapped for a live peak of 1,215 MiB (``benchmarks/step_heap.py``; docs/memory.md).
+CPU_ARENA_SLACK_FRACTION = 0.05

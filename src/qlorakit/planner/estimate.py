@@ -51,7 +51,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   activations`` for ``M`` micro-batches per step: freed activation blocks of varying packed-row lengths
   fragment the heap, which grows with every micro-batch (measured, not a law), plus, without checkpointing,
   one forward's holes ``CPU_DYNAMIC_HEAP_ROWS * L * B T d c`` (``CPU_DYNAMIC_TRIMMED_HEAP_ROWS`` with
-  ``malloc_trim_blocks``); see ``planner.constants``.
+  ``malloc_trim_blocks``); see ``planner.constants``. With qlorakit's caching arena (``arena``) none of
+  these: glibc keeps only blocks under ``train.arena.MIN_BYTES``, and ``arena_slack`` =
+  ``CPU_ARENA_SLACK_FRACTION`` x the step's transients counts what the arena's best fit cannot place.
 
 Full fine-tuning (``full_finetune``, ``train.finetune: full``; the base unquantized) trains every weight:
 there are no adapters (``lora_params`` = ``lora_grads`` = 0, no adapter terms in the activations),
@@ -86,6 +88,7 @@ from qlorakit.errors import ConfigError
 from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
+    CPU_ARENA_SLACK_FRACTION,
     CPU_DYNAMIC_HEAP_ROWS,
     CPU_DYNAMIC_TRIMMED_HEAP_ROWS,
     CPU_FRAMEWORK_BYTES,
@@ -125,6 +128,7 @@ class PlanSettings:
     fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
     rebuild_adapter_inputs: bool = MemoryConfig().rebuild_adapter_inputs  # the trainer's (train.rebuild)
     malloc_trim_blocks: bool = MemoryConfig().malloc_trim_blocks  # the trainer's: malloc_trim at each block's forward
+    arena: bool = MemoryConfig().arena  # qlorakit's caching arena serves the CPU tensors (train.arena)
     quant: QuantConfig = field(default_factory=QuantConfig)
     grad_accum: int = 1  # micro-batches per optimizer step (the dynamic-threshold heap grows with each one)
     method: str = "sft"  # dpo / orpo: each example is a pair, chosen + rejected in one batch of 2 x batch_size rows
@@ -307,6 +311,10 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
                 f"saving reads back and serializes {saved / 2**20:,.1f} MiB after the step's transients are freed "
                 "(only the excess counts)"),
            Part("framework", CPU_FRAMEWORK_BYTES, "Python, torch, transformers, loader (measured)")]  # fmt: skip
+    if s.arena:
+        out.append(Part("arena_slack", int(CPU_ARENA_SLACK_FRACTION * transients),
+                        "caching arena: what best fit cannot place, of the step's transients (measured)"))
+        return out
     if s.mmap_threshold_kib == 0:
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))
         activations = next(p.nbytes for p in parts if p.name == "activations")

@@ -136,9 +136,16 @@ def switch_to_fixed_threshold() -> bool:
     return took
 
 
-def heap_guard(budget_bytes: int | None, mmap_threshold_kib: int, on_cpu: bool) -> HeapGuard | None:
+def heap_guard(budget_bytes: int | None, mmap_threshold_kib: int, on_cpu: bool,
+               arena: bool = False) -> HeapGuard | None:  # fmt: skip
     """The guard of a run: only with a budget, glibc's dynamic threshold (``mmap_threshold_kib`` 0), on the CPU
-    (a GPU's budget is device memory) and under glibc; None otherwise."""
+    (a GPU's budget is device memory) and under glibc; None otherwise, and None when the run asks for the caching
+    arena (``arena``) and it can serve them (``train.arena``: installed, or buildable here before the model loads):
+    glibc then holds no tensor block that could creep."""
+    from qlorakit.train import arena as caching_arena
+
+    if arena and caching_arena.unavailable_reason() is None:
+        return None
     if not budget_bytes or mmap_threshold_kib != 0 or not on_cpu or _glibc() is None:
         return None
     from qlorakit.hardware import peak_rss_mb

@@ -310,7 +310,8 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
                loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded),
                heap_guard=allocator.heap_guard(parse_size(cfg.memory.memory_budget) if cfg.memory.memory_budget
-                                               else None, cfg.memory.malloc_mmap_threshold_kib, device.type == "cpu"))
+                                               else None, cfg.memory.malloc_mmap_threshold_kib, device.type == "cpu",
+                                               arena=cfg.memory.arena))
 
 
 def _shard(model, optimizer, cfg: RunConfig, replicas: Replicas,

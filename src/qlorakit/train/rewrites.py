@@ -35,7 +35,7 @@ from qlorakit.hardware import flush_denormals, resolve_dtype
 from qlorakit.lora.fused import shared_input_fusion
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.quant.linear import Linear4bit
-from qlorakit.train import allocator, varlen
+from qlorakit.train import allocator, arena, varlen
 from qlorakit.train.rebuild import rebuild_adapter_inputs
 from qlorakit.train.recompute import swiglu_recompute
 from qlorakit.train.rmsnorm import fused_rmsnorm
@@ -63,7 +63,11 @@ class Rewrite:
 
 
 def fix_allocator(cfg: RunConfig) -> bool:
-    """The one entry point to glibc's mmap threshold: the CLI calls it before the model loads, ``apply`` again."""
+    """The one entry point to the process's allocators: the caching arena when ``memory.arena`` asks for it
+    (``train.arena.install``) and glibc's mmap threshold. The CLI calls it before the model loads, ``apply``
+    again (a repeat changes nothing); returns whether glibc took the threshold."""
+    if cfg.memory.arena:
+        arena.install()
     return allocator.fix_mmap_threshold(cfg.memory.malloc_mmap_threshold_kib)
 
 
@@ -77,7 +81,11 @@ def _denormals(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
 def _allocator(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
     kib = cfg.memory.malloc_mmap_threshold_kib
     took = fix_allocator(cfg)
-    yield f"{kib} KiB" if took else ("glibc's dynamic threshold" if kib == 0 else "not glibc: unchanged")
+    glibc = f"{kib} KiB" if took else ("glibc's dynamic threshold" if kib == 0 else "not glibc: unchanged")
+    if cfg.memory.arena:
+        glibc = ("caching arena for blocks of 64 KiB or more, " if arena.installed() else
+                 f"caching arena unavailable ({arena.unavailable_reason() or 'build failed'}), ") + glibc
+    yield glibc
 
 
 @contextmanager
@@ -196,7 +204,8 @@ REWRITES: tuple[Rewrite, ...] = (
     Rewrite("flush_denormals", None, "fp32 denormals flushed to zero (x86 FTZ/DAZ): 5x faster CPU steps", UNDONE,
             _denormals),
     Rewrite("malloc_mmap_threshold", "memory.malloc_mmap_threshold_kib",
-            "glibc returns freed blocks of this size or more to the OS (lower peak RSS)", PROCESS, _allocator),
+            "glibc returns freed blocks of this size or more to the OS (lower peak RSS); with memory.arena the "
+            "caching arena serves torch's large CPU tensors", PROCESS, _allocator),
     Rewrite("malloc_trim", "memory.malloc_trim",
             "glibc's free heap pages returned to the OS after each optimizer step (a global step hook)", UNDONE,
             _trim),
