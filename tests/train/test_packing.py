@@ -213,3 +213,40 @@ def test_packed_training_resumes_exactly_and_logs_padding(smol_tokenizer, small_
     evals = [[r["eval_loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "eval_loss" in r]
              for d in ("full", "cut")]
     assert evals[1] == evals[0]
+
+
+def test_span_buckets_cover_each_length_with_at_most_eight_steps_an_octave():
+    from qlorakit.train.varlen import SPAN_BUCKET, bucketed
+
+    assert [bucketed(n) for n in (1, 64, 65, 511, 512, 513, 1000)] == [64, 64, 128, 512, 512, 576, 1024]
+    for n in range(1, 5000):
+        b = bucketed(n)
+        assert n <= b and (b - n < SPAN_BUCKET or b <= 1.125 * n) and bucketed(b) == b
+    assert len({bucketed(n) for n in range(1025, 2049)}) == 8  # 1152, 1280, ..., 2048
+
+
+@pytest.mark.parametrize("at_row_end", [False, True])
+def test_a_bucketed_span_gives_the_spans_outputs_and_gradients(at_row_end):
+    """The bf16 path's bucketing (extended over the next tokens, or zero-padded at the row end) is exact: held
+    to the unbucketed span in fp64, forward and the gradients of q, k and v."""
+    from qlorakit.train.varlen import _span
+
+    class Attn(torch.nn.Module):
+        is_causal, num_key_value_groups, training = True, 3, False
+
+    torch.manual_seed(0)
+    T, s, e = 200, (130 if at_row_end else 10), (200 if at_row_end else 85)  # 70 / 75 tokens -> buckets of 128
+    qkv = [torch.randn(1, h, T, 16, dtype=torch.float64, requires_grad=True) for h in (6, 2, 2)]
+    weight = torch.randn(1, e - s, 6, 16, dtype=torch.float64)
+    outs, grads = [], []
+    for bucket in (False, True):
+        out = _span(Attn(), *qkv, 0, s, e, bucket, scaling=0.25, dropout=0.0)
+        (out * weight).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in qkv])
+        for t in qkv:
+            t.grad = None
+    assert outs[0].shape == (1, e - s, 6, 16)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
