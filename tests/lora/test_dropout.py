@@ -107,3 +107,26 @@ def test_model_with_lean_dropout_equals_plain_autograd_with_the_same_masks(tiny_
     assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 7 * 2
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_a_bf16_input_is_kept_uncast_and_gives_the_values_of_the_cast_input():
+    """bf16 compute with fp32 adapters: the cast happens inside, the saved input stays bf16 (2 bytes a value, not
+    the cast's 4), and forward and both gradients are bit-identical to casting first."""
+    h = torch.randn(3, 7, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(4, 32, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    results = []
+    for cast_first in (True, False):
+        torch.manual_seed(5)  # the same mask both times
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = dropped_down_product(h.to(torch.float32) if cast_first else h, weight, 0.1)
+        out.backward(torch.ones_like(out))
+        results.append((out.detach(), h.grad.clone(), weight.grad.clone()))
+        h.grad = weight.grad = None
+        if cast_first:
+            saved.clear()
+    assert results[1][0].dtype == torch.float32 and results[1][1].dtype == torch.bfloat16
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want)
+    inputs = [t for t in saved if t.shape == h.shape and t.is_floating_point()]
+    assert [t.dtype for t in inputs] == [torch.bfloat16]

@@ -99,3 +99,29 @@ def test_trim_blocks_trims_before_each_block_forward_with_a_graph_only(model, mo
     with rewrites.apply(model, cfg), torch.no_grad():
         model(input_ids=ids)
     assert len(calls) == 2  # no graph, no trim (evaluation)
+
+
+def test_bf16_compute_rebuilds_the_swiglu_product_bit_identically(monkeypatch):
+    """bf16 base, fp32 adapters: the lean dropout keeps down_proj's input uncast, so the SwiGLU product is the saved
+    tensor itself and is rebuilt (the norms are not fused in bf16, so their outputs are kept)."""
+    import transformers
+
+    from qlorakit.lora import add_lora
+    from qlorakit.models import quantize_model
+    from tests.helpers.tiny_llama import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, tie_word_embeddings=True))
+    model.to(torch.bfloat16)
+    quantize_model(model, compute_dtype=torch.bfloat16)
+    add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.3))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(std=0.2)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(False))
+    rebuilt = _record_rebuilds(monkeypatch)
+    loss, grads, _ = _loss_and_grads(model, ids, _cfg(True))
+    assert [n for n in rebuilt if n] == ["silu_mul_value"] * 2  # one per block
+    assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)

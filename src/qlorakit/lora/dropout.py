@@ -10,11 +10,13 @@ Inverted dropout with probability ``p`` (Srivastava et al., 2014; PEFT applies i
 Autograd of ``down_product(nn.Dropout(p)(h), A)`` keeps the dropped copy (the matmul's input, ``c`` bytes a
 value) and, on the CPU, dropout's mask as a float tensor (``h``'s dtype: 4 bytes a value in fp32): 8 bytes a
 value in fp32. ``_DroppedDown`` keeps ``h`` (which the caller often holds anyway: the shared input of a fused
-group, the cast copy of a 16-bit base) and ``keep`` as ``bool``, 1 byte, and rebuilds the dropped input in
-backward (one elementwise pass). For SmolLM2 at 2 x 512 tokens (fp32, r 16, dropout 0.05, fused groups) that
-is 47.6 -> about 35 MiB saved per decoder block. The mask comes from ``torch.rand`` on the global generator, so
-seeding, and gradient checkpointing's recompute (which restores the RNG state), give the same mask again; it is
-a different random stream from ``nn.Dropout``'s (Bernoulli draws), with the same distribution.
+group) and ``keep`` as ``bool``, 1 byte, and rebuilds the dropped input in backward (one elementwise pass). For
+SmolLM2 at 2 x 512 tokens (fp32, r 16, dropout 0.05, fused groups) that is 47.6 -> about 35 MiB saved per
+decoder block. ``h`` may come in the compute dtype while ``A`` is fp32 (bf16 compute, fp32 adapters): the cast
+to ``A``'s dtype happens inside and ``h`` is kept as it came, 2 bytes a value instead of the cast's 4 (the cast
+is exact, so backward casts it again to the same values). The mask comes from ``torch.rand`` on the global
+generator, so seeding, and gradient checkpointing's recompute (which restores the RNG state), give the same mask
+again; it is a different random stream from ``nn.Dropout``'s (Bernoulli draws), with the same distribution.
 
 ``LoraLinear.add_delta`` and the fused groups (``lora.fused``) call ``dropped_down_product(h, A, p)`` when
 ``lean_dropout(module)`` gives ``p`` (a plain ``nn.Dropout`` in training mode with ``0 < p < 1``); any other
@@ -46,18 +48,18 @@ class _DroppedDown(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:  # h: (..., in), A: (r, in)
         keep = keep_mask(h, p)  # (..., in) bool
         scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(h, weight, keep)
+        ctx.save_for_backward(h, weight, keep)  # h as given: its cast to A's dtype is redone in backward
         ctx.scale = scale
-        return F.linear(_dropped(h, keep, scale), weight)  # (..., r)
+        return F.linear(_dropped(h.to(weight.dtype), keep, scale), weight)  # (..., r)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., r)
         h, weight, keep = ctx.saved_tensors
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_h = torch.where(keep, (grad @ weight).mul_(ctx.scale), 0.0)  # (..., in)
+            grad_h = torch.where(keep, (grad @ weight).mul_(ctx.scale), 0.0).to(h.dtype)  # (..., in)
         if ctx.needs_input_grad[1]:
-            dropped = _dropped(h, keep, ctx.scale).reshape(-1, h.shape[-1])  # (N, in)
+            dropped = _dropped(h.to(weight.dtype), keep, ctx.scale).reshape(-1, h.shape[-1])  # (N, in)
             grad_w = grad.reshape(-1, grad.shape[-1]).t() @ dropped  # (r, in)
         return grad_h, grad_w, None
 
@@ -70,7 +72,8 @@ def lean_dropout(dropout: nn.Module | None) -> float | None:
 
 
 def dropped_down_product(h: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
-    """``dropout_p(h) @ A^T`` through ``_DroppedDown``: h (..., in), A (r, in) -> (..., r)."""
+    """``dropout_p(h) @ A^T`` through ``_DroppedDown``: h (..., in) in any float dtype (cast to A's inside), A (r, in)
+    -> (..., r) in A's dtype."""
     return _DroppedDown.apply(h, weight, p)
 
 

@@ -88,20 +88,16 @@ class _Group:
     def down(self, member: SharedInputA, x: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
         if x is not self._input:  # a new input: one cast, one mask and one matmul for every member
             weights = [m.weight for m in self.members]
-            fused = dropped_down(_cast(x, member), torch.cat(weights), dropout)  # (..., sum r)
+            fused = dropped_down(x, torch.cat(weights), dropout)  # (..., sum r): x cast once, inside
             parts = fused.split([w.shape[0] for w in weights], dim=-1)  # (..., r_i) each
             self.products += 1
             self._input, self._slices = x, {id(m): p for m, p in zip(self.members, parts, strict=True)}
         elif id(member) not in self._slices:  # the same input again for a member that took its slice
-            return dropped_down(_cast(x, member), member.weight, dropout)  # (..., r): its own mask
+            return dropped_down(x, member.weight, dropout)  # (..., r): its own mask
         out = self._slices.pop(id(member))
         if not self._slices:
             self._input = None
         return out
-
-
-def _cast(x: torch.Tensor, member: SharedInputA) -> torch.Tensor:
-    return x if x.dtype == member.weight.dtype else x.to(member.weight.dtype)  # (..., in) in the adapter dtype
 
 
 def _dropout_kind(module: nn.Module) -> tuple[type, float | None]:

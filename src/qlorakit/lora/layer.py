@@ -49,12 +49,14 @@ def down_product(h: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
 
 
 def dropped_down(h: torch.Tensor, weight_a: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
-    """``u = dropout(h) A^T``: h (..., in), A (r, in) -> (..., r). A training ``nn.Dropout`` goes through
-    ``lora.dropout.dropped_down_product`` (keeps ``h`` and a bool mask, not the dropped copy and a float mask);
-    any other dropout module (``None``/``nn.Identity``: none) is applied before ``down_product``."""
+    """``u = dropout(h) A^T`` with ``h`` cast to A's dtype: h (..., in), A (r, in) -> (..., r). A training
+    ``nn.Dropout`` goes through ``lora.dropout.dropped_down_product`` (keeps ``h`` as given, uncast, and a bool
+    mask, not the dropped copy and a float mask); any other dropout module (``None``/``nn.Identity``: none) is
+    applied to the cast input before ``down_product``."""
     p = lean_dropout(dropout)
     if p is not None:
         return dropped_down_product(h, weight_a, p)
+    h = h if h.dtype == weight_a.dtype else h.to(weight_a.dtype)  # (..., in)
     return down_product(h if dropout is None or type(dropout) is nn.Identity else dropout(h), weight_a)
 
 
@@ -235,10 +237,9 @@ class LoraLinear(nn.Module):
         if name in self.lora_magnitude_vector:
             return self._add_dora_delta(name, x, result)
         lora_a, lora_b, scale = self.lora_A[name], self.lora_B[name], self.scaling[name]
-        dtype, dropout = lora_a.weight.dtype, self.lora_dropout[name]
+        dropout = self.lora_dropout[name]
         if type(lora_a) is nn.Linear:
-            h = x if x.dtype == dtype else x.to(dtype)  # (..., in)
-            u = dropped_down(h, lora_a.weight, dropout)  # (..., r)
+            u = dropped_down(x, lora_a.weight, dropout)  # (..., r): x cast to the adapter dtype there
         else:  # a shared-input A (lora.fused) casts and drops the shared x once per group: one mask per input
             u = lora_a(x, dropout)  # (..., r)
         lead = x.shape[:-1]

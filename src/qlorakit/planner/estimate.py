@@ -21,10 +21,10 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   keep their upcast; q, k, v after RoPE, the attention output, gate,
   SiLU(gate), up; ``2f`` with the trainer's default ``recompute_swiglu``, which recomputes SiLU(gate) in
   backward), plus the adapter inputs no other op keeps, both norm outputs and the SwiGLU product
-  (``2d + f`` at ``c``) unless a cast to the adapter dtype replaces them or, with dropout, fp32 and no
-  checkpointing, ``train.rebuild`` rebuilds them in backward; ``r`` at ``l`` per adapter; per input (one per
-  shared-input group with ``fuse_lora``) its cast copy at ``l`` when ``l != c`` and, with dropout, a 1-byte
-  keep mask (``lora.dropout``). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's
+  (``2d + f`` at ``c``) unless, without dropout, a cast to the adapter dtype replaces them (its copy at ``l``
+  when ``l != c``) or, with dropout and no checkpointing, ``train.rebuild`` rebuilds them in backward (the
+  norm outputs in fp32 only); ``r`` at ``l`` per adapter; with dropout a 1-byte keep mask per input (one per
+  shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's
   input) plus one block being recomputed (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
@@ -433,17 +433,19 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     block = tokens * (2 * d * 4 + (2 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
     dropout, cast = s.lora_dropout > 0, lb != c
-    # the adapter inputs no other op keeps: both norm outputs and the SwiGLU product (2d + f at c). A cast to the
-    # adapter dtype replaces them (one copy per input, at l); with dropout and no checkpointing train.rebuild
+    # the adapter inputs no other op keeps: both norm outputs and the SwiGLU product (2d + f at c). Without dropout
+    # a cast to the adapter dtype replaces them (the matmul keeps the cast copy, at l); with dropout the lean path
+    # keeps the input as it came (at c) and casts inside (lora.dropout), and without checkpointing train.rebuild
     # rebuilds them in backward instead: the norm outputs with fp32 compute (the fused RMSNorm offers them), the
     # product with recompute_swiglu
-    rebuilt = dropout and not cast and s.rebuild_adapter_inputs and not checkpointing
-    if per_layer_adapters and not cast:
+    keeps_cast = cast and not dropout
+    rebuilt = dropout and s.rebuild_adapter_inputs and not checkpointing
+    if per_layer_adapters and not keeps_cast:
         block += tokens * ((0 if rebuilt and c == 4 else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u
-    # per input (or shared-input group): the cast copy at l, and with dropout the 1-byte keep mask (lora.dropout)
+    # per input (or shared-input group): the cast copy at l without dropout, the 1-byte keep mask with it
     widths = input_copies(per_layer_adapters, s.fuse_lora)
-    adapters += sum(int(cast) * width * lb + int(dropout) * width for width in widths)
+    adapters += sum(int(keeps_cast) * width * lb + int(dropout) * width for width in widths)
     block += tokens * adapters // max(1, shape.num_layers)
     if s.fuse_lora:  # each fused group's stacked [A_1; ...; A_k] (the product's weight), per block
         block += (sum(lin.in_features * s.lora_r for lin in per_layer_adapters)
