@@ -24,8 +24,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   (``2d + f`` at ``c``) unless, without dropout, a cast to the adapter dtype replaces them (its copy at ``l``
   when ``l != c``) or, with dropout and no checkpointing, ``train.rebuild`` rebuilds them in backward (the
   norm outputs in fp32 only); ``r`` at ``l`` per adapter; with dropout a 1-byte keep mask per input (one per
-  shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast). Without checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's
-  input) plus one block being recomputed (attention scores are not stored: SDPA);
+  shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast). Without
+  checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one block being recomputed
+  (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
   temporary, the target rows and their gradient); with ``loss_chunk = 0`` the full-logits reference,
