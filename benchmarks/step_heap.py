@@ -90,8 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     flags = " ".join(args.extra) or "(defaults)"
     print(f"peak RSS (ru_maxrss) {peak:,.0f} MiB; torch {torch.__version__}; flags {flags}")
+    from qlorakit.train import arena
+
+    counters = arena.stats()
+    if counters is not None:
+        mib = 2**20
+        print(f"arena: peak live {counters.peak_live / mib:,.0f} MiB, peak mapped {counters.peak_mapped / mib:,.0f} "
+              f"MiB, {counters.reused:,} requests reused, {counters.segments_mapped:,} segments mapped")
     if args.output:
-        args.output.write_text(json.dumps({"flags": args.extra, "steps": rows, "peak_rss_mib": peak}, indent=1))
+        args.output.write_text(json.dumps({"flags": args.extra, "steps": rows, "peak_rss_mib": peak,
+                                           "arena": counters.__dict__ if counters else None}, indent=1))
     return 0
 
 

@@ -101,3 +101,22 @@ def test_head_with_logit_scaling_is_not_chunked():
     assert chunkable_head(model) is model.lm_head
     model.config.final_logit_softcapping = 30.0
     assert chunkable_head(model) is None
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 130, 256 + 5])
+def test_16bit_padding_of_the_last_chunk_changes_no_kept_value(n, monkeypatch):
+    """bf16: the last chunk runs at a height padded to LAST_CHUNK_STEP rows; loss and dL/dh equal those of the
+    unpadded chunks (the padding switched off by a step of 1) exactly."""
+    from qlorakit.train import loss as loss_module
+
+    g = torch.Generator().manual_seed(n)
+    hidden = torch.randn(n, 32, generator=g).to(torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(100, 32, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, 100, (n,), generator=g)
+    results = []
+    for step in (loss_module.LAST_CHUNK_STEP, 1):
+        monkeypatch.setattr(loss_module, "LAST_CHUNK_STEP", step)
+        total = loss_module.chunked_linear_cross_entropy(hidden, weight, labels, 256)
+        (grad,) = torch.autograd.grad(total, hidden)
+        results.append((total, grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -22,6 +22,12 @@ target token ``y_t`` of every position whose shifted label is not ``IGNORE_INDEX
 
 The two agree to fp32 rounding (tests hold loss and gradients to ``rtol 1e-5``): the chunked sum adds
 per-chunk partial sums, and it scales ``dL/dh`` after the matmul rather than before.
+
+In 16-bit the last, partial chunk is zero-padded to a multiple of ``LAST_CHUNK_STEP`` rows and only its
+first rows are used: oneDNN keeps a primitive (about 1 MiB for SmolLM2's head) for every matmul shape it
+meets, and the number of target rows, so the last chunk's height, changes every step (measured: 100 random
+heights kept 95 MiB). Each row's logits are a dot product over ``H`` whatever the other rows, so the padding
+rows change nothing that is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from torch import nn
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 
 IGNORE_INDEX = -100
+#: 16-bit: the last chunk's rows are padded to a multiple of this (module docstring).
+LAST_CHUNK_STEP = 64
 
 #: Config attributes of models whose head does more than ``h W^T`` (soft-capping, scaling): never chunked.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -69,6 +77,11 @@ def chunkable_head(model) -> nn.Linear | None:
     return head
 
 
+def _padded(rows: torch.Tensor, extra: int) -> torch.Tensor:
+    """``rows`` (C, K) with ``extra`` zero rows after them: (C + extra, K); itself when ``extra`` is 0."""
+    return F.pad(rows, (0, 0, 0, extra)) if extra else rows
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     """``sum_t CE(h_t W^T, y_t)`` over row chunks; see the module docstring for the math."""
 
@@ -79,9 +92,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if want_h else None  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, H)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        pad_last = weight.dtype in (torch.bfloat16, torch.float16)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]  # (C, H), (C,)
-            z = (h @ weight.t()).float()  # (C, V)
+            rows = h.shape[0]
+            extra = (-rows) % LAST_CHUNK_STEP if pad_last else 0  # a bucketed matmul height (module docstring)
+            z = (_padded(h, extra) @ weight.t())[:rows].float()  # (C, V)
             lse = torch.logsumexp(z, dim=1)  # (C,)
             total += (lse - z.gather(1, y.unsqueeze(1)).squeeze(1)).sum()
             if want_h or want_w:
@@ -89,7 +105,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 dz[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 dz = dz.to(weight.dtype)
                 if want_h:
-                    grad_h[start : start + chunk] = dz @ weight  # (C, H)
+                    grad_h[start : start + chunk] = (_padded(dz, extra) @ weight)[:rows]  # (C, H)
                 if want_w:
                     grad_w += (dz.t() @ h).float()  # (V, H)
         ctx.save_for_backward(grad_h, grad_w)
