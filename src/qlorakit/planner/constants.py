@@ -82,3 +82,8 @@ CPU_DYNAMIC_TRIMMED_HEAP_ROWS = 5.8
 #: transients (activations, logits, LoRA gradients). Measured on SmolLM2 at 2 x 512 tokens, bf16, 12 steps:
 #: 1,244 MiB mapped for a live peak of 1,215 MiB (``benchmarks/step_heap.py``; docs/memory.md).
 CPU_ARENA_SLACK_FRACTION = 0.05
+#: With the arena, glibc's heap holds the small blocks: Python's objects, the tokenizer, the data, kernel caches.
+#: Measured at the end of step 1 (``benchmarks/step_heap.py``, mallinfo2's heap): 237 MiB for SmolLM2 at 2 x 512
+#: tokens in fp32, 243 MiB at 4 x 512 in bf16. In 16-bit it then grows by about 4 MiB a step (oneDNN and the
+#: flash-attention kernel keep buffers per shape; docs/memory.md), which the plan does not count.
+CPU_ARENA_HEAP_BYTES = 240 * 2**20

@@ -53,8 +53,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   fragment the heap, which grows with every micro-batch (measured, not a law), plus, without checkpointing,
   one forward's holes ``CPU_DYNAMIC_HEAP_ROWS * L * B T d c`` (``CPU_DYNAMIC_TRIMMED_HEAP_ROWS`` with
   ``malloc_trim_blocks``); see ``planner.constants``. With qlorakit's caching arena (``arena``) none of
-  these: glibc keeps only blocks under ``train.arena.MIN_BYTES``, and ``arena_slack`` =
-  ``CPU_ARENA_SLACK_FRACTION`` x the step's transients counts what the arena's best fit cannot place.
+  these: glibc keeps only blocks under ``train.arena.MIN_BYTES`` (``glibc_heap`` = ``CPU_ARENA_HEAP_BYTES``,
+  measured), and ``arena_slack`` = ``CPU_ARENA_SLACK_FRACTION`` x the step's transients counts what the
+  arena's best fit cannot place.
 
 Full fine-tuning (``full_finetune``, ``train.finetune: full``; the base unquantized) trains every weight:
 there are no adapters (``lora_params`` = ``lora_grads`` = 0, no adapter terms in the activations),
@@ -89,6 +90,7 @@ from qlorakit.errors import ConfigError
 from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
     CHUNK_FP32_COPIES,
+    CPU_ARENA_HEAP_BYTES,
     CPU_ARENA_SLACK_FRACTION,
     CPU_DYNAMIC_HEAP_ROWS,
     CPU_DYNAMIC_TRIMMED_HEAP_ROWS,
@@ -315,6 +317,7 @@ def cpu_parts(shape: ModelShape, s: PlanSettings, parts: list[Part], optim_total
     if s.arena:
         out.append(Part("arena_slack", int(CPU_ARENA_SLACK_FRACTION * transients),
                         "caching arena: what best fit cannot place, of the step's transients (measured)"))
+        out.append(Part("glibc_heap", CPU_ARENA_HEAP_BYTES, "glibc's heap of small blocks beside the arena (measured)"))
         return out
     if s.mmap_threshold_kib == 0:
         retention = int(CPU_HEAP_RETENTION_PER_QPARAM * sum(lin.numel for lin in quantized))

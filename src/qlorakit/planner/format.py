@@ -43,6 +43,9 @@ def format_plan(p: MemoryPlan) -> str:
         lines.append(f"paged optimizer state outside the device:     {mib(p.offloaded_bytes)} MiB (host memory)")
     if s.device == "gpu":
         lines.append("not counted: the CUDA context and allocator fragmentation (keep some headroom)")
+    elif s.arena:
+        lines.append("not counted: in 16-bit, glibc's heap grows by about 4 MiB a step beside the arena (kernels "
+                     "cached per shape; docs/memory.md)")
     elif s.mmap_threshold_kib == 0:
         lines.append("not counted: the glibc heap's growth over a run with the dynamic threshold (the total is the "
                      "first steps'; qlorakit train's heap guard fixes the threshold near its budget, docs/memory.md)")
