@@ -84,3 +84,14 @@ def test_import_does_not_load_torch() -> None:
     code = "import sys, qlorakit, qlorakit.cli.main; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_the_quickstart_has_its_own_lr_and_a_data_flag_keeps_the_papers() -> None:
+    from qlorakit.cli.main import build_parser
+    from qlorakit.cli.train_cmd import build_config
+
+    quick, _ = build_config(build_parser().parse_args(["train"]))
+    assert (quick.optim.lr, quick.train.max_steps, quick.train.batch_size, quick.lora.r) == (1e-3, 20, 4, 16)
+    given, _ = build_config(build_parser().parse_args(["train", "--data", "my.jsonl"]))
+    assert given.optim.lr == 2e-4 and given.lora.r == 64  # the paper's defaults
+    assert build_config(build_parser().parse_args(["train", "--lr", "3e-4"]))[0].optim.lr == 3e-4  # a flag wins
