@@ -123,3 +123,22 @@ def test_default_budget_leaves_a_margin_of_the_available_memory():
 
     free = available_memory()
     assert free > 0 and 0 < default_budget() < free
+
+
+def test_where_the_arena_can_be_built_it_is_the_only_allocator_tried():
+    """A budget that misses the arena without checkpointing turns checkpointing on; it never falls back to the
+    fixed threshold (as lean up to the arena's slack, ~1.5 M page faults a step). Without the arena it does."""
+    from qlorakit.config import DataConfig, LoraConfig, TrainConfig
+    from qlorakit.planner.budget import choose_for_run
+
+    cfg = RunConfig(data=DataConfig(max_seq_len=512), lora=LoraConfig(r=16), train=TrainConfig(batch_size=2))
+    settings = settings_for(cfg)
+    arena_ckpt = plan(SHAPE, _with(settings, allocator="arena", gradient_checkpointing=True, optim="adamw")).total_bytes
+    fixed_off = plan(SHAPE, _with(settings, allocator="fixed", gradient_checkpointing=False, optim="adamw"))
+    assert arena_ckpt < fixed_off.total_bytes
+    budget = dataclasses.replace(cfg.memory, memory_budget=f"{fixed_off.total_bytes // 2**20 + 1}MiB")
+    cfg = dataclasses.replace(cfg, memory=budget)
+    chosen, choices = choose_for_run(cfg, (), shape=SHAPE)
+    assert _values(choices)["allocator"] == "arena" and chosen.memory.gradient_checkpointing
+    _, without = choose_for_run(cfg, (), shape=SHAPE, arena_unavailable="no C++ compiler")
+    assert _values(without)["allocator"] != "arena" and not without.settings.gradient_checkpointing
