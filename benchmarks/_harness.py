@@ -114,3 +114,19 @@ def write_result(path: str | os.PathLike[str], payload: Any) -> Path:
     out = write_json_atomic(path, payload)
     print(f"wrote {path}")
     return out
+
+
+def train_on_prepared(workdir: Path, steps: int, flags: Sequence[str]) -> int:
+    """``qlorakit train`` in this process on ``train_throughput.py``'s prepared ``workdir`` (SmolLM2-135M as fp32
+    safetensors, its OASST1 sample): ``steps`` steps, 2 rows of <= 512 tokens, LoRA r 16 / alpha 16, into a
+    temporary run directory; ``flags`` are added (and win). Returns the command's exit status."""
+    import tempfile
+
+    from qlorakit.cli.main import main as qlorakit_main
+
+    data = json.loads((Path(workdir) / "data.json").read_text())
+    model = next(p for p in Path(workdir).iterdir() if p.is_dir() and (p / "model.safetensors").is_file())
+    with tempfile.TemporaryDirectory() as run_dir:
+        return qlorakit_main(["train", "--model", str(model), "--data", data["data_path"], "--output-dir", run_dir,
+                              "--overwrite", "--max-steps", str(steps), "--batch-size", "2", "--max-seq-len", "512",
+                              "--lora-r", "16", "--lora-alpha", "16", "--no-progress", *flags])  # fmt: skip

@@ -12,11 +12,12 @@ step's wall time. Never asserts a time.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _harness import train_on_prepared
 
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-train-throughput"
 
@@ -31,7 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qlorakit.cli.main import main as qlorakit_main
     from qlorakit.train import loop
 
     one_step, seen, result = loop.step, [0], {}
@@ -48,13 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     loop.step = profiled_step
-    data = json.loads((args.workdir / "data.json").read_text())
-    model = next(p for p in args.workdir.iterdir() if p.is_dir() and (p / "model.safetensors").is_file())
-    with tempfile.TemporaryDirectory() as run_dir:
-        status = qlorakit_main(["train", "--model", str(model), "--data", data["data_path"], "--output-dir", run_dir,
-                                "--overwrite", "--max-steps", str(args.step), "--batch-size", "2", "--grad-accum",
-                                "1", "--max-seq-len", "512", "--lora-r", "16", "--lora-alpha", "16",
-                                "--compute-dtype", "bfloat16", "--no-progress", *args.extra])  # fmt: skip
+    status = train_on_prepared(args.workdir, args.step, ["--grad-accum", "1", "--compute-dtype", "bfloat16",
+                                                         *args.extra])
     if status != 0 or "table" not in result:
         return status or 1
     events = sorted(result["table"], key=lambda e: e.self_cpu_time_total, reverse=True)

@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _harness import train_on_prepared
+
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-train-throughput"
 
 
@@ -48,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     libc.mallinfo2.restype = _MallInfo2
     import torch
 
-    from qlorakit.cli.main import main as qlorakit_main
     from qlorakit.train import loop
 
     marks: list[tuple[str, dict]] = []
@@ -65,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         marks.append(("end", _snapshot(libc)))
 
     loop.token_loss_sum, loop.step = timed_forward, timed_step
-    data = json.loads((args.workdir / "data.json").read_text())
-    model = next(p for p in args.workdir.iterdir() if p.is_dir() and (p / "model.safetensors").is_file())
-    with tempfile.TemporaryDirectory() as run_dir:
-        status = qlorakit_main(["train", "--model", str(model), "--data", data["data_path"], "--output-dir", run_dir,
-                                "--overwrite", "--max-steps", str(args.steps), "--batch-size", "2", "--max-seq-len",
-                                "512", "--lora-r", "16", "--lora-alpha", "16", "--warmup-ratio", "0",
-                                "--compute-dtype", "float32", "--no-progress", *args.extra])  # fmt: skip
+    status = train_on_prepared(args.workdir, args.steps, ["--warmup-ratio", "0", "--compute-dtype", "float32",
+                                                          *args.extra])
     if status != 0:
         return status
     rows = []
