@@ -151,3 +151,22 @@ def test_without_a_compiler_or_when_the_build_fails_the_arena_says_why(monkeypat
     assert arena.unavailable_reason() == "build failed: c10 headers not found"
     monkeypatch.setenv(arena.ARENA_ENV, "0")
     assert arena.unavailable_reason() == "QLORAKIT_ARENA=0" and arena.stats() is None and arena.trim() == 0
+
+
+OUT_OF_ADDRESS_SPACE = """
+import json, resource, torch
+from qlorakit.train import arena
+assert arena.install()
+MiB = 2**20
+big = torch.empty(512 * MiB, dtype=torch.uint8); del big  # a free 512 MiB segment the arena keeps
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + 300 * MiB, resource.RLIM_INFINITY))
+t = torch.empty(600 * MiB, dtype=torch.uint8)  # larger than the free segment: no room until it is unmapped
+t.fill_(1)
+print(json.dumps({"ok": int(t[-1]) == 1, "mapped_mib": arena.stats().mapped // MiB}))
+"""
+
+
+def test_a_failed_mmap_gives_the_free_segments_back_and_tries_again():
+    got = _child(OUT_OF_ADDRESS_SPACE)
+    assert got == {"ok": True, "mapped_mib": 600}

@@ -13,7 +13,8 @@ allocator with ``c10::SetCPUAllocator``) serves every request of at least ``MIN_
 - take the free block of least size ``>= s`` (lowest address among equals), split off the remainder, which
   stays free; with none, map a new segment of ``max(s, SEGMENT_BYTES)`` and carve it the same way;
 - on free, merge the block with its free neighbours in the same segment and keep it; nothing is unmapped
-  until ``trim()``, which returns the wholly free segments.
+  until ``trim()``, which returns the wholly free segments (the arena also trims, and tries once more, when
+  mapping a new segment fails).
 
 So the resident memory is the arena's ``mapped`` bytes, at most the peak of live tensor bytes plus what
 best fit cannot place (``peak_mapped - peak_live``; measured on SmolLM2 at 2 x 512 tokens, bf16: 1,244 MiB

@@ -4,7 +4,7 @@
 // or the request if larger) and carved best fit: the smallest free block of at least the request (rounded up
 // to a 4 KiB page), split, the rest staying free. A freed block merges with free neighbours of its segment
 // and is kept for the next request; nothing goes back to the kernel until qlk_arena_trim() unmaps the
-// segments that are wholly free. A training step repeats its requests, so after the first step they are
+// segments that are wholly free (also before it gives up on a failed mmap). A training step repeats its requests, so after the first step they are
 // served from pages already resident: no page faults, and no glibc heap between the blocks to fragment.
 // Smaller requests go to the allocator that was installed before (torch's default, glibc's malloc).
 #include <c10/core/Allocator.h>
@@ -71,6 +71,9 @@ struct Arena final : public c10::Allocator {
     if (ptr == nullptr) {
       size_t span = std::max(size, segment_bytes);
       void* base = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (base == MAP_FAILED && trim() > 0) {  // give the wholly free segments back, then try once more
+        base = mmap(nullptr, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      }
       TORCH_CHECK(base != MAP_FAILED, "qlorakit arena: mmap of ", span, " bytes failed (out of memory)");
       std::lock_guard<std::mutex> guard(mu);
       char* segment = static_cast<char*>(base);
