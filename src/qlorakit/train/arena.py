@@ -27,13 +27,10 @@ fragments. ``QLORAKIT_ARENA=0`` keeps it off; a machine without a C++ compiler, 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -80,35 +77,22 @@ def unavailable_reason() -> str | None:
     return None if _library is not None or _build_error is None else f"build failed: {_build_error}"
 
 
-def _build_flags() -> list[str]:
+def _load() -> ctypes.CDLL:
+    """Build the library once per source, flags and torch (``cpu_build``'s cache and atomic build) and load it."""
     import torch
+
+    from qlorakit.quant.backends.cpu_build import cache_dir, cache_key, compile_library
 
     root = Path(torch.__file__).parent
-    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return [*CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}", f"-L{root / 'lib'}", "-lc10",
-            f"-Wl,-rpath,{root / 'lib'}"]
-
-
-def _load() -> ctypes.CDLL:
-    """Build the library once per source, flags and torch (cached, written atomically) and load it."""
-    import torch
-
-    from qlorakit.quant.backends.cpu_build import cache_dir
-
-    source = (resources.files(SOURCE_PACKAGE) / SOURCE).read_text(encoding="utf-8")
-    flags = _build_flags()
-    key = hashlib.sha256(json.dumps([source, flags, torch.__version__]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"arena-{key}.so"
+    sources = {"arena.cpp": (resources.files(SOURCE_PACKAGE) / SOURCE).read_text(encoding="utf-8")}
+    flags = [*CXXFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{root / 'include'}"]
+    libraries = [f"-L{root / 'lib'}", "-lc10", f"-Wl,-rpath,{root / 'lib'}"]
+    target = cache_dir() / f"arena-{cache_key(sources, flags + libraries, f'torch {torch.__version__}')}.so"
     if not target.is_file():
         cxx = compiler()
         if cxx is None:
             raise OSError("no C++ compiler (c++/g++) on PATH")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, built = Path(tmp) / "arena.cpp", Path(tmp) / target.name
-            src.write_text(source, encoding="utf-8")
-            subprocess.run([cxx, str(src), "-o", str(built), *flags], check=True, capture_output=True, text=True)
-            os.replace(built, target)
+        compile_library(sources, target, cxx, flags, libraries)
     library = ctypes.CDLL(str(target))
     library.qlk_arena_install.argtypes, library.qlk_arena_install.restype = [ctypes.c_int64] * 2, ctypes.c_int
     library.qlk_arena_stats.argtypes, library.qlk_arena_stats.restype = [ctypes.c_void_p], None
@@ -130,8 +114,8 @@ def install() -> bool:
     try:
         library = _load()
     except (OSError, subprocess.CalledProcessError) as exc:
-        _build_error = str(getattr(exc, "stderr", "") or exc).strip().splitlines()[-1:] or [type(exc).__name__]
-        _build_error = _build_error[0]
+        lines = str(getattr(exc, "stderr", "") or exc).strip().splitlines()
+        _build_error = lines[-1] if lines else type(exc).__name__
         warnings.warn(f"qlorakit: the CPU arena is unavailable ({_build_error}); using glibc's allocator",
                       stacklevel=2)
         return False

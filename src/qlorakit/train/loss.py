@@ -96,7 +96,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk]  # (C, H), (C,)
             rows = h.shape[0]
-            extra = (-rows) % LAST_CHUNK_STEP if pad_last else 0  # a bucketed matmul height (module docstring)
+            extra = (-rows) % LAST_CHUNK_STEP if pad_last and rows < chunk else 0  # the last chunk's height, bucketed
             z = (_padded(h, extra) @ weight.t())[:rows].float()  # (C, V)
             lse = torch.logsumexp(z, dim=1)  # (C,)
             total += (lse - z.gather(1, y.unsqueeze(1)).squeeze(1)).sum()

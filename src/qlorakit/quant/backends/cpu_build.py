@@ -114,9 +114,10 @@ def target_cpu() -> str:
     return platform.machine() + " " + (" ".join(sorted(cpu_flags())) or platform.node())
 
 
-def cache_key(sources: Mapping[str, str], flags: Sequence[str], cpu: str) -> str:
-    """16 hex digits of the sha256 of the source texts (with their names), the compiler flags and the CPU."""
-    record = json.dumps({"sources": dict(sources), "flags": list(flags), "cpu": cpu}, sort_keys=True)
+def cache_key(sources: Mapping[str, str], flags: Sequence[str], built_for: str) -> str:
+    """16 hex digits of the sha256 of the source texts (with their names), the compiler flags and what the code
+    is built for (the CPU for these ``-march=native`` kernels; the torch build for ``train.arena``)."""
+    record = json.dumps({"sources": dict(sources), "flags": list(flags), "cpu": built_for}, sort_keys=True)
     return hashlib.sha256(record.encode()).hexdigest()[:16]
 
 
@@ -130,18 +131,22 @@ def find_compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def compile_library(sources: Mapping[str, str], target: Path) -> None:
-    """Compile ``sources`` into the shared library ``target`` (built beside it, then renamed into place)."""
-    compiler = find_compiler()
+def compile_library(sources: Mapping[str, str], target: Path, compiler: str | None = None,
+                    flags: Sequence[str] = CFLAGS, libraries: Sequence[str] = ()) -> None:  # fmt: skip
+    """Compile ``sources`` into the shared library ``target`` (built beside it, then renamed into place):
+    ``<compiler> <flags> -o <target> <the .c/.cpp units> <libraries>``; ``compiler`` defaults to
+    ``find_compiler()``. ``train.arena`` builds its C++ through it too."""
+    compiler = compiler or find_compiler()
     if compiler is None:
         raise OSError("no C compiler (cc/gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         for name, text in sources.items():
             (Path(tmp) / name).write_text(text, encoding="utf-8")
-        units = [str(Path(tmp) / name) for name in sources if name.endswith(".c")]
+        units = [str(Path(tmp) / name) for name in sources if name.endswith((".c", ".cpp"))]
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *CFLAGS, "-o", str(built), *units], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, "-o", str(built), *units, *libraries], check=True, capture_output=True,
+                       text=True)  # fmt: skip
         os.replace(built, target)
 
 
