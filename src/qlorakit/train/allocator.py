@@ -53,6 +53,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from qlorakit.config import MemoryConfig
+from qlorakit.train import arena as caching_arena
 
 #: ``M_MMAP_THRESHOLD`` of glibc's ``<malloc.h>``.
 _M_MMAP_THRESHOLD = -3
@@ -142,8 +143,6 @@ def heap_guard(budget_bytes: int | None, mmap_threshold_kib: int, on_cpu: bool,
     (a GPU's budget is device memory) and under glibc; None otherwise, and None when the run asks for the caching
     arena (``arena``) and it can serve them (``train.arena``: installed, or buildable here before the model loads):
     glibc then holds no tensor block that could creep."""
-    from qlorakit.train import arena as caching_arena
-
     if arena and caching_arena.unavailable_reason() is None:
         return None
     if not budget_bytes or mmap_threshold_kib != 0 or not on_cpu or _glibc() is None:
