@@ -344,8 +344,8 @@ class MemoryConfig:
                           "same adapters and files, fewer matmuls")
     recompute_swiglu: bool = opt(True, "SwiGLU MLPs keep gate and up for backward and recompute silu(gate) there "
                                  "(less activation memory, bit-identical values)")
-    fuse_rmsnorm: bool = opt(True, "fp32 RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
-                             "rounding)")
+    fuse_rmsnorm: bool = opt(True, "RMSNorms as one autograd function (fewer temporaries; same values to fp32 "
+                             "rounding; 16-bit inputs kept as they came, not upcast)")
     rebuild_adapter_inputs: bool = opt(True, "without checkpointing, the norm outputs and SwiGLU product that only "
                                        "LoRA A's backward reads are rebuilt there, not kept (bit-identical)")
     fuse_up_projection: bool = opt(True, "LoRA layers add scale * u B^T to the base output with one addmm "

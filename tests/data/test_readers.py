@@ -1,4 +1,4 @@
-"""Readers: every file type through ``datasets``, 1-based positions, and clear errors for bad files."""
+"""Readers: JSON parsed here (held to ``datasets``), the others through it; 1-based positions; clear errors."""
 
 from __future__ import annotations
 
@@ -124,3 +124,54 @@ def test_invalid_utf8_text_fails_with_the_line(tmp_path):
     path.write_bytes(b"fine\nalso fine\nbad \xff byte\n")
     with pytest.raises(DataError, match=rf"{path}:3: not valid UTF-8"):
         read_table(path)
+
+
+def _datasets_rows(path) -> list[dict]:
+    """The oracle: ``datasets.load_dataset("json")``'s rows, with a throw-away cache."""
+    import tempfile
+
+    import datasets
+
+    with tempfile.TemporaryDirectory() as cache:
+        return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache).to_list()
+
+
+@pytest.mark.parametrize("name", ["oasst1/oasst1_guanaco_val.jsonl", "chat/oasst1_messages.jsonl",
+                                  "alpaca/alpaca_en_demo.json", "alpaca/identity.json", "text/c4_demo.jsonl",
+                                  "prompts/mt_bench_question.jsonl", "prompts/mt_bench_reference_answer_gpt-4.jsonl",
+                                  "prompts/fastchat_judge_prompts.jsonl", "mmlu/qlora/zero_shot_mmlu_val.json"])
+def test_json_rows_equal_what_datasets_reads_from_the_shared_data(data_dir, name):
+    path = data_dir / name
+    assert read_table(path).rows == _datasets_rows(path)
+
+
+def test_json_rows_equal_what_datasets_reads_from_the_bundled_sample():
+    from qlorakit.data.dataset import default_sample_path
+
+    path = default_sample_path()
+    assert read_table(path).rows == _datasets_rows(path)
+
+
+def test_unify_fills_missing_fields_of_a_row_and_keeps_nested_objects_as_datasets_does(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "a"}], "meta": {"lang": "en"}},
+            {"messages": [{"role": "assistant", "content": "b", "name": "x"}, {"role": "user"}], "id": 3},
+            {"meta": {"tags": [{"k": 1}, {"v": 2}]}},
+            {"messages": []}]  # fmt: skip
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    table = read_table(path)
+    assert table.rows == _datasets_rows(path)
+    assert table.rows[0] == {"messages": [{"role": "user", "content": "a"}], "meta": {"lang": "en"}, "id": None}
+    assert table.rows[2] == {"messages": None, "meta": {"tags": [{"k": 1}, {"v": 2}]}, "id": None}
+    assert table.columns == ("messages", "meta", "id")
+    assert rows[3] == {"messages": []}  # the parsed rows are not changed
+
+
+def test_reading_json_does_not_import_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": "y", "id": 1}])
+    code = ("import sys; from qlorakit.data import read_table; t = read_table(sys.argv[1]); "
+            "assert t.rows[0] == {'text': 'x', 'id': None}, t.rows; print(sorted({'datasets', 'pandas', 'pyarrow'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,4 +1,4 @@
-"""``lora.dropout``: the dropped down-projection that keeps ``h`` and a bool mask equals the op-by-op formula.
+"""``lora.dropout``: the dropped down-projection that keeps ``h`` and a bit-packed mask equals the op-by-op formula.
 
 Tolerance: fp32 ``rtol 1e-5, atol 1e-6``: ``where(keep, h / (1 - p) ...)`` scales before the matmul as the
 reference does, and ``dL/dA`` is one matmul over the rows in both; only the order of fp32 sums may differ.
@@ -11,7 +11,17 @@ from torch import nn
 
 from qlorakit.config import LoraConfig
 from qlorakit.lora import add_lora, lora_layers
-from qlorakit.lora.dropout import dropped_down_product, keep_mask, lean_dropout, reference_dropped_down
+import pytest
+
+from qlorakit.lora.dropout import (
+    dropped_down_product,
+    keep_mask,
+    lean_dropout,
+    pack_mask,
+    reference_dropped_down,
+    reference_pack_mask,
+    unpack_mask,
+)
 from qlorakit.lora.fused import fuse_shared_inputs
 from tests.helpers.lora import randomize_lora_b
 
@@ -37,15 +47,40 @@ def test_dropped_down_product_equals_the_formula_with_the_same_mask_forward_and_
     assert (grad_h[~keep] == 0).all()  # dropped values get no gradient
 
 
-def test_dropped_down_product_keeps_the_input_and_a_bool_mask_not_a_dropped_copy_and_a_float_mask():
+def test_dropped_down_product_keeps_the_input_and_a_packed_mask_not_a_dropped_copy_and_a_float_mask():
     h = torch.randn(64, 32, requires_grad=True)  # (N, in)
     a = torch.randn(4, 32, requires_grad=True)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         dropped_down_product(h, a, 0.1)
     big = [t for t in saved if t.numel() == h.numel()]
-    assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32"]
-    assert any(t.untyped_storage().data_ptr() == h.untyped_storage().data_ptr() for t in big)  # h itself
+    assert [str(t.dtype) for t in big] == ["torch.float32"]
+    assert big[0].untyped_storage().data_ptr() == h.untyped_storage().data_ptr()  # h itself
+    masks = [t for t in saved if t.dtype == torch.uint8]
+    assert [t.numel() for t in masks] == [h.numel() // 8]  # 1 bit a value
+
+
+def test_pack_mask_equals_its_reference_on_every_byte_pattern_and_round_trips_at_any_length():
+    every = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8): byte p's bits
+    assert torch.equal(pack_mask(every), torch.arange(256, dtype=torch.uint8))
+    assert torch.equal(reference_pack_mask(every), torch.arange(256, dtype=torch.uint8))
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(1,), (7,), (8,), (9,), (3, 5, 7), (2, 512, 576)]:
+        keep = torch.rand(shape, generator=gen) >= 0.3
+        packed = pack_mask(keep)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-keep.numel() // 8)
+        assert torch.equal(packed, reference_pack_mask(keep))
+        assert torch.equal(unpack_mask(packed, keep.shape), keep)
+    keep = torch.rand(6, 10, generator=gen) >= 0.5
+    assert torch.equal(unpack_mask(pack_mask(keep.t()), keep.t().shape), keep.t())  # a non-contiguous mask
+
+
+@pytest.mark.parametrize("flip", range(3))
+def test_a_changed_mask_value_changes_the_packed_bytes(flip):
+    keep = torch.zeros(3, 8, dtype=torch.bool)
+    keep.view(-1)[5 + 8 * flip] = True
+    packed = pack_mask(keep)
+    assert packed.tolist() == [32 if i == flip else 0 for i in range(3)]
 
 
 def test_lean_path_only_for_a_training_nn_dropout():

@@ -101,18 +101,26 @@ def test_trim_blocks_trims_before_each_block_forward_with_a_graph_only(model, mo
     assert len(calls) == 2  # no graph, no trim (evaluation)
 
 
-def test_bf16_compute_rebuilds_the_swiglu_product_bit_identically(monkeypatch):
+@pytest.mark.parametrize("fp32_norms", [False, True])
+def test_bf16_compute_rebuilds_the_swiglu_product_and_the_loaders_norm_outputs_bit_identically(monkeypatch, fp32_norms):
     """bf16 base, fp32 adapters: the lean dropout keeps down_proj's input uncast, so the SwiGLU product is the saved
-    tensor itself and is rebuilt (the norms are not fused in bf16, so their outputs are kept)."""
+    tensor itself and is rebuilt. With fp32 norms hooked to return bf16 (as ``models.loader`` builds a bf16 model)
+    the fused 16-bit RMSNorm offers its outputs too; bf16 norm weights keep the module's forward, outputs kept."""
     import transformers
 
     from qlorakit.lora import add_lora
     from qlorakit.models import quantize_model
+    from qlorakit.models.build import keep_norm_outputs_in_input_dtype
+    from qlorakit.train.rmsnorm import rmsnorms
     from tests.helpers.tiny_llama import tiny_llama_config
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(tiny_llama_config(vocab_size=VOCAB, tie_word_embeddings=True))
     model.to(torch.bfloat16)
+    if fp32_norms:
+        for norm in rmsnorms(model):
+            norm.float()
+        keep_norm_outputs_in_input_dtype(model)
     quantize_model(model, compute_dtype=torch.bfloat16)
     add_lora(model, LoraConfig(r=4, alpha=8, dropout=0.3))
     with torch.no_grad():
@@ -123,5 +131,6 @@ def test_bf16_compute_rebuilds_the_swiglu_product_bit_identically(monkeypatch):
     loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(False))
     rebuilt = _record_rebuilds(monkeypatch)
     loss, grads, _ = _loss_and_grads(model, ids, _cfg(True))
-    assert [n for n in rebuilt if n] == ["silu_mul_value"] * 2  # one per block
+    per_block = ["normalize_16bit", "normalize_16bit", "silu_mul_value"] if fp32_norms else ["silu_mul_value"]
+    assert sorted(n for n in rebuilt if n) == sorted(per_block * 2)  # q/k/v's and gate/up's inputs, down_proj's
     assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)

@@ -64,3 +64,56 @@ def test_fused_rmsnorm_keeps_loss_and_lora_gradients():
     assert _close(runs[0][0].reshape(1), runs[1][0].reshape(1))
     assert all(_close(runs[0][1][k], runs[1][1][k], rtol=1e-5) for k in runs[1][1])
     assert all("forward" not in vars(m) for m in rmsnorms(model))
+
+
+def _hooked_16bit_norm(weight_trains: bool):
+    from qlorakit.models.build import keep_norm_outputs_in_input_dtype
+
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(48, eps=1e-5)  # fp32 weight, as the loader keeps
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    norm.weight.requires_grad_(weight_trains)
+    assert keep_norm_outputs_in_input_dtype(norm) == 1  # the loader's hook: the output comes back in x's dtype
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_trains", [False, True])
+def test_16bit_norm_output_is_bit_identical_and_its_gradients_within_one_16bit_step(dtype, weight_trains):
+    """The 16-bit forward runs the module's ops (torch.equal); backward rounds where the module's autograd does and
+    differs from it only in the order of fp32 sums, so every gradient value is within one 16-bit rounding step
+    (ulp) of the module's, and no further from an fp64 evaluation. ``g`` leans on ``x`` so that the term through
+    ``r^3 sum(w g x) / H`` is large: getting it wrong by 2% moves the gradients by about 5%."""
+    norm = _hooked_16bit_norm(weight_trains)
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.randn(3, 7, 48, generator=gen) * 3).to(dtype)
+    g = (torch.randn(3, 7, 48, generator=gen) + x.float()).to(dtype)
+    runs = []
+    for fused in (True, False):
+        xg = x.clone().requires_grad_(True)
+        with fused_rmsnorm(norm, enabled=fused) as n:
+            assert n == int(fused)
+            out = norm(xg)
+        out.backward(g)
+        runs.append((out.detach(), xg.grad, norm.weight.grad))
+        norm.weight.grad = None
+    assert runs[0][0].dtype == dtype and torch.equal(runs[0][0], runs[1][0])
+    x64, w64 = x.double().requires_grad_(True), norm.weight.detach().double().requires_grad_(weight_trains)
+    y64 = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    y64.backward(g.double())
+    for slot, exact in [(1, x64.grad)] + ([(2, w64.grad)] if weight_trains else []):
+        fast, module = runs[0][slot].double(), runs[1][slot].double()
+        step = torch.finfo(runs[1][slot].dtype).eps * module.abs()  # one rounding step of each value
+        assert bool(((fast - module).abs() <= step).all())
+        assert float((fast - exact).norm()) <= 1.25 * float((module - exact).norm()) + 1e-12 * float(exact.norm())
+    assert (runs[0][2] is None) == (not weight_trains)
+
+
+def test_16bit_input_without_the_loaders_hook_keeps_the_modules_forward():
+    """Without the hook the module returns fp32 (``weight * x`` promotes): that is not what the fused one returns."""
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(48, eps=1e-5)
+    x = torch.randn(2, 48).to(torch.bfloat16)
+    with fused_rmsnorm(norm) as n:
+        assert n == 1
+        out = norm(x)
+    assert out.dtype == torch.float32 and torch.equal(out, norm(x))

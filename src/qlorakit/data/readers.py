@@ -1,9 +1,12 @@
 """Read local data files into rows that remember where each row came from.
 
-JSON (an array of objects), JSON Lines, CSV and Parquet are read through the ``datasets`` library
-(``load_dataset("json" | "csv" | "parquet", data_files=..., split="train")``) with its cache in a
-temporary directory that is deleted afterwards, so nothing is written next to the user's files or
-into the user's Hugging Face cache. CSV cells are read as strings (an empty cell is ``""``).
+JSON (an array of objects) and JSON Lines are parsed here with Python's ``json`` and given one schema
+(``unify``: a field missing from a row is ``None``, as ``datasets`` gives); CSV and Parquet are read
+through the ``datasets`` library (``load_dataset("csv" | "parquet", data_files=..., split="train")``)
+with its cache in a temporary directory that is deleted afterwards, so nothing is written next to the
+user's files or into the user's Hugging Face cache. CSV cells are read as strings (an empty cell is
+``""``). ``datasets`` (with pandas and pyarrow: about 80 MiB of resident memory for a training run) is
+imported only for those two.
 
 Plain ``.txt`` files are ONE document each: the whole file, newlines kept (continued pre-training
 text such as a play or a book is one stream; separate documents go into JSON Lines ``{"text": ...}``
@@ -15,9 +18,9 @@ arrays, CSV (the header not counted) and Parquet. A ``.json`` file whose first c
 is read as JSON Lines.
 
 Hostile files: JSON and JSON Lines are decoded, checked for nesting deeper than
-``untrusted.MAX_JSON_DEPTH`` and parsed row by row with Python's ``json`` before ``datasets`` sees
-them, so every malformed row fails with its position, and pyarrow's JSON reader never gets the input
-it crashes on (a first row ``null`` or 50,000 nested brackets: a segfault in pyarrow 26). A CSV or
+``untrusted.MAX_JSON_DEPTH`` and parsed row by row with Python's ``json``, so every malformed row
+fails with its position (pyarrow's JSON reader, which crashes on a first row ``null`` or 50,000 nested
+brackets in pyarrow 26, is not used). A CSV or
 Parquet file that ``datasets`` cannot parse is parsed again here (``csv`` / ``pyarrow.parquet``, row
 group by row group) to name the line or row group at fault.
 """
@@ -108,9 +111,7 @@ def _read_json(file: Path, shown: str, kind: str) -> Table:
     rows = _parse_json_ourselves(text, shown, kind)
     if not rows:
         raise DataError(f"{shown}: the file has no rows (an empty JSON array)")
-    with contextlib.suppress(DataError):  # datasets rejects valid rows only for mixed types: ours stay
-        unified = _load(file, shown, "json")  # its rows share one schema (missing fields are None)
-        rows = unified if len(unified) == len(rows) else rows  # it drops rows without fields, e.g. {}
+    rows = unify(rows)  # one schema, as the other readers give: missing fields are None
     positions = list(range(1, len(rows) + 1))
     if kind == "jsonl":
         lines = [i + 1 for i, line in enumerate(text.split("\n")) if line.strip()]
@@ -130,6 +131,15 @@ def _parse_json_ourselves(text: str, shown: str, kind: str) -> list[dict[str, An
         if line.strip():
             rows.append(_object(parse_json(line, shown, DataError, line_offset=number - 1), f"{shown}:{number}"))
     return rows
+
+
+def unify(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with one set of fields: every row gets every field some row has, in first-seen order, missing ones
+    ``None``; values are kept as parsed (nested objects too). What ``datasets.load_dataset("json")`` gives
+    (``tests/data/test_readers.py`` holds the two to each other on the bundled and shared data); the input is
+    not changed."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    return [{name: row.get(name) for name in names} for row in rows]
 
 
 def _object(item: Any, where: str) -> dict[str, Any]:

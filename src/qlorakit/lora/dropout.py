@@ -1,4 +1,4 @@
-"""LoRA's down-projection of a dropped input, ``u = dropout(h) A^T``, keeping ``h`` and a 1-byte mask for backward.
+"""LoRA's down-projection of a dropped input, ``u = dropout(h) A^T``, keeping ``h`` and a 1-bit mask for backward.
 
 Inverted dropout with probability ``p`` (Srivastava et al., 2014; PEFT applies it to the adapter input only):
 
@@ -10,9 +10,10 @@ Inverted dropout with probability ``p`` (Srivastava et al., 2014; PEFT applies i
 Autograd of ``down_product(nn.Dropout(p)(h), A)`` keeps the dropped copy (the matmul's input, ``c`` bytes a
 value) and, on the CPU, dropout's mask as a float tensor (``h``'s dtype: 4 bytes a value in fp32): 8 bytes a
 value in fp32. ``_DroppedDown`` keeps ``h`` (which the caller often holds anyway: the shared input of a fused
-group) and ``keep`` as ``bool``, 1 byte, and rebuilds the dropped input in backward (one elementwise pass). For
-SmolLM2 at 2 x 512 tokens (fp32, r 16, dropout 0.05, fused groups) that is 47.6 -> about 35 MiB saved per
-decoder block. ``h`` may come in the compute dtype while ``A`` is fp32 (bf16 compute, fp32 adapters): the cast
+group) and ``keep`` packed 8 values to a byte (``pack_mask``: 1 bit a value), and rebuilds the mask
+(``unpack_mask``, a 256-entry table lookup) and the dropped input in backward (one elementwise pass each). For
+SmolLM2 at 2 x 512 tokens (fp32, r 16, dropout 0.05, fused groups) that is 47.6 -> about 32 MiB saved per
+decoder block (the bool mask was 3.2 MiB of it, the packed one 0.4). ``h`` may come in the compute dtype while ``A`` is fp32 (bf16 compute, fp32 adapters): the cast
 to ``A``'s dtype happens inside and ``h`` is kept as it came, 2 bytes a value instead of the cast's 4 (the cast
 is exact, so backward casts it again to the same values). The mask comes from ``torch.rand`` on the global
 generator, so seeding, and gradient checkpointing's recompute (which restores the RNG state), give the same mask
@@ -27,6 +28,8 @@ to each other within fp32 rounding).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,24 +40,64 @@ def keep_mask(h: torch.Tensor, p: float) -> torch.Tensor:
     return torch.rand(h.shape, dtype=torch.float32, device=h.device) >= p
 
 
+#: Multiplying 8 bytes that are each 0 or 1 (one int64, little-endian, byte ``i`` at bits ``8i``) by this
+#: gathers bit ``8i`` into bit ``56 + i``: every byte of the product's top byte comes from exactly one term, so
+#: nothing carries into it (a wrapping int64 product; ``tests/lora/test_dropout.py`` checks all 256 patterns).
+_GATHER_BITS = 0x0102040810204080
+#: Row ``p`` holds the 8 bytes (0 or 1) of bits 0..7 of ``p``, in memory order: (256, 8) uint8.
+_SPREAD_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).to(torch.uint8)
+
+
+def _padded_bytes(keep: torch.Tensor) -> torch.Tensor:
+    flat = keep.reshape(-1)  # (n,)
+    if flat.numel() % 8:
+        flat = torch.nn.functional.pad(flat, (0, 8 - flat.numel() % 8))
+    return flat.view(torch.uint8)  # (8 ceil(n / 8),) of 0 / 1
+
+
+def reference_pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """``pack_mask`` spelled out: each group of 8 values shifted to its bit and summed (distinct bits, no carry)."""
+    bits = _padded_bytes(keep).view(-1, 8)  # (n / 8, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=keep.device)).sum(-1, dtype=torch.uint8)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A bool mask packed 8 values to a byte: (...) bool -> (ceil(numel / 8),) uint8, value ``8j + i`` in bit ``i``
+    of byte ``j`` (zero-padded at the end). One int64 product per byte (``_GATHER_BITS``, which reads the 8 bytes
+    of a word little-endian); ``reference_pack_mask`` on a big-endian machine."""
+    if sys.byteorder != "little":
+        return reference_pack_mask(keep)
+    words = _padded_bytes(keep).view(torch.int64)  # (n / 8,): 8 mask bytes each
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)  # (n / 8,)
+
+
+def unpack_mask(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``pack_mask``'s inverse: (ceil(numel / 8),) uint8 -> ``shape`` bool."""
+    table = _SPREAD_BITS.to(packed.device).view(torch.int64).reshape(-1)  # (256,): 8 bytes in one word each
+    words = table[packed.long()]  # (n / 8,) int64
+    return words.view(torch.uint8)[: shape.numel()].view(torch.bool).reshape(shape)
+
+
 def _dropped(h: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.where(keep, h * scale, 0.0)  # (..., in): the kept values times 1 / (1 - p), the rest 0
 
 
 class _DroppedDown(torch.autograd.Function):
-    """``u = ((keep * h) / (1 - p)) A^T`` saving ``h``, ``A`` and the bool ``keep``; see the module docstring."""
+    """``u = ((keep * h) / (1 - p)) A^T`` saving ``h``, ``A`` and ``keep`` packed to bits; see the module docstring."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:  # h: (..., in), A: (r, in)
         keep = keep_mask(h, p)  # (..., in) bool
         scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(h, weight, keep)  # h as given: its cast to A's dtype is redone in backward
+        # h as given: its cast to A's dtype is redone in backward; keep as (numel / 8,) uint8
+        ctx.save_for_backward(h, weight, pack_mask(keep))
         ctx.scale = scale
         return F.linear(_dropped(h.to(weight.dtype), keep, scale), weight)  # (..., r)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., r)
-        h, weight, keep = ctx.saved_tensors
+        h, weight, packed = ctx.saved_tensors
+        keep = unpack_mask(packed, h.shape)  # (..., in) bool
         grad_h = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.where(keep, (grad @ weight).mul_(ctx.scale), 0.0).to(h.dtype)  # (..., in)

@@ -68,7 +68,7 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def _output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
+def output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
     if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
         return output.to(args[0].dtype)
     return output
@@ -83,7 +83,7 @@ def keep_norm_outputs_in_input_dtype(model: nn.Module) -> int:
     hooked = 0
     for module in model.modules():
         if "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False)):
-            module.register_forward_hook(_output_in_input_dtype)
+            module.register_forward_hook(output_in_input_dtype)
             hooked += 1
     return hooked
 

@@ -51,8 +51,8 @@ def settings_for(cfg: RunConfig, device: str = "cpu") -> PlanSettings:
         compute_dtype=cfg.train.compute_dtype if cfg.train.compute_dtype != "auto" else _auto_dtype(device),
         loss_chunk=m.loss_chunk_tokens, mmap_threshold_kib=m.malloc_mmap_threshold_kib, malloc_trim=m.malloc_trim,
         recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant, grad_accum=cfg.train.grad_accum,
-        full_finetune=cfg.full_finetune,
-        rebuild_adapter_inputs=m.rebuild_adapter_inputs, malloc_trim_blocks=m.malloc_trim_blocks, arena=m.arena,
+        full_finetune=cfg.full_finetune, rebuild_adapter_inputs=m.rebuild_adapter_inputs,
+        fuse_rmsnorm=m.fuse_rmsnorm, malloc_trim_blocks=m.malloc_trim_blocks, arena=m.arena,
     )  # fmt: skip
 
 

@@ -17,14 +17,16 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
 - ``optimizer_state``   AdamW: two fp32 moments (8 bytes/value) or 8-bit (codes + fp32 absmax per 256);
   paged: only the resident budget of the paged tensors (the rest is ``offloaded_bytes``, host memory);
 - ``activations``       tensors saved for backward. One Llama block saves per token
-  ``4d + 2k + 3f`` values at ``c`` (layer input and residual, at 4 bytes with 16-bit compute: the fp32 norms
-  keep their upcast; q, k, v after RoPE, the attention output, gate,
+  ``4d + 2k + 3f`` values at ``c`` (layer input and residual: the norms keep them, at ``c`` with the trainer's
+  fused RMSNorm, else at 4 bytes with 16-bit compute, where the module keeps its fp32 upcast; q, k, v after
+  RoPE, the attention output, gate,
   SiLU(gate), up; ``2f`` with the trainer's default ``recompute_swiglu``, which recomputes SiLU(gate) in
   backward), plus the adapter inputs no other op keeps, both norm outputs and the SwiGLU product
   (``2d + f`` at ``c``) unless, without dropout, a cast to the adapter dtype replaces them (its copy at ``l``
   when ``l != c``) or, with dropout and no checkpointing, ``train.rebuild`` rebuilds them in backward (the
-  norm outputs in fp32 only); ``r`` at ``l`` per adapter; with dropout a 1-byte keep mask per input (one per
-  shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast). Without
+  norm outputs with the fused RMSNorm); ``r`` at ``l`` per adapter; with dropout a keep mask of 1 bit a value
+  per input (one per shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast
+  and packs the mask 8 values to a byte). Without
   checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one block being recomputed
   (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
@@ -130,6 +132,7 @@ class PlanSettings:
     recompute_swiglu: bool = MemoryConfig().recompute_swiglu  # the trainer's: SiLU(gate) is not kept for backward
     fuse_lora: bool = MemoryConfig().fuse_lora  # the trainer's: q/k/v and gate/up share one input copy and mask
     rebuild_adapter_inputs: bool = MemoryConfig().rebuild_adapter_inputs  # the trainer's (train.rebuild)
+    fuse_rmsnorm: bool = MemoryConfig().fuse_rmsnorm  # the trainer's: norms keep their input as it came (train.rmsnorm)
     malloc_trim_blocks: bool = MemoryConfig().malloc_trim_blocks  # the trainer's: malloc_trim at each block's forward
     arena: bool = MemoryConfig().arena  # qlorakit's caching arena serves the CPU tensors (train.arena)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -431,25 +434,26 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     tokens = s.rows * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
     mlp = 2 if s.recompute_swiglu else 3  # gate, up (+ SiLU(gate) without the recompute)
-    # layer input and residual (the norms keep them; a 16-bit model's fp32 norms keep their fp32 upcast), q, k, v
-    # after RoPE, the attention output (SDPA keeps it; it is o_proj's adapter input too), the MLP's; + SDPA's
-    # logsumexp and the norms' scales
-    block = tokens * (2 * d * 4 + (2 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)
+    # layer input and residual (the norms keep them: the fused RMSNorm as they came, the module of a 16-bit model
+    # its fp32 upcast), q, k, v after RoPE, the attention output (SDPA keeps it; it is o_proj's adapter input
+    # too), the MLP's; + SDPA's logsumexp and the norms' scales
+    norm_in = c if s.fuse_rmsnorm else 4
+    block = tokens * (2 * d * norm_in + (2 * d + 2 * k + mlp * f) * c + (shape.num_heads + 2) * 4)
     per_layer_adapters = [lin for lin in shape.linears if lin.adapted and lin.quantized]
     dropout, cast = s.lora_dropout > 0, lb != c
     # the adapter inputs no other op keeps: both norm outputs and the SwiGLU product (2d + f at c). Without dropout
     # a cast to the adapter dtype replaces them (the matmul keeps the cast copy, at l); with dropout the lean path
     # keeps the input as it came (at c) and casts inside (lora.dropout), and without checkpointing train.rebuild
-    # rebuilds them in backward instead: the norm outputs with fp32 compute (the fused RMSNorm offers them), the
-    # product with recompute_swiglu
+    # rebuilds them in backward instead: the norm outputs with the fused RMSNorm (which offers them), the product
+    # with recompute_swiglu
     keeps_cast = cast and not dropout
     rebuilt = dropout and s.rebuild_adapter_inputs and not checkpointing
     if per_layer_adapters and not keeps_cast:
-        block += tokens * ((0 if rebuilt and c == 4 else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
+        block += tokens * ((0 if rebuilt and s.fuse_rmsnorm else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u
-    # per input (or shared-input group): the cast copy at l without dropout, the 1-byte keep mask with it
+    # per input (or shared-input group): the cast copy at l without dropout, the keep mask (1 bit a value) with it
     widths = input_copies(per_layer_adapters, s.fuse_lora)
-    adapters += sum(int(keeps_cast) * width * lb + int(dropout) * width for width in widths)
+    adapters += sum(int(keeps_cast) * width * lb * 8 + int(dropout) * width for width in widths) // 8
     block += tokens * adapters // max(1, shape.num_layers)
     if s.fuse_lora:  # each fused group's stacked [A_1; ...; A_k] (the product's weight), per block
         block += (sum(lin.in_features * s.lora_r for lin in per_layer_adapters)

@@ -56,7 +56,7 @@ from qlorakit.optim import lr_at, make_optimizer
 from qlorakit.parallel import Replicas, current, run_fingerprint
 from qlorakit.parallel.fsdp import Consolidated, FsdpRun, shard_for_training
 from qlorakit.parallel.fsdp_load import gathering
-from qlorakit.train import allocator, full, rewrites
+from qlorakit.train import allocator, arena, full, rewrites
 from qlorakit.train.checkpoint import (
     TrainerState,
     check_free_space,
@@ -260,6 +260,7 @@ def train(
                 step(run, bar)
                 if run.stopping:  # step() has written the checkpoint
                     break
+        arena.trim()  # the steps' freed blocks go back to the OS before the summary, plot and exports allocate
         if run.stopping and state.step < run.last_step:
             run.result.stopped_by = run.stopped_by
         run.log.close()  # the trackers' runs end (metrics.jsonl is flushed row by row)

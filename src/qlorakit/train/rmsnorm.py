@@ -15,8 +15,23 @@ is fresh pages (``train.allocator``), so this saves page faults as much as arith
 ``r`` comes from ``torch.linalg.vector_norm`` instead of ``pow(2).mean``, and the gradient is formed in
 one expression instead of two summed paths: fp32 rounding differs, so ``tests/train/test_rmsnorm.py``
 holds outputs and gradients to the module's within a normwise relative 1e-6 (a whole model's LoRA
-gradients within 1e-5). fp32 only (inputs and
-weight); other dtypes keep the module's forward, whose casts this does not reproduce.
+gradients within 1e-5).
+
+16-bit inputs (bf16, fp16) with the fp32 weight qlorakit keeps, where the loader's hook casts the norm's output
+back to the input dtype (``models.build.keep_norm_outputs_in_input_dtype``): the module computes
+
+    x32 = float(x),  n = c(x32 * rsqrt(mean(x32^2) + eps)),  y = c(w * float(n))     (c: round to x's dtype)
+
+and autograd keeps ``x32``, the fp32 upcast (4 bytes a value, the block's largest saved tensor but the MLP's).
+``_RMSNorm16`` runs the very same ops in forward (``normalize_16bit``: the output is bit-identical) and keeps
+``x`` as it came (2 bytes a value; ``float(x)`` is exact, so backward rebuilds ``x32``) and ``r``. Backward is
+the fp32 formula above on ``g32 = float(g)`` with ``w g32`` rounded to ``c`` once, where the module's autograd
+rounds it (the gradient of ``n``); ``dL/dx`` is rounded to ``c`` at the end. The module rounds at the same two
+points but sums two fp32 paths into ``x``: tests hold the two within 16-bit rounding and the fused one no
+further from an fp64 evaluation than the module. The output is offered to ``train.rebuild`` like the fp32
+one's, so the q/k/v and gate/up adapters' shared inputs are rebuilt in backward instead of kept (2 of the 3
+``(B, T, d)`` 16-bit inputs a block's dropout paths would keep). Other dtypes, or a norm without that hook,
+keep the module's forward.
 
 ``fused_rmsnorm(model)`` sets this forward on every module whose class is in ``RMSNORMS`` and restores
 the class's forward on the way out.
@@ -31,6 +46,7 @@ import torch
 from torch import nn
 
 from qlorakit.constants import RMSNORMS
+from qlorakit.models.build import output_in_input_dtype
 from qlorakit.train import rebuild
 from qlorakit.train.patching import patched_forwards
 
@@ -73,15 +89,64 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
+def _scale_16bit(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    """``r = rsqrt(mean(x32^2) + eps)`` with the module's ops (``pow``, ``mean``): (..., H) fp32 -> (..., 1)."""
+    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def normalize_16bit(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The module's 16-bit forward plus the loader's output cast, op for op (bit-identical; module docstring):
+    x (..., H) bf16/fp16, weight (H,) fp32 -> (..., H) in x's dtype."""
+    x32 = x.to(torch.float32)  # (..., H)
+    n = (x32 * _scale_16bit(x32, eps)).to(x.dtype)  # (..., H)
+    return (weight * n).to(x.dtype)
+
+
+class _RMSNorm16(torch.autograd.Function):
+    """``normalize_16bit`` keeping ``x`` in its own dtype and ``r``; see the module docstring for the math."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x: (..., H) 16-bit
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return normalize_16bit(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # grad: (..., H) in x's dtype
+        x, weight = ctx.saved_tensors
+        x32 = x.to(torch.float32)  # (..., H), exact
+        r = _scale_16bit(x32, ctx.eps)  # (..., 1)
+        g32 = grad.to(torch.float32)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g32 * (x32 * r).to(x.dtype)).reshape(-1, x.shape[-1]).sum(0)  # (H,): sum g * n
+        if not ctx.needs_input_grad[0]:
+            return None, grad_w, None
+        wg = (g32 * weight).to(x.dtype).to(torch.float32)  # (..., H): dL/dn, rounded where autograd rounds it
+        coef = (wg * x32).sum(-1, keepdim=True).mul_(r.pow(3)).div_(x.shape[-1])  # (..., 1): r^3 sum(wg x) / H
+        return wg.mul_(r).sub_(x32.mul_(coef)).to(x.dtype), grad_w, None
+
+
+def _hooked_to_input_dtype(norm: nn.Module) -> bool:
+    return any(hook is output_in_input_dtype for hook in norm._forward_hooks.values())
+
+
 def _fused_forward(norm: nn.Module):
     reference = type(norm).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # x: (..., H)
-        if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        w, eps = norm.weight, norm.variance_epsilon
+        if w.dtype != torch.float32:
             return reference(norm, x)
-        out = rms_norm(x, norm.weight, norm.variance_epsilon)  # (..., H)
-        rebuild.offer(out, normalize, x, norm.weight, norm.variance_epsilon)  # inside a block: rebuilt if saved
-        return out
+        if x.dtype == torch.float32:
+            out = rms_norm(x, w, eps)  # (..., H)
+            rebuild.offer(out, normalize, x, w, eps)  # inside a block: rebuilt if saved
+            return out
+        if x.dtype in (torch.bfloat16, torch.float16) and _hooked_to_input_dtype(norm):
+            out = _RMSNorm16.apply(x, w, eps)  # (..., H) in x's dtype; the hook's cast returns it as it is
+            rebuild.offer(out, normalize_16bit, x, w, eps)
+            return out
+        return reference(norm, x)
 
     return forward
 
