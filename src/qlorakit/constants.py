@@ -42,8 +42,9 @@ FINETUNE_MODES = (FINETUNE_LORA, FINETUNE_FULL)
 #: Where DPO's reference log-probabilities come from (``ObjectiveConfig.dpo_reference``).
 DPO_REFERENCES = ("auto", "cached", "same-step")
 
-#: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``).
-LOSS_CHUNK_TOKENS = 256
+#: Target tokens per chunk of the chunked head + cross-entropy (``MemoryConfig.loss_chunk_tokens``). 128 was the
+#: fastest of 256 / 128 / 64 on a 2-core Xeon, bf16 and fp32, and the leaner: ``benchmarks/loss_chunk.py``.
+LOSS_CHUNK_TOKENS = 128
 
 #: What ``qlorakit train``'s default memory budget leaves free of the available memory (``hardware.available_memory``):
 #: this fraction of it, and at least ``MEMORY_BUDGET_MARGIN_MIN_BYTES`` (the planner's stated error is ~15%).
