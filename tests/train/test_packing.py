@@ -240,7 +240,7 @@ def test_a_bucketed_span_gives_the_spans_outputs_and_gradients(at_row_end):
     weight = torch.randn(1, e - s, 6, 16, dtype=torch.float64)
     outs, grads = [], []
     for bucket in (False, True):
-        out = _span(Attn(), *qkv, 0, s, e, bucket, scaling=0.25, dropout=0.0)
+        out, _ = _span(Attn(), *qkv, 0, s, e, bucket, scaling=0.25, dropout=0.0)
         (out * weight).sum().backward()
         outs.append(out.detach())
         grads.append([t.grad.clone() for t in qkv])

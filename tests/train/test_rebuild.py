@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlorakit.config import LoraConfig, MemoryConfig, RunConfig
+from qlorakit.config import DataConfig, LoraConfig, MemoryConfig, RunConfig
 from qlorakit.lora.model import lora_layers
 from qlorakit.train import rebuild, rewrites
 from tests.helpers.train import tiny_qlora_model
@@ -18,21 +18,22 @@ from tests.helpers.train import tiny_qlora_model
 VOCAB = 96
 
 
-def _loss_and_grads(model, ids: torch.Tensor, cfg: RunConfig, seed: int = 5):
+def _loss_and_grads(model, ids: torch.Tensor, cfg: RunConfig, seed: int = 5, **inputs):
     model.zero_grad(set_to_none=True)
     model.train()
     with rewrites.apply(model, cfg) as applied:
         torch.manual_seed(seed)  # the same dropout masks in both runs
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, **inputs).loss
         loss.backward()
         record = next(r for r in applied.records if r["name"] == "rebuild_adapter_inputs")
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, record
 
 
-def _cfg(rebuilt: bool, checkpointing: bool = False) -> RunConfig:
+def _cfg(rebuilt: bool, checkpointing: bool = False, packing: bool = False) -> RunConfig:
     memory = MemoryConfig(gradient_checkpointing=checkpointing, rebuild_adapter_inputs=rebuilt,
                           malloc_mmap_threshold_kib=0)
-    return RunConfig(model="tiny", lora=LoraConfig(r=4, alpha=8, dropout=0.3), memory=memory)
+    return RunConfig(model="tiny", lora=LoraConfig(r=4, alpha=8, dropout=0.3), memory=memory,
+                     data=DataConfig(packing=packing))
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_rebuilt_adapter_inputs_give_bit_identical_loss_and_lora_gradients(model
     assert all("forward" not in vars(layer) for layer in rebuild.decoder_layers(model))  # undone on exit
 
 
-def test_rebuild_is_off_under_checkpointing_and_leaves_dropout_free_adapters_alone(monkeypatch):
+def test_rebuild_is_off_under_checkpointing_and_rebuilds_the_views_dropout_free_adapters_keep(monkeypatch):
     model = tiny_qlora_model(VOCAB, LoraConfig(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():
         for layer in lora_layers(model).values():
@@ -79,7 +80,8 @@ def test_rebuild_is_off_under_checkpointing_and_leaves_dropout_free_adapters_alo
     loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(False))
     rebuilt = _record_rebuilds(monkeypatch)
     loss, grads, _ = _loss_and_grads(model, ids, _cfg(True))
-    assert sum(rebuilt) == 0  # no dropout: the A matmul saves a 2-D view of its input, not the offered tensor
+    names = [n for n in rebuilt if n]  # no dropout: the A matmul saves a 2-D view of its input, rebuilt as that view
+    assert names.count("silu_mul_value") == 2 and names.count("normalize") >= 2 * 2 and len(set(names)) == 2
     assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads_ref)
 
 
@@ -134,3 +136,31 @@ def test_bf16_compute_rebuilds_the_swiglu_product_and_the_loaders_norm_outputs_b
     per_block = ["normalize_16bit", "normalize_16bit", "silu_mul_value"] if fp32_norms else ["silu_mul_value"]
     assert sorted(n for n in rebuilt if n) == sorted(per_block * 2)  # q/k/v's and gate/up's inputs, down_proj's
     assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rows_rebuild_the_attention_output_from_what_sdpa_keeps_bit_identically(monkeypatch, dtype):
+    """With packing (train.varlen) o_proj's adapter input, a copy of the kernels' kept outputs, is offered: each
+    block rebuilds it (``stitch``) once, for rows of several spans and for a batch of one span each, and the loss
+    and every LoRA gradient stay bit-identical; the rebuilt tensor is the reshaped view o_proj got."""
+    from qlorakit.train import varlen
+
+    model = tiny_qlora_model(VOCAB, LoraConfig(r=4, alpha=8, dropout=0.3))
+    model.to(dtype)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.normal_(std=0.2)
+            for p in layer.lora_A["default"].parameters():
+                p.data = p.data.float()
+            layer.lora_B["default"].weight.data = layer.lora_B["default"].weight.data.float()
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    two_spans = torch.tensor([list(range(6)) + list(range(7)), list(range(13))])
+    for positions, spans in ((two_spans, 3), (torch.arange(13).expand(2, 13), 1)):
+        loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(False, packing=True), position_ids=positions)
+        rebuilt, shapes = _record_rebuilds(monkeypatch), []
+        stitch = varlen.stitch
+        monkeypatch.setattr(varlen, "stitch", lambda rows: shapes.append(sum(len(r) for r in rows)) or stitch(rows))
+        loss, grads, _ = _loss_and_grads(model, ids, _cfg(True, packing=True), position_ids=positions)
+        assert [n for n in rebuilt if n].count("<lambda>") == 2 and shapes == [spans, spans]  # one per block
+        assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)
+        monkeypatch.undo()

@@ -23,8 +23,8 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   SiLU(gate), up; ``2f`` with the trainer's default ``recompute_swiglu``, which recomputes SiLU(gate) in
   backward), plus the adapter inputs no other op keeps, both norm outputs and the SwiGLU product
   (``2d + f`` at ``c``) unless, without dropout, a cast to the adapter dtype replaces them (its copy at ``l``
-  when ``l != c``) or, with dropout and no checkpointing, ``train.rebuild`` rebuilds them in backward (the
-  norm outputs with the fused RMSNorm); ``r`` at ``l`` per adapter; with dropout a keep mask of 1 bit a value
+  when ``l != c``) or, without checkpointing, ``train.rebuild`` rebuilds them (or the 2-D views of them that
+  the A matmul keeps without dropout) in backward (the norm outputs with the fused RMSNorm); ``r`` at ``l`` per adapter; with dropout a keep mask of 1 bit a value
   per input (one per shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast
   and packs the mask 8 values to a byte). Without
   checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one block being recomputed
@@ -447,7 +447,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     # rebuilds them in backward instead: the norm outputs with the fused RMSNorm (which offers them), the product
     # with recompute_swiglu
     keeps_cast = cast and not dropout
-    rebuilt = dropout and s.rebuild_adapter_inputs and not checkpointing
+    rebuilt = s.rebuild_adapter_inputs and not checkpointing and not keeps_cast  # the input itself or a view of it
     if per_layer_adapters and not keeps_cast:
         block += tokens * ((0 if rebuilt and s.fuse_rmsnorm else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u

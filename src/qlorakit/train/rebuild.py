@@ -10,16 +10,19 @@ its adapters alone, tensors that no other op keeps:
                                                                       keeps both)
 
 Inside a decoder block (``rebuild_adapter_inputs(model)`` wraps each block's forward), the fused RMSNorm
-(``train.rmsnorm``) and the SwiGLU product (``train.recompute``) ``offer`` their output with the function
-and arguments that made it; a ``torch.autograd.graph.saved_tensors_hooks`` pair then packs any saved tensor
-that *is* an offered output (the same tensor object, still alive: looked up by storage, offset, shape,
-strides and dtype, then checked by identity, since a freed output's address can hold another tensor of its
-shape) as that recipe, and unpacking in
-backward runs the recipe again (no grad). The recipes are the very functions the forwards run (one
-formula each, ``rmsnorm.normalize``, ``recompute.silu_mul_value``), so the rebuilt tensor is bit-identical
-and so are all gradients (``tests/train/test_rebuild.py``). Saved per block: ``2 d + f`` values of the
-compute dtype (SmolLM2, 2 x 512 tokens, fp32: 10.5 MiB of 37); cost: two RMSNorms and one SiLU-product per
-block in backward, elementwise.
+(``train.rmsnorm``), the SwiGLU product (``train.recompute``) and the packed rows' attention output
+(``train.varlen``: o_proj's input, a copy of what SDPA keeps) ``offer`` their output with the function and
+arguments that made it; a ``torch.autograd.graph.saved_tensors_hooks`` pair then packs any saved tensor that
+is an offered output, or a view of one (the attention output reaches o_proj reshaped), as that recipe, and
+unpacking in backward runs the recipe again (no grad) and takes the same view of it. A saved tensor matches
+an offer when it lies inside the offered output's memory; the block holds its offered outputs until its
+forward ends, so that memory cannot hold another tensor meanwhile (a view can outlive the Python object of
+its base, so a weak reference would not do), and lets them go then. The recipes are the very functions the
+forwards run (one formula each, ``rmsnorm.normalize``, ``recompute.silu_mul_value``; the attention output
+is a pure copy), so the rebuilt tensor is bit-identical and so are all gradients
+(``tests/train/test_rebuild.py``). Saved per block: ``2 d + f`` values of the compute dtype, and ``d`` more
+with packed rows (SmolLM2, 2 x 512 tokens, fp32: 10.5 + 2.25 MiB of 37); cost: two RMSNorms and one
+SiLU-product per block in backward, elementwise, and one copy.
 
 Only the lean dropout path (``lora.dropout``, a training ``nn.Dropout``) saves the offered tensor itself; without
 dropout the A matmul saves a 2-D view of its input, which is not matched (kept as before). Only without
@@ -30,7 +33,6 @@ The recipes hold their arguments (tensors other ops keep for backward) as long a
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -41,52 +43,72 @@ from torch import nn
 from qlorakit.train import allocator
 from qlorakit.train.patching import patched_forwards
 
-#: The recipes of the decoder block being run: key of an offered output -> (the output, weakly; function, arguments).
-_active: list[dict[tuple, tuple[weakref.ref, Callable[..., torch.Tensor], tuple[Any, ...]]]] = []
-
-
-def _key(t: torch.Tensor) -> tuple:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+#: The offers of the decoder block being run: storage address -> [(the output, function, arguments)].
+_Offers = dict[int, list[tuple[torch.Tensor, Callable[..., torch.Tensor], tuple[Any, ...]]]]
+_active: list[_Offers] = []
 
 
 def offer(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> None:
-    """``out`` equals ``fn(*args)`` (bit for bit): if backward would keep it, keep the recipe instead.
-    A no-op outside ``rebuild_adapter_inputs``' blocks and when nothing records a graph."""
-    if _active and torch.is_grad_enabled():
-        _active[-1][_key(out)] = (weakref.ref(out), fn, args)
+    """``out`` equals ``fn(*args)`` (bit for bit, same shape and strides): if backward would keep it, or a view
+    of it, keep the recipe instead. A no-op outside ``rebuild_adapter_inputs``' blocks and when nothing records
+    a graph."""
+    if _active and torch.is_grad_enabled() and out.numel():
+        _active[-1].setdefault(out.untyped_storage().data_ptr(), []).append((out, fn, args))
 
 
 class _Recipe:
-    __slots__ = ("fn", "args")
+    __slots__ = ("fn", "args", "view")
 
-    def __init__(self, fn: Callable[..., torch.Tensor], args: tuple[Any, ...]) -> None:
-        self.fn, self.args = fn, args
+    def __init__(self, fn: Callable[..., torch.Tensor], args: tuple[Any, ...], view: tuple | None) -> None:
+        self.fn, self.args, self.view = fn, args, view  # view: (shape, strides, offset from the output's)
 
 
 def _unpack(packed: Any) -> torch.Tensor:
-    if isinstance(packed, _Recipe):
-        with torch.no_grad():
-            return packed.fn(*packed.args)
-    return packed
+    if not isinstance(packed, _Recipe):
+        return packed
+    with torch.no_grad():
+        out = packed.fn(*packed.args)
+    if packed.view is None:
+        return out
+    shape, strides, delta = packed.view
+    return out.as_strided(shape, strides, out.storage_offset() + delta)
+
+
+def _inside(t: torch.Tensor, out: torch.Tensor) -> bool:
+    """Every element of ``t`` lies in ``out``'s memory (same storage, dtype; ``out`` contiguous)."""
+    if t.dtype != out.dtype or not out.is_contiguous():
+        return False
+    first = t.storage_offset() - out.storage_offset()
+    last = first + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True))
+    return 0 <= first and last < out.numel() and min(t.stride(), default=1) >= 0
+
+
+def _match(offers: _Offers, t: torch.Tensor) -> _Recipe | None:
+    if not t.numel():
+        return None
+    for out, fn, args in offers.get(t.untyped_storage().data_ptr(), ()):
+        if out is t:
+            return _Recipe(fn, args, None)
+        if _inside(t, out):
+            return _Recipe(fn, args, (tuple(t.shape), t.stride(), t.storage_offset() - out.storage_offset()))
+    return None
 
 
 @contextmanager
 def _block_scope() -> Iterator[None]:
-    recipes: dict[tuple, tuple[weakref.ref, Callable[..., torch.Tensor], tuple[Any, ...]]] = {}
+    offers: _Offers = {}
 
     def pack(t: torch.Tensor) -> Any:
-        entry = recipes.get(_key(t)) if recipes else None
-        # the very tensor offered, still alive: a freed output's address may hold another tensor of its shape
-        if entry is None or entry[0]() is not t:
-            return t
-        return _Recipe(entry[1], entry[2])
+        recipe = _match(offers, t) if offers else None
+        return t if recipe is None else recipe
 
-    _active.append(recipes)
+    _active.append(offers)
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             yield
     finally:
-        _active.pop()
+        _active.pop()  # the block's offered outputs are let go
+        offers.clear()
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
