@@ -219,7 +219,8 @@ def run_ours_cli(args: argparse.Namespace, data: dict[str, Any], model_dir: str)
         argv = ["train", "--model", model_dir, "--data", data["data_path"], "--output-dir", run_dir, "--overwrite",
                 "--max-steps", str(args.steps), "--batch-size", str(args.batch_size), "--grad-accum",
                 str(args.grad_accum), "--max-seq-len", str(args.seq_len), "--lora-r", str(RANK), "--lora-alpha",
-                str(ALPHA), "--warmup-ratio", "0", "--compute-dtype", args.dtype, "--no-progress"]  # fmt: skip
+                str(ALPHA), "--lora-dropout", str(args.lora_dropout), "--warmup-ratio", "0", "--compute-dtype",
+                args.dtype, "--no-progress"]  # fmt: skip
         if args.ours_memory_budget:
             argv += ["--memory-budget", args.ours_memory_budget]
         if args.ours_no_packing:  # a labelled check (the peer's batches, so the loss curves compare), not the default
