@@ -331,6 +331,14 @@ class OptimConfig:
                   "betas in [0, 1), eps > 0")
 
 
+def checkpointed_blocks(enabled: bool, count: int, num_layers: int) -> int:
+    """How many of ``num_layers`` decoder blocks recompute in backward: none without checkpointing, else the first
+    ``count`` (``MemoryConfig.checkpoint_blocks``; 0, or more than there are, means all)."""
+    if not enabled:
+        return 0
+    return num_layers if count <= 0 else min(count, num_layers)
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     """Memory and speed choices inside a step. Each has a reference path and a test holding it to it; each
@@ -338,6 +346,8 @@ class MemoryConfig:
     checkpointing on."""
 
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
+    checkpoint_blocks: int = opt(0, "with gradient_checkpointing: how many decoder blocks recompute, the first ones "
+                                 "(0 = every block); the others keep their activations (faster, more memory)")
     loss_chunk_tokens: int = opt(LOSS_CHUNK_TOKENS, "target tokens per chunk of the head + cross-entropy, which "
                                  "never holds all logits at once (0 = full logits, the reference)")
     fuse_lora: bool = opt(True, "one LoRA down-projection for projections that share an input (q/k/v, gate/up); "
@@ -374,6 +384,7 @@ class MemoryConfig:
                      "rebuild_adapter_inputs", "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim",
                      "malloc_trim_blocks", "arena")
         _int_field(self, "loss_chunk_tokens", 0)
+        _int_field(self, "checkpoint_blocks", 0)
         _int_field(self, "malloc_mmap_threshold_kib", 0)
         if not isinstance(self.memory_budget, str):
             _fail("MemoryConfig", "memory_budget", self.memory_budget, "a size such as 8GB or 6GiB, or ''")

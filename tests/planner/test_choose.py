@@ -48,18 +48,51 @@ def test_one_byte_less_gives_up_the_cheapest_speedup_first():
     assert _values(got) == {**FASTEST, "loss_chunk": KNOBS["loss_chunk"][1]}  # the last-ranked knob gives way
 
 
-def test_a_budget_that_only_fits_checkpointing_turns_it_on_with_the_fastest_allocator_that_fits():
-    """Checkpointing ranks first: every allocator is tried without it before it is turned on."""
+def _fits_somehow(budget: int, checkpointing) -> bool:
+    """Some allocator / optimizer / loss chunk fits ``budget`` with this checkpointing value."""
+    return any(_peak(gradient_checkpointing=checkpointing, allocator=a, optim=o, loss_chunk=c) <= budget
+               for a in KNOBS["allocator"] for o in KNOBS["optim"] for c in KNOBS["loss_chunk"])  # fmt: skip
+
+
+def test_a_budget_just_under_no_checkpointing_recomputes_the_fewest_blocks_that_fit():
+    """Checkpointing ranks first and comes in steps: every allocator is tried without it, then with the first
+    block recomputing, the first two, ... (memory.checkpoint_blocks), before every block."""
+    layers = SHAPE.num_layers
     lean_rest = {"optim": "paged_adamw", "loss_chunk": KNOBS["loss_chunk"][1]}
     leanest_off = min(_peak(gradient_checkpointing=False, allocator=a, **lean_rest) for a in KNOBS["allocator"])
-    got = choose(SHAPE, BASE, leanest_off - 1)
-    assert got.settings.gradient_checkpointing is True
-    first_fit = next(a for a in KNOBS["allocator"]
-                     if any(_peak(gradient_checkpointing=True, allocator=a, optim=o, loss_chunk=c) < leanest_off
-                            for o in KNOBS["optim"] for c in KNOBS["loss_chunk"]))  # fmt: skip
-    assert _values(got)["allocator"] == first_fit
-    reason = next(c.reason for c in got.choices if c.knob == "gradient_checkpointing")
-    assert "does not fit" in reason
+    for budget in (leanest_off - 1, (leanest_off + _peak(gradient_checkpointing=True, **lean_rest)) // 2):
+        got = choose(SHAPE, BASE, budget)
+        blocks = got.settings.checkpoint_blocks
+        assert got.settings.gradient_checkpointing is True and 1 <= blocks < layers and got.plan.fits
+        assert not _fits_somehow(budget, False) and not _fits_somehow(budget, blocks - 1 or False)
+        assert _values(got)["gradient_checkpointing"] == blocks
+        reason = next(c.reason for c in got.choices if c.knob == "gradient_checkpointing")
+        assert f"the first {blocks} of {layers} blocks" in reason
+    assert choose(SHAPE, BASE, leanest_off - 1).settings.checkpoint_blocks < blocks  # a smaller budget: more blocks
+
+
+def test_the_tightest_budget_recomputes_all_blocks_but_the_last_which_is_as_lean_as_all():
+    """The last block's recompute would run first in backward, with every other block's input still kept: its own
+    saved tensors cost no more, so recomputing every block is never leaner than all but the last."""
+    layers = SHAPE.num_layers
+    lean = {"allocator": "fixed", "optim": "paged_adamw", "loss_chunk": KNOBS["loss_chunk"][1]}
+    assert _peak(gradient_checkpointing=layers - 1, **lean) <= _peak(gradient_checkpointing=True, **lean)
+    budget = _peak(gradient_checkpointing=layers - 1, **lean)
+    got = choose(SHAPE, BASE, budget, unavailable=NO_ARENA)
+    assert got.settings.checkpoint_blocks == layers - 1 and got.plan.fits
+    with pytest.raises(PlanDoesNotFitError, match=f"gradient_checkpointing = {layers - 1}"):
+        choose(SHAPE, BASE, budget - 1, unavailable=NO_ARENA)
+
+
+def test_partial_checkpointing_plans_lie_between_none_and_all_and_fall_with_each_block():
+    peaks = [_peak(gradient_checkpointing=k) for k in (False, *range(1, SHAPE.num_layers), True)]
+    assert all(later < earlier for earlier, later in zip(peaks[:-2], peaks[1:-1], strict=True))
+    assert peaks[-1] <= peaks[-2] + 2 * SHAPE.hidden_size * 512 * 4  # all blocks ~ all but one (one block input)
+    settings = with_knob(BASE, "gradient_checkpointing", 7)
+    assert (settings.gradient_checkpointing, settings.checkpoint_blocks) == (True, 7)
+    assert explicit_knobs({"memory.checkpoint_blocks"}) == {"gradient_checkpointing"}
+    memory = apply_choices(RunConfig(model="7b"), settings).memory
+    assert (memory.gradient_checkpointing, memory.checkpoint_blocks) == (True, 7)
 
 
 NO_ARENA = {("allocator", "arena"): "no C++ compiler"}  # a machine where the arena cannot be built

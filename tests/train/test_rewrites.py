@@ -61,6 +61,27 @@ def test_apply_rewrites_the_model_and_exit_restores_it(smol_tokenizer, tmp_path)
     assert _snapshot(model) == before
 
 
+def test_checkpoint_blocks_recompute_the_first_blocks_and_the_others_rebuild(smol_tokenizer, tmp_path):
+    from qlorakit.train.rebuild import decoder_layers
+
+    cfg = run_config(tmp_path / "data.jsonl", tmp_path / "run", gradient_checkpointing=True, checkpoint_blocks=1)
+    model = tiny_qlora_model(len(smol_tokenizer), cfg.lora)
+    before = _snapshot(model)
+    layers = decoder_layers(model)
+    with rewrites.apply(model, cfg) as applied:
+        assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+        assert ["forward" in vars(layer) for layer in layers] == [False, True]  # the rebuild scope: block 2 only
+        records = {r["name"]: r["applied"] for r in applied.records}
+        assert records["gradient_checkpointing"] == "on for the first 1 of 2 blocks"
+        assert records["rebuild_adapter_inputs"] == "1 blocks"
+    assert _snapshot(model) == before
+    every = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, checkpoint_blocks=5))  # more: all
+    with rewrites.apply(model, every) as applied:
+        assert [layer.gradient_checkpointing for layer in layers] == [True, True]
+        records = {r["name"]: r["applied"] for r in applied.records}
+        assert records["gradient_checkpointing"] == "on" and records["rebuild_adapter_inputs"] == "off (checkpointing on)"
+
+
 def test_apply_undoes_what_it_did_when_a_row_fails(smol_tokenizer, tmp_path, monkeypatch):
     cfg = run_config(tmp_path / "data.jsonl", tmp_path / "run", gradient_checkpointing=True)
     model = tiny_qlora_model(len(smol_tokenizer), cfg.lora)

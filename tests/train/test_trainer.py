@@ -99,14 +99,17 @@ def test_resume_continues_the_exact_loss_sequence_across_an_epoch_boundary(
 def test_gradient_checkpointing_recomputes_the_same_losses(smol_tokenizer, small_oasst, tmp_path):
     # Recomputation in backward replays the saved RNG state, so even the LoRA dropout masks (p = 0.1) repeat:
     # checkpointing must not change any step's loss beyond fp32 rounding.
+    # The same with only the first of the two blocks recomputing (memory.checkpoint_blocks).
     runs = {}
-    for ckpt in (False, True):
-        cfg = run_config(small_oasst, tmp_path / str(ckpt), max_steps=3, gradient_checkpointing=ckpt)
+    for ckpt, blocks in ((False, 0), (True, 0), (True, 1)):
+        run_dir = tmp_path / f"{ckpt}-{blocks}"
+        cfg = run_config(small_oasst, run_dir, max_steps=3, gradient_checkpointing=ckpt, checkpoint_blocks=blocks)
         model, train_set, val_set, collate = _setup(cfg, smol_tokenizer)
         seen: list[bool] = []  # checkpointing as the run had it (train.rewrites switches it off again on exit)
-        train(model, train_set, val_set, collate, cfg, tmp_path / str(ckpt), progress=False,
+        train(model, train_set, val_set, collate, cfg, run_dir, progress=False,
               evaluator=lambda m, seen=seen: seen.append(m.is_activation_checkpointing) or {})
         assert seen == [ckpt] and not model.is_activation_checkpointing
-        runs[ckpt] = _losses(tmp_path / str(ckpt))
-    assert len(runs[True]) == 3
-    assert runs[True] == pytest.approx(runs[False], rel=1e-6, abs=0)
+        runs[ckpt, blocks] = _losses(run_dir)
+    assert len(runs[True, 0]) == 3
+    assert runs[True, 0] == pytest.approx(runs[False, 0], rel=1e-6, abs=0)
+    assert runs[True, 1] == pytest.approx(runs[False, 0], rel=1e-6, abs=0)

@@ -52,6 +52,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=True,
                    help="gradient checkpointing (the default)")
     p.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false", help="no gradient checkpointing")
+    p.add_argument("--checkpoint-blocks", type=int, default=0, metavar="N",
+                   help="with checkpointing: only the first N decoder blocks recompute (default: 0 = all)")
     p.add_argument("--device", choices=("gpu", "cpu"), default="gpu", help="plan for a GPU or the CPU (default: gpu)")
     p.add_argument("--compute-dtype", choices=("auto",) + COMPUTE_DTYPES, default="auto",
                    help="auto = bfloat16 on a GPU, float32 on the CPU")
@@ -97,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     settings = PlanSettings(
         seq_len=args.seq, batch_size=args.batch, lora_r=args.r, lora_dropout=args.lora_dropout, optim=args.optim,
         lora_dora=args.lora_dora,
-        optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt, device=args.device,
+        optim_budget_mib=args.optim_budget, gradient_checkpointing=args.grad_ckpt,
+        checkpoint_blocks=args.checkpoint_blocks, device=args.device,
         compute_dtype=args.compute_dtype, lora_dtype=args.lora_dtype, loss_chunk=args.loss_chunk,
         mmap_threshold_kib=args.malloc_mmap_threshold_kib, recompute_swiglu=args.recompute_swiglu,
         quant=QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=not args.no_double_quant),

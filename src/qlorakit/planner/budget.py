@@ -27,7 +27,7 @@ from qlorakit.planner.shapes import ModelShape, model_shape
 KNOB_FIELDS: dict[str, tuple[str, ...]] = {
     "allocator": ("memory.malloc_mmap_threshold_kib", "memory.malloc_trim", "memory.malloc_trim_blocks",
                   "memory.arena"),
-    "gradient_checkpointing": ("memory.gradient_checkpointing",),
+    "gradient_checkpointing": ("memory.gradient_checkpointing", "memory.checkpoint_blocks"),
     "optim": ("optim.optim", "optim.optim_budget"),
     "loss_chunk": ("memory.loss_chunk_tokens",),
 }
@@ -47,7 +47,8 @@ def settings_for(cfg: RunConfig, device: str = "cpu") -> PlanSettings:
     return PlanSettings(
         seq_len=cfg.data.seq_limit, batch_size=cfg.train.batch_size, lora_r=cfg.lora.r,
         lora_dropout=cfg.lora.dropout, optim=cfg.optim.optim, optim_budget_mib=cfg.optim.optim_budget,
-        gradient_checkpointing=m.gradient_checkpointing, device="gpu" if device.startswith("cuda") else "cpu",
+        gradient_checkpointing=m.gradient_checkpointing, checkpoint_blocks=m.checkpoint_blocks,
+        device="gpu" if device.startswith("cuda") else "cpu",
         compute_dtype=cfg.train.compute_dtype if cfg.train.compute_dtype != "auto" else _auto_dtype(device),
         loss_chunk=m.loss_chunk_tokens, mmap_threshold_kib=m.malloc_mmap_threshold_kib, malloc_trim=m.malloc_trim,
         recompute_swiglu=m.recompute_swiglu, fuse_lora=m.fuse_lora, quant=cfg.quant, grad_accum=cfg.train.grad_accum,
@@ -70,7 +71,7 @@ def explicit_knobs(given: Collection[str]) -> set[str]:
 def apply_choices(cfg: RunConfig, settings: PlanSettings) -> RunConfig:
     """``cfg`` with the planner's knob values of ``settings`` written into its memory and optim sections."""
     memory = dataclasses.replace(cfg.memory, gradient_checkpointing=settings.gradient_checkpointing,
-                                 loss_chunk_tokens=settings.loss_chunk, malloc_trim=settings.malloc_trim,
+                                 checkpoint_blocks=settings.checkpoint_blocks, loss_chunk_tokens=settings.loss_chunk, malloc_trim=settings.malloc_trim,
                                  malloc_mmap_threshold_kib=settings.mmap_threshold_kib,
                                  malloc_trim_blocks=settings.malloc_trim_blocks, arena=settings.arena)  # fmt: skip
     optim = dataclasses.replace(cfg.optim, optim=settings.optim, optim_budget=settings.optim_budget_mib)

@@ -3,7 +3,10 @@
 A pure function of the model's shape, the run's settings, the budget and which settings the user gave
 explicitly: ``choose(shape, settings, budget_bytes, explicit)``. Four knobs, each listed fastest value first:
 
-- ``gradient_checkpointing``: off (each block's activations kept) before on (recomputed in backward);
+- ``gradient_checkpointing``: off (each block's activations kept), then the first ``k`` of the model's ``L``
+  decoder blocks recomputed in backward for ``k = 1 .. L - 1`` (``memory.checkpoint_blocks``; each costs about a
+  block's forward, ~1/L of the checkpointed step's recompute, and saves what a block keeps less its input),
+  then every block;
 - ``allocator``: ``arena`` (qlorakit's caching arena for the CPU tensors, ``train.arena``: freed blocks reused
   best fit, few page faults, nothing left to creep; offered only where it can be built), then ``dynamic``
   (glibc's own mmap threshold: freed buffers reused from the heap, which keeps
@@ -96,7 +99,10 @@ class Choices:
 
 
 def knob_value(settings: PlanSettings, knob: str) -> Any:
-    """The value of ``knob`` in ``settings``."""
+    """The value of ``knob`` in ``settings``; ``gradient_checkpointing`` is False, True (every block) or the
+    number of blocks that recompute."""
+    if knob == "gradient_checkpointing" and settings.gradient_checkpointing and settings.checkpoint_blocks > 0:
+        return settings.checkpoint_blocks
     if knob == "allocator":
         pair = (settings.mmap_threshold_kib, settings.malloc_trim, settings.malloc_trim_blocks, settings.arena)
         return next((name for name, value in ALLOCATORS.items() if value == pair), f"custom {pair}")
@@ -112,7 +118,17 @@ def with_knob(settings: PlanSettings, knob: str, value: Any) -> PlanSettings:
     if knob == "optim":
         budget = settings.optim_budget_mib if value.startswith("paged_") else 0
         return dataclasses.replace(settings, optim=value, optim_budget_mib=budget)
+    if knob == "gradient_checkpointing":  # False, True, or a number of blocks
+        blocks = value if value is not True and value is not False else 0
+        return dataclasses.replace(settings, gradient_checkpointing=value is not False, checkpoint_blocks=blocks)
     return dataclasses.replace(settings, **{knob: value})
+
+
+def knob_values(shape: ModelShape, knob: str) -> tuple[Any, ...]:
+    """``KNOBS[knob]``, with the partial checkpointing counts ``1 .. L - 1`` between off and on."""
+    if knob == "gradient_checkpointing":
+        return (False, *range(1, shape.num_layers), True)
+    return KNOBS[knob]
 
 
 def free_knobs(settings: PlanSettings, explicit: Collection[str]) -> list[str]:
@@ -128,25 +144,29 @@ def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explici
     unavailable = unavailable or {}
     free = free_knobs(settings, explicit)
     leanest: MemoryPlan | None = None
-    values_of = [tuple(v for v in KNOBS[k] if (k, v) not in unavailable) for k in free]
+    values_of = [tuple(v for v in knob_values(shape, k) if (k, v) not in unavailable) for k in free]
     for values in itertools.product(*values_of):
         candidate = settings
         for knob, value in zip(free, values, strict=True):
             candidate = with_knob(candidate, knob, value)
         result = plan(shape, candidate, budget_bytes)
         if result.fits:
-            return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit, unavailable))
+            return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit, unavailable,
+                                                                      shape.num_layers))
         leanest = result if leanest is None or result.total_bytes < leanest.total_bytes else leanest
     raise _does_not_fit(shape.name, leanest, free, explicit)
 
 
 def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str],
-             unavailable: Mapping[tuple[str, Any], str]) -> tuple[Choice, ...]:  # fmt: skip
+             unavailable: Mapping[tuple[str, Any], str], num_layers: int) -> tuple[Choice, ...]:  # fmt: skip
     out = []
     for knob in KNOBS:
         value = knob_value(chosen, knob)
         if knob in explicit:
             reason = "given explicitly"
+        elif knob == "gradient_checkpointing" and value is not True and value is not False:
+            reason = (f"the first {value} of {num_layers} blocks recompute: the fewest that fit the budget with the "
+                      "faster choices above")
         elif knob not in free:
             reason = f"left as given ({value} is not one of {KNOBS[knob]})"
         elif value == KNOBS[knob][0]:

@@ -86,7 +86,7 @@ from typing import Any
 
 import torch
 
-from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig
+from qlorakit.config import COMPUTE_DTYPES, MemoryConfig, QuantConfig, checkpointed_blocks
 from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, TRAIN_METHODS
 from qlorakit.errors import ConfigError
 from qlorakit.lora.fused import SHARED_INPUT_GROUPS
@@ -123,6 +123,7 @@ class PlanSettings:
     optim: str = "paged_adamw"
     optim_budget_mib: int = 0  # resident MiB of paged state; 0 = twice the largest paged tensor's state
     gradient_checkpointing: bool = True
+    checkpoint_blocks: int = 0  # with checkpointing: the first this many decoder blocks recompute (0 = all)
     device: str = "gpu"
     compute_dtype: str = "auto"  # auto: bfloat16 on a GPU, float32 on the CPU
     lora_dtype: str = "float32"  # qlorakit keeps adapters in fp32; the paper's script used bf16
@@ -150,7 +151,7 @@ class PlanSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 1")
-        for name in ("optim_budget_mib", "loss_chunk", "mmap_threshold_kib"):
+        for name in ("optim_budget_mib", "loss_chunk", "mmap_threshold_kib", "checkpoint_blocks"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"PlanSettings.{name} = {value!r}: must be an integer >= 0")
@@ -233,7 +234,9 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
     trained = full_tensors(shape) if s.full_finetune else [
         (lin.path, sh) for lin in adapted for sh in adapter_shapes(lin, s)]
     resident_optim, offloaded = optimizer_bytes(trained, s)
-    act_ckpt, act_full = activation_bytes(shape, s, True), activation_bytes(shape, s, False)
+    act_ckpt, act_full = activation_bytes(shape, s, shape.num_layers), activation_bytes(shape, s, 0)
+    checkpointed = checkpointed_blocks(s.gradient_checkpointing, s.checkpoint_blocks, shape.num_layers)
+    act = {0: act_full, shape.num_layers: act_ckpt}.get(checkpointed) or activation_bytes(shape, s, checkpointed)
     n_max = max((lin.numel for lin in quantized), default=0)
     parts = [
         Part("weights_4bit", sum(-(-lin.numel // 2) for lin in quantized), "packed 4-bit codes, two per byte")
@@ -248,8 +251,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
              f"{', DoRA magnitudes' if s.lora_dora else ''}) in {s.lora_dtype}"),
         Part("lora_grads", lora_values * lb, "their gradients"),
         Part("optimizer_state", resident_optim, _optim_note(s, offloaded)),
-        Part("activations", act_ckpt if s.gradient_checkpointing else act_full,
-             "saved for backward, " + ("checkpointing on" if s.gradient_checkpointing else "no checkpointing")),
+        Part("activations", act, "saved for backward, " + _checkpointing_note(checkpointed, shape.num_layers)),
         Part("logits", logits_bytes(shape, s), _logits_note(s)),
         Part("dequant_workspace", dequant_workspace_bytes(n_max, c, s.device), "one dequantize of the largest weight"),
     ]  # fmt: skip
@@ -428,8 +430,31 @@ def lora_input_bytes_per_layer(shape: ModelShape, s: PlanSettings) -> int:
     return tokens * sum((lin.in_features + s.lora_r) * lb for lin in adapted) // max(1, shape.num_layers)
 
 
-def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) -> int:
-    """Tensors saved for backward (see the module docstring), with or without gradient checkpointing."""
+def _checkpointing_note(checkpointed: int, num_layers: int) -> str:
+    if checkpointed == 0:
+        return "no checkpointing"
+    return "checkpointing on" if checkpointed == num_layers else f"checkpointing {checkpointed} of {num_layers} blocks"
+
+
+def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointed: int) -> int:
+    """Tensors saved for backward (see the module docstring) when the first ``checkpointed`` decoder blocks
+    recompute in backward (0: no checkpointing; ``num_layers``: every block)."""
+    c, L = DTYPE_BYTES[s.compute], shape.num_layers
+    rope = 2 * s.seq_len * shape.head_dim * c  # the cos / sin tables every block's RoPE keeps
+    if checkpointed <= 0:
+        return L * _block_bytes(shape, s, rebuilt_here=True) + rope
+    # each recomputing block keeps its input. The first ``checkpointed`` blocks recompute, so backward reaches
+    # them after the later blocks' activations are freed: the peak is the larger of the end of the forward and
+    # one block's recompute
+    checkpointed = min(checkpointed, L)
+    inputs = checkpointed * s.rows * s.seq_len * shape.hidden_size * c
+    kept = (L - checkpointed) * _block_bytes(shape, s, True)
+    return inputs + max(kept, _block_bytes(shape, s, False)) + rope
+
+
+def _block_bytes(shape: ModelShape, s: PlanSettings, rebuilt_here: bool) -> int:
+    """What one decoder block keeps for backward; ``rebuilt_here``: ``train.rebuild`` runs in it (a block that
+    checkpointing recomputes packs its tensors with checkpoint's own hooks instead)."""
     c, lb = DTYPE_BYTES[s.compute], DTYPE_BYTES[s.lora_dtype]
     tokens = s.rows * s.seq_len
     d, k, f = shape.hidden_size, shape.kv_size, shape.intermediate_size
@@ -447,7 +472,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
     # rebuilds them in backward instead: the norm outputs with the fused RMSNorm (which offers them), the product
     # with recompute_swiglu
     keeps_cast = cast and not dropout
-    rebuilt = s.rebuild_adapter_inputs and not checkpointing and not keeps_cast  # the input itself or a view of it
+    rebuilt = s.rebuild_adapter_inputs and rebuilt_here and not keeps_cast  # the input itself or a view of it
     if per_layer_adapters and not keeps_cast:
         block += tokens * ((0 if rebuilt and s.fuse_rmsnorm else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u
@@ -459,10 +484,7 @@ def activation_bytes(shape: ModelShape, s: PlanSettings, checkpointing: bool) ->
         block += (sum(lin.in_features * s.lora_r for lin in per_layer_adapters)
                   - sum(lin.in_features * s.lora_r for lin in per_layer_adapters
                         if _group_of(lin) is None)) * lb // max(1, shape.num_layers)  # fmt: skip
-    rope = 2 * s.seq_len * shape.head_dim * c  # the cos / sin tables every block's RoPE keeps
-    if checkpointing:
-        return shape.num_layers * tokens * d * c + block + rope
-    return shape.num_layers * block + rope
+    return block
 
 
 def _group_of(lin: LinearShape) -> int | None:

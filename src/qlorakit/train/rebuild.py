@@ -118,9 +118,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
-def _scoped_forward(rebuild: bool, trim: bool):
+def _scoped_forward(rebuilding: list[nn.Module], trim: bool):
     def make(layer: nn.Module):
         own = type(layer).forward
+        rebuild = any(layer is other for other in rebuilding)
 
         def forward(*args, **kwargs):
             if trim and torch.is_grad_enabled():
@@ -136,11 +137,14 @@ def _scoped_forward(rebuild: bool, trim: bool):
 
 
 @contextmanager
-def rebuild_adapter_inputs(model: nn.Module, enabled: bool = True, trim_each_block: bool = False) -> Iterator[int]:
+def rebuild_adapter_inputs(model: nn.Module, enabled: bool = True, trim_each_block: bool = False,
+                           skip: int = 0) -> Iterator[int]:  # fmt: skip
     """``with rebuild_adapter_inputs(model) as n: ...``: ``n`` decoder blocks rebuild offered outputs in backward
-    (when ``enabled``) and, with ``trim_each_block``, call ``train.allocator.trim_heap`` before each block's
-    forward while a graph is recorded (``memory.malloc_trim_blocks``: the forward's freed temporaries would
-    otherwise stay resident in glibc's heap under the dynamic mmap threshold, docs/memory.md)."""
+    (when ``enabled``; all but the first ``skip``, the blocks that gradient checkpointing recomputes) and, with
+    ``trim_each_block``, every block calls ``train.allocator.trim_heap`` before its forward while a graph is
+    recorded (``memory.malloc_trim_blocks``: the forward's freed temporaries would otherwise stay resident in
+    glibc's heap under the dynamic mmap threshold, docs/memory.md)."""
     layers = decoder_layers(model) if enabled or trim_each_block else []
-    with patched_forwards(layers, _scoped_forward(enabled, trim_each_block)) as count:
-        yield count
+    rebuilding = layers[skip:] if enabled else []
+    with patched_forwards(layers if trim_each_block else rebuilding, _scoped_forward(rebuilding, trim_each_block)):
+        yield len(rebuilding) if enabled else len(layers)

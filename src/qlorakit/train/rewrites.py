@@ -29,14 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlorakit.config import RunConfig
+from qlorakit.config import RunConfig, checkpointed_blocks
 from qlorakit.fileio import write_json_atomic
 from qlorakit.hardware import flush_denormals, resolve_dtype
 from qlorakit.lora.fused import shared_input_fusion
 from qlorakit.lora.layer import LoraLinear
 from qlorakit.quant.linear import Linear4bit
 from qlorakit.train import allocator, arena, varlen
-from qlorakit.train.rebuild import rebuild_adapter_inputs
+from qlorakit.train.rebuild import decoder_layers, rebuild_adapter_inputs
 from qlorakit.train.recompute import swiglu_recompute
 from qlorakit.train.rmsnorm import fused_rmsnorm
 
@@ -112,11 +112,18 @@ def _rmsnorm(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
         yield f"{count} norms"
 
 
+def _checkpointed(model: nn.Module, cfg: RunConfig) -> int:
+    """How many of the model's decoder blocks checkpointing recomputes (``config.checkpointed_blocks``)."""
+    return checkpointed_blocks(cfg.memory.gradient_checkpointing, cfg.memory.checkpoint_blocks,
+                               len(decoder_layers(model)))
+
+
 @contextmanager
 def _rebuild(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
-    m = cfg.memory  # checkpointing packs the blocks' saved tensors itself (train.rebuild): no rebuild under it
-    rebuild = m.rebuild_adapter_inputs and not m.gradient_checkpointing
-    with rebuild_adapter_inputs(model, rebuild, m.malloc_trim_blocks) as count:
+    m = cfg.memory  # checkpointing packs a block's saved tensors itself (train.rebuild): only the other blocks
+    checkpointed = _checkpointed(model, cfg) if m.gradient_checkpointing else 0
+    rebuild = m.rebuild_adapter_inputs and (not m.gradient_checkpointing or checkpointed < len(decoder_layers(model)))
+    with rebuild_adapter_inputs(model, rebuild, m.malloc_trim_blocks, skip=checkpointed) as count:
         what = f"{count} blocks" if rebuild else ("off (checkpointing on)" if m.rebuild_adapter_inputs else "off")
         yield what + (", heap trimmed before each" if m.malloc_trim_blocks and count else "")
 
@@ -165,8 +172,12 @@ def _checkpointing(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
         yield "off"
         return
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    checkpointed = _checkpointed(model, cfg)
+    for layer in layers[checkpointed:]:  # memory.checkpoint_blocks: these keep their activations
+        layer.gradient_checkpointing = False
     try:
-        yield "on"
+        yield "on" if checkpointed == len(layers) else f"on for the first {checkpointed} of {len(layers)} blocks"
     finally:
         model.activation_checkpointing_disable()
         model.disable_input_require_grads()  # the embedding hook that enabling added
