@@ -164,3 +164,30 @@ def test_packed_rows_rebuild_the_attention_output_from_what_sdpa_keeps_bit_ident
         assert [n for n in rebuilt if n].count("<lambda>") == 2 and shapes == [spans, spans]  # one per block
         assert torch.equal(loss, loss_ref) and all(torch.equal(grads[k], grads_ref[k]) for k in grads)
         monkeypatch.undo()
+
+
+@pytest.mark.parametrize("blocks", [0, 1])
+def test_checkpointed_blocks_with_packed_rows_run_attention_once_in_forward_and_once_in_recompute(monkeypatch,
+                                                                                                  blocks):
+    """A block that checkpointing recomputes has no rebuild scope, so train.varlen must not read SDPA's saved
+    output there: reading a saved tensor back inside a checkpointed forward makes checkpoint recompute the block
+    at once (more attention calls, and the recomputed tensors held until backward: a 1,275 MiB fp32 run peaked
+    at 2,043). Counted: each checkpointed block's attention runs twice a step, each other block's once."""
+    from qlorakit.train import varlen
+
+    model = tiny_qlora_model(VOCAB, LoraConfig(r=4, alpha=8, dropout=0.3))
+    ids = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([list(range(6)) + list(range(7)), list(range(13))])
+    calls = []
+    forward = varlen.varlen_sdpa_forward
+    monkeypatch.setattr(varlen, "varlen_sdpa_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    cfg = _cfg(True, checkpointing=True, packing=True)
+    cfg = RunConfig(model="tiny", lora=cfg.lora, data=cfg.data,
+                    memory=MemoryConfig(gradient_checkpointing=True, checkpoint_blocks=blocks, malloc_mmap_threshold_kib=0))
+    loss_ref, grads_ref, _ = _loss_and_grads(model, ids, _cfg(True, packing=True), position_ids=positions)
+    calls.clear()
+    loss, grads, record = _loss_and_grads(model, ids, cfg, position_ids=positions)
+    checkpointed = 2 if blocks == 0 else blocks
+    assert len(calls) == 2 * checkpointed + (2 - checkpointed)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+    assert all(torch.allclose(grads[k], grads_ref[k], rtol=1e-5, atol=1e-7) for k in grads)

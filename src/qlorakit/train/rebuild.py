@@ -48,11 +48,18 @@ _Offers = dict[int, list[tuple[torch.Tensor, Callable[..., torch.Tensor], tuple[
 _active: list[_Offers] = []
 
 
+def offering() -> bool:
+    """Whether ``offer`` would keep anything: inside a rebuilding decoder block while a graph is recorded. Not in
+    a block that gradient checkpointing recomputes (no scope there): reading a saved tensor back in its forward
+    would make checkpoint recompute the block then (``train.varlen.kept_output``)."""
+    return bool(_active) and torch.is_grad_enabled()
+
+
 def offer(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any) -> None:
     """``out`` equals ``fn(*args)`` (bit for bit, same shape and strides): if backward would keep it, or a view
     of it, keep the recipe instead. A no-op outside ``rebuild_adapter_inputs``' blocks and when nothing records
     a graph."""
-    if _active and torch.is_grad_enabled() and out.numel():
+    if offering() and out.numel():
         _active[-1].setdefault(out.untyped_storage().data_ptr(), []).append((out, fn, args))
 
 

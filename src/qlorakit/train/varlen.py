@@ -95,11 +95,12 @@ def _offered(out: torch.Tensor, rows: list[list[tuple[torch.Tensor, int]]]) -> t
 
 
 def _sdpa(module, query, key, value, mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' ``sdpa_attention_forward`` and, when a graph is recorded, its kept kernel output."""
+    """transformers' ``sdpa_attention_forward`` and, inside a rebuilding block (``rebuild.offering``), its kept
+    kernel output."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     out = sdpa_attention_forward(module, query, key, value, mask, **kwargs)[0]  # (B, L, H, D)
-    return out, kept_output(out) if out.grad_fn is not None else None
+    return out, kept_output(out) if out.grad_fn is not None and rebuild.offering() else None
 
 
 def _span(module, query, key, value, b: int, s: int, e: int, bucket: bool, **kwargs):
