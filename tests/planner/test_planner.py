@@ -69,7 +69,7 @@ def test_json_has_one_bytes_field_per_part_and_they_sum_to_the_total(llama):
     parts = {k: v for k, v in d.items() if k.endswith("_bytes") and k != "total_bytes"}
     assert set(parts) == {f"{n}_bytes" for n in ("weights_4bit", "quant_constants", "embeddings", "norms",
                                                   "lora_params", "lora_grads", "optimizer_state", "activations",
-                                                  "logits", "dequant_workspace")}  # fmt: skip
+                                                  "logits", "backward_workspace", "dequant_workspace")}  # fmt: skip
     assert sum(parts.values()) == d["total_bytes"] and d["fits"] is True and d["budget"] == 24 * 10**9
 
 

@@ -22,6 +22,12 @@ LOGITS_FP32_COPIES = 3
 #: (``train.loss.chunked_loss_sum``): the chunk's logits (turned into its softmax in place) and the
 #: temporary of ``logsumexp``; read from the code, not fitted.
 CHUNK_FP32_COPIES = 2
+#: One decoder block's backward temporaries, in ``(B, T, f)`` tensors at the compute dtype: the SwiGLU backward's
+#: gradients of its product, gate and up and the recomputed ``silu(gate)`` (``train.recompute``). They meet the
+#: peak only when they exceed the loss's (long sequences): SmolLM2, one 8,192-token row, fp32, the first 16 of 30
+#: blocks recomputing, planned 4,084 MiB without this term and peaked at 4,207; with it the chooser picked 17
+#: blocks, planned 4,014 and the run peaked at 4,044 (issue 14).
+BLOCK_BACKWARD_MLP_COPIES = 4
 
 #: Heap memory glibc keeps resident per quantized parameter when the trainer leaves glibc's mmap threshold
 #: dynamic (``MemoryConfig.malloc_mmap_threshold_kib = 0``; the default fixes it and this term is not used).

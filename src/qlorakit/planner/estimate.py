@@ -33,6 +33,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   ``CHUNK_FP32_COPIES * min(C, B T) V * 4 + 2 B T d c`` (the logits of one chunk and a same-sized
   temporary, the target rows and their gradient); with ``loss_chunk = 0`` the full-logits reference,
   ``LOGITS_FP32_COPIES * B T V * 4``. Every token is assumed to be a target (the worst case);
+- ``backward_workspace`` one decoder block's backward temporaries, ``BLOCK_BACKWARD_MLP_COPIES B T f c`` (the
+  SwiGLU backward's), beyond ``logits``: the loss's transients are freed before backward, so the step holds the
+  larger of the two (nonzero only for long sequences);
 - ``dequant_workspace`` one dequantize of the largest weight: on a GPU without the fused Triton path the
   torch decode's int32 byte indices (2 bytes/value), the gathered int64 pairs (4), the fp32 product (4) and
   its cast to ``c`` (when ``c`` is not fp32); on the CPU the compiled decode writes straight into one
@@ -91,6 +94,7 @@ from qlorakit.constants import LOSS_CHUNK_TOKENS, OPTIMIZER_NAMES, TRAIN_METHODS
 from qlorakit.errors import ConfigError
 from qlorakit.lora.fused import SHARED_INPUT_GROUPS
 from qlorakit.planner.constants import (
+    BLOCK_BACKWARD_MLP_COPIES,
     CHUNK_FP32_COPIES,
     CPU_ARENA_HEAP_BYTES,
     CPU_ARENA_SLACK_FRACTION,
@@ -253,6 +257,8 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
         Part("optimizer_state", resident_optim, _optim_note(s, offloaded)),
         Part("activations", act, "saved for backward, " + _checkpointing_note(checkpointed, shape.num_layers)),
         Part("logits", logits_bytes(shape, s), _logits_note(s)),
+        Part("backward_workspace", max(0, block_backward_bytes(shape, s) - logits_bytes(shape, s)),
+             "one block's backward temporaries beyond the loss's (they come after the loss's are freed)"),
         Part("dequant_workspace", dequant_workspace_bytes(n_max, c, s.device), "one dequantize of the largest weight"),
     ]  # fmt: skip
     if s.lora_dora:  # the norm ||W + s B A||_row: the fp32 dequantized W and the sum, one layer at a time
@@ -502,6 +508,11 @@ def input_copies(adapted: list[LinearShape], fused: bool) -> list[int]:
         key = (parent, group) if fused and group is not None else (lin.path, -1 - i)
         groups[key] = lin.in_features
     return list(groups.values())
+
+
+def block_backward_bytes(shape: ModelShape, s: PlanSettings) -> int:
+    """The largest temporaries of one decoder block's backward: ``BLOCK_BACKWARD_MLP_COPIES (B, T, f)`` tensors."""
+    return BLOCK_BACKWARD_MLP_COPIES * s.rows * s.seq_len * shape.intermediate_size * DTYPE_BYTES[s.compute]
 
 
 def logits_bytes(shape: ModelShape, s: PlanSettings) -> int:
