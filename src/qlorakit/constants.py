@@ -54,6 +54,9 @@ MEMORY_BUDGET_MARGIN_MIN_BYTES = 512 * 2**20
 #: transformers norm classes computing ``weight * (x * rsqrt(mean(x^2, -1) + eps))`` with ``variance_epsilon``
 #: (``train.rmsnorm`` fuses them for training, ``generate.lean`` calls ``F.rms_norm`` for them).
 RMSNORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
+#: Set (True) on a norm module whose output a forward hook casts back to its input's dtype
+#: (``models.build.keep_norm_outputs_in_input_dtype``); ``train.rmsnorm``'s 16-bit path relies on it.
+NORM_OUTPUT_IN_INPUT_DTYPE = "qlorakit_output_in_input_dtype"
 
 #: transformers MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (``train.recompute``).
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")

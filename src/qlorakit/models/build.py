@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from qlorakit.config import QuantConfig
+from qlorakit.constants import NORM_OUTPUT_IN_INPUT_DTYPE
 from qlorakit.errors import ModelLoadError
 from qlorakit.models.meta import init_empty_weights
 from qlorakit.models.source import ModelSource
@@ -69,6 +70,7 @@ def norm_parameter_names(model: nn.Module) -> set[str]:
 
 
 def output_in_input_dtype(module: nn.Module, args: tuple, output: Any) -> Any:
+    """A forward hook: ``output`` cast to the dtype of the module's first input."""
     if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
         return output.to(args[0].dtype)
     return output
@@ -84,6 +86,7 @@ def keep_norm_outputs_in_input_dtype(model: nn.Module) -> int:
     for module in model.modules():
         if "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False)):
             module.register_forward_hook(output_in_input_dtype)
+            setattr(module, NORM_OUTPUT_IN_INPUT_DTYPE, True)  # the fused 16-bit RMSNorm returns that dtype too
             hooked += 1
     return hooked
 

@@ -18,7 +18,8 @@ holds outputs and gradients to the module's within a normwise relative 1e-6 (a w
 gradients within 1e-5).
 
 16-bit inputs (bf16, fp16) with the fp32 weight qlorakit keeps, where the loader's hook casts the norm's output
-back to the input dtype (``models.build.keep_norm_outputs_in_input_dtype``): the module computes
+back to the input dtype (``models.build.keep_norm_outputs_in_input_dtype``, which marks the module with
+``constants.NORM_OUTPUT_IN_INPUT_DTYPE``): the module computes
 
     x32 = float(x),  n = c(x32 * rsqrt(mean(x32^2) + eps)),  y = c(w * float(n))     (c: round to x's dtype)
 
@@ -45,8 +46,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qlorakit.constants import RMSNORMS
-from qlorakit.models.build import output_in_input_dtype
+from qlorakit.constants import NORM_OUTPUT_IN_INPUT_DTYPE, RMSNORMS
 from qlorakit.train import rebuild
 from qlorakit.train.patching import patched_forwards
 
@@ -128,7 +128,7 @@ class _RMSNorm16(torch.autograd.Function):
 
 
 def _hooked_to_input_dtype(norm: nn.Module) -> bool:
-    return any(hook is output_in_input_dtype for hook in norm._forward_hooks.values())
+    return getattr(norm, NORM_OUTPUT_IN_INPUT_DTYPE, False) is True
 
 
 def _fused_forward(norm: nn.Module):
