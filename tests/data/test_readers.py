@@ -172,6 +172,7 @@ def test_reading_json_does_not_import_datasets(tmp_path):
 
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": "y", "id": 1}])
     code = ("import sys; from qlorakit.data import read_table; t = read_table(sys.argv[1]); "
-            "assert t.rows[0] == {'text': 'x', 'id': None}, t.rows; print(sorted({'datasets', 'pandas', 'pyarrow'} & set(sys.modules)))")
+            "assert t.rows[0] == {'text': 'x', 'id': None}, t.rows; "
+            "print(sorted({'datasets', 'pandas', 'pyarrow'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

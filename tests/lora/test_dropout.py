@@ -6,13 +6,12 @@ reference does, and ``dL/dA`` is one matmul over the rows in both; only the orde
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from qlorakit.config import LoraConfig
 from qlorakit.lora import add_lora, lora_layers
-import pytest
-
 from qlorakit.lora.dropout import (
     dropped_down_product,
     keep_mask,

@@ -13,9 +13,10 @@ value in fp32. ``_DroppedDown`` keeps ``h`` (which the caller often holds anyway
 group) and ``keep`` packed 8 values to a byte (``pack_mask``: 1 bit a value), and rebuilds the mask
 (``unpack_mask``, a 256-entry table lookup) and the dropped input in backward (one elementwise pass each). For
 SmolLM2 at 2 x 512 tokens (fp32, r 16, dropout 0.05, fused groups) that is 47.6 -> about 32 MiB saved per
-decoder block (the bool mask was 3.2 MiB of it, the packed one 0.4). ``h`` may come in the compute dtype while ``A`` is fp32 (bf16 compute, fp32 adapters): the cast
-to ``A``'s dtype happens inside and ``h`` is kept as it came, 2 bytes a value instead of the cast's 4 (the cast
-is exact, so backward casts it again to the same values). The mask comes from ``torch.rand`` on the global
+decoder block (the bool mask was 3.2 MiB of it, the packed one 0.4). ``h`` may come in the compute dtype
+while ``A`` is fp32 (bf16 compute, fp32 adapters): the cast to ``A``'s dtype happens inside and ``h`` is kept
+as it came, 2 bytes a value instead of the cast's 4 (the cast is exact, so backward casts it again to the same
+values). The mask comes from ``torch.rand`` on the global
 generator, so seeding, and gradient checkpointing's recompute (which restores the RNG state), give the same mask
 again; it is a different random stream from ``nn.Dropout``'s (Bernoulli draws), with the same distribution.
 

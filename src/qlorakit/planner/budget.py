@@ -71,7 +71,8 @@ def explicit_knobs(given: Collection[str]) -> set[str]:
 def apply_choices(cfg: RunConfig, settings: PlanSettings) -> RunConfig:
     """``cfg`` with the planner's knob values of ``settings`` written into its memory and optim sections."""
     memory = dataclasses.replace(cfg.memory, gradient_checkpointing=settings.gradient_checkpointing,
-                                 checkpoint_blocks=settings.checkpoint_blocks, loss_chunk_tokens=settings.loss_chunk, malloc_trim=settings.malloc_trim,
+                                 checkpoint_blocks=settings.checkpoint_blocks, loss_chunk_tokens=settings.loss_chunk,
+                                 malloc_trim=settings.malloc_trim,
                                  malloc_mmap_threshold_kib=settings.mmap_threshold_kib,
                                  malloc_trim_blocks=settings.malloc_trim_blocks, arena=settings.arena)  # fmt: skip
     optim = dataclasses.replace(cfg.optim, optim=settings.optim, optim_budget=settings.optim_budget_mib)

@@ -24,9 +24,9 @@ adapter dtype. Each part is bytes resident on the device (GPU memory, or RSS on 
   backward), plus the adapter inputs no other op keeps, both norm outputs and the SwiGLU product
   (``2d + f`` at ``c``) unless, without dropout, a cast to the adapter dtype replaces them (its copy at ``l``
   when ``l != c``) or, without checkpointing, ``train.rebuild`` rebuilds them (or the 2-D views of them that
-  the A matmul keeps without dropout) in backward (the norm outputs with the fused RMSNorm); ``r`` at ``l`` per adapter; with dropout a keep mask of 1 bit a value
-  per input (one per shared-input group with ``fuse_lora``; ``lora.dropout``, which keeps the input uncast
-  and packs the mask 8 values to a byte). Without
+  the A matmul keeps without dropout) in backward (the norm outputs with the fused RMSNorm); ``r`` at ``l``
+  per adapter; with dropout a keep mask of 1 bit a value per input (one per shared-input group with
+  ``fuse_lora``; ``lora.dropout``, which keeps the input uncast and packs the mask 8 values to a byte). Without
   checkpointing: ``L`` blocks. With it: ``L B T d c`` (each block's input) plus one block being recomputed
   (attention scores are not stored: SDPA);
 - ``logits``            the trainer's chunked head + cross-entropy (``train.loss``, chunk ``C`` rows):
@@ -480,7 +480,8 @@ def _block_bytes(shape: ModelShape, s: PlanSettings, rebuilt_here: bool) -> int:
     keeps_cast = cast and not dropout
     rebuilt = s.rebuild_adapter_inputs and rebuilt_here and not keeps_cast  # the input itself or a view of it
     if per_layer_adapters and not keeps_cast:
-        block += tokens * ((0 if rebuilt and s.fuse_rmsnorm else 2 * d) + (0 if rebuilt and s.recompute_swiglu else f)) * c
+        norm_outputs = 0 if rebuilt and s.fuse_rmsnorm else 2 * d
+        block += tokens * (norm_outputs + (0 if rebuilt and s.recompute_swiglu else f)) * c
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u
     # per input (or shared-input group): the cast copy at l without dropout, the keep mask (1 bit a value) with it
     widths = input_copies(per_layer_adapters, s.fuse_lora)
