@@ -50,8 +50,8 @@ def down_product(h: torch.Tensor, weight_a: torch.Tensor) -> torch.Tensor:
 
 def dropped_down(h: torch.Tensor, weight_a: torch.Tensor, dropout: nn.Module | None) -> torch.Tensor:
     """``u = dropout(h) A^T`` with ``h`` cast to A's dtype: h (..., in), A (r, in) -> (..., r). A training
-    ``nn.Dropout`` goes through ``lora.dropout.dropped_down_product`` (keeps ``h`` as given, uncast, and a bool
-    mask, not the dropped copy and a float mask); any other dropout module (``None``/``nn.Identity``: none) is
+    ``nn.Dropout`` goes through ``lora.dropout.dropped_down_product`` (keeps ``h`` as given, uncast, and its mask
+    packed to bits, not the dropped copy and a float mask); any other dropout module (``None``/``nn.Identity``: none) is
     applied to the cast input before ``down_product``."""
     p = lean_dropout(dropout)
     if p is not None:

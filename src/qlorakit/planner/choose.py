@@ -119,7 +119,7 @@ def with_knob(settings: PlanSettings, knob: str, value: Any) -> PlanSettings:
         budget = settings.optim_budget_mib if value.startswith("paged_") else 0
         return dataclasses.replace(settings, optim=value, optim_budget_mib=budget)
     if knob == "gradient_checkpointing":  # False, True, or a number of blocks
-        blocks = value if value is not True and value is not False else 0
+        blocks = 0 if isinstance(value, bool) else value
         return dataclasses.replace(settings, gradient_checkpointing=value is not False, checkpoint_blocks=blocks)
     return dataclasses.replace(settings, **{knob: value})
 
@@ -164,7 +164,7 @@ def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str],
         value = knob_value(chosen, knob)
         if knob in explicit:
             reason = "given explicitly"
-        elif knob == "gradient_checkpointing" and value is not True and value is not False:
+        elif knob == "gradient_checkpointing" and not isinstance(value, bool):
             reason = (f"the first {value} of {num_layers} blocks recompute: the fewest that fit the budget with the "
                       "faster choices above")
         elif knob not in free:

@@ -240,7 +240,7 @@ def plan(shape: ModelShape, settings: PlanSettings, budget_bytes: int | None = N
     resident_optim, offloaded = optimizer_bytes(trained, s)
     act_ckpt, act_full = activation_bytes(shape, s, shape.num_layers), activation_bytes(shape, s, 0)
     checkpointed = checkpointed_blocks(s.gradient_checkpointing, s.checkpoint_blocks, shape.num_layers)
-    act = {0: act_full, shape.num_layers: act_ckpt}.get(checkpointed) or activation_bytes(shape, s, checkpointed)
+    act = activation_bytes(shape, s, checkpointed)
     n_max = max((lin.numel for lin in quantized), default=0)
     parts = [
         Part("weights_4bit", sum(-(-lin.numel // 2) for lin in quantized), "packed 4-bit codes, two per byte")
@@ -485,7 +485,7 @@ def _block_bytes(shape: ModelShape, s: PlanSettings, rebuilt_here: bool) -> int:
     adapters = sum(s.lora_r * lb for lin in per_layer_adapters)  # the r-wide middles u
     # per input (or shared-input group): the cast copy at l without dropout, the keep mask (1 bit a value) with it
     widths = input_copies(per_layer_adapters, s.fuse_lora)
-    adapters += sum(int(keeps_cast) * width * lb * 8 + int(dropout) * width for width in widths) // 8
+    adapters += int(keeps_cast) * sum(widths) * lb + int(dropout) * sum(widths) // 8
     block += tokens * adapters // max(1, shape.num_layers)
     if s.fuse_lora:  # each fused group's stacked [A_1; ...; A_k] (the product's weight), per block
         block += (sum(lin.in_features * s.lora_r for lin in per_layer_adapters)

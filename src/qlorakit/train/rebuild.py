@@ -24,9 +24,9 @@ is a pure copy), so the rebuilt tensor is bit-identical and so are all gradients
 with packed rows (SmolLM2, 2 x 512 tokens, fp32: 10.5 + 2.25 MiB of 37); cost: two RMSNorms and one
 SiLU-product per block in backward, elementwise, and one copy.
 
-Only the lean dropout path (``lora.dropout``, a training ``nn.Dropout``) saves the offered tensor itself; without
-dropout the A matmul saves a 2-D view of its input, which is not matched (kept as before). Only without
-gradient checkpointing: torch's non-reentrant checkpoint packs a block's saved tensors with
+The lean dropout path (``lora.dropout``, a training ``nn.Dropout``) saves the offered tensor itself; without
+dropout the A matmul saves a 2-D view of its input, which is matched as a view. Only in blocks that gradient
+checkpointing does not recompute (``skip``): torch's non-reentrant checkpoint packs a block's saved tensors with
 its own hooks (innermost hooks win), and with it the block's tensors live only through its recompute.
 The recipes hold their arguments (tensors other ops keep for backward) as long as the graph holds them.
 """

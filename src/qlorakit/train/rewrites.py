@@ -112,17 +112,17 @@ def _rmsnorm(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
         yield f"{count} norms"
 
 
-def _checkpointed(model: nn.Module, cfg: RunConfig) -> int:
-    """How many of the model's decoder blocks checkpointing recomputes (``config.checkpointed_blocks``)."""
-    return checkpointed_blocks(cfg.memory.gradient_checkpointing, cfg.memory.checkpoint_blocks,
-                               len(decoder_layers(model)))
+def _checkpointed(layers: list[nn.Module], cfg: RunConfig) -> int:
+    """How many of the decoder blocks ``layers`` checkpointing recomputes (``config.checkpointed_blocks``)."""
+    return checkpointed_blocks(cfg.memory.gradient_checkpointing, cfg.memory.checkpoint_blocks, len(layers))
 
 
 @contextmanager
 def _rebuild(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
     m = cfg.memory  # checkpointing packs a block's saved tensors itself (train.rebuild): only the other blocks
-    checkpointed = _checkpointed(model, cfg) if m.gradient_checkpointing else 0
-    rebuild = m.rebuild_adapter_inputs and (not m.gradient_checkpointing or checkpointed < len(decoder_layers(model)))
+    layers = decoder_layers(model)
+    checkpointed = _checkpointed(layers, cfg)  # 0 without checkpointing
+    rebuild = m.rebuild_adapter_inputs and (not m.gradient_checkpointing or checkpointed < len(layers))
     with rebuild_adapter_inputs(model, rebuild, m.malloc_trim_blocks, skip=checkpointed) as count:
         what = f"{count} blocks" if rebuild else ("off (checkpointing on)" if m.rebuild_adapter_inputs else "off")
         yield what + (", heap trimmed before each" if m.malloc_trim_blocks and count else "")
@@ -173,7 +173,7 @@ def _checkpointing(model: nn.Module, cfg: RunConfig) -> Iterator[str]:
         return
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     layers = decoder_layers(model)
-    checkpointed = _checkpointed(model, cfg)
+    checkpointed = _checkpointed(layers, cfg)
     for layer in layers[checkpointed:]:  # memory.checkpoint_blocks: these keep their activations
         layer.gradient_checkpointing = False
     try:

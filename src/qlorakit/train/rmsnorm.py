@@ -89,17 +89,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return _RMSNorm.apply(x, weight, eps)
 
 
-def _scale_16bit(x32: torch.Tensor, eps: float) -> torch.Tensor:
-    """``r = rsqrt(mean(x32^2) + eps)`` with the module's ops (``pow``, ``mean``): (..., H) fp32 -> (..., 1)."""
-    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+def _normalize_16bit(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's 16-bit forward plus the loader's output cast, op for op, and ``r``: x (..., H) bf16/fp16,
+    weight (H,) fp32 -> (..., H) in x's dtype, (..., 1) fp32."""
+    x32 = x.to(torch.float32)  # (..., H)
+    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1), the module's ops (pow, mean)
+    n = (x32 * r).to(x.dtype)  # (..., H)
+    return (weight * n).to(x.dtype), r
 
 
 def normalize_16bit(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The module's 16-bit forward plus the loader's output cast, op for op (bit-identical; module docstring):
-    x (..., H) bf16/fp16, weight (H,) fp32 -> (..., H) in x's dtype."""
-    x32 = x.to(torch.float32)  # (..., H)
-    n = (x32 * _scale_16bit(x32, eps)).to(x.dtype)  # (..., H)
-    return (weight * n).to(x.dtype)
+    """``_RMSNorm16``'s output without autograd (bit-identical; module docstring): what ``train.rebuild`` reruns."""
+    return _normalize_16bit(x, weight, eps)[0]
 
 
 class _RMSNorm16(torch.autograd.Function):
@@ -107,15 +108,14 @@ class _RMSNorm16(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x: (..., H) 16-bit
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        return normalize_16bit(x, weight, eps)
+        out, r = _normalize_16bit(x, weight, eps)  # (..., H), r: (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # grad: (..., H) in x's dtype
-        x, weight = ctx.saved_tensors
+        x, weight, r = ctx.saved_tensors
         x32 = x.to(torch.float32)  # (..., H), exact
-        r = _scale_16bit(x32, ctx.eps)  # (..., 1)
         g32 = grad.to(torch.float32)
         grad_w = None
         if ctx.needs_input_grad[1]:

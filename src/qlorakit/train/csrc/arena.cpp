@@ -4,8 +4,9 @@
 // or the request if larger) and carved best fit: the smallest free block of at least the request (rounded up
 // to a 4 KiB page), split, the rest staying free. A freed block merges with free neighbours of its segment
 // and is kept for the next request; nothing goes back to the kernel until qlk_arena_trim() unmaps the
-// segments that are wholly free (also before it gives up on a failed mmap). A training step repeats its requests, so after the first step they are
-// served from pages already resident: no page faults, and no glibc heap between the blocks to fragment.
+// segments that are wholly free (also before it gives up on a failed mmap). A training step repeats its
+// requests, so after the first step they are served from pages already resident: no page faults, and no
+// glibc heap between the blocks to fragment.
 // Smaller requests go to the allocator that was installed before (torch's default, glibc's malloc).
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
