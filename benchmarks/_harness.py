@@ -67,6 +67,19 @@ def run_child(script: str | os.PathLike[str], args: Sequence[str], *, env: Mappi
     return last_json_line(done.stdout, what, prefix)
 
 
+#: Packages outside both stacks' own requirements that torch or transformers import whenever they are installed
+#: (torch._dynamo probes triton, transformers' losses import scipy): the test extra brings them, a user's install
+#: does not, and they add about 107 MiB resident to every child (``benchmarks/user_env.sh``, docs/benchmarks.md).
+IMPORTED_IF_PRESENT = ("triton", "scipy")
+
+
+def extras_present() -> list[str]:
+    """Which of ``IMPORTED_IF_PRESENT`` this interpreter (and so every child) has: [] in ``user_env.sh``'s venv."""
+    import importlib.util
+
+    return [name for name in IMPORTED_IF_PRESENT if importlib.util.find_spec(name) is not None]
+
+
 def git_head() -> str:
     """The commit this checkout is at (``git rev-parse HEAD``); "" outside a git checkout or without git."""
     try:

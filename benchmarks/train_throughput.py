@@ -50,7 +50,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from _harness import cpu_model, git_head, medians, run_child, write_result
+from _harness import cpu_model, extras_present, git_head, medians, run_child, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = REPO.parent / "shared/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -404,6 +404,9 @@ def print_table(summary: dict[str, Any], args: argparse.Namespace) -> None:
           f"{args.batch_size} x {args.grad_accum}, <= {args.seq_len} tokens; {args.threads} threads; {args.dtype}; "
           f"dropout {args.lora_dropout} ({ours}); matmul peak "
           f"{summary['peak_gflops']:.1f} GFLOP/s; loss curves max |diff| {summary['loss_max_abs_diff']:.2e}")
+    extras = extras_present()
+    print("environment: " + (f"also has {', '.join(extras)} (imported by torch/transformers in both stacks; a user's "
+                             "install has neither: benchmarks/user_env.sh)" if extras else "a user's install"))
 
 
 def _environment(args: argparse.Namespace) -> dict[str, Any]:
@@ -413,7 +416,8 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
 
     versions = {p: version(p) for p in ("torch", "transformers", "peft", "bitsandbytes", "qlorakit")}
     return {"cpu": cpu_model(), "cpu_flags": speed_flags(), "cpu_count": os.cpu_count(), "threads": args.threads,
-            "versions": versions | {"python": sys.version.split()[0], "qlorakit_git_head": git_head()}}
+            "versions": versions | {"python": sys.version.split()[0], "qlorakit_git_head": git_head()},
+            "extras_present": extras_present()}  # [] = a user's install (benchmarks/user_env.sh)
 
 
 MFU_FORMULA = (

@@ -85,3 +85,11 @@ def test_git_head_is_a_commit_or_empty(harness):
 
 def test_cpu_header_names_the_cores_and_flags(harness):
     assert harness.cpu_header(["avx2", "fma"]) == f"CPU: {os.cpu_count()} cores, flags avx2 fma"
+
+
+def test_extras_present_names_exactly_the_installed_ones(harness, tmp_path, monkeypatch):
+    (tmp_path / "qlk_extra_here").mkdir()
+    (tmp_path / "qlk_extra_here" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(harness, "IMPORTED_IF_PRESENT", ("qlk_extra_missing", "qlk_extra_here"))
+    assert harness.extras_present() == ["qlk_extra_here"]
