@@ -5,8 +5,13 @@
 A probe is one full optimizer step (forward, backward, clip, AdamW) on one sequence of ``L`` random tokens
 (seeded; every token is a target, which is the worst case for qlorakit's target-rows-only loss) in a fresh
 interpreter, with both stacks set up as in ``train_throughput.py`` (SmolLM2-135M, NF4 + DQ, LoRA r 16 on
-all block linears, the same ``--dtype``) and gradient checkpointing ON in both (the memory-lean setting of
-each); qlorakit runs ``qlorakit.train.train`` with its defaults. The driver polls the child's resident
+all block linears, dropout 0, the same ``--dtype``). The peer runs with gradient checkpointing ON (its
+memory-lean setting). qlorakit, the headline (``--ours-mode cli``), is ``qlorakit train --memory-budget
+<--budget-mib>`` itself with only model, data, shape and dtype flags: its budget planner picks checkpointing
+(all blocks, some, or none), the allocator, paging and the loss chunk that fit, as a user's run would. Its data
+is one block of ``L`` tokens of ``shared/data/text/tinyshakespeare.txt`` (``--block-size L``, every token a
+target). ``--ours-mode library`` runs ``qlorakit.train.train`` with checkpointing on and the library's
+defaults otherwise (the mode of the runs before 2026-12). The driver polls the child's resident
 set (``/proc/<pid>/status``) every 50 ms and stops it as soon as it passes the budget; a probe that
 finishes reports its own ``ru_maxrss``. Search: double ``L`` from ``--start`` until a probe exceeds the
 budget (or ``--max-seq``), then bisect to ``--resolution`` tokens. Prints one table, writes one JSON.
@@ -31,6 +36,7 @@ from _harness import last_json_line, run_child, write_result
 
 DEFAULT_OUTPUT = tt.REPO / "benchmarks/results/max_seq.json"
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "qlorakit-max-seq"
+TEXT = tt.REPO.parent / "shared/data/text/tinyshakespeare.txt"  # ~300k tokens: blocks up to 16,384 and more
 
 
 def _example(length: int, vocab: int) -> dict[str, list[int]]:
@@ -72,6 +78,29 @@ def probe_ours(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     return {"loss": result.losses[0]}
 
 
+def probe_ours_cli(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
+    """``qlorakit train --memory-budget <budget>`` on one block of ``args.probe_len`` text tokens, one step."""
+    from qlorakit.cli.main import main as qlorakit_main
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        argv = ["train", "--model", model_dir, "--data", str(TEXT), "--block-size", str(args.probe_len),
+                "--max-seq-len", str(args.probe_len), "--batch-size", "1", "--grad-accum", "1", "--max-steps", "1",
+                "--val-size", "0", "--lora-r", str(tt.RANK), "--lora-alpha", str(tt.ALPHA), "--lora-dropout", "0",
+                "--lr", str(tt.LR), "--warmup-ratio", "0", "--compute-dtype", args.dtype,
+                "--memory-budget", f"{int(args.budget_mib)}MiB", "--output-dir", run_dir, "--overwrite",
+                "--no-progress"]  # fmt: skip
+        status = qlorakit_main(argv)
+        if status != 0:
+            raise RuntimeError(f"qlorakit train exited with {status}")
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+        chosen = (Path(run_dir) / "config.yaml").read_text()
+    import yaml
+
+    config = yaml.safe_load(chosen)  # what the planner chose, as the run wrote it
+    return {"loss": next(r["loss"] for r in rows if "loss" in r), "argv": argv[1:],
+            "memory_config": config["memory"], "optim": config["optim"]["optim"]}  # fmt: skip
+
+
 def probe_theirs(args: argparse.Namespace, model_dir: str) -> dict[str, Any]:
     """One step of the standard stack (full-logits loss, checkpointing on) on the same sequence."""
     import torch
@@ -100,7 +129,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.hardware import peak_rss_mb
 
     started = time.perf_counter()
-    run = (probe_ours if args.probe == "ours" else probe_theirs)(args, args.model_dir)
+    probe = {"theirs": probe_theirs, "ours": probe_ours_cli if args.ours_mode == "cli" else probe_ours}[args.probe]
+    run = probe(args, args.model_dir)
     return {**run, "seconds": time.perf_counter() - started, "peak_rss_mib": peak_rss_mb()}
 
 
@@ -143,8 +173,12 @@ def search(args: argparse.Namespace, stack: str, model_dir: str) -> tuple[int, l
     def fits(length: int) -> bool:
         probes.append(run_probe(args, stack, length, model_dir))
         p = probes[-1]
+        m = p.get("memory_config")  # ours in cli mode: what its planner chose
+        ckpt = "" if not m else ("off" if not m["gradient_checkpointing"] else
+                                 f"first {m['checkpoint_blocks']} blocks" if m["checkpoint_blocks"] else "all blocks")
+        chose = f" (checkpointing {ckpt}, loss chunk {m['loss_chunk_tokens']}, {p['optim']})" if m else ""
         print(f"  {stack:<6} L={length:>6}: {'ok ' if p['ok'] else 'NO '} "
-              f"peak {p.get('peak_rss_mib', p['rss_seen_mib']):.0f} MiB, {p['seconds']:.0f} s {p['why']}",
+              f"peak {p.get('peak_rss_mib', p['rss_seen_mib']):.0f} MiB, {p['seconds']:.0f} s {p['why']}{chose}",
               flush=True)  # fmt: skip
         return p["ok"]
 
@@ -177,6 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=256, help="bisection stops at this many tokens")
     p.add_argument("--dtype", choices=tuple(tt.DTYPES), default="float32", help="compute dtype of BOTH stacks")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--ours-mode", choices=("cli", "library"), default="cli",
+                   help="cli: qlorakit train --memory-budget (the headline); library: train() with checkpointing on")
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="cache of the converted model")
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     p.add_argument("--probe", choices=("ours", "theirs"), help=argparse.SUPPRESS)
@@ -200,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     for stack in ("ours", "theirs"):
         longest[stack], probes[stack] = search(args, stack, model_dir)
     capped = {s: all(p["ok"] for p in probes[s]) for s in longest}
+    ours = ("qlorakit train --memory-budget: its planner's choice" if args.ours_mode == "cli"
+            else "library, checkpointing on")
     print(f"{'stack':<22}{'longest L':>10}{'probes':>8}   (budget {args.budget_mib:.0f} MiB peak RSS, {args.dtype}, "
-          f"{args.threads} threads, batch 1, checkpointing on)")  # fmt: skip
+          f"{args.threads} threads, batch 1; peer checkpointing on; ours {ours})")  # fmt: skip
     for stack, name in (("ours", "qlorakit"), ("theirs", "transformers+bnb+peft")):
         mark = f">= {longest[stack]}" if capped[stack] else str(longest[stack])
         print(f"{name:<22}{mark:>10}{len(probes[stack]):>8}")
@@ -211,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "max_seq", "description": __doc__.split("\n", 1)[0], "date": datetime.date.today().isoformat(),
         "command": " ".join(["python benchmarks/max_seq.py", *args.argv]), "environment": tt._environment(args),
         "config": {"budget_mib": args.budget_mib, "start": args.start, "max_seq": args.max_seq,
-                   "resolution": args.resolution, "dtype": args.dtype, "batch_size": 1, "gradient_checkpointing": True,
+                   "resolution": args.resolution, "dtype": args.dtype, "batch_size": 1, "ours_mode": args.ours_mode,
+                   "gradient_checkpointing": {"theirs": True, "ours": "planner" if args.ours_mode == "cli" else True},
                    "lora_r_alpha_dropout": [tt.RANK, tt.ALPHA, 0.0], "targets": tt.TARGETS},
         "longest_seq": longest, "capped_by_max_seq": capped, "ratio_ours_over_theirs": ratio, "probes": probes,
         "total_seconds": time.perf_counter() - started,
