@@ -13,7 +13,16 @@ import pytest
 from qlorakit.config import MemoryConfig, OptimConfig, RunConfig
 from qlorakit.planner import PlanSettings, model_shape, plan
 from qlorakit.planner.budget import apply_choices, default_budget, explicit_knobs, settings_for
-from qlorakit.planner.choose import KNOBS, PlanDoesNotFitError, choose, with_knob
+from qlorakit.planner.choose import (
+    KNOBS,
+    PlanDoesNotFitError,
+    choose,
+    knob_cost,
+    knob_values,
+    reference_choose,
+    with_knob,
+)
+from qlorakit.planner.constants import ALLOCATOR_STEP_COST
 
 SHAPE = model_shape("7b")
 BASE = PlanSettings(seq_len=512, batch_size=2, lora_r=16, device="cpu", compute_dtype="float32")
@@ -44,8 +53,14 @@ def test_a_generous_budget_gets_every_fastest_setting():
 
 
 def test_one_byte_less_gives_up_the_cheapest_speedup_first():
-    got = choose(SHAPE, BASE, _peak(**FASTEST) - 1)
-    assert _values(got) == {**FASTEST, "loss_chunk": KNOBS["loss_chunk"][1]}  # the last-ranked knob gives way
+    """Paging the optimizer (0.01 of a step) is the cheapest concession: it is taken before 32-row loss chunks
+    (0.13) or a recomputed block (0.375 / L), when it alone makes room."""
+    budget = _peak(**FASTEST) - 1
+    assert _peak(**{**FASTEST, "optim": "paged_adamw"}) <= budget
+    got = choose(SHAPE, BASE, budget)
+    assert _values(got) == {**FASTEST, "optim": "paged_adamw"}
+    assert got.settings == reference_choose(SHAPE, BASE, budget) and got.cost == pytest.approx(0.01)
+    assert "+1% step time" in got.lines()[0]
 
 
 def _fits_somehow(budget: int, checkpointing) -> bool:
@@ -54,21 +69,46 @@ def _fits_somehow(budget: int, checkpointing) -> bool:
                for a in KNOBS["allocator"] for o in KNOBS["optim"] for c in KNOBS["loss_chunk"])  # fmt: skip
 
 
-def test_a_budget_just_under_no_checkpointing_recomputes_the_fewest_blocks_that_fit():
-    """Checkpointing ranks first and comes in steps: every allocator is tried without it, then with the first
-    block recomputing, the first two, ... (memory.checkpoint_blocks), before every block."""
+def test_a_budget_just_under_no_checkpointing_recomputes_the_cheapest_number_of_blocks():
+    """Where nothing fits without checkpointing, the first ``k`` blocks recompute (memory.checkpoint_blocks), with
+    ``k`` and the other knobs the cheapest fitting combination in step time (the brute-force reference)."""
     layers = SHAPE.num_layers
     lean_rest = {"optim": "paged_adamw", "loss_chunk": KNOBS["loss_chunk"][1]}
     leanest_off = min(_peak(gradient_checkpointing=False, allocator=a, **lean_rest) for a in KNOBS["allocator"])
+    picked = []
     for budget in (leanest_off - 1, (leanest_off + _peak(gradient_checkpointing=True, **lean_rest)) // 2):
         got = choose(SHAPE, BASE, budget)
         blocks = got.settings.checkpoint_blocks
         assert got.settings.gradient_checkpointing is True and 1 <= blocks < layers and got.plan.fits
-        assert not _fits_somehow(budget, False) and not _fits_somehow(budget, blocks - 1 or False)
+        assert not _fits_somehow(budget, False)
+        assert got.settings == reference_choose(SHAPE, BASE, budget)
         assert _values(got)["gradient_checkpointing"] == blocks
         reason = next(c.reason for c in got.choices if c.knob == "gradient_checkpointing")
         assert f"the first {blocks} of {layers} blocks" in reason
-    assert choose(SHAPE, BASE, leanest_off - 1).settings.checkpoint_blocks < blocks  # a smaller budget: more blocks
+        picked.append(blocks)
+    assert picked[0] < picked[1]  # a smaller budget: more blocks
+
+
+@pytest.mark.parametrize(("unavailable", "fraction"), [(None, 0.35), ({("allocator", "arena"): "no compiler"}, 0.8)])
+def test_the_choice_is_the_cheapest_candidate_that_fits_by_brute_force(unavailable, fraction):
+    """Budgets spread between the fastest settings' peak and the leanest's: ``choose`` (ranked, first fit) picks
+    what planning every candidate and keeping the cheapest fitting one picks (``reference_choose``)."""
+    lean = {"gradient_checkpointing": SHAPE.num_layers - 1, "allocator": "fixed", "optim": "paged_adamw",
+            "loss_chunk": KNOBS["loss_chunk"][1]}  # fmt: skip
+    top, bottom = _peak(**FASTEST), _peak(**lean)
+    budget = int(bottom + fraction * (top - bottom))
+    got = choose(SHAPE, BASE, budget, unavailable=unavailable)
+    assert got.plan.fits and got.settings == reference_choose(SHAPE, BASE, budget, unavailable=unavailable)
+    assert got.cost > 0  # the budget is below the fastest settings' peak
+
+
+def test_step_costs_rank_the_values_of_each_knob_fastest_first():
+    layers = SHAPE.num_layers
+    for knob in KNOBS:
+        costs = [knob_cost(knob, v, layers) for v in knob_values(SHAPE, knob)]
+        assert costs[0] == 0 and all(a <= b for a, b in zip(costs, costs[1:], strict=False)), knob
+    assert set(ALLOCATOR_STEP_COST) == set(KNOBS["allocator"])
+    assert knob_cost("gradient_checkpointing", layers, layers) == knob_cost("gradient_checkpointing", True, layers)
 
 
 def test_the_tightest_budget_recomputes_all_blocks_but_the_last_which_is_as_lean_as_all():

@@ -18,14 +18,16 @@ explicitly: ``choose(shape, settings, budget_bytes, explicit)``. Four knobs, eac
 - ``loss_chunk``: the trainer's default chunk (``LOSS_CHUNK_TOKENS``) before a quarter of it (``loss_chunk``
   rows of fp32 logits live at once).
 
-Candidates are the product of the knobs not given explicitly, ranked lexicographically in that order
-(checkpointing first: its recompute costs about a third of a step (issue 14: 165 vs 120 tokens/s), more than
-the leaner allocators' page faults (docs/memory.md: 1.3-1.7 s of system time in a ~12 s step with
-``dynamic-trim-blocks``, ~3 s with ``fixed``); the optimizer and loss-chunk orders are the direction of less
-work, not measured). The first candidate whose
-predicted peak (``planner.estimate.plan``: peak RSS on the CPU, device memory on a GPU) is at most the
-budget wins; every knob is reported with its value and why. When even the leanest candidate exceeds the
-budget, ``choose`` raises ``PlanDoesNotFitError`` naming the explicit settings and the predicted peak.
+Candidates are the product of the knobs not given explicitly, ranked by the step time they add: each value
+has a measured cost as a fraction of the fastest step (``planner.constants``: every block recomputed 0.375, so
+``k`` of ``L`` blocks ``0.375 k / L``; the allocators 0 / 0.03 / 0.16 / 0.29; paged AdamW 0.01; 32-row loss
+chunks 0.13), a candidate costs the sum, and ties keep the order above (the lexicographic order of the
+knobs, checkpointing first). So a tight budget first pages the optimizer, then recomputes a few blocks, and
+only takes the slower allocators or the small loss chunks when they buy more than their cost in recomputed
+blocks would. The cheapest candidate whose predicted peak (``planner.estimate.plan``: peak RSS on the CPU,
+device memory on a GPU) is at most the budget wins (``reference_choose`` is the same rule by brute force);
+every knob is reported with its value and why. When even the leanest candidate exceeds the budget, ``choose``
+raises ``PlanDoesNotFitError`` naming the explicit settings and the predicted peak.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from typing import Any
 
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.errors import ConfigError
+from qlorakit.planner.constants import (
+    ALLOCATOR_STEP_COST,
+    CHECKPOINT_ALL_STEP_COST,
+    PAGED_OPTIM_STEP_COST,
+    QUARTER_LOSS_CHUNK_STEP_COST,
+)
 from qlorakit.planner.estimate import MemoryPlan, PlanSettings, plan
 from qlorakit.planner.shapes import ModelShape
 
@@ -90,11 +98,14 @@ class Choices:
     plan: MemoryPlan
     budget_bytes: int
     choices: tuple[Choice, ...]
+    cost: float = 0.0  # the step time the choices add, a fraction of the fastest step (``step_cost``)
 
     def lines(self) -> list[str]:
         """One line per knob for the run's plan: ``memory    <knob> = <value>  (<reason>)``."""
         peak, budget = self.plan.total_bytes / 2**20, self.budget_bytes / 2**20
         head = f"memory     predicted peak {peak:,.0f} MiB of a {budget:,.0f} MiB budget"
+        if self.cost > 0:
+            head += f"; about +{self.cost:.0%} step time against the fastest settings (planner.constants)"
         return [head] + [f"           {c.knob} = {c.value}  ({c.reason})" for c in self.choices]
 
 
@@ -131,6 +142,24 @@ def knob_values(shape: ModelShape, knob: str) -> tuple[Any, ...]:
     return KNOBS[knob]
 
 
+def knob_cost(knob: str, value: Any, num_layers: int) -> float:
+    """The step time ``value`` of ``knob`` adds, as a fraction of the step with the fastest settings (measured
+    constants: ``planner.constants``); 0 for a fastest value and for values the chooser does not rank."""
+    if knob == "gradient_checkpointing":
+        blocks = 0 if value is False else num_layers if value is True else value
+        return CHECKPOINT_ALL_STEP_COST * blocks / num_layers
+    if knob == "allocator":
+        return ALLOCATOR_STEP_COST.get(value, 0.0)
+    if knob == "optim":
+        return PAGED_OPTIM_STEP_COST if value == "paged_adamw" else 0.0
+    return QUARTER_LOSS_CHUNK_STEP_COST if value == KNOBS["loss_chunk"][1] else 0.0
+
+
+def step_cost(knobs: Collection[str], values: tuple[Any, ...], num_layers: int) -> float:
+    """A candidate's cost: the sum of its values' ``knob_cost``."""
+    return sum(knob_cost(knob, value, num_layers) for knob, value in zip(knobs, values, strict=True))
+
+
 def free_knobs(settings: PlanSettings, explicit: Collection[str]) -> list[str]:
     """The knobs ``choose`` may set: not explicit, and (``optim``) only between the two 32-bit AdamWs."""
     out = [k for k in KNOBS if k not in explicit]
@@ -145,16 +174,37 @@ def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explici
     free = free_knobs(settings, explicit)
     leanest: MemoryPlan | None = None
     values_of = [tuple(v for v in knob_values(shape, k) if (k, v) not in unavailable) for k in free]
-    for values in itertools.product(*values_of):
+    # cheapest first; sorted() is stable, so equal costs keep the product's (lexicographic) order
+    ranked = sorted(itertools.product(*values_of), key=lambda values: step_cost(free, values, shape.num_layers))
+    for values in ranked:
         candidate = settings
         for knob, value in zip(free, values, strict=True):
             candidate = with_knob(candidate, knob, value)
         result = plan(shape, candidate, budget_bytes)
         if result.fits:
             return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit, unavailable,
-                                                                      shape.num_layers))
+                                                                      shape.num_layers),
+                           step_cost(free, values, shape.num_layers))  # fmt: skip
         leanest = result if leanest is None or result.total_bytes < leanest.total_bytes else leanest
     raise _does_not_fit(shape.name, leanest, free, explicit)
+
+
+def reference_choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explicit: Collection[str] = (),
+                     unavailable: Mapping[tuple[str, Any], str] | None = None) -> PlanSettings | None:  # fmt: skip
+    """``choose``'s rule by brute force, for the tests: plan every candidate, keep those that fit, return the one of
+    least ``step_cost`` (the first in product order among equals); None when none fits."""
+    unavailable = unavailable or {}
+    free = free_knobs(settings, explicit)
+    values_of = [tuple(v for v in knob_values(shape, k) if (k, v) not in unavailable) for k in free]
+    best: tuple[float, PlanSettings] | None = None
+    for values in itertools.product(*values_of):
+        candidate = settings
+        for knob, value in zip(free, values, strict=True):
+            candidate = with_knob(candidate, knob, value)
+        cost = step_cost(free, values, shape.num_layers)
+        if plan(shape, candidate, budget_bytes).fits and (best is None or cost < best[0]):
+            best = (cost, candidate)
+    return None if best is None else best[1]
 
 
 def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str],
@@ -165,8 +215,8 @@ def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str],
         if knob in explicit:
             reason = "given explicitly"
         elif knob == "gradient_checkpointing" and not isinstance(value, bool):
-            reason = (f"the first {value} of {num_layers} blocks recompute: the fewest that fit the budget with the "
-                      "faster choices above")
+            reason = (f"the first {value} of {num_layers} blocks recompute: with the choices beside it, the "
+                      "cheapest in step time that fits the budget")
         elif knob not in free:
             reason = f"left as given ({value} is not one of {KNOBS[knob]})"
         elif value == KNOBS[knob][0]:
@@ -174,7 +224,7 @@ def _explain(chosen: PlanSettings, free: list[str], explicit: Collection[str],
         elif (knob, KNOBS[knob][0]) in unavailable and value == KNOBS[knob][1]:
             reason = f"{KNOBS[knob][0]} is unavailable ({unavailable[knob, KNOBS[knob][0]]}); fits: {SECOND[knob]}"
         else:
-            reason = f"{KNOBS[knob][0]} does not fit the budget with the faster choices above"
+            reason = f"{KNOBS[knob][0]} does not fit the budget in any combination cheaper in step time"
         out.append(Choice(knob, value, reason))
     return tuple(out)
 

@@ -93,3 +93,24 @@ CPU_ARENA_SLACK_FRACTION = 0.05
 #: tokens in fp32, 243 MiB at 4 x 512 in bf16. In 16-bit it then grows by about 4 MiB a step (oneDNN and the
 #: flash-attention kernel keep buffers per shape; docs/memory.md), which the plan does not count.
 CPU_ARENA_HEAP_BYTES = 240 * 2**20
+
+# --- step-time costs the budget chooser ranks by (``planner.choose``) --------------------------------------
+# Each is the time a setting adds to a training step, as a fraction of the step with the fastest settings.
+# The chooser only compares them (it never prints a time from them), so they need to be right in order and
+# rough size, not exact. Measured on CPU (SmolLM2-135M, 2 x 512 tokens, r 16); a GPU run ranks by the same.
+
+#: Every decoder block recomputed in backward: 165 against 120 tokens/s in fp32 (issue 14's table, checkpointing
+#: off / on, the same allocator); ``k`` of ``L`` blocks cost ``k / L`` of it (each recomputes one block's forward).
+CHECKPOINT_ALL_STEP_COST = 0.375
+#: The allocator policies (``planner.choose.ALLOCATORS``) against the caching arena: CPU seconds per step of
+#: ``benchmarks/allocator_policies.py`` (docs/memory.md: fixed 15.19 against dynamic 12.09, i.e. +0.26 on top of
+#: dynamic; ``malloc_trim`` before each block 1.7-1.9 s of system time against 0.06-0.35 in a ~12 s step) and
+#: ``benchmarks/step_heap.py`` (dynamic 0.17-0.34 s of system time a step against the arena's 0.01-0.08).
+ALLOCATOR_STEP_COST = {"arena": 0.0, "dynamic": 0.03, "dynamic-trim-blocks": 0.16, "fixed": 0.29}
+#: Paged AdamW against resident AdamW: +0.098 s per optimizer step of 50 M values with 3/4 of the state paged
+#: (``benchmarks/optim_paging.py``: 0.376 against 0.277 s), i.e. about 0.01 s for SmolLM2's 4.9 M adapter values
+#: on a ~6 s step (0.002), rounded up to cover adapters of larger rank.
+PAGED_OPTIM_STEP_COST = 0.01
+#: A quarter of the default loss chunk (32 rows instead of 128): 1,732 against 954 ms per head + cross-entropy
+#: forward and backward of 1,024 fp32 tokens (``benchmarks/loss_chunk.py``) on a 6.15 s fp32 step.
+QUARTER_LOSS_CHUNK_STEP_COST = 0.13
