@@ -27,7 +27,9 @@ pip install -q -e .
 # shellcheck disable=SC2086
 pip install -q $PEER
 python - <<'EOF'
-import importlib.util
-extra = [name for name in ("triton", "scipy") if importlib.util.find_spec(name) is not None]
-print("user env ready:", "also has " + ", ".join(extra) if extra else "no triton, no scipy")
+import sys
+sys.path.insert(0, "benchmarks")
+from _harness import IMPORTED_IF_PRESENT, extras_present  # the one list of them
+extra = extras_present()
+print("user env ready:", "also has " + ", ".join(extra) if extra else "none of " + ", ".join(IMPORTED_IF_PRESENT))
 EOF

@@ -151,7 +151,7 @@ def knob_cost(knob: str, value: Any, num_layers: int) -> float:
     if knob == "allocator":
         return ALLOCATOR_STEP_COST.get(value, 0.0)
     if knob == "optim":
-        return PAGED_OPTIM_STEP_COST if value == "paged_adamw" else 0.0
+        return PAGED_OPTIM_STEP_COST if value == KNOBS["optim"][1] else 0.0
     return QUARTER_LOSS_CHUNK_STEP_COST if value == KNOBS["loss_chunk"][1] else 0.0
 
 
@@ -166,6 +166,20 @@ def free_knobs(settings: PlanSettings, explicit: Collection[str]) -> list[str]:
     return [k for k in out if k != "optim" or settings.optim in KNOBS["optim"]]
 
 
+def _candidates(shape: ModelShape, settings: PlanSettings, free: list[str],
+                unavailable: Mapping[tuple[str, Any], str]) -> list[tuple[tuple[Any, ...], PlanSettings]]:  # fmt: skip
+    """Every combination of the ``free`` knobs' values (none of ``unavailable``), in product order: the values
+    and ``settings`` with them set."""
+    values_of = [tuple(v for v in knob_values(shape, k) if (k, v) not in unavailable) for k in free]
+    out = []
+    for values in itertools.product(*values_of):
+        candidate = settings
+        for knob, value in zip(free, values, strict=True):
+            candidate = with_knob(candidate, knob, value)
+        out.append((values, candidate))
+    return out
+
+
 def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explicit: Collection[str] = (),
            unavailable: Mapping[tuple[str, Any], str] | None = None) -> Choices:  # fmt: skip
     """The fastest settings that fit ``budget_bytes`` (see the module docstring); ``explicit`` knobs stay as given,
@@ -173,13 +187,10 @@ def choose(shape: ModelShape, settings: PlanSettings, budget_bytes: int, explici
     unavailable = unavailable or {}
     free = free_knobs(settings, explicit)
     leanest: MemoryPlan | None = None
-    values_of = [tuple(v for v in knob_values(shape, k) if (k, v) not in unavailable) for k in free]
     # cheapest first; sorted() is stable, so equal costs keep the product's (lexicographic) order
-    ranked = sorted(itertools.product(*values_of), key=lambda values: step_cost(free, values, shape.num_layers))
-    for values in ranked:
-        candidate = settings
-        for knob, value in zip(free, values, strict=True):
-            candidate = with_knob(candidate, knob, value)
+    ranked = sorted(_candidates(shape, settings, free, unavailable),
+                    key=lambda pair: step_cost(free, pair[0], shape.num_layers))  # fmt: skip
+    for values, candidate in ranked:
         result = plan(shape, candidate, budget_bytes)
         if result.fits:
             return Choices(candidate, result, budget_bytes, _explain(candidate, free, explicit, unavailable,
@@ -193,14 +204,9 @@ def reference_choose(shape: ModelShape, settings: PlanSettings, budget_bytes: in
                      unavailable: Mapping[tuple[str, Any], str] | None = None) -> PlanSettings | None:  # fmt: skip
     """``choose``'s rule by brute force, for the tests: plan every candidate, keep those that fit, return the one of
     least ``step_cost`` (the first in product order among equals); None when none fits."""
-    unavailable = unavailable or {}
     free = free_knobs(settings, explicit)
-    values_of = [tuple(v for v in knob_values(shape, k) if (k, v) not in unavailable) for k in free]
     best: tuple[float, PlanSettings] | None = None
-    for values in itertools.product(*values_of):
-        candidate = settings
-        for knob, value in zip(free, values, strict=True):
-            candidate = with_knob(candidate, knob, value)
+    for values, candidate in _candidates(shape, settings, free, unavailable or {}):
         cost = step_cost(free, values, shape.num_layers)
         if plan(shape, candidate, budget_bytes).fits and (best is None or cost < best[0]):
             best = (cost, candidate)
