@@ -19,8 +19,19 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
+from qlorakit.config_fields import (
+    as_dict,
+    bool_fields,
+    choice_field,
+    fail,
+    from_dict,
+    int_field,
+    opt,
+    parse_size,
+    report_targets,
+)
 from qlorakit.constants import (
     BASE_QUANT_TYPES,
     BLOCKSIZES,
@@ -38,99 +49,10 @@ from qlorakit.constants import (
     LOSS_CHUNK_TOKENS,
     OPTIMIZER_NAMES,
     QUANT_NONE,
-    REPORT_TARGETS,
     SCHEDULERS,
     TRAIN_METHODS,
 )
 from qlorakit.errors import ConfigError
-
-T = TypeVar("T")
-
-
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with its documentation (shown by ``qlorakit train --help``)."""
-    return field(default=default, metadata={"help": help})
-
-
-def _fail(cls_name: str, name: str, value: Any, why: str) -> None:
-    raise ConfigError(f"{cls_name}.{name} = {value!r}: {why}")
-
-
-def _int_field(config: Any, name: str, low: int, why: str = "") -> None:
-    """Field ``name`` of ``config`` must be an integer (not a bool) >= ``low``."""
-    value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        _fail(type(config).__name__, name, value, why or f"must be an integer >= {low}")
-
-
-def _bool_fields(config: Any, *names: str) -> None:
-    for name in names:
-        if not isinstance(getattr(config, name), bool):
-            _fail(type(config).__name__, name, getattr(config, name), "must be true or false")
-
-
-def _report_targets(value: Any) -> tuple[str, ...]:
-    """``TrainConfig.report_to`` as a tuple of known tracker names: strings may be comma-separated, "none"
-    alone means no tracker, duplicates are dropped (first order kept)."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
-        _fail("TrainConfig", "report_to", value, "expected tracker names (a string or a list of strings)")
-    names = [n.strip().lower() for v in items for n in v.split(",") if n.strip()]
-    unknown = [n for n in names if n not in REPORT_TARGETS]
-    if unknown:
-        _fail("TrainConfig", "report_to", value, f"unknown tracker {unknown[0]!r}; choose from {tuple(REPORT_TARGETS)}")
-    chosen = tuple(dict.fromkeys(n for n in names if n != "none"))
-    if chosen and "none" in names:
-        _fail("TrainConfig", "report_to", value, "'none' cannot be combined with a tracker")
-    return chosen or ("none",)
-
-
-def _choice_field(config: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(config, name) not in choices:
-        _fail(type(config).__name__, name, getattr(config, name), f"choose one of {choices}")
-
-
-def from_dict(cls: type[T], values: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``values``; unknown keys fail listing the known ones."""
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
-    return cls(**dict(values))
-
-
-def as_dict(config: Any) -> dict[str, Any]:
-    """A plain-JSON dict of a config (tuples become lists)."""
-    return json_ready(dataclasses.asdict(config))
-
-
-def json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
-
-
-#: Memory size units (``parse_size``): ``GB``/``MB``/``KB`` are powers of ten, ``GiB``/``MiB``/``KiB`` powers of
-#: two (a "24 GB" GPU holds 24 GiB, so ``24GB`` is the conservative reading).
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str) -> int:
-    """``"48GB"`` -> 48,000,000,000 bytes; ``"24GiB"`` -> 24 * 2**30; a bare number is bytes."""
-    match = _SIZE.match(str(text))
-    unit = match.group(2).lower() if match else ""
-    if not match or unit not in UNITS:
-        raise ConfigError(
-            f"memory size {text!r} is not understood; write a number and a unit, e.g. 48GB, 24GiB, 512MiB"
-        )
-    value = float(match.group(1)) * UNITS[unit]
-    if value <= 0:
-        raise ConfigError(f"memory size {text!r} must be positive")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -146,10 +68,10 @@ class QuantConfig:
     double_quant: bool = opt(True, "quantize the absmax scales again to 8 bit (saves 0.373 bits/param)")
 
     def __post_init__(self) -> None:
-        _choice_field(self, "quant_type", BASE_QUANT_TYPES)
+        choice_field(self, "quant_type", BASE_QUANT_TYPES)
         if self.blocksize not in BLOCKSIZES:
-            _fail("QuantConfig", "blocksize", self.blocksize, f"use a power of two in 32..4096 {BLOCKSIZES}")
-        _bool_fields(self, "double_quant")
+            fail("QuantConfig", "blocksize", self.blocksize, f"use a power of two in 32..4096 {BLOCKSIZES}")
+        bool_fields(self, "double_quant")
 
     @property
     def quantized(self) -> bool:
@@ -179,27 +101,27 @@ class LoraConfig:
     dora: bool = opt(False, "DoRA: weight-decomposed LoRA, a trained magnitude per output feature (docs/design.md)")
 
     def __post_init__(self) -> None:
-        _bool_fields(self, "dora")
+        bool_fields(self, "dora")
         if isinstance(self.targets, list):
             object.__setattr__(self, "targets", tuple(self.targets))
-        _int_field(self, "r", 1, "the rank must be a positive integer")
+        int_field(self, "r", 1, "the rank must be a positive integer")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            _fail("LoraConfig", "alpha", self.alpha, "must be a positive number")
+            fail("LoraConfig", "alpha", self.alpha, "must be a positive number")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            _fail("LoraConfig", "dropout", self.dropout, "must be in [0, 1)")
-        _choice_field(self, "init", LORA_INITS)
+            fail("LoraConfig", "dropout", self.dropout, "must be in [0, 1)")
+        choice_field(self, "init", LORA_INITS)
         if self.bias != "none":
-            _fail("LoraConfig", "bias", self.bias, "only 'none' is supported (biases stay frozen)")
+            fail("LoraConfig", "bias", self.bias, "only 'none' is supported (biases stay frozen)")
         if isinstance(self.targets, str):
             if self.targets.startswith("re:"):
                 try:
                     re.compile(self.targets[3:])
                 except re.error as exc:
-                    _fail("LoraConfig", "targets", self.targets, f"invalid regular expression ({exc})")
+                    fail("LoraConfig", "targets", self.targets, f"invalid regular expression ({exc})")
             elif self.targets != "all-linear" and not self.targets:
-                _fail("LoraConfig", "targets", self.targets, "use 'all-linear', a list of names or 're:<regex>'")
+                fail("LoraConfig", "targets", self.targets, "use 'all-linear', a list of names or 're:<regex>'")
         elif not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            _fail("LoraConfig", "targets", self.targets, "a list of target names must be non-empty strings")
+            fail("LoraConfig", "targets", self.targets, "a list of target names must be non-empty strings")
 
     @property
     def scale(self) -> float:
@@ -240,13 +162,13 @@ class DataConfig:
             object.__setattr__(self, "paths", (self.paths,))
         elif isinstance(self.paths, list):
             object.__setattr__(self, "paths", tuple(self.paths))
-        _choice_field(self, "format", DATA_FORMATS)
-        _int_field(self, "max_seq_len", 0)
-        _bool_fields(self, "packing")
+        choice_field(self, "format", DATA_FORMATS)
+        int_field(self, "max_seq_len", 0)
+        bool_fields(self, "packing")
         for name in ("source_max_len", "target_max_len", "block_size"):
-            _int_field(self, name, 1, "must be a positive integer")
+            int_field(self, name, 1, "must be a positive integer")
         if not isinstance(self.val_size, (int, float)) or self.val_size < 0:
-            _fail("DataConfig", "val_size", self.val_size, "a fraction in [0, 1) or a count >= 1")
+            fail("DataConfig", "val_size", self.val_size, "a fraction in [0, 1) or a count >= 1")
 
     @property
     def seq_limit(self) -> int:
@@ -285,16 +207,16 @@ class TrainConfig:
                         "--quant-type none and fp32; saves a whole model in <run>/model)")
 
     def __post_init__(self) -> None:
-        _bool_fields(self, "save_on_preempt")
-        object.__setattr__(self, "report_to", _report_targets(self.report_to))
+        bool_fields(self, "save_on_preempt")
+        object.__setattr__(self, "report_to", report_targets(self.report_to))
         for name in ("batch_size", "grad_accum", "logging_steps", "max_bad_steps"):
-            _int_field(self, name, 1)
+            int_field(self, name, 1)
         for name in ("max_steps", "save_steps", "save_total_limit"):
-            _int_field(self, name, 0)
+            int_field(self, name, 0)
         if not isinstance(self.epochs, (int, float)) or self.epochs <= 0:
-            _fail("TrainConfig", "epochs", self.epochs, "must be > 0")
-        _choice_field(self, "compute_dtype", ("auto",) + COMPUTE_DTYPES)
-        _choice_field(self, "finetune", FINETUNE_MODES)
+            fail("TrainConfig", "epochs", self.epochs, "must be > 0")
+        choice_field(self, "compute_dtype", ("auto",) + COMPUTE_DTYPES)
+        choice_field(self, "finetune", FINETUNE_MODES)
 
 
 @dataclass(frozen=True)
@@ -314,20 +236,20 @@ class OptimConfig:
     optim_budget: int = opt(0, "resident MiB for paged optimizer state (0 = twice the largest parameter's state)")
 
     def __post_init__(self) -> None:
-        _choice_field(self, "optim", OPTIMIZER_NAMES)
-        _choice_field(self, "scheduler", SCHEDULERS)
+        choice_field(self, "optim", OPTIMIZER_NAMES)
+        choice_field(self, "scheduler", SCHEDULERS)
         if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            _fail("OptimConfig", "lr", self.lr, "must be > 0")
-        _int_field(self, "optim_budget", 0, "MiB, an integer >= 0")
+            fail("OptimConfig", "lr", self.lr, "must be > 0")
+        int_field(self, "optim_budget", 0, "MiB, an integer >= 0")
         if self.optim_budget and not self.optim.startswith("paged_"):
-            _fail("OptimConfig", "optim_budget", self.optim_budget,
+            fail("OptimConfig", "optim_budget", self.optim_budget,
                   f"applies to paged optimizers; optim is {self.optim!r}")
         if not 0 <= self.warmup_ratio < 1:
-            _fail("OptimConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
+            fail("OptimConfig", "warmup_ratio", self.warmup_ratio, "must be in [0, 1)")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
-            _fail("OptimConfig", "weight_decay/max_grad_norm", (self.weight_decay, self.max_grad_norm), "must be >= 0")
+            fail("OptimConfig", "weight_decay/max_grad_norm", (self.weight_decay, self.max_grad_norm), "must be >= 0")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1) or self.adam_eps <= 0:
-            _fail("OptimConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps),
+            fail("OptimConfig", "adam_beta1/adam_beta2/adam_eps", (self.adam_beta1, self.adam_beta2, self.adam_eps),
                   "betas in [0, 1), eps > 0")
 
 
@@ -380,19 +302,19 @@ class MemoryConfig:
                              "run fixes the threshold once its peak nears the budget (the heap guard)")
 
     def __post_init__(self) -> None:
-        _bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
+        bool_fields(self, "gradient_checkpointing", "fuse_lora", "recompute_swiglu", "fuse_rmsnorm",
                      "rebuild_adapter_inputs", "fuse_up_projection", "reuse_dequant_buffer", "use_gemv", "malloc_trim",
                      "malloc_trim_blocks", "arena")
-        _int_field(self, "loss_chunk_tokens", 0)
-        _int_field(self, "checkpoint_blocks", 0)
-        _int_field(self, "malloc_mmap_threshold_kib", 0)
+        int_field(self, "loss_chunk_tokens", 0)
+        int_field(self, "checkpoint_blocks", 0)
+        int_field(self, "malloc_mmap_threshold_kib", 0)
         if not isinstance(self.memory_budget, str):
-            _fail("MemoryConfig", "memory_budget", self.memory_budget, "a size such as 8GB or 6GiB, or ''")
+            fail("MemoryConfig", "memory_budget", self.memory_budget, "a size such as 8GB or 6GiB, or ''")
         if self.memory_budget:
             try:
                 parse_size(self.memory_budget)
             except ConfigError as error:
-                _fail("MemoryConfig", "memory_budget", self.memory_budget, str(error))
+                fail("MemoryConfig", "memory_budget", self.memory_budget, str(error))
 
 
 @dataclass(frozen=True)
@@ -413,13 +335,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name, low in (("eval_steps", 0), ("eval_ppl_max_seq_len", 2), ("eval_ppl_stride", 1),
                           ("eval_mmlu_shots", 0), ("eval_mmlu_limit", 0)):
-            _int_field(self, name, low)
+            int_field(self, name, low)
         if self.eval_ppl_stride > self.eval_ppl_max_seq_len:
-            _fail("EvalConfig", "eval_ppl_stride", self.eval_ppl_stride,
+            fail("EvalConfig", "eval_ppl_stride", self.eval_ppl_stride,
                   f"must be <= eval_ppl_max_seq_len ({self.eval_ppl_max_seq_len}), or tokens are never scored")
         for name in ("eval_ppl_file", "eval_mmlu_dir"):
             if not isinstance(getattr(self, name), str):
-                _fail("EvalConfig", name, getattr(self, name), "must be a path or ''")
+                fail("EvalConfig", name, getattr(self, name), "must be a path or ''")
 
 
 @dataclass(frozen=True)
@@ -436,9 +358,9 @@ class ParallelConfig:
                          "shard) or whole (every rank loads all of it, then shards it); docs/distributed.md")
 
     def __post_init__(self) -> None:
-        _choice_field(self, "distributed", DISTRIBUTED_STRATEGIES)
-        _choice_field(self, "fsdp_load", FSDP_LOAD_MODES)
-        _int_field(self, "dist_timeout_s", 1)
+        choice_field(self, "distributed", DISTRIBUTED_STRATEGIES)
+        choice_field(self, "fsdp_load", FSDP_LOAD_MODES)
+        int_field(self, "dist_timeout_s", 1)
 
 
 @dataclass(frozen=True)
@@ -456,12 +378,12 @@ class ObjectiveConfig:
     orpo_beta: float = opt(0.1, "ORPO's lambda: the weight of the odds-ratio term beside the chosen answers' NLL")
 
     def __post_init__(self) -> None:
-        _choice_field(self, "method", TRAIN_METHODS)
-        _choice_field(self, "dpo_reference", DPO_REFERENCES)
+        choice_field(self, "method", TRAIN_METHODS)
+        choice_field(self, "dpo_reference", DPO_REFERENCES)
         for name in ("dpo_beta", "orpo_beta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                _fail("ObjectiveConfig", name, value, "must be a number > 0")
+                fail("ObjectiveConfig", name, value, "must be a number > 0")
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
