@@ -12,7 +12,7 @@ torch's allocator statistics do not count), grad-norm clip 0.3, batch 1 of ``--s
 (seeded, the same in both), loss on every token:
 
 - ours: ``qlorakit.models.load_model(dir, QuantConfig(), LoraConfig(...), device="cuda", compute_dtype=bf16)``,
-  qlorakit's AdamW, qlorakit's training loss (``train.loop.token_loss_sum``, chunked head);
+  qlorakit's AdamW, qlorakit's training loss (``train.loss.token_loss_sum``, chunked head);
 - theirs: ``AutoModelForCausalLM.from_pretrained(dir, quantization_config=BitsAndBytesConfig(nf4, double quant,
   bf16 compute))``, ``peft.prepare_model_for_kbit_training`` + ``get_peft_model``, ``torch.optim.AdamW``,
   the model's own loss (``labels=``).
@@ -152,7 +152,7 @@ def _ours(model_dir: str, rank: int) -> tuple[Any, list, Any]:
     from qlorakit.config import LoraConfig, QuantConfig
     from qlorakit.models import load_model
     from qlorakit.optim import make_optimizer
-    from qlorakit.train.loop import token_loss_sum
+    from qlorakit.train.loss import token_loss_sum
 
     lora = LoraConfig(r=rank, alpha=ALPHA, dropout=DROPOUT, targets=TARGETS)
     model = load_model(model_dir, quant=QuantConfig(), lora=lora, device=DEVICE, compute_dtype=torch.bfloat16)

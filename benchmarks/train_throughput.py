@@ -282,9 +282,9 @@ def run_theirs(args: argparse.Namespace, data: dict[str, Any], model_dir: str) -
 
     from qlorakit.data import collate
     from qlorakit.hardware import current_rss_mb, peak_rss_mb
-    from qlorakit.train.loop import target_tokens
     from qlorakit.train.loss import (
         reference_loss_sum,  # the standard full-logits loss, as transformers computes it
+        target_tokens,
     )
 
     baseline, start = current_rss_mb(), time.perf_counter()

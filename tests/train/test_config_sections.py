@@ -131,10 +131,12 @@ def test_config_yaml_is_written_in_sections_and_reads_back(tmp_path):
 
 def test_allowed_values_live_in_constants():
     import qlorakit.config as config
+    import qlorakit.config_fields as config_fields
 
     for name in ("COMPUTE_DTYPES", "LORA_INITS", "DATA_FORMATS", "SCHEDULERS", "OPTIMIZER_NAMES", "BASE_QUANT_TYPES",
-                 "DISTRIBUTED_STRATEGIES", "TRAIN_METHODS", "DPO_REFERENCES", "REPORT_TARGETS"):
+                 "DISTRIBUTED_STRATEGIES", "TRAIN_METHODS", "DPO_REFERENCES"):
         assert getattr(config, name) is getattr(constants, name)
+    assert config_fields.REPORT_TARGETS is constants.REPORT_TARGETS  # read by the report_to validator
 
 
 @pytest.mark.parametrize(("cls", "name", "low"), [

@@ -17,7 +17,7 @@ from qlorakit.errors import ConfigError, StateDictError
 from qlorakit.models import load_model
 from qlorakit.train import full, read_metrics
 from qlorakit.train.checkpoint import load_checkpoint
-from qlorakit.train.loop import build_optimizer
+from qlorakit.train.optimizer import build_optimizer
 
 NONE = QuantConfig(quant_type="none")
 
@@ -171,7 +171,7 @@ def test_every_weight_gradient_of_the_fast_step_equals_the_reference_step(tiny_m
     references, on the gradients full fine-tuning adds (norm weights, the tied head/embedding, every linear).
     Tolerance: normwise relative 1e-5, the fused RMSNorm's documented whole-model bound (fp32 rounding)."""
     from qlorakit.train import rewrites
-    from qlorakit.train.loop import token_loss_sum
+    from qlorakit.train.loss import token_loss_sum
     from tests.helpers.train import run_config
 
     model = load_model(tiny_model_dir, quant=NONE)

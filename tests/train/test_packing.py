@@ -15,8 +15,7 @@ from qlorakit.data.batching import collate
 from qlorakit.data.packing import PackedDataset, collate_packed
 from qlorakit.data.tokenize import IGNORE_INDEX
 from qlorakit.lora import lora_layers
-from qlorakit.train.loop import target_tokens, token_loss_sum
-from qlorakit.train.loss import model_inputs
+from qlorakit.train.loss import model_inputs, target_tokens, token_loss_sum
 from qlorakit.train.packed import packing_problem
 from qlorakit.train.varlen import VARLEN, register
 from tests.helpers.lora import randomize_lora_b

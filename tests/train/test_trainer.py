@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from qlorakit.data import build_datasets, collate_fn
 from qlorakit.train import list_checkpoints, read_metrics, train
-from qlorakit.train.loop import token_loss_sum
+from qlorakit.train.loss import token_loss_sum
 from tests.helpers.train import run_config, tiny_qlora_model
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens", "elapsed_s", "tokens_per_s"}

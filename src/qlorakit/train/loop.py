@@ -16,7 +16,8 @@ items of the stream are packed rows, which depend only on the data and ``max_seq
 Read it in order: ``train`` applies the rewrites (``train.rewrites``) and installs the stop signals
 (``train.preempt``), ``_start`` builds the ``Run`` (the state every step reads and updates), and ``step`` is
 one optimizer step, one commented line per phase: lr, micro-batches, forward/backward, clip, guard,
-optimizer step, log, divergence, eval/save.
+optimizer step, log, divergence, eval/save. Around it: ``train.loss`` (the step's loss), ``train.optimizer``,
+``train.sharded`` (FSDP's wiring) and ``train.step_log`` (the metrics row).
 
 Several processes (``torchrun``; ``qlorakit.parallel``): ``batch_size`` is the micro-batch of the whole job,
 each rank takes its slice of every global micro-batch, ``N`` above is all-reduced over the ranks and the adapter
@@ -49,12 +50,12 @@ from qlorakit.config import RunConfig, as_dict, parse_size
 from qlorakit.constants import LOSS_CHUNK_TOKENS
 from qlorakit.data import batch_order
 from qlorakit.data.packing import real_tokens
-from qlorakit.errors import ConfigError, TrainingDivergedError
+from qlorakit.errors import TrainingDivergedError
 from qlorakit.fileio import remove_stale
 from qlorakit.hardware import peak_rss_mb
-from qlorakit.optim import lr_at, make_optimizer
+from qlorakit.optim import lr_at
 from qlorakit.parallel import Replicas, current, run_fingerprint
-from qlorakit.parallel.fsdp import Consolidated, FsdpRun, shard_for_training
+from qlorakit.parallel.fsdp import Consolidated, FsdpRun
 from qlorakit.parallel.fsdp_load import gathering
 from qlorakit.train import allocator, arena, full, rewrites
 from qlorakit.train.checkpoint import (
@@ -66,10 +67,13 @@ from qlorakit.train.checkpoint import (
     save_checkpoint,
 )
 from qlorakit.train.faults import pause_point
-from qlorakit.train.loss import IGNORE_INDEX, chunkable_head, chunked_loss_sum, reference_loss_sum
+from qlorakit.train.loss import target_tokens, token_loss_sum
 from qlorakit.train.metrics import MetricsLog, NoLog
+from qlorakit.train.optimizer import build_optimizer
 from qlorakit.train.packed import pack_for_training
 from qlorakit.train.preempt import StopSignals
+from qlorakit.train.sharded import fsdp_logps, fsdp_loss, shard_run, uses_fsdp
+from qlorakit.train.step_log import log_step
 
 
 @dataclass
@@ -91,23 +95,6 @@ class TrainResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.train_seconds if self.train_seconds > 0 else 0.0
-
-
-def token_loss_sum(
-    model, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
-) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens, and their count (``train.loss``).
-
-    ``chunk_tokens`` > 0: the head and the loss run over target rows only, that many at a time
-    (``chunked_loss_sum``); 0: the full-logits reference (``reference_loss_sum``).
-    """
-    if chunk_tokens > 0:
-        return chunked_loss_sum(model, batch, chunk_tokens)
-    return reference_loss_sum(model, batch)
-
-
-def target_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class MicroBatchStream:
@@ -153,19 +140,6 @@ def total_steps_for(cfg: RunConfig, micro_per_epoch: int) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.epochs * micro_per_epoch / cfg.train.grad_accum))
-
-
-def build_optimizer(model, cfg: RunConfig, params: Sequence[torch.Tensor] | None = None,
-                    whole_numels: Sequence[int] | None = None) -> torch.optim.Optimizer:
-    """The configured AdamW variant over the trainable parameters, in model order (or over ``params``; when
-    they are FSDP shards, ``whole_numels`` are the whole parameters' sizes)."""
-    params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
-    if not params:
-        raise ConfigError("the model has no trainable parameters; add a LoRA adapter first")
-    o = cfg.optim
-    budget = o.optim_budget * 2**20 if o.optim_budget else None
-    return make_optimizer(o.optim, params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                          weight_decay=o.weight_decay, budget_bytes=budget, whole_numels=whole_numels)
 
 
 @dataclass
@@ -246,7 +220,7 @@ def train(
         if objective is not None:  # DPO's cached reference log-probs are scored here, before step 0 (each rank
             run.objective = objective  # scores every pair, and evaluates every held-out pair: replicas agree)
             if run.fsdp is not None:  # the chunked head as a forward of the FSDP root, as for SFT
-                objective.logps = _fsdp_logps(run.fsdp, objective.logps)
+                objective.logps = fsdp_logps(run.fsdp, objective.logps)
             prepared = objective.prepare(model, [train_set, val_set], collate, run.device)
             if prepared:
                 run.log.write({"step": run.state.step, **prepared})
@@ -292,8 +266,8 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     state = (load_checkpoint(resume_from, model, optimizer, rank, full=cfg.full_finetune) if resume_from is not None
              else TrainerState())
     sharded = None
-    if _uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
-        sharded, optimizer = _shard(model, optimizer, cfg, replicas, resumed=resume_from is not None)
+    if uses_fsdp(cfg, replicas):  # the one-process model and checkpoint are loaded: now shard them
+        sharded, optimizer = shard_run(model, optimizer, cfg, replicas, resumed=resume_from is not None)
     if resume_from is None:  # rank 0 draws the one-process stream; every other rank its own (dropout masks)
         torch.manual_seed(cfg.train.seed + rank)
     state.total_steps = total_steps_for(cfg, stream.per_epoch)
@@ -309,61 +283,10 @@ def _start(model, train_set, val_set, collate, cfg: RunConfig, run_dir: Path, *,
     return Run(model=model, optimizer=optimizer, train_set=train_set, val_set=val_set, collate=collate, stream=stream,
                cfg=cfg, device=device, state=state, log=log, result=result, run_dir=run_dir, last_step=last_step,
                stop=stop, evaluator=evaluator, replicas=replicas, train_collate=train_collate, fsdp=sharded,
-               loss_fn=token_loss_sum if sharded is None else _fsdp_loss(sharded),
+               loss_fn=token_loss_sum if sharded is None else fsdp_loss(sharded),
                heap_guard=allocator.heap_guard(parse_size(cfg.memory.memory_budget) if cfg.memory.memory_budget
                                                else None, cfg.memory.malloc_mmap_threshold_kib, device.type == "cpu",
                                                arena=cfg.memory.arena))
-
-
-def _shard(model, optimizer, cfg: RunConfig, replicas: Replicas,
-           resumed: bool) -> tuple[FsdpRun, torch.optim.Optimizer]:
-    """FSDP: the model sharded (``parallel.fsdp``) and the optimizer rebuilt over this rank's shards, with the
-    loaded one-process state cut to them."""
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
-    eight_bit = optimizer.min_8bit_size if getattr(optimizer, "optim_bits", 32) == 8 else None
-    sharded = shard_for_training(model, trainable, replicas.world, replicas.dist.rank, trainable[0].dtype, eight_bit)
-    whole = sharded.whole_params()
-    if whole and replicas.is_main:
-        print(f"fsdp       {len(whole)} adapter tensor(s) kept whole on every rank (their 8-bit state blocks would "
-              f"straddle two ranks' shards; their gradients are all-reduced), e.g. {whole[0]}")
-    full_sd = optimizer.state_dict() if resumed else None
-    optimizer = build_optimizer(model, cfg, sharded.locals,  # the same update on this rank's shards, with the
-                                [p.numel() for p in sharded.params])  # state kind of the whole parameter
-    if full_sd is not None:
-        optimizer.load_state_dict(sharded.local_state(full_sd))
-    return sharded, optimizer
-
-
-def _fsdp_logps(sharded: FsdpRun, logps: Callable) -> Callable:
-    """A preference objective's ``sequence_logps`` for a sharded model (as ``_fsdp_loss``; a trainable head is
-    scored by the reference path, the root's own forward)."""
-    as_root = sharded.root_forward(logps)
-
-    def logps_fn(model, batch: dict[str, torch.Tensor], chunk_tokens: int):
-        head = chunkable_head(model)
-        if chunk_tokens > 0 and head is not None and not head.weight.requires_grad:
-            return as_root(model, batch, chunk_tokens)
-        return logps(model, batch, chunk_tokens)
-
-    return logps_fn
-
-
-def _fsdp_loss(sharded: FsdpRun) -> Callable:
-    """``token_loss_sum`` for a sharded model: the chunked head as a forward of the FSDP root (it calls the decoder
-    and the head apart); the reference loss is the root's own forward already (not nested in another)."""
-    as_root = sharded.root_forward(token_loss_sum)
-
-    def loss_fn(model, batch: dict[str, torch.Tensor], chunk_tokens: int) -> tuple[torch.Tensor, int]:
-        if chunk_tokens > 0 and chunkable_head(model) is not None:
-            return as_root(model, batch, chunk_tokens)
-        return token_loss_sum(model, batch, chunk_tokens)
-
-    return loss_fn
-
-
-def _uses_fsdp(cfg: RunConfig, replicas: Replicas) -> bool:
-    """``--distributed fsdp`` under a process group (the CLI resolves ``auto`` before ``train``)."""
-    return replicas.dist.enabled and cfg.parallel.distributed == "fsdp"
 
 
 def _checkpoints_at_once(cfg: RunConfig, total_steps: int) -> int:
@@ -394,7 +317,7 @@ def step(run: Run, bar: tqdm) -> None:
     # heap guard: with glibc's dynamic threshold, the fixed one once the peak nears the budget (train.allocator)
     guarded = run.heap_guard.after_step(run.state.step) if run.heap_guard is not None else None
     # log: a metrics row every logging_steps (at the last step, at a skipped one, at the guard's switch), the bar
-    _log_step(run, bar, loss, grad_norm, step_tokens / seconds, skipped, guarded)
+    log_step(run, bar, loss, grad_norm, step_tokens / seconds, skipped, guarded)
     # divergence: max_bad_steps skipped updates in a row stop the run with an error (the last good checkpoint stays)
     _stop_if_diverged(run, skipped)
     # eval/save: held-out loss and extra metrics every eval_steps and at the end; a checkpoint every save_steps
@@ -505,47 +428,6 @@ def _stop_if_diverged(run: Run, skipped: str | None) -> None:
 
 def _count_step(state: TrainerState, step_tokens: int, seconds: float) -> None:
     state.step, state.tokens, state.elapsed_s = state.step + 1, state.tokens + step_tokens, state.elapsed_s + seconds
-
-
-def _log_step(run: Run, bar: tqdm, loss: float, grad_norm: float, tokens_per_s: float, skipped: str | None,
-              guarded: str | None = None) -> None:
-    state = run.state
-    run.result.losses.append(loss)
-    row = _train_row(state, loss, run.optimizer, grad_norm, tokens_per_s, run.stream.per_epoch)
-    row["padding_fraction"] = round(run.padding_fraction, 4)
-    if run.objective is not None:
-        row.update(run.objective.last_metrics)  # rewards/..., logps/... under TRL's names
-    if skipped:
-        row["skipped"] = skipped
-    if guarded:
-        row["heap_guard"] = guarded
-    if state.step % run.cfg.train.logging_steps == 0 or state.step == run.last_step or skipped or guarded:
-        if run.replicas.dist.enabled:  # the job's tokens/s is in the row; memory per rank too
-            row["rank_peak_rss_mb"] = [round(x, 1) for x in run.replicas.gather(row["peak_rss_mb"], "peak RSS")]
-        run.log.write(row)
-        note = f" (update skipped: {skipped}; {state.bad_streak} in a row)" if skipped else ""
-        if run.replicas.is_main:
-            bar.write(f"step {state.step}/{state.total_steps} loss {loss:.4f} lr {row['lr']:.2e} "
-                      f"grad-norm {grad_norm:.3f} {row['tokens_per_s']:.0f} tok/s epoch {row['epoch']:.2f}{note}")
-    if guarded:  # every rank guards its own heap
-        bar.write(f"rank {run.replicas.dist.rank}: {guarded}" if run.replicas.dist.enabled else guarded)
-    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-    bar.update(1)
-
-
-def _train_row(
-    state: TrainerState, loss: float, optimizer, grad_norm: float, tokens_per_s: float, per_epoch: int
-) -> dict:
-    def finite(x):
-        return x if math.isfinite(x) else None
-    row = {"step": state.step, "loss": finite(loss), "lr": optimizer.param_groups[0]["lr"],
-           "grad_norm": finite(grad_norm),
-           "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 4), "tokens_per_s": round(tokens_per_s, 2),
-           "epoch": round(state.micro_index / per_epoch, 4), "peak_rss_mb": round(peak_rss_mb(), 1),
-           "bad_steps": state.bad_steps}
-    if torch.cuda.is_available():
-        row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return row
 
 
 def _maybe_eval_and_save(run: Run) -> None:

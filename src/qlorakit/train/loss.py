@@ -149,3 +149,20 @@ def chunked_loss_sum(
     rows = hidden[keep]  # (N, H)
     loss = chunked_linear_cross_entropy(rows, head.weight, labels[keep], chunk_tokens)
     return loss, int(keep.sum())
+
+
+def token_loss_sum(
+    model, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
+) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over target tokens, and their count (``train.loss``).
+
+    ``chunk_tokens`` > 0: the head and the loss run over target rows only, that many at a time
+    (``chunked_loss_sum``); 0: the full-logits reference (``reference_loss_sum``).
+    """
+    if chunk_tokens > 0:
+        return chunked_loss_sum(model, batch, chunk_tokens)
+    return reference_loss_sum(model, batch)
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

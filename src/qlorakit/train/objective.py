@@ -39,7 +39,7 @@ class PreferenceObjective:
         self.last_metrics: dict[str, float] = {}
         self.note = ""  # how an automatic choice was made (the reference mode), for the plan
         # (model, batch, chunk_tokens) -> per-row (log-prob sums, counts); the trainer swaps in the FSDP root's
-        # forward around it for a sharded model (train.loop._fsdp_logps)
+        # forward around it for a sharded model (train.sharded.fsdp_logps)
         self.logps: Callable = sequence_logps
 
     @property
