@@ -143,6 +143,22 @@ def _ddp_fit(cfg: RunConfig, world: int) -> tuple[bool, str] | None:
     return bool(ddp.fits), f"{ddp.total_bytes / 2**30:.2f} GiB planned per rank, budget {budget / 2**30:.2f} GiB"
 
 
+@dataclasses.dataclass
+class _Inputs:
+    """What a run reads before any weight loads: the config with its data paths, tokenizer, datasets, collate,
+    the preference objective (None for SFT) and the during-training evaluator, all checked."""
+
+    cfg: RunConfig
+    run_dir: Path
+    tokenizer: object
+    train_set: object
+    val_set: object
+    summary: object
+    collate: object
+    objective: object
+    evaluator: object
+
+
 def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas, strategy,
          memory_lines: list[str]) -> int:
     from qlorakit.train.rewrites import fix_allocator
@@ -150,6 +166,15 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     # Before anything large is allocated: set after the model has loaded, the same threshold left the
     # training peak bimodal (docs/memory.md); train()'s rewrite table sets it again (idempotent).
     fix_allocator(cfg)
+    inputs = _read_inputs(args, cfg, checkpoint, replicas)
+    if replicas.is_main:
+        _print_plan(inputs, checkpoint, replicas, strategy, memory_lines)
+    if args.dry_run:
+        return 0
+    return _train_and_finish(args, inputs, checkpoint, replicas, strategy, memory_lines)
+
+
+def _read_inputs(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas) -> _Inputs:
     from qlorakit.data import build_datasets, collate_fn, default_sample_path
     from qlorakit.eval.during_training import build_training_evaluator
     from qlorakit.models import load_tokenizer
@@ -170,24 +195,31 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         train_set, val_set, summary, collate, objective = preference_run_inputs(cfg, tokenizer)
     # perplexity / MMLU inputs checked now
     evaluator = build_training_evaluator(cfg.eval, tokenizer, cfg.train.batch_size)
-    if replicas.is_main:
-        print(summary.format())
-        print(_plan(cfg, len(train_set), len(val_set), checkpoint))
-        if objective is not None and objective.note:
-            print(objective.note)
-        print("\n".join(memory_lines))
-        if strategy is not None:
-            loading = f"; 4-bit base loaded by --fsdp-load {cfg.parallel.fsdp_load}" if strategy[0] == "fsdp" else ""
-            print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
-                  f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch{loading}")
-    if args.dry_run:
-        return 0
+    return _Inputs(cfg, run_dir, tokenizer, train_set, val_set, summary, collate, objective, evaluator)
+
+
+def _print_plan(inputs: _Inputs, checkpoint: Path | None, replicas, strategy, memory_lines: list[str]) -> None:
+    cfg = inputs.cfg
+    print(inputs.summary.format())
+    print(_plan(cfg, len(inputs.train_set), len(inputs.val_set), checkpoint))
+    if inputs.objective is not None and inputs.objective.note:
+        print(inputs.objective.note)
+    print("\n".join(memory_lines))
+    if strategy is not None:
+        loading = f"; 4-bit base loaded by --fsdp-load {cfg.parallel.fsdp_load}" if strategy[0] == "fsdp" else ""
+        print(f"parallel   {replicas.world} ranks ({replicas.dist.backend}), {strategy[0]}: {strategy[1]}; "
+              f"{cfg.train.batch_size // replicas.world} examples per rank per micro-batch{loading}")
+
+
+def _train_and_finish(args: argparse.Namespace, inputs: _Inputs, checkpoint: Path | None, replicas, strategy,
+                      memory_lines: list[str]) -> int:
     import torch
 
     from qlorakit.hardware import resolve_dtype
     from qlorakit.train import finish_run, train
     from qlorakit.train.preempt import exit_code
 
+    cfg, run_dir = inputs.cfg, inputs.run_dir
     torch.manual_seed(cfg.train.seed)  # the adapter initialization is part of what the seed fixes
     model = load_for_run(cfg, None if strategy is None else strategy[0], replicas.dist,
                          resolve_dtype(cfg.train.compute_dtype))
@@ -206,8 +238,8 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
     try:
         chosen = cfg if strategy is None else dataclasses.replace(  # auto resolved for train(); config.yaml keeps it
             cfg, parallel=dataclasses.replace(cfg.parallel, distributed=strategy[0]))
-        result = train(model, train_set, val_set, collate, chosen, run_dir, checkpoint,
-                       progress=not args.no_progress, evaluator=evaluator, objective=objective)
+        result = train(model, inputs.train_set, inputs.val_set, inputs.collate, chosen, run_dir, checkpoint,
+                       progress=not args.no_progress, evaluator=inputs.evaluator, objective=inputs.objective)
     except KeyboardInterrupt:
         print(f"stopped at once; {_resume_hint(run_dir)}")
         return exit_code(signal.SIGINT)
@@ -216,8 +248,8 @@ def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, repl
         return exit_code(signal.Signals[result.stopped_by])
     if replicas.is_main:  # FSDP: the model is sharded; the last checkpoint has the step's adapter, consolidated
         last = run_dir / f"checkpoint-{result.steps}" / "adapter" if chosen.parallel.distributed == "fsdp" else None
-        writer = _model_writer(cfg, model, tokenizer)  # full fine-tuning: <run>/model instead of <run>/adapter
-        print(finish_run(model, tokenizer, result, summary, adapter_from=last, write_model=writer))
+        writer = _model_writer(cfg, model, inputs.tokenizer)  # full fine-tuning: <run>/model instead of <run>/adapter
+        print(finish_run(model, inputs.tokenizer, result, inputs.summary, adapter_from=last, write_model=writer))
         if replicas.world > 1:
             print(f"per rank         peak RSS {', '.join(f'{x:.0f}' for x in result.rank_peak_rss_mb)} MiB")
     replicas.barrier("the barrier after the final adapter")

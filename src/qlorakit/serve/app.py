@@ -203,6 +203,39 @@ async def _stream(server: _Server, job: Job, events: asyncio.Queue, body: Any, c
             server.record(endpoint, body.model, 499, note="client disconnected mid-stream")
 
 
+def _refusal(server: _Server, config: ServeConfig, key: bytes | None, request: Request) -> Response | None:
+    """The error response for a request refused before its route runs (a body over the limit, a missing or wrong
+    API key on /v1), or None."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+        return _error_response(ApiError(413, f"the request body has {length} bytes; the limit is "
+                                        f"{config.max_body_bytes}", "body_too_large"))
+    if key is not None and request.url.path.startswith("/v1"):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            server.record(request.url.path, "?", 401, note="bad or missing API key")
+            return _error_response(ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
+                                            "<key>' with the key given to --api-key", "invalid_api_key"))
+    return None
+
+
+async def _add_adapter(server: _Server, request: Request) -> Response:
+    """POST /v1/adapters: load a PEFT adapter directory under a name (checked by the registry first)."""
+    try:
+        body = await _parse(request, AdapterRequest, server.config.max_body_bytes)
+        spec = server.registry.check(body.name, body.path)
+        paths = await asyncio.wrap_future(server.engine.load_adapter(spec))
+    except ApiError as error:
+        return _error_response(error)
+    except EngineStoppedError as exc:
+        return _error_response(ApiError(503, str(exc), "engine_unavailable"))
+    except QlorakitError as exc:
+        status, code = (409, "adapter_exists") if "already loaded" in str(exc) else (400, "invalid_adapter")
+        return _error_response(ApiError(status, str(exc), code, "path"))
+    log.info("adapter loaded name=%s path=%s layers=%d", body.name, body.path, len(paths))
+    return JSONResponse({"id": body.name, "object": "model", "owned_by": "qlorakit", "layers": len(paths)})
+
+
 def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     """The FastAPI application over a started ``engine``."""
     server = _Server(engine, config)
@@ -211,17 +244,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            return _error_response(ApiError(413, f"the request body has {length} bytes; the limit is "
-                                            f"{config.max_body_bytes}", "body_too_large"))
-        if key is not None and request.url.path.startswith("/v1"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
-                server.record(request.url.path, "?", 401, note="bad or missing API key")
-                return _error_response(ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
-                                                "<key>' with the key given to --api-key", "invalid_api_key"))
-        return await call_next(request)
+        refused = _refusal(server, config, key, request)
+        return refused if refused is not None else await call_next(request)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -250,19 +274,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/adapters")
     async def add_adapter(request: Request) -> Response:
-        try:
-            body = await _parse(request, AdapterRequest, config.max_body_bytes)
-            spec = server.registry.check(body.name, body.path)
-            paths = await asyncio.wrap_future(engine.load_adapter(spec))
-        except ApiError as error:
-            return _error_response(error)
-        except EngineStoppedError as exc:
-            return _error_response(ApiError(503, str(exc), "engine_unavailable"))
-        except QlorakitError as exc:
-            status, code = (409, "adapter_exists") if "already loaded" in str(exc) else (400, "invalid_adapter")
-            return _error_response(ApiError(status, str(exc), code, "path"))
-        log.info("adapter loaded name=%s path=%s layers=%d", body.name, body.path, len(paths))
-        return JSONResponse({"id": body.name, "object": "model", "owned_by": "qlorakit", "layers": len(paths)})
+        return await _add_adapter(server, request)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str) -> Response:
