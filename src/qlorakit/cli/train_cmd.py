@@ -21,7 +21,9 @@ import dataclasses
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qlorakit.cli.config_args import (
     add_config_flags,
@@ -150,13 +152,13 @@ class _Inputs:
 
     cfg: RunConfig
     run_dir: Path
-    tokenizer: object
-    train_set: object
-    val_set: object
-    summary: object
-    collate: object
-    objective: object
-    evaluator: object
+    tokenizer: Any  # a transformers tokenizer (imported lazily, as are the types below)
+    train_set: Any  # data.TokenizedDataset (SFT) or the preference pairs
+    val_set: Any
+    summary: Any  # data's DataSummary, or PairSummary for pairs
+    collate: Callable
+    objective: Any  # a train.objective.PreferenceObjective, or None for SFT
+    evaluator: Callable | None
 
 
 def _run(args: argparse.Namespace, cfg: RunConfig, checkpoint: Path | None, replicas, strategy,

@@ -203,9 +203,10 @@ async def _stream(server: _Server, job: Job, events: asyncio.Queue, body: Any, c
             server.record(endpoint, body.model, 499, note="client disconnected mid-stream")
 
 
-def _refusal(server: _Server, config: ServeConfig, key: bytes | None, request: Request) -> Response | None:
+def _refusal(server: _Server, key: bytes | None, request: Request) -> Response | None:
     """The error response for a request refused before its route runs (a body over the limit, a missing or wrong
     API key on /v1), or None."""
+    config = server.config
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
         return _error_response(ApiError(413, f"the request body has {length} bytes; the limit is "
@@ -244,7 +245,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Response:
-        refused = _refusal(server, config, key, request)
+        refused = _refusal(server, key, request)
         return refused if refused is not None else await call_next(request)
 
     @app.get("/health")

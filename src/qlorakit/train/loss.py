@@ -154,7 +154,7 @@ def chunked_loss_sum(
 def token_loss_sum(
     model, batch: dict[str, torch.Tensor], chunk_tokens: int = LOSS_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over target tokens, and their count (``train.loss``).
+    """Sum of next-token cross-entropy over target tokens, and their count (the module docstring).
 
     ``chunk_tokens`` > 0: the head and the loss run over target rows only, that many at a time
     (``chunked_loss_sum``); 0: the full-logits reference (``reference_loss_sum``).
